@@ -1,0 +1,85 @@
+"""The one entry point: ``vlmforge <command> ...``.
+
+Each command lives in its stage's package as a module with ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``. Command modules import only the standard library at import time
+so that ``vlmforge --help`` stays fast; heavy imports happen inside ``run``.
+``main(argv)`` is callable in-process (tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from vlmforge import __version__
+
+# (command, module). Order is the order shown in --help: the data flows top to bottom.
+COMMANDS: list[tuple[str, str]] = [
+    ("synth", "vlmforge.synth.command"),
+    ("tokenizer", "vlmforge.data.tokenizer_command"),
+    ("curate", "vlmforge.curate.command"),
+    ("pack", "vlmforge.data.pack_command"),
+    ("sft-index", "vlmforge.data.sft_index_command"),
+    ("model-info", "vlmforge.model.info_command"),
+    ("train", "vlmforge.train.command"),
+    ("generate", "vlmforge.model.generate_command"),
+    ("eval", "vlmforge.eval.command"),
+    ("export", "vlmforge.model.export_command"),
+    ("demo", "vlmforge.demo"),
+    ("recipes", "vlmforge.config.command"),
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmforge",
+        description=(
+            "vlmforge: build vision-language models from raw image-text pairs to an evaluated, "
+            "exported model. Data flows synth/curate -> pack -> train -> eval -> export; "
+            "`vlmforge demo` runs it all on the built-in synthetic world."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"vlmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:  # stage not present in this build
+                continue
+            raise
+        doc = (mod.__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            help=mod.HELP,
+            description=doc or mod.HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vlmforge.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except (ConfigError, UserError) as e:
+        print(f"vlmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

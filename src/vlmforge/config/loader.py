@@ -1,0 +1,132 @@
+"""Load, merge, override and validate recipes.
+
+A recipe file is a partial YAML view of :class:`~vlmforge.config.recipe.Recipe`; every
+field it leaves out keeps its schema default. A recipe may name a ``base`` recipe
+(path relative to itself, or a built-in name) that is merged first.
+Validation is OmegaConf's: unknown keys, wrong types and missing required values
+raise before any work starts, and we re-raise them naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlmforge.config.recipe import Recipe
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and its source."""
+
+
+BUILTIN_DIR = Path(str(resources.files("vlmforge") / "recipes"))
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A file path (absolute, or relative to cwd / ``relative_to``) or a built-in name like ``tiny/pretrain``."""
+    raw = str(name_or_path)
+    candidates = [Path(raw)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / raw)
+    stem = raw[:-5] if raw.endswith(".yaml") else raw
+    candidates.append(BUILTIN_DIR / f"{stem}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    known = ", ".join(sorted(str(p.relative_to(BUILTIN_DIR))[:-5] for p in BUILTIN_DIR.rglob("*.yaml")))
+    raise ConfigError(f"recipe {raw!r} not found (not a file; built-in recipes: {known})")
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    return f"key '{key}': {msg}"
+
+
+def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    if path in seen:
+        raise ConfigError(f"{path}: recipe base cycle: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml parse errors carry line numbers
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping at the top level")
+    chain: list[tuple[Path, DictConfig]] = []
+    base = cfg.pop("base", None)
+    if base:
+        chain += _load_file_chain(resolve_recipe_path(base, relative_to=path.parent), seen + (path,))
+    chain.append((path, cfg))
+    return chain
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def _check_complete(cfg: DictConfig, source: str) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def load_recipe(
+    recipe: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    require_complete: bool = True,
+) -> DictConfig:
+    """Schema defaults <- recipe chain (base first) <- ``--set key=value`` overrides."""
+    cfg: DictConfig = OmegaConf.structured(Recipe)
+    sources = ["defaults"]
+    if recipe is not None:
+        for path, layer in _load_file_chain(resolve_recipe_path(recipe)):
+            cfg = _merge(cfg, layer, str(path))
+            sources.append(str(path))
+    overrides = list(overrides)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r}: expected key=value")
+    if overrides:
+        try:
+            layer = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"--set: {_describe(e)}") from None
+        cfg = _merge(cfg, layer, "--set " + " ".join(overrides))
+    if require_complete:
+        _check_complete(cfg, sources[-1] if len(sources) > 1 else "recipe")
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> DictConfig:
+    """Validate a plain dict (e.g. from a checkpoint's saved config) against the schema."""
+    cfg = _merge(OmegaConf.structured(Recipe), OmegaConf.create(data), source)
+    _check_complete(cfg, source)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_resolved(cfg: DictConfig, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the fully resolved recipe into an output folder (every stage does this)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path

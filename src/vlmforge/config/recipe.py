@@ -1,0 +1,27 @@
+"""The whole recipe: one section per stage. Every field has a default unless marked MISSING."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmforge.config.curate import CurateConfig
+from vlmforge.config.data import DataConfig, PackConfig
+from vlmforge.config.eval import EvalConfig
+from vlmforge.config.model import ModelConfig
+from vlmforge.config.synth import SynthConfig
+from vlmforge.config.tokenizer import TokenizerConfig
+from vlmforge.config.train import TrainConfig
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)

@@ -1,0 +1,1 @@
+"""Data curation: scoring, filtering, dedup, mixing of caption shards."""

@@ -1,0 +1,1 @@
+"""Data: tokenizer and chat template, sequence packing, packed/SFT datasets and loaders."""

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, rule-based scorers, k-shot and best-of-n."""

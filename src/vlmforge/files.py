@@ -1,0 +1,63 @@
+"""Small file helpers every stage uses: atomic writes and the stage manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmforge import __version__
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file + rename so a killed process never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_manifest(
+    out_dir: str | os.PathLike,
+    stage: str,
+    *,
+    inputs: Any = None,
+    config: Any = None,
+    counts: dict | None = None,
+    dropped: dict | None = None,
+    **extra: Any,
+) -> Path:
+    """Every stage writes ``manifest.json``: inputs, config, counts, what was dropped and why."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    manifest = {
+        "stage": stage,
+        "vlmforge_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "inputs": inputs,
+        "counts": counts or {},
+        "dropped": dropped or {},
+        **extra,
+        "config": config,
+    }
+    path = Path(out_dir) / "manifest.json"
+    write_json(path, manifest)
+    return path

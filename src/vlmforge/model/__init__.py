@@ -1,0 +1,1 @@
+"""The vision-language model: vision tower + projector + causal LM, generation, export."""

@@ -1,0 +1,1 @@
+"""Run reports: metrics.jsonl -> PNG plots + HTML."""

@@ -1,0 +1,1 @@
+"""The built-in synthetic world: images, captions, instructions, benchmarks, preferences, text."""

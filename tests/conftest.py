@@ -1,0 +1,6 @@
+import os
+
+# No model hub here or in CI: everything must load from local folders.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
