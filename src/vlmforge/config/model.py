@@ -12,14 +12,20 @@ class VisionConfig:
     pretrained: Optional[str] = None
     # Name of a shipped architecture config (e.g. "tiny-siglip", "siglip-so400m-patch14-384") or a path to a config.json.
     preset: str = "tiny-siglip"
+    # Which hidden state feeds the projector (transformers hidden_states index): -2 = output of the
+    # second-to-last block (Open-Qwen2VL / prismatic). Layers after it are never run.
     feature_layer: int = -2
     frozen: bool = True
+    # Run the tower at another resolution than its config (position embeddings interpolated),
+    # e.g. 448 px for a patch-14 tower -> 32 x 32 grid. None = the config's image_size.
+    image_size: Optional[int] = None
 
 
 @dataclass
 class LLMConfig:
     pretrained: Optional[str] = None
     preset: str = "tiny-qwen2"
+    frozen: bool = False
 
 
 @dataclass
@@ -28,6 +34,9 @@ class ProjectorConfig:
     # avgpool_mlp: pool the patch grid to pool_size x pool_size tokens; None = full grid.
     # A run setting, not a weight: 12 (144 tokens) in pretraining, None (729) in SFT.
     pool_size: Optional[int] = None
+    # Width of the MLP's hidden layer; None = the LLM's hidden size.
+    hidden_size: Optional[int] = None
+    frozen: bool = False
 
 
 @dataclass
@@ -36,5 +45,13 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     attention: str = "causal"  # causal (over the whole pack) | document (no attention across samples)
-    positions: str = "restart"  # restart (per sample) | v2pe
+    # restart: position_ids as given (restart per packed sample) | continue: 0..L-1 over the whole row
+    # (Open-Qwen2VL) | v2pe: text +1, visual tokens +delta (per sample restart)
+    positions: str = "restart"
+    # V2PE at inference (and in eval): fixed delta. In training a delta is drawn per image from
+    # {1, 1/2, 1/4, ..., 1/v2pe_max_denominator}.
+    v2pe_delta: float = 1.0
+    v2pe_max_denominator: int = 256
+    # auto: flash-attn varlen when installed and on CUDA, else sdpa with an additive mask | sdpa | eager
+    attn_backend: str = "auto"
     trust_remote_code: bool = False

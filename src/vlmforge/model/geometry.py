@@ -1,0 +1,60 @@
+"""Image geometry of a model config: visual tokens per image and image preprocessing.
+
+Cheap (reads only the architecture JSON, builds no model) so the data layer can expand each
+`<image>` into the right number of placeholder tokens and preprocess images the same way the
+vision tower expects.
+"""
+
+from __future__ import annotations
+
+from vlmforge.config import ConfigError
+from vlmforge.model.presets import vision_config_dict
+
+SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+PROJECTORS = ("avgpool_mlp", "pixel_shuffle_mlp", "mlp")
+
+
+def image_size(model_cfg) -> int:
+    d = vision_config_dict(model_cfg.vision)
+    return int(model_cfg.vision.image_size or d.get("image_size", 224))
+
+
+def patch_grid(model_cfg) -> int:
+    """Patches per side of the vision tower's output grid (SigLIP: no CLS; CLIP's CLS is dropped)."""
+    d = vision_config_dict(model_cfg.vision)
+    size, patch = image_size(model_cfg), int(d.get("patch_size", 16))
+    if size < patch:
+        raise ConfigError(f"model.vision: image size {size} is smaller than the patch size {patch}")
+    return size // patch  # a stride-`patch` conv without padding: 384 px / 14 -> 27 (border pixels unused)
+
+
+def tokens_for_grid(kind: str, grid: int, pool_size: int | None) -> int:
+    if kind == "avgpool_mlp":
+        if pool_size is None:
+            return grid * grid
+        if not 1 <= pool_size <= grid:
+            raise ConfigError(f"model.projector.pool_size={pool_size} must be between 1 and the patch grid ({grid})")
+        return pool_size * pool_size
+    if kind == "pixel_shuffle_mlp":
+        if grid % 2:
+            raise ConfigError(
+                f"pixel_shuffle_mlp merges 2x2 patches and needs an even patch grid; this tower gives "
+                f"{grid}x{grid} (set model.vision.image_size so that image_size / patch_size is even)"
+            )
+        return (grid // 2) ** 2
+    if kind == "mlp":
+        return grid * grid
+    raise ConfigError(f"model.projector.kind {kind!r} is not one of {', '.join(PROJECTORS)}")
+
+
+def visual_tokens_per_image(model_cfg) -> int:
+    """Number of `<image>` tokens one image becomes (a run setting: depends on pool_size, not on weights)."""
+    return tokens_for_grid(model_cfg.projector.kind, patch_grid(model_cfg), model_cfg.projector.pool_size)
+
+
+def image_preprocess_spec(model_cfg) -> dict:
+    """Resize to size x size, multiply by `rescale`, normalise with mean/std (per channel, RGB)."""
+    d = vision_config_dict(model_cfg.vision)
+    mean, std = CLIP_MEAN_STD if d.get("model_type", "").startswith("clip") else SIGLIP_MEAN_STD
+    return dict(size=image_size(model_cfg), mean=list(mean), std=list(std), rescale=1 / 255)
