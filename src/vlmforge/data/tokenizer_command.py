@@ -1,0 +1,104 @@
+"""Train or inspect tokenizers.
+
+  vlmforge tokenizer train --corpus world/text/corpus.txt --out runs/tok [--vocab-size 1024]
+      Trains a byte-level BPE offline (tokenizers library) on text files (one sentence per line),
+      with special tokens <|endoftext|> <|im_start|> <|im_end|> <image> and a Qwen-shaped chat
+      template whose assistant turns are marked for loss masking. The folder is a standard
+      transformers tokenizer folder (AutoTokenizer.from_pretrained loads it offline) and also
+      holds the resolved recipe and a manifest.json.
+
+  vlmforge tokenizer info PATH_OR_HUB_ID
+      Loads any tokenizer the way training does and prints its special ids and a rendered
+      example chat with the supervised (assistant) tokens in [[...]].
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a small byte-level BPE tokenizer offline, or inspect a tokenizer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vlmforge.clitools import add_recipe_args
+
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    t.add_argument("--corpus", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one text per line")
+    t.add_argument("--out", required=True, help="output folder (transformers tokenizer folder)")
+    t.add_argument("--vocab-size", type=int, default=None, help="default: recipe tokenizer.vocab_size")
+    t.add_argument("--min-frequency", type=int, default=None, help="default: recipe tokenizer.min_frequency")
+    add_recipe_args(t)
+    i = sub.add_parser("info", help="print a tokenizer's special tokens and an example chat with its loss mask")
+    i.add_argument("path", help="tokenizer folder or hub id")
+    i.add_argument("--trust-remote-code", action="store_true")
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from vlmforge.cli import UserError
+    from vlmforge.clitools import recipe_from_args
+    from vlmforge.config import save_resolved
+    from vlmforge.data.tokenizer import describe, read_corpus, train_tokenizer
+    from vlmforge.files import write_manifest
+
+    cfg = recipe_from_args(args)
+    if args.vocab_size is not None:
+        cfg.tokenizer.vocab_size = args.vocab_size
+    if args.min_frequency is not None:
+        cfg.tokenizer.min_frequency = args.min_frequency
+    for p in args.corpus:
+        if not Path(p).is_file():
+            raise UserError(f"corpus file not found: {p}")
+    if cfg.tokenizer.vocab_size < 300:
+        raise UserError(f"vocab size {cfg.tokenizer.vocab_size} is too small: byte-level BPE needs >= 300 (256 bytes + specials)")
+    lines = list(read_corpus(args.corpus))
+    if not lines:
+        raise UserError(f"corpus is empty: {' '.join(args.corpus)}")
+    tok = train_tokenizer(lines, args.out, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    save_resolved(cfg, args.out)
+    info = describe(tok)
+    write_manifest(
+        args.out,
+        "tokenizer",
+        inputs=[str(Path(p).resolve()) for p in args.corpus],
+        config=cfg,
+        counts={"lines": len(lines), "vocab": info["len"]},
+        tokenizer=info,
+    )
+    print(f"tokenizer: {info['len']} tokens trained on {len(lines)} lines -> {args.out}")
+    return 0
+
+
+def _info(args) -> int:
+    from vlmforge.data.tokenizer import IMAGE_TOKEN, describe, encode_conversation, load_tokenizer
+
+    try:
+        tok = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
+    except ValueError as e:
+        from vlmforge.cli import UserError
+
+        raise UserError(str(e)) from None
+    for k, v in describe(tok).items():
+        print(f"{k}: {v}")
+    msgs = [
+        {"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is in the picture?"},
+        {"role": "assistant", "content": "A red circle."},
+    ]
+    ids, mask = encode_conversation(tok, msgs)
+    out, open_ = [], False
+    for i, m in zip(ids, mask):
+        if m and not open_:
+            out.append("[[")
+        if not m and open_:
+            out.append("]]")
+        open_ = bool(m)
+        out.append(tok.decode([i]))
+    print("example (supervised in [[...]]):")
+    print("".join(out) + ("]]" if open_ else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _train(args) if args.action == "train" else _info(args)
