@@ -1,0 +1,120 @@
+"""Samples -> the training batch contract (see COMMON.md "Training batch").
+
+A *sample* is a mapping with
+  - ``input_ids``: 1-D ints, each image already expanded into N ``<image>`` ids;
+  - ``labels`` (optional, default: a copy of input_ids): same length, -100 where no loss;
+  - ``pixel_values`` (optional): FloatTensor[n_images, 3, H, W] for the images of this sample.
+A *pack* is a list of samples that share one row. ``collate_packs`` concatenates each pack,
+sets label -100 on the first token of every sample (nothing learns to predict across a
+sample boundary) and on padding, builds position ids (restarting per sample, or continuing
+across the pack) and seq_ids (sample index within the row, -1 on padding), and stacks all
+images of the batch in order of appearance.
+
+``caption_sample`` / ``text_sample`` build pretraining samples in the pack layout
+``<image> x N, caption, <|im_end|>`` and ``text, <|im_end|>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+POSITION_MODES = ("restart", "continue")
+
+
+def caption_sample(
+    caption_ids: Sequence[int],
+    *,
+    image_token_id: int,
+    num_visual_tokens: int,
+    sep_id: int,
+    supervise_sep: bool = True,
+    pixel_values: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """``<image> x N + caption + <|im_end|>``; labels ignore the visual tokens (and the separator if unsupervised)."""
+    cap = np.asarray(caption_ids, dtype=np.int64)
+    ids = np.concatenate(
+        [np.full(num_visual_tokens, image_token_id, np.int64), cap, np.array([sep_id], np.int64)]
+    )
+    labels = ids.copy()
+    labels[:num_visual_tokens] = IGNORE_INDEX
+    if not supervise_sep:
+        labels[-1] = IGNORE_INDEX
+    out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if pixel_values is not None:
+        out["pixel_values"] = pixel_values
+    return out
+
+
+def text_sample(text_ids: Sequence[int], *, sep_id: int, supervise_sep: bool = True) -> dict[str, Any]:
+    """Text-only sample (mixed-in corpus): ``text + <|im_end|>``."""
+    ids = np.concatenate([np.asarray(text_ids, dtype=np.int64), np.array([sep_id], np.int64)])
+    labels = ids.copy()
+    if not supervise_sep:
+        labels[-1] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def sample_length(sample: Mapping[str, Any]) -> int:
+    return len(sample["input_ids"])
+
+
+def collate_packs(
+    packs: Sequence[Sequence[Mapping[str, Any]]],
+    pad_id: int,
+    pad_to: int | None = None,
+    positions: str = "restart",
+) -> dict[str, torch.Tensor]:
+    """Batch of packs -> dict(input_ids, labels, position_ids, seq_ids[, pixel_values]).
+
+    Rows are padded to ``pad_to`` (error if a pack is longer) or, if None, to the longest row.
+    ``positions``: "restart" (0.. per sample) or "continue" (0.. across the whole row).
+    ``pixel_values`` is present only if some sample carries images.
+    """
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    if not packs:
+        raise ValueError("collate_packs: empty batch")
+    row_lens = [sum(sample_length(s) for s in pack) for pack in packs]
+    width = max(row_lens) if pad_to is None else int(pad_to)
+    for r, n in enumerate(row_lens):
+        if n > width:
+            raise ValueError(f"pack {r} has {n} tokens > pad_to={width}")
+    B = len(packs)
+    input_ids = np.full((B, width), pad_id, dtype=np.int64)
+    labels = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((B, width), dtype=np.int64)
+    seq_ids = np.full((B, width), -1, dtype=np.int64)
+    images: list[torch.Tensor] = []
+    for r, pack in enumerate(packs):
+        at = 0
+        for j, s in enumerate(pack):
+            ids = np.asarray(s["input_ids"], dtype=np.int64)
+            n = ids.size
+            if n == 0:
+                raise ValueError(f"pack {r} sample {j} is empty")
+            lab = s.get("labels")
+            lab = ids if lab is None else np.asarray(lab, dtype=np.int64)
+            if lab.size != n:
+                raise ValueError(f"pack {r} sample {j}: labels length {lab.size} != input_ids length {n}")
+            input_ids[r, at : at + n] = ids
+            labels[r, at : at + n] = lab
+            labels[r, at] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+            seq_ids[r, at : at + n] = j
+            position_ids[r, at : at + n] = np.arange(n) if positions == "restart" else np.arange(at, at + n)
+            pv = s.get("pixel_values")
+            if pv is not None:
+                images.append(pv if pv.dim() == 4 else pv.unsqueeze(0))
+            at += n
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+        "seq_ids": torch.from_numpy(seq_ids),
+    }
+    if images:
+        batch["pixel_values"] = torch.cat(images, 0)
+    return batch
