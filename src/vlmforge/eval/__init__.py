@@ -1,1 +1,22 @@
-"""Evaluation: tasks, rule-based scorers, k-shot and best-of-n."""
+"""Evaluation: tasks (jsonl / parquet / VLMEvalKit TSV), rule-based scorers, k-shot, runner.
+
+``evaluate(model, tokenizer, tasks, ...)`` is the Python entry point (see ``runner``);
+``vlmforge eval`` the command. Names are imported lazily so that ``vlmforge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "evaluate": "runner", "evaluate_task": "runner", "summary_table": "runner",
+    "EvalItem": "tasks", "ImageRef": "tasks", "Task": "tasks", "TaskError": "tasks", "TaskSpec": "tasks",
+    "load_task": "tasks", "parse_task_specs": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"vlmforge.eval.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vlmforge.eval' has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""Evaluate a checkpoint on benchmark files, offline, with rule-based scorers.
+
+A task is a data file on local disk (jsonl, parquet, or VLMEvalKit TSV with base64 images) plus
+a scorer kind:
+
+  mcq      multiple choice (SEEDBench, MMStar, AI2D, MMMU style): option letter extraction
+  mmbench  multiple choice with CircularEval (right only if every option rotation is right)
+  vqa      open VQA, official VQA accuracy (TextVQA, VQAv2, GQA, VizWiz, OK-VQA style)
+  pope     yes/no hallucination probe: accuracy, precision, recall, F1, yes-ratio
+  math     MathVista style: choice or number, compared at the task's precision
+
+--tasks takes a comma-separated list of KIND:PATH, NAME=KIND:PATH, a YAML task file, or the
+synthetic world's built-in benchmarks (synth-mcq, synth-vqa, synth-pope, or synth for all;
+needs --synth-dir). Writes OUT/results.json (metrics, chance levels, counts) and
+OUT/predictions.jsonl (per sample: prompt, prediction, extracted answer, score).
+
+Examples:
+  vlmforge eval --ckpt runs/sft/final --tasks synth --synth-dir runs/world
+  vlmforge eval --ckpt C --tasks mmb=mmbench:MMBench_DEV_EN.tsv,vqa:textvqa_val.jsonl --limit 200
+  vlmforge eval --ckpt C --tasks synth-vqa --synth-dir W --shots 0,8 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "evaluate a checkpoint on MCQ / VQA / POPE / math tasks (results.json + predictions.jsonl)"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vlmforge.clitools import add_recipe_args
+
+    parser.add_argument("--ckpt", required=True, help="vlmforge checkpoint folder (model.safetensors, config.yaml, tokenizer/)")
+    parser.add_argument("--tasks", help="comma-separated task specs (see above); default: eval.tasks of the recipe")
+    parser.add_argument("--synth-dir", help="`vlmforge synth` output folder, for the built-in synth-* tasks")
+    parser.add_argument("--limit", type=int, help="first N questions of each task")
+    parser.add_argument("--out", help="output folder (default: CKPT/eval)")
+    parser.add_argument("--batch-size", type=int, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--shots", type=_int_list, help="shot counts, e.g. 0,8 (k-shot: interleaved demonstrations)")
+    parser.add_argument("--seeds", type=_int_list, help="demonstration draws for k > 0, e.g. 0,1,2 (mean and std)")
+    parser.add_argument("--no-strict", dest="strict", action="store_const", const=False,
+                        help="skip and count bad rows / undecodable images instead of stopping")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_recipe_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlmforge.cli import UserError
+    from vlmforge.config import load_recipe
+
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint folder {ckpt} not found")
+    # Settings: recipe (given, else the checkpoint's own) <- --set <- flags.
+    recipe = args.recipe or (str(ckpt / "config.yaml") if (ckpt / "config.yaml").is_file() else None)
+    cfg = load_recipe(recipe, args.overrides)
+    ev = cfg.eval
+    for flag, key in [("tasks", "tasks"), ("synth_dir", "synth_dir"), ("limit", "limit"), ("batch_size", "batch_size"),
+                      ("max_new_tokens", "max_new_tokens"), ("shots", "shots"), ("seeds", "seeds"), ("strict", "strict")]:
+        value = getattr(args, flag)
+        if value is not None:
+            ev[key] = [t for t in value.split(",") if t.strip()] if flag == "tasks" else value
+    if not ev.tasks:
+        raise UserError("no tasks: give --tasks (or eval.tasks in the recipe)")
+    if ev.limit is not None and ev.limit <= 0:
+        raise UserError("--limit must be positive")
+    if ev.batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+
+    from vlmforge.eval.runner import evaluate, summary_table
+    from vlmforge.eval.tasks import TaskError, load_task, parse_task_specs
+
+    try:  # load (and validate) every task before the model, so data errors show up at once
+        tasks = [load_task(s, limit=ev.limit, strict=ev.strict) for s in parse_task_specs(list(ev.tasks), ev.synth_dir)]
+    except TaskError as e:
+        raise UserError(str(e)) from None
+
+    import torch
+
+    from vlmforge.model import load_vlm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_vlm(str(ckpt))
+    model = model.to(device).eval()
+    out = Path(args.out) if args.out else ckpt / "eval"
+    try:
+        results = evaluate(
+            model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, out_dir=out, config=cfg,
+            info={"ckpt": str(ckpt)},
+        )
+    except (TaskError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(summary_table(results))
+    print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}")
+    return 0

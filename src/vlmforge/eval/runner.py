@@ -1,0 +1,261 @@
+"""Run tasks through a model (or any generate function), score, and write results.
+
+Python API (also what ``vlmforge eval`` and ``vlmforge demo`` use)::
+
+    from vlmforge.eval import evaluate
+    results = evaluate(model, tokenizer, "synth-mcq,synth-vqa,synth-pope", synth_dir="runs/world",
+                       limit=100, out_dir="runs/eval")
+    results["synth-vqa"]["metrics"]["vqa_accuracy"], results["synth-vqa"]["chance"]
+
+``generate_fn(prompts, images) -> list[str]`` replaces the model (tests, other backends):
+``prompts`` is a batch of chat-message lists with ``<image>`` markers, ``images`` the matching
+lists of PIL images.
+
+Each task runs once per shot count k; k > 0 runs once per seed (different demonstrations) and
+reports the mean and the sample standard deviation over seeds. Greedy decoding throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from vlmforge.eval.fewshot import DemoPool, build_messages
+from vlmforge.eval.scorers.base import Scored, count_unresolved
+from vlmforge.eval.tasks import Task, TaskError, load_task, parse_task_specs
+
+GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
+
+
+class ImageLoadError(ValueError):
+    pass
+
+
+def model_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> GenerateFn:
+    """Greedy generation with a vlmforge model (``vlmforge.model.generate.generate``)."""
+    from vlmforge.model.generate import generate
+
+    return functools.partial(generate, model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def _load_images(refs, item_id: str) -> list:
+    try:
+        return [ref.load() for ref in refs]
+    except Exception as e:  # PIL raises several types for bad bytes
+        raise ImageLoadError(f"item {item_id!r}: cannot decode image: {e}") from None
+
+
+def run_task_once(
+    task: Task,
+    generate_fn: GenerateFn,
+    shots: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    strict: bool = True,
+    progress: bool = True,
+) -> tuple[list[Scored], list[dict], dict[str, int]]:
+    """One pass over a task: (scored records, prediction rows, dropped-item counts)."""
+    from tqdm.auto import tqdm
+
+    pool = DemoPool(task.support_items if task.support_items is not None else task.items) if shots > 0 else None
+    requests = []
+    for item in task.items:
+        demos = pool.sample(item, shots, seed) if pool else []
+        messages, refs = build_messages(task.kind, task.scorer, item, demos)
+        requests.append((item, demos, messages, refs))
+
+    records: list[Scored] = []
+    rows: list[dict] = []
+    dropped: dict[str, int] = {}
+    label = task.name + (f" {shots}-shot seed {seed}" if shots else "")
+    batches = range(0, len(requests), batch_size)
+    for start in tqdm(batches, desc=f"eval {label}", unit="batch", disable=not progress):
+        batch, images = [], []
+        for req in requests[start:start + batch_size]:
+            try:
+                images.append(_load_images(req[3], req[0].id))
+            except ImageLoadError as e:
+                if strict:
+                    raise TaskError(f"task {task.name!r} ({req[0].meta.get('source')}): {e}") from None
+                dropped["image decode error"] = dropped.get("image decode error", 0) + 1
+                continue
+            batch.append(req)
+        if not batch:
+            continue
+        outputs = generate_fn([req[2] for req in batch], images)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"generate returned {len(outputs)} outputs for {len(batch)} prompts")
+        for (item, demos, messages, refs), text in zip(batch, outputs):
+            rec = task.scorer.score_prediction(text, item)
+            records.append(rec)
+            rows.append({
+                "task": task.name, "shots": shots, "seed": seed if shots else None, "id": item.id,
+                "prompt": messages[-1]["content"], "demos": [d.id for d in demos], "n_images": len(refs),
+                "prediction": text, "extracted": rec.extracted,
+                "answer": item.answers if item.answers is not None else item.answer,
+                "score": rec.score, "correct": rec.score == 1.0,
+            })
+    return records, rows, dropped
+
+
+def _mean_std(per_seed: list[dict[str, float]]) -> tuple[dict, dict]:
+    keys = [k for k in per_seed[0] if all(isinstance(m.get(k), (int, float)) for m in per_seed)]
+    mean = {k: statistics.fmean(m[k] for m in per_seed) for k in keys}
+    std = {k: (statistics.stdev([m[k] for m in per_seed]) if len(per_seed) > 1 else 0.0) for k in keys}
+    return mean, std
+
+
+def evaluate_task(
+    task: Task,
+    generate_fn: GenerateFn,
+    shots: int = 0,
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 8,
+    strict: bool = True,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Metrics of one task at one shot count (mean/std over seeds when k > 0), and prediction rows."""
+    run_seeds = list(seeds) if shots > 0 else [0]
+    if shots > 0 and not run_seeds:
+        raise ValueError("k-shot evaluation needs at least one seed")
+    per_seed, all_rows, unresolved, dropped = [], [], [], {}
+    n_scored = 0
+    for seed in run_seeds:
+        records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress)
+        per_seed.append(task.scorer.aggregate(records))
+        unresolved.append(count_unresolved(records))
+        all_rows += rows
+        n_scored = len(records)
+        for k, v in drop.items():
+            dropped[k] = dropped.get(k, 0) + v
+    result = {
+        "kind": task.kind,
+        "path": task.path,
+        "shots": shots,
+        "primary": task.scorer.primary,
+        "chance": task.scorer.chance(task.items),
+        "counts": {
+            "n": n_scored,
+            "unresolved": unresolved[0] if len(unresolved) == 1 else statistics.fmean(unresolved),
+            "skipped_rows": sum(task.skipped.values()),
+        },
+        "skipped": {**task.skipped, **dropped},
+    }
+    if shots > 0:
+        result["metrics"], result["std"] = _mean_std(per_seed)
+        result["seeds"] = run_seeds
+        result["per_seed"] = per_seed
+    else:
+        result["metrics"] = per_seed[0]
+    return result, all_rows
+
+
+def result_key(task_name: str, shots: int) -> str:
+    """``name`` for the 0-shot (or only) run, ``name@{k}shot`` for the others."""
+    return task_name if shots == 0 else f"{task_name}@{shots}shot"
+
+
+def evaluate(
+    model=None,
+    tokenizer=None,
+    tasks: str | Sequence = (),
+    *,
+    generate_fn: GenerateFn | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    shots: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0, 1, 2),
+    strict: bool = True,
+    synth_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    config=None,
+    info: dict | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Evaluate on tasks; return ``{task_key: {metrics, chance, counts, primary, ...}}``.
+
+    ``tasks``: a ``--tasks`` string, or a list of spec strings / TaskSpecs / loaded Tasks.
+    ``out_dir``: when given, write ``results.json``, ``predictions.jsonl`` (and ``config.yaml``
+    when ``config`` is a recipe) and ``manifest.json``.
+    """
+    if generate_fn is None:
+        if model is None or tokenizer is None:
+            raise ValueError("evaluate needs a model and tokenizer, or a generate_fn")
+        generate_fn = model_generate_fn(model, tokenizer, max_new_tokens)
+    loaded = []
+    for entry in [tasks] if isinstance(tasks, str) else list(tasks):
+        if isinstance(entry, Task):
+            loaded.append(entry)
+        else:
+            loaded += [load_task(s, limit=limit, strict=strict) for s in parse_task_specs(entry if isinstance(entry, str) else [entry], synth_dir)]
+    if not loaded:
+        raise TaskError("no tasks given")
+    shots = sorted({int(k) for k in shots}) or [0]
+    if any(k < 0 for k in shots):
+        raise ValueError("shots must be >= 0")
+
+    started = time.time()
+    results: dict[str, dict] = {}
+    predictions: list[dict] = []
+    for task in loaded:
+        for k in shots:
+            res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress)
+            results[result_key(task.name, k)] = res
+            predictions += rows
+
+    if out_dir is not None:
+        settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                    "shots": shots, "seeds": list(seeds), "strict": strict}
+        write_outputs(out_dir, results, predictions, settings, config, info or {}, time.time() - started)
+    return results
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_outputs(out_dir, results: dict, predictions: list[dict], settings: dict, config, info: dict, seconds: float) -> None:
+    from vlmforge.config import save_resolved
+    from vlmforge.files import atomic_write_text, write_json, write_manifest
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {**info, "settings": settings, "seconds": round(seconds, 2), "tasks": results})
+    atomic_write_text(
+        out / "predictions.jsonl",
+        "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str) + "\n" for row in predictions),
+    )
+    if config is not None:
+        save_resolved(config, out)
+    write_manifest(
+        out, "eval",
+        inputs={name: r["path"] for name, r in results.items()},
+        config=config if config is not None else settings,
+        counts={name: r["counts"] for name, r in results.items()},
+        dropped={name: r["skipped"] for name, r in results.items() if r["skipped"]},
+        **info,
+    )
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """A plain-text table: task, headline metric (± std over seeds), chance, n, unresolved."""
+    lines = [f"{'task':<28} {'metric':<18} {'score':>14} {'chance':>7} {'n':>6} {'unres.':>7}"]
+    for name, r in results.items():
+        metric = r["primary"]
+        value = r["metrics"].get(metric, float("nan"))
+        score = f"{value:.4f}" + (f"±{r['std'][metric]:.3f}" if "std" in r and metric in r["std"] else "")
+        chance = r["chance"].get(metric)
+        lines.append(
+            f"{name:<28} {metric:<18} {score:>14} {chance if chance is None else f'{chance:.3f}':>7} "
+            f"{r['counts']['n']:>6} {r['counts']['unresolved']:>7}"
+        )
+    return "\n".join(lines)
