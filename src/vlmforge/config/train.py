@@ -1,10 +1,73 @@
-"""Training section (owned by vlmforge.train)."""
+"""Training section (owned by vlmforge.train).
+
+One loop serves every stage; a stage is this section (which data, which objective, the
+optimisation settings) plus the model section's freeze flags (model.vision/projector/llm.frozen). Batch sizes count rows (packs in pretraining, conversations in SFT).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"
+    stage: str = "pretrain"  # pretrain (packed captions) | sft (conversations)
+    # Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, report.html.
+    run_dir: str = "runs/${name}"
+
+    # --- data (paths checked before training starts) ---
+    # pretrain: a folder of packed shards from `vlmforge pack`; sft: a LLaVA-style json/jsonl file.
+    data_path: Optional[str] = None
+    # sft: folder the conversations' image paths are relative to (default: the data file's folder).
+    image_root: Optional[str] = None
+    # pretrain: optional packed text-only shards mixed in; each micro-batch is text-only with this probability.
+    text_data_path: Optional[str] = None
+    text_mix_ratio: float = 0.0
+
+    # --- where the weights start ---
+    # A vlmforge checkpoint folder (model.safetensors + config.yaml + tokenizer/) or a run folder
+    # (its final/ is used). SFT names the pretraining checkpoint here. None = build from `model`.
+    init_from: Optional[str] = None
+    # Continue from <run_dir>/checkpoints/latest when it exists (same command after a crash resumes).
+    resume: bool = True
+
+    # --- objective ---
+    objective: str = "next_token"
+    loss_reduction: str = "token"  # token | sample | square (InternVL: weight 1, 1/n, 1/sqrt(n) per token)
+
+    # --- schedule ---
+    global_batch_size: int = 8  # rows per optimizer step over all ranks and accumulation steps
+    micro_batch_size: int = 2  # rows per forward pass on one rank
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides `epochs`
+
+    # --- optimizer (AdamW) ---
+    lr: float = 1e-4  # LLM learning rate
+    projector_lr: Optional[float] = None  # None = lr
+    vision_lr: Optional[float] = None  # None = lr
+    weight_decay: float = 0.0
+    no_decay_bias_and_norm: bool = True
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    min_lr_ratio: float = 0.0  # decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off (the norm is still logged)
+
+    # --- systems ---
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    fsdp: bool = True  # shard with FSDP2 when launched with several processes
+    seed: Optional[int] = None  # None = the recipe's top-level seed
+
+    # --- checkpoints and logging ---
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    report: bool = True  # write report.html + plots at the end

@@ -1,0 +1,247 @@
+"""The one training loop. A stage (pretrain, sft) differs only in the data, objective settings and
+freeze policy it hands in; this file knows nothing about where batches come from.
+
+One optimizer step = ``accum`` micro-batches per rank. The step's micro-batches are fetched
+first, so the global weight sum W (see ``objectives``) is known before any backward, and each
+micro-batch's loss ``sum(w * CE) / W`` is scaled by the world size because FSDP averages
+gradients over ranks: the update equals that of one process seeing the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from vlmforge import dist as vdist
+from vlmforge.train import checkpoint as ckpt
+from vlmforge.train.metrics import MetricsLogger
+from vlmforge.train.objectives import token_weights, weighted_token_ce
+from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
+from vlmforge.train.parallel import Placement, autocast_context, place_model
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "position_ids", "seq_ids", "v2pe_delta")
+# Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
+KILL_ENV = "VLMFORGE_KILL_AFTER_STEP"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # steps run by this process
+
+
+def grad_accum_steps(tcfg, world_size: int) -> int:
+    per_step = int(tcfg.micro_batch_size) * world_size
+    if tcfg.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
+            f"micro_batch_size x processes = {tcfg.micro_batch_size} x {world_size}"
+        )
+    return tcfg.global_batch_size // per_step
+
+
+class Trainer:
+    """Runs optimizer steps ``start .. total_steps`` over ``loader`` (an iterable of micro-batch
+    dicts with ``state_dict()/load_state_dict()`` for exact resume; ``set_epoch(e)`` if it has one)."""
+
+    def __init__(
+        self,
+        tcfg,
+        model: nn.Module,
+        loader: Iterable[dict[str, torch.Tensor]],
+        total_steps: int,
+        run_dir: str | os.PathLike,
+        device: torch.device,
+        export_fn: Callable[[nn.Module, Path], None] | None = None,
+        on_end: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.tcfg = tcfg
+        self.world = vdist.world_size()
+        self.accum = grad_accum_steps(tcfg, self.world)
+        self.total_steps = int(total_steps)
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.loader = loader
+        self.export_fn = export_fn
+        self.on_end = on_end
+        self.model, self.place = place_model(model, tcfg, device, self.world)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step = 0
+        self.epoch = 0
+        self.counters = {"tokens": 0, "real_tokens": 0, "supervised_tokens": 0, "rows": 0}
+        self._it = None
+        self._saved_step = -1
+
+    # ------------------------------------------------------------ data
+
+    def _start_epoch(self) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._start_epoch()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._start_epoch()
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise RuntimeError("the training data yielded no batch") from None
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "data": self.loader.state_dict()}
+
+    # ------------------------------------------------------------ resume / save
+
+    def maybe_resume(self) -> int:
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if self.tcfg.resume else None
+        if latest is None:
+            return 0
+        trainer_state, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+        self.step = int(trainer_state["step"])
+        self.counters.update(trainer_state.get("counters", {}))
+        self.epoch = int(rank_state["epoch"])
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self.loader.load_state_dict(rank_state["data"])
+        self._it = iter(self.loader)
+        self._saved_step = self.step
+        if vdist.is_main():
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+        return self.step
+
+    def save(self) -> Path:
+        self._saved_step = self.step
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            rank_state=self._rank_state(),
+            trainer_state={"counters": self.counters, "total_steps": self.total_steps},
+            keep_last=int(self.tcfg.keep_last),
+        )
+
+    # ------------------------------------------------------------ one step
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.place.device
+        return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        wait = 0.0
+        micro = []
+        for _ in range(self.accum):
+            tw = time.perf_counter()
+            batch = self._next_batch()
+            wait += time.perf_counter() - tw
+            micro.append(self._to_device(batch))
+        reduction = str(self.tcfg.loss_reduction)
+        weights = [token_weights(b["labels"], b.get("seq_ids"), reduction) for b in micro]
+        dev = self.place.device
+        # [weight sum, tokens, real tokens, supervised tokens, rows] summed over ranks in one call
+        stats = torch.zeros(5, dtype=torch.float64, device=dev)
+        for b, w in zip(micro, weights):
+            seq = b.get("seq_ids")
+            stats[0] += w.double().sum()
+            stats[1] += b["input_ids"].numel()
+            stats[2] += int((seq >= 0).sum()) if seq is not None else b["input_ids"].numel()
+            stats[3] += int((w > 0).sum())
+            stats[4] += b["input_ids"].shape[0]
+        vdist.all_reduce_sum(stats)
+        total_w = float(stats[0])
+        scale = self.world / total_w if total_w > 0 else 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for b, w in zip(micro, weights):
+            inputs = {k: b[k] for k in MODEL_INPUTS if b.get(k) is not None}
+            with autocast_context(self.place):
+                logits = self.model(**inputs)
+            ce = weighted_token_ce(logits, b["labels"], w)
+            (ce * scale).backward()
+            loss_sum += ce.detach().double()
+        vdist.all_reduce_sum(loss_sum)
+        max_norm = float(self.tcfg.grad_clip) if self.tcfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lrs = current_lrs(self.optimizer)  # the lr this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        step_time = time.perf_counter() - t0
+        # data wait: the slowest rank's wait bounds the step; report rank-0's (a cheap, honest proxy)
+        self.step += 1
+        tokens, real, sup, rows = (float(x) for x in stats[1:])
+        for k, v in zip(("tokens", "real_tokens", "supervised_tokens", "rows"), (tokens, real, sup, rows)):
+            self.counters[k] += int(v)
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": float(loss_sum) / total_w if total_w > 0 else 0.0,
+            **lrs,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": real / step_time,
+            "real_token_fraction": real / tokens if tokens else 0.0,
+            "supervised_tokens": int(sup),
+            "rows": int(rows),
+            "step_time": step_time,
+            "data_wait": wait,
+            "data_wait_fraction": wait / step_time if step_time > 0 else 0.0,
+        }
+
+    # ------------------------------------------------------------ the run
+
+    def fit(self) -> TrainResult:
+        start = self.maybe_resume()
+        result = TrainResult(run_dir=self.run_dir, start_step=start, final_step=start)
+        log = MetricsLogger(
+            self.run_dir,
+            total_steps=self.total_steps,
+            start_step=start,
+            enabled=vdist.is_main(),
+            tensorboard=bool(self.tcfg.tensorboard),
+            progress_bar=bool(self.tcfg.progress_bar),
+        )
+        kill_after = int(os.environ.get(KILL_ENV, "-1"))
+        every = int(self.tcfg.checkpoint_every)
+        try:
+            while self.step < self.total_steps:
+                row = self.train_step()
+                result.losses[self.step] = row["loss"]
+                if self.step % max(1, int(self.tcfg.log_every)) == 0 or self.step == self.total_steps:
+                    log.log(row)
+                if every > 0 and self.step % every == 0 and self.step < self.total_steps:
+                    self.save()
+                if self.step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            log.close()
+        result.final_step = self.step
+        if self._saved_step != self.step:
+            self.save()
+        if self.export_fn is not None:
+            self.export_fn(self.model, self.run_dir / "final")
+        vdist.barrier()
+        if vdist.is_main() and self.on_end is not None:
+            self.on_end(self.run_dir)
+        return result

@@ -1,0 +1,95 @@
+"""Per-step metrics: metrics.jsonl (one json object per optimizer step), TensorBoard events and a
+tqdm progress bar. Only rank 0 writes. On resume the jsonl is cut back to the resumed step so it
+holds exactly one line per step."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    return rows
+
+
+def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
+    """Keep only rows with step <= last_step (the steps a resumed run will not redo)."""
+    from vlmforge.files import atomic_write_text
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.run_dir, start_step)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard is a dependency, but training must not die for a log
+                self._tb = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": row["step"], "time": round(time.time(), 3), **{k: v for k, v in row.items() if k != "step"}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        self._file = self._tb = self._bar = None

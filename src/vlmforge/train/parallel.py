@@ -1,0 +1,99 @@
+"""Put a model on its device and wrap it for data-parallel training.
+
+FSDP2 (``fully_shard``) per vision block, per decoder layer, then the root. Frozen and trainable
+parameters never share a unit except in the root (FSDP2 handles that: it only reduces gradients
+that exist). On GPU the mixed-precision policy computes in bf16 and reduces gradients in fp32
+while the sharded master weights stay fp32. Activation checkpointing uses transformers' own
+gradient checkpointing on the vision tower and the LLM (non-reentrant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Placement:
+    device: torch.device
+    world_size: int
+    sharded: bool  # wrapped with FSDP2
+    compute_dtype: torch.dtype  # dtype the forward runs in
+
+
+def resolve_precision(tcfg, device: torch.device) -> torch.dtype:
+    mode = str(tcfg.mixed_precision)
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp32":
+        return torch.float32
+    raise ValueError(f"train.mixed_precision must be auto, bf16 or fp32, got {mode!r}")
+
+
+def _vision_blocks(model: nn.Module) -> list[nn.Module]:
+    """Encoder blocks of the vision tower (``VisionLanguageModel.vision_layers()``)."""
+    if hasattr(model, "vision_layers"):
+        return list(model.vision_layers())
+    return []
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "llm_layers"):
+        return list(model.llm_layers())
+    layers = getattr(getattr(getattr(model, "llm", None), "model", None), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    for part in (getattr(model, "vision", None), getattr(model, "llm", None)):
+        if part is None or not any(p.requires_grad for p in part.parameters()):
+            continue  # a frozen tower keeps no activations for backward anyway
+        target = part
+        if not hasattr(target, "gradient_checkpointing_enable"):
+            target = next((m for m in part.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+        if target is None:
+            raise ValueError(f"{type(part).__name__} does not support activation checkpointing")
+        target.gradient_checkpointing_enable(**kwargs)
+
+
+def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    if compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for block in _vision_blocks(model):
+        fully_shard(block, **kw)
+    for layer in _decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def place_model(model: nn.Module, tcfg, device: torch.device, world_size: int) -> tuple[nn.Module, Placement]:
+    """Move to device, enable activation checkpointing, shard when several processes run."""
+    compute = resolve_precision(tcfg, device)
+    model.to(device)
+    if tcfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    sharded = world_size > 1 and bool(tcfg.fsdp)
+    if world_size > 1 and not sharded:
+        raise ValueError("several processes need train.fsdp=true (the only data-parallel wrapper here)")
+    if sharded:
+        shard_model(model, compute)
+    return model, Placement(device=device, world_size=world_size, sharded=sharded, compute_dtype=compute)
+
+
+def autocast_context(placement: Placement):
+    """Single-process GPU runs get bf16 via autocast (FSDP's policy does it when sharded)."""
+    import contextlib
+
+    if placement.sharded or placement.compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(placement.device.type, dtype=placement.compute_dtype)
