@@ -1,0 +1,33 @@
+"""SFT data section (owned by vlmforge.data.sft_index / sft_dataset): index building and batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class SFTDataConfig:
+    # LLaVA-format sources (.json arrays or .jsonl) that `vlmforge sft-index` indexes.
+    sources: List[str] = field(default_factory=list)
+    # The index folder (written by `vlmforge sft-index`, read by SFT training).
+    index: Optional[str] = None
+    # Folder image paths in the records are relative to.
+    image_root: Optional[str] = None
+    # Token lengths in the index: "exact" (tokenizer, the packer's input) or "estimate" (fast).
+    lengths: str = "exact"
+    check_images: bool = True
+    # Bad samples (unparsable JSON, missing/undecodable image, too long) are skipped and counted;
+    # strict: raise instead, naming file and line.
+    strict: bool = False
+    index_workers: int = 1
+    # Batching: "pack" (conversations packed into rows of max_len, never split) or
+    # "length_group" (one conversation per row, rows of similar length batched, padded).
+    batching: str = "pack"
+    max_len: int = 4096
+    batch_size: int = 8  # rows per batch per rank
+    pack_window: int = 10000  # records planned together by the packer
+    group_factor: int = 32  # length_group: sort within mega-batches of batch_size x group_factor
+    shuffle: bool = True
+    drop_last: bool = True  # drop the epoch's last, incomplete batch
+    num_workers: int = 0
