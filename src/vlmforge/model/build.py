@@ -1,0 +1,79 @@
+"""Build a VisionLanguageModel from the recipe's model section (random tiny presets or from_pretrained)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from vlmforge.config import ConfigError
+from vlmforge.model.attention import flash_available
+from vlmforge.model.presets import llm_config
+from vlmforge.model.projector import build_projector
+from vlmforge.model.vision import build_vision_tower
+from vlmforge.model.vlm import VisionLanguageModel
+
+
+def _llm_attn_implementation(model_cfg) -> str:
+    backend = model_cfg.attn_backend
+    if backend == "auto":
+        return "flash_attention_2" if flash_available(torch.device("cuda")) and torch.cuda.is_available() else "sdpa"
+    if backend in ("sdpa", "eager", "flash_attention_2"):
+        return backend
+    raise ConfigError(f"model.attn_backend {backend!r} is not one of auto, sdpa, eager, flash_attention_2")
+
+
+def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
+    """A transformers causal LM. Random init from a preset: vocab = len(tokenizer) exactly.
+    Pretrained: embeddings grow only if the tokenizer is longer (e.g. the added `<image>`)."""
+    from transformers import AutoModelForCausalLM
+
+    impl = _llm_attn_implementation(model_cfg)
+    trc = bool(model_cfg.trust_remote_code)
+    if model_cfg.llm.pretrained:
+        llm = AutoModelForCausalLM.from_pretrained(
+            model_cfg.llm.pretrained, trust_remote_code=trc, attn_implementation=impl, dtype=torch.float32
+        )
+        if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(vocab_size)
+        return llm
+    cfg = llm_config(model_cfg.llm, trust_remote_code=trc)
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, trust_remote_code=trc, dtype=torch.float32)
+
+
+def build_vlm(
+    model_cfg,
+    tokenizer=None,
+    image_token_id: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+) -> VisionLanguageModel:
+    """Vision tower + projector + LLM from `model_cfg` (the recipe's `model` section).
+
+    `tokenizer` sizes the vocabulary and gives the `<image>` id; without one (e.g. model-info on
+    the meta device) the preset's vocab is kept and `image_token_id` defaults to vocab - 1.
+    `seed` makes random initialisation reproducible (same weights on every rank).
+    """
+    vocab = len(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None and image_token_id is None:
+        from vlmforge.data.tokenizer import image_token_id as _image_id
+
+        image_token_id = _image_id(tokenizer)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    dev = torch.device(device) if device is not None else contextlib.nullcontext()
+    with rng, dev:
+        if seed is not None:
+            torch.manual_seed(seed)
+        vision = build_vision_tower(model_cfg.vision)
+        llm = build_llm(model_cfg, vocab)
+        projector = build_projector(model_cfg.projector, vision.config.hidden_size, llm.config.hidden_size)
+    if image_token_id is None:
+        image_token_id = llm.get_input_embeddings().num_embeddings - 1
+    if image_token_id >= llm.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"<image> id {image_token_id} is outside the LLM vocabulary")
+    model = VisionLanguageModel(vision, projector, llm, model_cfg, image_token_id)
+    model.use_flash = llm.config._attn_implementation == "flash_attention_2"
+    return model

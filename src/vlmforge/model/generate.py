@@ -1,0 +1,167 @@
+"""Batched generation for a VisionLanguageModel: chat prompts with images, KV cache, greedy or
+temperature/top-p sampling, stop at `<|im_end|>` (or EOS).
+
+Prompts are left-padded; we pass explicit additive masks (padding keys masked) and explicit
+positions (restart per prompt, or V2PE with the configured delta) at prefill and at every step,
+so cached and uncached decoding compute the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlmforge.model import attention as attn
+
+
+def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index: int = 0) -> list[int]:
+    """Chat template with the generation prompt; each `<image>` expanded to the model's visual tokens."""
+    from vlmforge.data.tokenizer import encode_conversation
+
+    ids, _ = encode_conversation(tokenizer, messages, add_generation_prompt=True)
+    marks = sum(1 for i in ids if i == model.image_token_id)
+    if marks != n_images:
+        raise ValueError(f"prompt {index}: {marks} <image> marker(s) in the messages but {n_images} image(s) given")
+    out: list[int] = []
+    for i in ids:
+        out.extend([i] * model.tokens_per_image if i == model.image_token_id else [i])
+    return out
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    from vlmforge.data.tokenizer import IM_END
+
+    stops = {tokenizer.convert_tokens_to_ids(IM_END)}
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    return {int(s) for s in stops if s is not None and s != tokenizer.unk_token_id}
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (top-1 always kept)
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    key_valid: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    stop_ids: set[int],
+    pad_id: int,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    seed: int | None = None,
+    v2pe_delta: float | None = None,
+) -> list[list[int]]:
+    """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded)."""
+    from transformers import DynamicCache
+
+    b = input_ids.shape[0]
+    dev = input_ids.device
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    seq_ids = torch.where(key_valid, 0, -1)
+    embeds = model.embed(input_ids, pixel_values, seq_ids)
+    delta = model.v2pe_delta if v2pe_delta is None else v2pe_delta
+
+    def positions(ids, sids):
+        if model.positions == "v2pe":
+            from vlmforge.model.positions import v2pe_positions
+
+            return v2pe_positions(ids, sids, model.image_token_id, model.tokens_per_image, float(delta))
+        from vlmforge.model.positions import restart_positions
+
+        return restart_positions(sids)
+
+    lm, head = model.llm.model, model.llm.get_output_embeddings()
+    pos = positions(input_ids, seq_ids)
+    cache = DynamicCache(config=model.llm.config) if use_cache else None
+    mask = attn.additive_mask(seq_ids, "causal", embeds.dtype)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=use_cache)
+    logits = head(out.last_hidden_state[:, -1])
+    new = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    ids_all, embeds_all, valid_all = input_ids, embeds, key_valid
+    for _ in range(max_new_tokens):
+        logits[:, model.image_token_id] = torch.finfo(logits.dtype).min  # never emit a placeholder
+        tok = _pick(logits, temperature, top_p, gen)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        for r, t in enumerate(tok.tolist()):
+            if not done[r]:
+                if t in stop_ids:
+                    done[r] = True
+                else:
+                    new[r].append(t)
+        if bool(done.all()):
+            break
+        emb = model.llm.get_input_embeddings()(tok[:, None])
+        ids_all = torch.cat([ids_all, tok[:, None]], 1)
+        valid_all = torch.cat([valid_all, torch.ones(b, 1, dtype=torch.bool, device=dev)], 1)
+        if use_cache:
+            pos = pos[:, -1:] + 1  # the previous token is text: +1 in every position mode
+            mask = attn.key_padding_mask(valid_all, 1, emb.dtype)
+            out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        else:
+            embeds_all = torch.cat([embeds_all, emb], 1)
+            sids = torch.where(valid_all, 0, -1)
+            mask = attn.additive_mask(sids, "causal", emb.dtype)
+            out = lm(inputs_embeds=embeds_all, attention_mask=mask, position_ids=positions(ids_all, sids), use_cache=False)
+        logits = head(out.last_hidden_state[:, -1])
+    return new
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    images: list[list],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    seed: int | None = 0,
+    return_ids: bool = False,
+):
+    """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i."""
+    from vlmforge.model.imageproc import preprocess_images
+
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if not prompts:
+        return []
+    dev = next(model.parameters()).device
+    rows = [prompt_ids(model, tokenizer, m, len(ims), i) for i, (m, ims) in enumerate(zip(prompts, images))]
+    width = max(len(r) for r in rows)
+    pad = int(tokenizer.pad_token_id)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        valid[i, width - len(r):] = True
+    flat = [im for ims in images for im in ims]
+    pv = None
+    if flat:
+        pv = preprocess_images(flat, model.preprocess_spec()).to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        new = generate_ids(
+            model, ids.to(dev), valid.to(dev), pv, _stop_ids(tokenizer), pad,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, use_cache=use_cache, seed=seed,
+        )
+    finally:
+        model.train(was_training)
+    if return_ids:
+        return new
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]

@@ -1,0 +1,197 @@
+"""VisionLanguageModel: vision tower -> projector -> any transformers causal LM.
+
+Each image is N consecutive `<image>` ids in `input_ids` (expanded by the data layer); the
+projected features replace those embeddings. Attention over a packed row is `causal` or
+`document` (model.attention), positions `restart` / `continue` / `v2pe` (model.positions).
+The module holds `vision`, `projector`, `llm` and no parallelism: the trainer shards
+`llm_layers()` and `vision_layers()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmforge.model import attention as attn
+from vlmforge.model import positions as pos
+from vlmforge.model.geometry import tokens_for_grid
+from vlmforge.model.vision import encoder_layers, inner, layers_used, patch_features
+
+
+class ImageTokenMismatch(ValueError):
+    """`<image>` placeholders and pixel_values do not match; the message names the row and sample."""
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, model_cfg, image_token_id: int):
+        super().__init__()
+        self.vision, self.projector, self.llm = vision, projector, llm
+        self.image_token_id = int(image_token_id)
+        self.feature_layer = int(model_cfg.vision.feature_layer)
+        self.image_size = int(model_cfg.vision.image_size or vision.config.image_size)
+        self.projector_kind = model_cfg.projector.kind
+        self.attention = model_cfg.attention
+        self.positions = model_cfg.positions
+        self.v2pe_delta = float(model_cfg.v2pe_delta)
+        self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
+        self.use_flash = False  # set by build_vlm when flash-attn varlen is chosen
+        if self.attention not in attn.MODES:
+            raise ValueError(f"model.attention {self.attention!r} is not one of {', '.join(attn.MODES)}")
+        if self.positions not in ("restart", "continue", "v2pe"):
+            raise ValueError(f"model.positions {self.positions!r} is not one of restart, continue, v2pe")
+        self.apply_freeze(model_cfg)
+
+    # ---- geometry (run settings, not weights) ----
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.vision.config.patch_size
+
+    @property
+    def pool_size(self) -> int | None:
+        return getattr(self.projector, "pool_size", None)
+
+    def set_pool_size(self, k: int | None) -> None:
+        """Change the visual tokens per image (avgpool_mlp only): k*k, or None for the full grid."""
+        if not hasattr(self.projector, "pool_size"):
+            raise ValueError(f"{self.projector_kind} has a fixed number of tokens; pool_size applies to avgpool_mlp")
+        tokens_for_grid(self.projector_kind, self.patch_grid, k)  # validates
+        self.projector.pool_size = k
+
+    @property
+    def tokens_per_image(self) -> int:
+        return tokens_for_grid(self.projector_kind, self.patch_grid, self.pool_size)
+
+    def preprocess_spec(self) -> dict:
+        """Image preprocessing for this tower (same as geometry.image_preprocess_spec)."""
+        from vlmforge.model.geometry import CLIP_MEAN_STD, SIGLIP_MEAN_STD
+
+        mean, std = CLIP_MEAN_STD if self.vision.config.model_type.startswith("clip") else SIGLIP_MEAN_STD
+        return dict(size=self.image_size, mean=list(mean), std=list(std), rescale=1 / 255)
+
+    # ---- parameters ----
+    def vision_layers(self) -> nn.ModuleList:
+        return encoder_layers(self.vision)
+
+    def llm_layers(self) -> nn.ModuleList:
+        return self.llm.model.layers
+
+    def apply_freeze(self, model_cfg) -> None:
+        """Vision frozen by default, projector and LLM trainable; vision blocks after the feature
+        layer, SigLIP's post-layernorm and pooling head are never run and always frozen."""
+        self.vision.requires_grad_(not model_cfg.vision.frozen)
+        self.projector.requires_grad_(not model_cfg.projector.frozen)
+        self.llm.requires_grad_(not model_cfg.llm.frozen)
+        for layer in self.vision_layers()[layers_used(self.vision, self.feature_layer):]:
+            layer.requires_grad_(False)
+        for name in ("post_layernorm", "head"):
+            mod = getattr(inner(self.vision), name, None)
+            if mod is not None:
+                mod.requires_grad_(False)
+        self.vision_frozen = not any(p.requires_grad for p in self.vision.parameters())
+
+    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            name: [p for p in getattr(self, name).parameters() if p.requires_grad]
+            for name in ("vision", "projector", "llm")
+        }
+
+    # ---- forward pieces ----
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, tokens_per_image, llm hidden]."""
+        if self.vision_frozen:
+            with torch.no_grad():
+                feats = patch_features(self.vision, pixel_values, self.feature_layer)
+        else:
+            feats = patch_features(self.vision, pixel_values, self.feature_layer)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def check_placeholders(self, input_ids: torch.Tensor, seq_ids: torch.Tensor | None, n_images: int) -> None:
+        """Every run of `<image>` ids must be whole images and the total must match pixel_values."""
+        t = self.tokens_per_image
+        ids = input_ids.detach().cpu()
+        sids = seq_ids.detach().cpu() if seq_ids is not None else torch.zeros_like(ids)
+        is_img = ids == self.image_token_id
+        counts = []
+        for r in range(ids.shape[0]):
+            row = is_img[r].tolist()
+            j, n = 0, len(row)
+            while j < n:
+                if not row[j]:
+                    j += 1
+                    continue
+                k = j
+                while k < n and row[k] and sids[r, k] == sids[r, j]:
+                    k += 1
+                if (k - j) % t:
+                    raise ImageTokenMismatch(
+                        f"row {r}, packed sample {int(sids[r, j])}: a run of {k - j} <image> tokens at "
+                        f"position {j} is not a whole number of images ({t} visual tokens per image)"
+                    )
+                counts.append((r, int(sids[r, j]), (k - j) // t))
+                j = k
+        total = sum(c for _, _, c in counts)
+        if total != n_images:
+            per = ", ".join(f"row {r} sample {s}: {c}" for r, s, c in counts) or "none"
+            raise ImageTokenMismatch(
+                f"the <image> placeholders stand for {total} image(s) ({per}) but pixel_values holds "
+                f"{n_images}; the data layer must expand each image to {t} tokens"
+            )
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, seq_ids=None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self.check_placeholders(input_ids, seq_ids, n_images)
+        if n_images:
+            feats = self.encode_images(pixel_values).to(embeds.dtype)
+            where = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(where, feats.reshape(-1, feats.shape[-1]))
+        return embeds
+
+    def position_ids_for(self, input_ids, seq_ids, position_ids=None, v2pe_delta=None) -> torch.Tensor:
+        if self.positions == "continue":
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if self.positions == "v2pe":
+            if v2pe_delta is None:
+                if self.training:
+                    n = int((input_ids == self.image_token_id).sum()) // self.tokens_per_image
+                    v2pe_delta = pos.draw_v2pe_deltas(n, self.v2pe_max_denominator)
+                else:
+                    v2pe_delta = self.v2pe_delta
+            return pos.v2pe_positions(input_ids, seq_ids, self.image_token_id, self.tokens_per_image, v2pe_delta)
+        if position_ids is not None:
+            return position_ids
+        return pos.restart_positions(seq_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        v2pe_delta: float | torch.Tensor | None = None,
+        output: str = "logits",
+    ) -> torch.Tensor:
+        """Logits [B, L, V] (or, with output="hidden", the final normed hidden states [B, L, D]
+        for a chunked loss). `seq_ids` None = one sample per row, no padding.
+        `v2pe_delta`: a float, or one value per image; None = drawn in training, config value in eval."""
+        if seq_ids is None:
+            seq_ids = torch.zeros_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values, seq_ids)
+        positions = self.position_ids_for(input_ids, seq_ids, position_ids, v2pe_delta)
+        if self.use_flash and embeds.is_cuda:
+            b, n, d = embeds.shape
+            out = self.llm.model(
+                inputs_embeds=embeds.reshape(1, b * n, d),
+                position_ids=positions.reshape(1, b * n),
+                use_cache=False,
+                **attn.varlen_kwargs(seq_ids, self.attention),
+            )
+            hidden = out.last_hidden_state.reshape(b, n, -1)
+        else:
+            mask = attn.additive_mask(seq_ids, self.attention, embeds.dtype)
+            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            hidden = out.last_hidden_state
+        if output == "hidden":
+            return hidden
+        return self.llm.get_output_embeddings()(hidden)
