@@ -91,12 +91,13 @@ def warmup_steps(tcfg, total_steps: int) -> int:
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
     """Multiplier on the base lr for optimizer step ``step`` (0-based): linear warmup from
-    1/warmup to 1, then decay to ``min_ratio`` at the last step."""
+    1/warmup to 1 (no step runs at lr 0), then decay towards ``min_ratio`` (reached one step
+    after the last, so the last step still learns)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    decay_steps = max(1, total_steps - warmup - 1)
+    decay_steps = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     if schedule == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))

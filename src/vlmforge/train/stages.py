@@ -1,0 +1,242 @@
+"""From a recipe to the pieces the loop needs, per stage: tokenizer, model, data loader, number of
+steps and the final export. Everything a recipe can get wrong (missing paths, a checkpoint that does
+not exist, batch sizes that do not divide) is checked by :func:`validate` before any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmforge.config import ConfigError
+
+STAGES = ("pretrain", "sft")
+# Model settings a stage may change on a loaded checkpoint (run settings, not architecture).
+RUN_SETTINGS = ("attention", "positions", "v2pe_delta", "v2pe_max_denominator")
+ARCH_KEYS = (
+    ("vision", "preset"),
+    ("vision", "pretrained"),
+    ("vision", "feature_layer"),
+    ("llm", "preset"),
+    ("llm", "pretrained"),
+    ("projector", "kind"),
+    ("projector", "hidden_size"),
+)
+
+
+def resolve_init_from(path: str) -> Path:
+    """A vlmforge checkpoint folder, or a run folder whose final/ is one."""
+    p = Path(path)
+    for cand in (p, p / "final"):
+        if (cand / "model.safetensors").is_file() and (cand / "config.yaml").is_file():
+            return cand
+    if not p.exists():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    raise ConfigError(
+        f"train.init_from: {path} is not a vlmforge checkpoint (model.safetensors + config.yaml) "
+        "nor a run folder with a final/ checkpoint"
+    )
+
+
+def sft_index_dir(cfg) -> str | None:
+    return cfg.train.data_path or cfg.sft.index
+
+
+def validate(cfg, world_size: int) -> None:
+    """Fail fast, with the offending key in the message, before any heavy work."""
+    from vlmforge.train.objectives import REDUCTIONS
+    from vlmforge.train.optim import lr_factor
+    from vlmforge.train.parallel import resolve_precision
+
+    t = cfg.train
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage must be one of {STAGES}, got {t.stage!r}")
+    if t.objective != "next_token":
+        raise ConfigError(f"train.objective {t.objective!r} is not available (next_token)")
+    if t.loss_reduction not in REDUCTIONS:
+        raise ConfigError(f"train.loss_reduction must be one of {REDUCTIONS}, got {t.loss_reduction!r}")
+    try:
+        lr_factor(10, 20, 1, t.lr_schedule)
+        import torch
+
+        resolve_precision(t, torch.device("cpu"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no GPU is visible")
+    elif t.device not in ("auto", "cpu"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size x "
+            f"processes = {t.micro_batch_size} x {world_size}"
+        )
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
+    if t.init_from:
+        resolve_init_from(t.init_from)
+    if t.stage == "pretrain":
+        if not t.data_path:
+            raise ConfigError("train.data_path: set it to the packed shards folder from `vlmforge pack`")
+        if not Path(t.data_path).exists():
+            raise ConfigError(f"train.data_path: {t.data_path} does not exist")
+        if not t.init_from and not cfg.tokenizer.path:
+            raise ConfigError("tokenizer.path: pretraining from scratch needs the tokenizer the shards were packed with")
+    else:
+        index = sft_index_dir(cfg)
+        if not index:
+            raise ConfigError("train.data_path (or sft.index): set it to an SFT index folder from `vlmforge sft-index`")
+        if not Path(index, "manifest.json").is_file():
+            raise ConfigError(f"train.data_path: {index} is not an SFT index folder (no manifest.json)")
+        root = t.image_root or cfg.sft.image_root
+        if root and not Path(root).is_dir():
+            raise ConfigError(f"train.image_root: {root} is not a folder")
+    if cfg.tokenizer.path and not t.init_from and not Path(cfg.tokenizer.path).exists():
+        raise ConfigError(f"tokenizer.path: {cfg.tokenizer.path} does not exist")
+
+
+@dataclass
+class StagePieces:
+    model: Any
+    tokenizer: Any
+    loader: Any
+    total_steps: int
+    info: dict  # for the run manifest
+
+
+def _check_same_architecture(cfg, ckpt_cfg, ckpt_dir: Path) -> None:
+    for part, key in ARCH_KEYS:
+        a, b = cfg.model[part][key], ckpt_cfg.model[part][key]
+        if a != b:
+            raise ConfigError(
+                f"model.{part}.{key}={a!r} differs from the checkpoint's {b!r} ({ckpt_dir}/config.yaml); "
+                "a stage can change run settings (pool_size, freezing, attention) but not the architecture"
+            )
+
+
+def build_model(cfg, seed: int):
+    """(model, tokenizer): loaded from train.init_from, or built from the recipe's model section.
+    The recipe's run settings (freeze flags, pool size, attention/positions) apply either way."""
+    from vlmforge.model import build_vlm, load_vlm
+
+    t = cfg.train
+    if t.init_from:
+        ckpt = resolve_init_from(t.init_from)
+        model, tok, ckpt_cfg = load_vlm(ckpt)
+        _check_same_architecture(cfg, ckpt_cfg, ckpt)
+        for key in RUN_SETTINGS:
+            setattr(model, key, cfg.model[key])
+        model.set_pool_size(cfg.model.projector.pool_size) if hasattr(model.projector, "pool_size") else None
+        model.apply_freeze(cfg.model)
+        return model, tok
+    from vlmforge.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer.path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
+    return build_vlm(cfg.model, tok, seed=seed), tok
+
+
+def _steps(tcfg, micro_batches_per_epoch: int, accum: int) -> int:
+    if tcfg.max_steps > 0:
+        return int(tcfg.max_steps)
+    steps = int(math.floor(tcfg.epochs * micro_batches_per_epoch / accum))
+    if steps < 1:
+        raise ConfigError(
+            f"the data gives {micro_batches_per_epoch} micro-batches per rank per epoch, fewer than one optimizer "
+            f"step ({accum} micro-batches); lower train.global_batch_size or set train.max_steps"
+        )
+    return steps
+
+
+def build_sft_loader(cfg, model, tok, seed: int, rank: int, world: int):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from vlmforge.data.sft_dataset import SFTDataset, SFTLoader
+    from vlmforge.model.geometry import image_preprocess_spec
+
+    s = cfg.sft
+    ds = SFTDataset(
+        sft_index_dir(cfg),
+        tok,
+        visual_tokens=model.tokens_per_image,
+        image_spec=image_preprocess_spec(cfg.model),
+        image_root=cfg.train.image_root or s.image_root,
+    )
+    view = SimpleNamespace(**OmegaConf.to_container(s, resolve=True))
+    view.batch_size = int(cfg.train.micro_batch_size)  # rows per forward per rank: the trainer's knob
+    return SFTLoader(ds, view, seed=seed, rank=rank, world_size=world)
+
+
+def build_pretrain_loader(cfg, model, tok, seed: int, rank: int, world: int):
+    from vlmforge.data.packed_dataset import PackedLoader
+
+    return PackedLoader(
+        cfg.train.data_path,
+        cfg,
+        tokenizer=tok,
+        batch_size=int(cfg.train.micro_batch_size),
+        seed=seed,
+        rank=rank,
+        world_size=world,
+    )
+
+
+def build_stage(cfg, rank: int, world: int) -> StagePieces:
+    from vlmforge.train.loop import grad_accum_steps
+
+    seed = int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)
+    model, tok = build_model(cfg, seed)
+    accum = grad_accum_steps(cfg.train, world)
+    if cfg.train.stage == "sft":
+        loader = build_sft_loader(cfg, model, tok, seed, rank, world)
+        per_epoch = loader.batches_per_epoch(0)
+        data = sft_index_dir(cfg)
+    else:
+        loader = build_pretrain_loader(cfg, model, tok, seed, rank, world)
+        per_epoch = len(loader)
+        data = cfg.train.data_path
+    total = _steps(cfg.train, per_epoch, accum)
+    info = {
+        "data": os.path.abspath(data),
+        "init_from": str(resolve_init_from(cfg.train.init_from).resolve()) if cfg.train.init_from else None,
+        "micro_batches_per_epoch_per_rank": int(per_epoch),
+        "grad_accum_steps": accum,
+        "world_size": world,
+        "total_steps": total,
+        "visual_tokens_per_image": int(model.tokens_per_image),
+    }
+    return StagePieces(model=model, tokenizer=tok, loader=loader, total_steps=total, info=info)
+
+
+def export_final(model, tokenizer, cfg, out_dir: Path) -> None:
+    """Collective: unsharded fp32 weights -> a vlmforge checkpoint folder (rank 0 writes)."""
+    from vlmforge import dist as vdist
+    from vlmforge.model import save_vlm
+    from vlmforge.train.checkpoint import full_model_state
+
+    if vdist.world_size() == 1:
+        save_vlm(model, tokenizer, cfg, out_dir)
+        return
+    state = full_model_state(model)  # only rank 0 holds the tensors
+    if vdist.is_main():
+        from transformers.initialization import no_init_weights
+
+        from vlmforge.model.build import build_vlm
+
+        with no_init_weights():
+            plain = build_vlm(cfg.model, tokenizer)  # same architecture, unsharded, on CPU
+        plain.load_state_dict(state, strict=True)
+        if getattr(plain.llm.config, "tie_word_embeddings", False):
+            plain.llm.tie_weights()
+        save_vlm(plain, tokenizer, cfg, out_dir)
+    vdist.barrier()
