@@ -48,11 +48,14 @@ def _write_jsonl(path, rows):
 
 @pytest.fixture()
 def world(tmp_path):
+    return make_world(tmp_path / "world")
+
+
+def make_world(root, n: int = 8):
     """A synth-like folder: DIR/images/*.png and DIR/eval/{mcq,vqa,pope}.jsonl (paths relative to DIR)."""
-    root = tmp_path / "world"
     (root / "images").mkdir(parents=True)
     mcq, vqa, pope = [], [], []
-    for i in range(8):
+    for i in range(n):
         color = NAMES[i % 4]
         rel = f"images/{i:03d}.png"
         (root / rel).write_bytes(_png(color))

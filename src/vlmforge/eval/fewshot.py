@@ -22,6 +22,21 @@ class DemoPool:
         self.items = [it for it in items if it.meta.get("rotation", 0) == 0]
         self.keys = [{ref.key() for ref in it.images} for it in self.items]
 
+    def check(self, queries: list, k: int) -> None:
+        """Fail before any generation if some query cannot get k demonstrations."""
+        by_key: dict[str, set[int]] = {}
+        for i, (it, keys) in enumerate(zip(self.items, self.keys)):
+            for key in keys | {"id:" + it.id} | ({"group:" + it.group} if it.group is not None else set()):
+                by_key.setdefault(key, set()).add(i)
+        for q in queries:
+            keys = {ref.key() for ref in q.images} | {"id:" + q.id} | ({"group:" + q.group} if q.group is not None else set())
+            excluded = set().union(*(by_key.get(key, set()) for key in keys))
+            if len(self.items) - len(excluded) < k:
+                raise ValueError(
+                    f"{k}-shot needs {k} demonstrations for item {q.id!r}; the support set has only "
+                    f"{len(self.items) - len(excluded)} (other questions, other images)"
+                )
+
     def sample(self, query, k: int, seed: int) -> list:
         if k <= 0:
             return []

@@ -200,6 +200,15 @@ def evaluate(
     shots = sorted({int(k) for k in shots}) or [0]
     if any(k < 0 for k in shots):
         raise ValueError("shots must be >= 0")
+    if max(shots) > 0:
+        if not list(seeds):
+            raise ValueError("k-shot evaluation needs at least one seed")
+        for task in loaded:  # fail now rather than after hours of generation
+            pool = DemoPool(task.support_items if task.support_items is not None else task.items)
+            try:
+                pool.check(task.items, max(shots))
+            except ValueError as e:
+                raise TaskError(f"task {task.name!r}: {e}") from None
 
     started = time.time()
     results: dict[str, dict] = {}
