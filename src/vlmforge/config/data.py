@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class PackConfig:
-    max_len: int = 4096
+    """`vlmforge pack`: caption shards -> packed shards (the visual-token count comes from `model`)."""
+
+    max_len: int = 4096  # tokens per pack (visual tokens + caption + separator, summed over samples)
+    window: int = 10000  # samples planned together; one packed output shard per window
+    method: str = "auto"  # auto | exact | ffd (see vlmforge.data.packing.plan_packs)
+    too_long: str = "truncate"  # truncate (cut the caption) | drop; both counted in the manifest
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    check_images: bool = True  # fully decode every image at pack time (bad ones are skipped and counted)
+    threads: int = 2  # threads decoding images for the check (PIL releases the GIL)
+    # Text-only mixing (InternVL3-style native multimodal pretraining): .txt (one document per
+    # line) or .jsonl ({"text": ...}) files/globs; text tokens per multimodal token, e.g. 1:3 -> 0.3333.
+    text_corpus: Optional[str] = None
+    text_ratio: float = 0.0
+    text_chunk_len: int = 1024  # longer documents are split into chunks of at most this many tokens
+    hist_bins: int = 32  # length histogram bins in the manifest
 
 
 @dataclass
 class DataConfig:
-    num_workers: int = 0
+    """The packed-sequence loader used in pretraining (batch size / data path live in `train`)."""
+
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True  # seeded per epoch (recipe seed + epoch)
+    positions: str = "restart"  # restart (position ids start at 0 per sample) | continue (across the pack)
+    supervise_sep: bool = True  # learn to predict <|im_end|> after each caption
+    pad_to_max_len: bool = True  # pad rows to pack.max_len (static shapes) instead of the longest row
+    # Equal batch count per rank (no DDP hang): wrap = fill the last global batch with packs from the
+    # start of the epoch (every pack seen); drop = leave the incomplete last global batch out.
+    remainder: str = "wrap"
+    strict: bool = False  # raise on an undecodable image instead of dropping that sample from its pack

@@ -49,11 +49,15 @@ def caption_sample(
     return out
 
 
-def text_sample(text_ids: Sequence[int], *, sep_id: int, supervise_sep: bool = True) -> dict[str, Any]:
-    """Text-only sample (mixed-in corpus): ``text + <|im_end|>``."""
-    ids = np.concatenate([np.asarray(text_ids, dtype=np.int64), np.array([sep_id], np.int64)])
+def text_sample(
+    text_ids: Sequence[int], *, sep_id: int, supervise_sep: bool = True, add_sep: bool = True
+) -> dict[str, Any]:
+    """Text-only sample (mixed-in corpus): ``text + <|im_end|>`` (no separator mid-document: add_sep=False)."""
+    ids = np.asarray(text_ids, dtype=np.int64)
+    if add_sep:
+        ids = np.concatenate([ids, np.array([sep_id], np.int64)])
     labels = ids.copy()
-    if not supervise_sep:
+    if add_sep and not supervise_sep:
         labels[-1] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
 

@@ -1,0 +1,231 @@
+"""Packed shards -> training batches, split across ranks and workers, exactly resumable.
+
+:class:`PackedDataset` is map-style over every pack of a packed folder (each shard's small index
+gives byte offsets, so memory stays light and any pack is one seek away). Item ``i`` is a pack:
+a list of samples in the collator's form, each image expanded into N ``<image>`` ids (N checked
+against the model), images decoded and preprocessed for the vision encoder.
+
+:class:`PackedLoader` plans each epoch as a pure function of (seed, epoch, number of packs):
+a seeded permutation of all packs, cut into global batches of ``batch_size x world_size`` packs;
+rank r takes the r-th slice of every global batch. So ranks see disjoint packs that together
+cover the epoch, every rank gets the same number of batches (no DDP hang) and nobody gets zero,
+however few shards there are. The incomplete last global batch is either filled with packs
+from the start of the epoch (``remainder="wrap"``, the default: every pack is seen, a few twice)
+or left out (``"drop"``; with fewer packs than one global batch it wraps anyway). DataLoader
+workers take the rank's batches round-robin and torch returns them in order, so the batch order
+does not depend on ``num_workers``. ``state_dict()`` = {epoch, batch consumed}; after
+``load_state_dict`` the loader yields exactly the batches it would have yielded next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from vlmforge.data.collate import caption_sample, collate_packs, text_sample
+from vlmforge.data.packed_shards import PackedShardReader, list_packed_shards
+
+log = logging.getLogger(__name__)
+
+REMAINDER = ("wrap", "drop")
+
+
+class PackedDataError(ValueError):
+    """A packed folder that does not match the model or is damaged."""
+
+
+class PackedDataset:
+    def __init__(
+        self,
+        folder: str,
+        *,
+        visual_tokens: int | None = None,
+        image_spec: dict | None = None,
+        supervise_sep: bool = True,
+        strict: bool = False,
+    ):
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise PackedDataError(f"{manifest_path} not found: is {folder} a `vlmforge pack` output?")
+        with open(manifest_path, encoding="utf-8") as f:
+            self.manifest = json.load(f)
+        geo = self.manifest["geometry"]
+        self.max_len = int(geo["max_len"])
+        self.visual_tokens = int(geo["visual_tokens"])
+        if visual_tokens is not None and int(visual_tokens) != self.visual_tokens:
+            raise PackedDataError(
+                f"{folder} was packed with {self.visual_tokens} visual tokens per image but the model "
+                f"makes {visual_tokens}: re-run `vlmforge pack` with this model section"
+            )
+        self.image_token_id, self.sep_id, self.pad_id = int(geo["image_token_id"]), int(geo["sep_id"]), int(geo["pad_id"])
+        self.image_spec = dict(image_spec or geo["image_preprocess"])
+        self.supervise_sep = supervise_sep
+        self.strict = strict
+        self.readers = [PackedShardReader(p) for p in list_packed_shards(self.folder)]
+        self.offsets = np.cumsum([0] + [len(r) for r in self.readers])
+        self.skipped = 0  # images that failed to decode (this process only)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def pack_length(self, i: int) -> int:
+        r, j = self._locate(i)
+        return int(self.readers[r].packs[j]["length"])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"pack {i} out of range ({len(self)} packs)")
+        r = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return r, i - int(self.offsets[r])
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        from vlmforge.data.images import load_pixel_values
+        from vlmforge.shards import ImageDecodeError
+
+        r, j = self._locate(int(i))
+        meta, tokens, images = self.readers[r].read_pack(j)
+        samples, at, img = [], 0, 0
+        for s in meta["samples"]:
+            ids = tokens[at : at + s["n_text"]]
+            at += s["n_text"]
+            if s["kind"] == "text":
+                samples.append(text_sample(ids, sep_id=self.sep_id, supervise_sep=self.supervise_sep,
+                                           add_sep=bool(s["sep"])))
+                continue
+            data = images[img]
+            img += 1
+            try:
+                pv = load_pixel_values(data, self.image_spec).unsqueeze(0)
+            except ImageDecodeError as e:
+                where = f"{self.readers[r].tar_path} pack {j} sample {s['key']!r}"
+                if self.strict:
+                    raise PackedDataError(f"{where}: {e}") from e
+                self.skipped += 1
+                log.warning("skipping %s: %s", where, e)
+                continue
+            samples.append(caption_sample(ids, image_token_id=self.image_token_id, num_visual_tokens=self.visual_tokens,
+                                          sep_id=self.sep_id, supervise_sep=self.supervise_sep, pixel_values=pv))
+        if not samples:  # every image of the pack failed: keep the row valid with a lone separator
+            samples.append(text_sample([], sep_id=self.sep_id))
+        return samples
+
+
+class _Collate:
+    """Picklable collate_fn (DataLoader workers under spawn)."""
+
+    def __init__(self, pad_id: int, pad_to: int | None, positions: str):
+        self.pad_id, self.pad_to, self.positions = pad_id, pad_to, positions
+
+    def __call__(self, packs):
+        return collate_packs(packs, self.pad_id, pad_to=self.pad_to, positions=self.positions)
+
+
+class PackedLoader:
+    """Batches of ``batch_size`` packs for this rank; see the module docstring for the split and resume."""
+
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        remainder: str = "wrap",
+        pad_to: int | None = None,
+        positions: str = "restart",
+    ):
+        if rank is None or world_size is None:
+            from vlmforge import dist
+
+            rank, world_size = dist.rank(), dist.world_size()
+        if remainder not in REMAINDER:
+            raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        if len(dataset) == 0:
+            raise PackedDataError(f"{dataset.folder} holds no packs")
+        self.dataset = dataset
+        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_workers, self.remainder = int(num_workers), remainder
+        self.collate = _Collate(dataset.pad_id, pad_to, positions)
+        self.epoch, self.batch = 0, 0  # batch = batches of this epoch already handed out
+
+    # -- plan ---------------------------------------------------------------------------
+    def batches_per_epoch(self) -> int:
+        n, g = len(self.dataset), self.batch_size * self.world_size
+        if self.remainder == "drop" and n >= g:
+            return n // g
+        return math.ceil(n / g)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch()
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """[batches, batch_size] pack indices this rank reads in ``epoch``."""
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        nb = self.batches_per_epoch()
+        order = np.resize(order, nb * self.batch_size * self.world_size)  # wrap: repeats from the start
+        return order.reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
+
+    # -- iterate ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        """The rest of the current epoch (a fresh epoch if the current one is used up)."""
+        import torch.utils.data as tud
+
+        if self.batch >= self.batches_per_epoch():
+            self.epoch, self.batch = self.epoch + 1, 0
+        plan = self.epoch_plan(self.epoch)[self.batch :]
+        dl = tud.DataLoader(
+            self.dataset,
+            batch_sampler=[[int(i) for i in b] for b in plan],
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        for batch in dl:
+            self.batch += 1
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    # -- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_packs": len(self.dataset),
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("num_packs", len(self.dataset)), ("world_size", self.world_size),
+                          ("batch_size", self.batch_size), ("seed", self.seed)):
+            if key in state and int(state[key]) != mine:
+                raise PackedDataError(f"loader state has {key}={state[key]} but this run has {mine}: cannot resume exactly")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def build_pretrain_loader(cfg, data_path: str | None = None, *, batch_size: int | None = None,
+                          rank: int | None = None, world_size: int | None = None) -> PackedLoader:
+    """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry."""
+    from vlmforge.config import ConfigError
+    from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+
+    path = data_path or cfg.train.data_path
+    if not path:
+        raise ConfigError("train.data_path: no packed data folder given (run `vlmforge pack` first)")
+    d = cfg.data
+    if d.positions not in ("restart", "continue"):
+        raise ConfigError(f"data.positions must be restart or continue, got {d.positions!r}")
+    ds = PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
+                       image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict)
+    seed = cfg.train.seed if cfg.train.seed is not None else cfg.seed
+    return PackedLoader(ds, batch_size or cfg.train.micro_batch_size, seed=int(seed), shuffle=d.shuffle,
+                        rank=rank, world_size=world_size, num_workers=d.num_workers, remainder=d.remainder,
+                        pad_to=ds.max_len if d.pad_to_max_len else None, positions=d.positions)

@@ -1,0 +1,152 @@
+"""Packed shards: the on-disk output of ``vlmforge pack`` (no pickle anywhere).
+
+A packed folder holds ``NNNNN.tar`` shards (plain USTAR tars, readable by webdataset and ``tar``),
+one ``NNNNN.index.json`` per tar, ``manifest.json`` and ``config.yaml``. Each pack is one
+webdataset sample, key ``NNNNN_PPPPPP``:
+
+- ``{key}.json``        pack metadata: ``samples``: list of {key, kind ("image" | "text"), n_text,
+                        images, sep, truncated}, ``length`` (tokens of the expanded pack);
+- ``{key}.tokens.npy``  int32 text token ids of all samples, concatenated (compact form: no
+                        image tokens, no separators; the loader expands them);
+- ``{key}.img{j}.{ext}`` the j-th image's original encoded bytes (never re-encoded).
+
+The index gives the byte range of every member, so a pack is read with one seek per member
+(random access; the loader needs it for exact resume) and a reader never parses the tar.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INDEX_SUFFIX = ".index.json"
+FORMAT_VERSION = 1
+
+
+def image_ext(data: bytes) -> str:
+    """File extension from the magic bytes (for the member name; the bytes are kept as they are)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    return "img"
+
+
+def tokens_to_npy(tokens: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_to_tokens(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class PackedShardWriter:
+    """Write one packed shard: ``add_pack`` repeatedly, then ``close`` (tar + index, atomically)."""
+
+    def __init__(self, out_dir: str | os.PathLike, shard_index: int):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.name = f"{shard_index:05d}"
+        self.tar_path = self.out_dir / f"{self.name}.tar"
+        self._tmp = self.out_dir / f".{self.name}.tar.tmp{os.getpid()}"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.packs: list[dict[str, Any]] = []
+
+    def _add(self, name: str, data: bytes) -> list[int]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        start = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        return [start + tarfile.BLOCKSIZE, len(data)]  # USTAR short names: one 512-byte header
+
+    def add_pack(self, meta: dict, tokens: np.ndarray, images: list[bytes]) -> str:
+        key = f"{self.name}_{len(self.packs):06d}"
+        entry: dict[str, Any] = {"key": key, "length": int(meta["length"]), "samples": len(meta["samples"])}
+        entry["json"] = self._add(f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
+        entry["tokens"] = self._add(f"{key}.tokens.npy", tokens_to_npy(tokens))
+        entry["images"] = [self._add(f"{key}.img{j}.{image_ext(b)}", b) for j, b in enumerate(images)]
+        self.packs.append(entry)
+        return key
+
+    def close(self) -> str:
+        from vlmforge.files import write_json
+
+        self._tar.close()
+        os.replace(self._tmp, self.tar_path)
+        write_json(
+            self.out_dir / f"{self.name}{INDEX_SUFFIX}",
+            {"format": FORMAT_VERSION, "tar": self.tar_path.name, "packs": self.packs},
+        )  # index last: its presence means the shard is complete
+        return str(self.tar_path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class PackedShardReader:
+    """Random access to the packs of one shard via its index (file opened lazily, per process)."""
+
+    def __init__(self, index_path: str | os.PathLike):
+        index_path = Path(index_path)
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        if index.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{index_path}: unsupported packed-shard format {index.get('format')!r}")
+        self.tar_path = str(index_path.parent / index["tar"])
+        self.packs: list[dict] = index["packs"]
+        self._fh = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def _read(self, span: list[int]) -> bytes:
+        if self._fh is None or self._pid != os.getpid():  # forked DataLoader workers reopen
+            self._fh = open(self.tar_path, "rb")
+            self._pid = os.getpid()
+        self._fh.seek(span[0])
+        data = self._fh.read(span[1])
+        if len(data) != span[1]:
+            raise OSError(f"{self.tar_path}: truncated member at byte {span[0]}")
+        return data
+
+    def read_pack(self, i: int) -> tuple[dict, np.ndarray, list[bytes]]:
+        """(metadata, int32 text tokens, image bytes) of pack ``i``."""
+        p = self.packs[i]
+        meta = json.loads(self._read(p["json"]))
+        tokens = npy_to_tokens(self._read(p["tokens"]))
+        images = [self._read(s) for s in p["images"]]
+        return meta, tokens, images
+
+    def __getstate__(self):  # DataLoader workers: never ship an open file handle
+        state = dict(self.__dict__)
+        state["_fh"] = state["_pid"] = None
+        return state
+
+
+def list_packed_shards(folder: str | os.PathLike) -> list[Path]:
+    """Index files of a packed folder, in shard order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"packed data folder not found: {folder}")
+    found = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if not found:
+        raise FileNotFoundError(f"no packed shards (*{INDEX_SUFFIX}) in {folder}; run `vlmforge pack` first")
+    return found
