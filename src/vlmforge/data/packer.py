@@ -168,24 +168,20 @@ def pack_shards(
 
     def flush(raw: list, shard_index: int) -> None:
         nonlocal text_exhausted
-        # 1. validate
+        # 1. validate, in input order (strict mode names the first bad sample)
+        checkable = [s for s in raw if not s.error and s.caption and s.caption.strip()]
+        img_err = dict(zip((id(s) for s in checkable), pool.map(_check_image, [s.image_bytes for s in checkable]))) \
+            if pool is not None else {}
         ok = []
         for s in raw:
             if s.error:
                 bad(s, _error_reason(s.error), s.error)
             elif s.caption is None or not s.caption.strip():
                 bad(s, "empty_caption", "caption is empty")
+            elif img_err.get(id(s)):
+                bad(s, "undecodable_image", img_err[id(s)])
             else:
                 ok.append(s)
-        if pool is not None and ok:
-            errs = list(pool.map(_check_image, [s.image_bytes for s in ok]))
-            keep = []
-            for s, e in zip(ok, errs):
-                if e is None:
-                    keep.append(s)
-                else:
-                    bad(s, "undecodable_image", e)
-            ok = keep
         # 2. tokenize + lengths
         caps = tok([s.caption.strip() for s in ok], add_special_tokens=False)["input_ids"] if ok else []
         items: list[dict] = []
