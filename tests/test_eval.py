@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmforge.eval import evaluate
 from vlmforge.eval.fewshot import DemoPool, build_messages
-from vlmforge.eval.runner import summary_table
+from vlmforge.eval.runner import headline, summary_table
 from vlmforge.eval.tasks import (
     TaskError,
     TaskSpec,
@@ -91,6 +91,8 @@ class FakeModel:
             color = _color_of(imgs[-1])
             if self.style == "always_a":
                 out.append("A")
+            elif self.style == "mumble":
+                out.append("hmm, hard to say")
             elif "option's letter" in text:
                 options = dict(re.findall(r"^([A-Z])\. (.+)$", text, flags=re.M))
                 out.append(next(k for k, v in options.items() if v == color))
@@ -223,12 +225,21 @@ def test_evaluate_oracle_and_outputs(world, tmp_path):
     assert all(p["correct"] for p in preds)
     assert (out / "manifest.json").is_file()
     assert "synth-mcq" in summary_table(res)
+    assert headline(res)["synth-pope"] == {"metric": "f1", "score": 1.0, "std": None, "chance": pytest.approx(2 / 3),
+                                           "n": 16, "unresolved": 0}
 
 
 def test_always_a_fails_circular_eval(world):
     res = evaluate(tasks="synth-mcq", synth_dir=world, generate_fn=FakeModel("always_a"), progress=False)
     m = res["synth-mcq"]["metrics"]
     assert m["circular_accuracy"] == 0.0 and 0 < m["accuracy"] < 1
+
+
+def test_unresolved_answers_are_counted_and_wrong(world):
+    res = evaluate(tasks="synth-mcq,synth-pope", synth_dir=world, generate_fn=FakeModel("mumble"), progress=False)
+    assert res["synth-mcq"]["counts"]["unresolved"] == 32 and res["synth-mcq"]["metrics"]["accuracy"] == 0.0
+    pope = res["synth-pope"]
+    assert pope["counts"]["unresolved"] == 16 and pope["metrics"]["accuracy"] == 0.0 and pope["metrics"]["yes_ratio"] == 0.0
 
 
 def test_kshot_prompts_hold_exactly_k_demonstration_images(world):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "evaluate": "runner", "evaluate_task": "runner", "summary_table": "runner",
+    "evaluate": "runner", "evaluate_task": "runner", "headline": "runner", "summary_table": "runner",
     "EvalItem": "tasks", "ImageRef": "tasks", "Task": "tasks", "TaskError": "tasks", "TaskSpec": "tasks",
     "load_task": "tasks", "parse_task_specs": "tasks",
 }

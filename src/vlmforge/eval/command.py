@@ -53,11 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from vlmforge.cli import UserError
     from vlmforge.config import load_recipe
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("vlmforge eval runs in one process (one device); start it without torchrun")
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint folder {ckpt} not found")
@@ -90,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmforge.model import load_vlm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_vlm(str(ckpt))
-    model = model.to(device).eval()
+    # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).
+    model, tokenizer, _ = load_vlm(str(ckpt), overrides=args.overrides, device=device)
     out = Path(args.out) if args.out else ckpt / "eval"
     try:
         results = evaluate(
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, out_dir=out, config=cfg,
             info={"ckpt": str(ckpt)},
         )
-    except (TaskError, ValueError) as e:
+    except TaskError as e:
         raise UserError(str(e)) from None
     print(summary_table(results))
     print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}")

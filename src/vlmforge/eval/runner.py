@@ -199,10 +199,10 @@ def evaluate(
         raise TaskError("no tasks given")
     shots = sorted({int(k) for k in shots}) or [0]
     if any(k < 0 for k in shots):
-        raise ValueError("shots must be >= 0")
+        raise TaskError("shots must be >= 0")
     if max(shots) > 0:
         if not list(seeds):
-            raise ValueError("k-shot evaluation needs at least one seed")
+            raise TaskError("k-shot evaluation needs at least one seed")
         for task in loaded:  # fail now rather than after hours of generation
             pool = DemoPool(task.support_items if task.support_items is not None else task.items)
             try:
@@ -253,6 +253,22 @@ def write_outputs(out_dir, results: dict, predictions: list[dict], settings: dic
         dropped={name: r["skipped"] for name, r in results.items() if r["skipped"]},
         **info,
     )
+
+
+def headline(results: dict[str, dict]) -> dict[str, dict]:
+    """Per task: the headline metric, its score (and std over seeds), and the chance level, for reports."""
+    out = {}
+    for name, r in results.items():
+        metric = r["primary"]
+        out[name] = {
+            "metric": metric,
+            "score": r["metrics"].get(metric),
+            "std": r.get("std", {}).get(metric),
+            "chance": r["chance"].get(metric),
+            "n": r["counts"]["n"],
+            "unresolved": r["counts"]["unresolved"],
+        }
+    return out
 
 
 def summary_table(results: dict[str, dict]) -> str:

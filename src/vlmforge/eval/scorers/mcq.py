@@ -18,12 +18,9 @@ it counts as right only if every rotation is answered right. Rotations share ``i
 from __future__ import annotations
 
 import re
-import string
 from collections import defaultdict
 
-from vlmforge.eval.scorers.base import Scored, Scorer, count_unresolved, mean_accuracy
-
-LETTERS = string.ascii_uppercase
+from vlmforge.eval.scorers.base import Scored, Scorer, mean_accuracy
 
 _WHOLE = re.compile(r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?")
 _STATED = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:\-]?\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])")
@@ -132,4 +129,4 @@ class MCQScorer(Scorer):
         }
 
 
-__all__ = ["MCQScorer", "extract_option", "match_option_text", "rotate_options", "count_unresolved"]
+__all__ = ["MCQScorer", "extract_option", "match_option_text", "rotate_options"]
