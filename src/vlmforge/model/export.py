@@ -1,0 +1,128 @@
+"""Export a full-grid model to a standard transformers LLaVA folder (LlavaForConditionalGeneration).
+
+Mapping (exact, no approximation): vision tower -> model.vision_tower, projector linear_1/linear_2
+(GELU) -> model.multi_modal_projector, LLM -> model.language_model + lm_head. Our feature layer is
+transformers' hidden_states index, so it becomes `vision_feature_layer` as is; SigLIP has no CLS
+token (strategy "full"), CLIP's CLS is dropped (strategy "default"). What LLaVA cannot express is
+refused: pooling, pixel shuffle, V2PE with delta != 1, a tower run off its native resolution.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class ExportRefused(ValueError):
+    """The model does not map onto LlavaForConditionalGeneration; the message says why."""
+
+
+def check_exportable(model) -> None:
+    why = []
+    if model.projector_kind == "pixel_shuffle_mlp":
+        why.append(
+            "its projector is pixel_shuffle_mlp (2x2 patch merge + LayerNorm); LLaVA's projector is "
+            "Linear -> GELU -> Linear on every patch"
+        )
+    elif model.projector_kind == "avgpool_mlp" and model.pool_size not in (None, model.patch_grid):
+        why.append(
+            f"its projector pools the {model.patch_grid}x{model.patch_grid} patch grid to "
+            f"{model.pool_size}x{model.pool_size} = {model.tokens_per_image} tokens; LLaVA has no pooling. "
+            "The weights are resolution-independent: export the full-grid model with "
+            "--set model.projector.pool_size=null (fine-tune at full resolution first for best results)"
+        )
+    hidden = model.projector.linear_1.out_features if hasattr(model.projector, "linear_1") else None
+    if hidden is not None and hidden != model.llm.config.hidden_size:
+        why.append(f"its projector hidden width {hidden} differs from the LLM width {model.llm.config.hidden_size}")
+    if model.positions == "v2pe" and model.v2pe_delta != 1.0:
+        why.append(f"it uses V2PE positions with delta {model.v2pe_delta}; LLaVA uses integer positions (delta 1)")
+    if model.image_size != model.vision.config.image_size:
+        why.append(
+            f"its tower runs at {model.image_size} px with interpolated position embeddings but is configured "
+            f"for {model.vision.config.image_size} px"
+        )
+    if why:
+        raise ExportRefused("cannot export to LlavaForConditionalGeneration: " + "; ".join(why))
+
+
+def llava_config(model):
+    from transformers import LlavaConfig
+
+    clip = model.vision.config.model_type == "clip_vision_model"
+    text_config = model.llm.config
+    return LlavaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_seq_length=model.tokens_per_image,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if clip else "full",
+        vision_feature_layer=model.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
+def llava_state_dict(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.vision.state_dict().items():
+        out[f"model.vision_tower.{k}"] = v
+    for k, v in model.projector.state_dict().items():
+        out[f"model.multi_modal_projector.{k}"] = v
+    for k, v in model.llm.model.state_dict().items():
+        out[f"model.language_model.{k}"] = v
+    out["lm_head.weight"] = model.llm.get_output_embeddings().weight
+    return out
+
+
+def image_processor(model):
+    spec = model.preprocess_spec()
+    s = spec["size"]
+    if model.vision.config.model_type == "clip_vision_model":
+        from transformers import CLIPImageProcessorPil as Proc
+
+        return Proc(
+            size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_center_crop=True,
+            image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"],
+        )
+    from transformers import SiglipImageProcessorPil as Proc
+
+    return Proc(size={"height": s, "width": s}, image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"])
+
+
+def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a folder that `AutoModelForImageTextToText` / `AutoProcessor` load offline."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.initialization import no_init_weights
+
+    from vlmforge.data.tokenizer import IMAGE_TOKEN
+
+    check_exportable(model)
+    config = llava_config(model)
+    with no_init_weights():
+        llava = LlavaForConditionalGeneration(config)
+    missing, unexpected = llava.load_state_dict(llava_state_dict(model), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"LLaVA weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        llava.tie_weights()
+    if dtype is not None:
+        llava.to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llava.save_pretrained(str(out))
+    clip = model.vision.config.model_type == "clip_vision_model"
+    processor = LlavaProcessor(
+        image_processor=image_processor(model),
+        tokenizer=tokenizer,
+        patch_size=model.vision.config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if clip else 0,
+    )
+    processor.save_pretrained(str(out))
+    return out
