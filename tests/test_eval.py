@@ -179,6 +179,10 @@ def test_vlmevalkit_tsv_base64_image_references_and_circular_rows(tmp_path):
     assert res["mmb"]["metrics"]["circular_accuracy"] == 1.0 and res["mmb"]["metrics"]["n_questions"] == 2
     # limit counts questions, not rows
     assert len(load_task(TaskSpec("mmb", "mmbench", str(path)), limit=1).items) == 3
+    with open(path, "a", newline="") as f:
+        csv.writer(f, delimiter="\t").writerow([2, "Q?", "", "x", "y", "", "A", "attr", "77"])
+    with pytest.raises(TaskError, match=r"MMBench_TINY\.tsv:7: image refers to row index '77'"):
+        load_task(TaskSpec("mmb", "mmbench", str(path)))
 
 
 def test_parquet_with_image_bytes(tmp_path):
@@ -293,3 +297,30 @@ def test_undecodable_image_strict_and_lenient(world):
         evaluate(tasks="synth-vqa", synth_dir=world, generate_fn=FakeModel(), progress=False)
     res = evaluate(tasks="synth-vqa", synth_dir=world, generate_fn=FakeModel(), strict=False, progress=False)
     assert res["synth-vqa"]["counts"]["n"] == 7 and res["synth-vqa"]["skipped"] == {"image decode error": 1}
+
+
+def test_vqa_tsv_with_list_answers_and_math_jsonl(tmp_path):
+    path = tmp_path / "TextVQA_TINY.tsv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "image", "question", "answer"])
+        w.writerow([5, _b64("blue"), "What colour?", str(["blue"] * 9 + ["navy"])])
+    items, _ = load_items(path, "vqa")
+    assert items[0].answers == ["blue"] * 9 + ["navy"] and items[0].id == "5"
+
+    (tmp_path / "b.png").write_bytes(_png("blue"))
+    _write_jsonl(tmp_path / "math.jsonl", [
+        {"id": "n", "image": "b.png", "question": "How many?", "answer": "3"},
+        {"id": "f", "image": "b.png", "question": "Ratio?", "answer": "1.50", "answer_type": "float", "precision": 1},
+        {"id": "c", "image": "b.png", "question": "Which?", "choices": ["cat", "dog"], "answer": "dog"},
+    ])
+    seen = []
+
+    def fake(prompts, images):
+        seen.extend(p[-1]["content"] for p in prompts)
+        return ["The answer is 3.", "1.46", "B"]
+
+    res = evaluate(tasks=f"math:{tmp_path / 'math.jsonl'}", generate_fn=fake, progress=False)
+    assert res["math:math"]["metrics"]["accuracy"] == 1.0
+    assert seen[0].endswith("single integer number.") and seen[1].endswith("with 1 decimal place.")
+    assert seen[2] == "<image>\nWhich?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."

@@ -273,8 +273,12 @@ def _read_tsv(path: Path):
     by_index = {str(r.get("index")): r.get("image") for _, r in rows}
     for where, row in rows:
         img = row.get("image")
-        if isinstance(img, str) and len(img) <= 64 and img in by_index and by_index[img] and len(by_index[img]) > 64:
-            row["image"] = by_index[img]
+        if isinstance(img, str) and len(img) <= 64 and not img.lower().endswith(_IMAGE_EXT):
+            target = by_index.get(img)
+            if not target or len(target) <= 64:
+                yield where, RowError(f"image refers to row index {img!r}, which holds no image")
+                continue
+            row["image"] = target
         row["_tsv"] = True
         yield where, row
 
