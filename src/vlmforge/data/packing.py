@@ -46,29 +46,34 @@ class _Pool:
     """Unpacked samples grouped by length: count[s] samples of length s are still available."""
 
     def __init__(self, lengths: np.ndarray, max_len: int):
-        self.order = np.argsort(lengths, kind="stable")
+        order = np.argsort(lengths, kind="stable")
         sizes = np.arange(max_len + 2)
-        self.start = np.searchsorted(lengths[self.order], sizes, side="left")
-        self.count = np.diff(self.start).astype(np.int64)  # index s -> samples of length s
-        self.count = np.append(self.count, 0)
+        start = np.searchsorted(lengths[order], sizes, side="left")
+        self.count = np.append(np.diff(start), 0).astype(np.int64)  # index s -> samples of length s
+        # Python-list twins for the scalar hot path (numpy scalar indexing is ~10x slower).
+        self.cnt: list[int] = self.count.tolist()
+        self.order: list[int] = order.tolist()
+        self.start: list[int] = start.tolist()
         self.remaining = int(lengths.size)
         nz = np.flatnonzero(self.count)
         self.top = int(nz[-1]) if nz.size else 0  # longest available length (0: empty)
         self.bot = int(nz[0]) if nz.size else 0  # shortest available length
 
     def take(self, s: int) -> int:
-        c = int(self.count[s])
+        cnt = self.cnt
+        c = cnt[s]
+        cnt[s] = c - 1
         self.count[s] = c - 1
         self.remaining -= 1
         if c == 1:  # bucket emptied: move the top/bottom pointers past empty buckets
             if self.remaining == 0:
                 self.top = self.bot = 0
             else:
-                while self.count[self.top] == 0:
+                while cnt[self.top] == 0:
                     self.top -= 1
-                while self.count[self.bot] == 0:
+                while cnt[self.bot] == 0:
                     self.bot += 1
-        return int(self.order[self.start[s] + c - 1])
+        return self.order[self.start[s] + c - 1]
 
     def largest_at_most(self, x: int) -> int:
         """Longest available length <= x (0 if none)."""
@@ -88,7 +93,7 @@ class _Pool:
         b = self.count[room - hi : room - lo + 1][::-1]  # b[i] = count[room - (lo + i)]
         ok = (a > 0) & (b > 0)
         if room % 2 == 0 and hi == room - hi:  # a == b needs two samples of that length
-            ok[-1] = self.count[hi] >= 2
+            ok[-1] = self.cnt[hi] >= 2
         nz = np.flatnonzero(ok)
         if not nz.size:
             return None
@@ -174,7 +179,7 @@ def _exact_fit(lengths: np.ndarray, max_len: int, seed: int) -> list[np.ndarray]
     # decides which *length* comes next.
     stream = lengths[np.random.default_rng(seed).permutation(lengths.size)].tolist()
     pos = 0
-    count = pool.count
+    count = pool.cnt
     packs: list[np.ndarray] = []
     while pool.remaining:
         room, members, sums = max_len, [], None
