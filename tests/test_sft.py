@@ -11,7 +11,8 @@ import pytest
 from fixtures_tokenizer import COLOURS, SHAPES, tiny_tokenizer_dir  # noqa: F401
 
 from vlmforge.config.sft import SFTDataConfig
-from vlmforge.data.sft_dataset import IGNORE, SFTDataset, SFTLoader, collate_rows, epoch_plan
+from vlmforge.data.collate import collate_packs
+from vlmforge.data.sft_dataset import IGNORE, SFTDataset, SFTLoader, epoch_plan
 from vlmforge.data.sft_index import SFTDataError, build_index, open_index, scan_records
 from vlmforge.data.tokenizer import IM_END, load_tokenizer
 
@@ -88,7 +89,9 @@ def test_index_returns_same_record_as_plain_json(world, tmp_path, name):
     rng = random.Random(1)
     for i in rng.sample(range(len(recs)), 60) + [0, len(recs) - 1]:
         assert ix.record(i) == plain[i]
-    assert ix.offsets.dtype == np.uint64 and isinstance(ix.offsets, np.memmap)
+    assert ix.offsets.dtype == np.uint64 and not ix.offsets.flags.owndata  # a view of the memory map
+    with pytest.raises(IndexError):
+        ix.record(len(recs))
     n_img = np.array([len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in recs])
     assert (np.asarray(ix.n_images) == n_img).all()
     assert (np.asarray(ix.has_image) == (n_img > 0)).all()
@@ -234,7 +237,7 @@ def test_packed_epoch_covers_every_conversation_once(exact_index, tok):
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 128
         seen += _unpack(tok, batch)
-        k = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+        k = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == k * VT
         n_img += k
     expected = sorted(tuple(ds[i]["input_ids"]) for i in range(len(ds)))
@@ -246,7 +249,7 @@ def test_images_follow_order_of_appearance(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
     recs, row_starts, batch_starts = epoch_plan(ds.lengths(), _cfg(), 0, 0)
     rows = [[ds[int(i)] for i in recs[row_starts[r] : row_starts[r + 1]]] for r in range(batch_starts[0], batch_starts[1])]
-    batch = collate_rows(rows, tok.pad_token_id)
+    batch = collate_packs(rows, tok.pad_token_id)
     expect = [s["pixel_values"] for row in rows for s in row if s["pixel_values"] is not None]
     import torch
 

@@ -199,3 +199,12 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert "[[A red circle.<|im_end|>]]" in capsys.readouterr().out
     assert main(["tokenizer", "train", "--corpus", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
     assert main(["tokenizer", "info", str(tmp_path / "nope")]) == 2
+
+
+def test_batched_lengths_match_encode_conversation(tok):
+    from vlmforge.data.tokenizer import conversation_lengths
+
+    convs = [CONV, CONV[:2], [{"role": "system", "content": "Be brief."}] + CONV[2:]]
+    want = [len(encode_conversation(tok, c)[0]) for c in convs]
+    assert conversation_lengths(tok, convs) == want
+    assert conversation_lengths(tok, convs, chat_template=QWEN_LIKE_TEMPLATE) == want

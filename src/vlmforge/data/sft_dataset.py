@@ -24,12 +24,12 @@ in strict mode it raises.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any, Iterator
 
 import numpy as np
 
+from vlmforge.data.collate import collate_packs
 from vlmforge.data.sft_index import SFTDataError, SFTIndex, open_index
 
 IGNORE = -100
@@ -38,26 +38,10 @@ IGNORE = -100
 # ----------------------------------------------------------------------------- images
 
 
-def _preprocess_image(img, spec: dict):
-    """PIL image -> FloatTensor[3, size, size] (resize, rescale, normalise), via the shared helper if present."""
-    try:
-        from vlmforge.data.images import preprocess
-    except ImportError:  # pragma: no cover - the shared helper is the normal path
-        preprocess = None
-    if preprocess is not None:
-        return preprocess(img, spec)
-    import torch
-    from PIL import Image
-
-    size = int(spec["size"])
-    img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) * float(spec.get("rescale", 1 / 255))
-    arr = (arr - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def _load_image(path: str):
-    from PIL import Image
+def _load_pixels(path: str, spec: dict):
+    """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image)."""
+    from vlmforge.data.images import preprocess
+    from vlmforge.shards import ImageDecodeError, decode_image
 
     try:
         with open(path, "rb") as f:
@@ -65,10 +49,8 @@ def _load_image(path: str):
     except FileNotFoundError:
         raise _sample_error("missing_image", f"image file not found: {path}") from None
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except Exception as e:
+        return preprocess(decode_image(data), spec)
+    except ImageDecodeError as e:
         raise _sample_error("bad_image", f"image does not decode: {path}: {e}") from None
 
 
@@ -147,51 +129,11 @@ class SFTDataset:
 
             try:
                 pixel_values = torch.stack(
-                    [_preprocess_image(_load_image(os.path.join(self.image_root, p)), self.image_spec) for p in images]
+                    [_load_pixels(os.path.join(self.image_root, p), self.image_spec) for p in images]
                 )
             except SFTDataError as e:
                 raise _sample_error(getattr(e, "reason", "bad_image"), f"{self.index.where(i)}: {e}") from None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
-
-
-# ----------------------------------------------------------------------------- collation
-
-
-def collate_rows(rows: list[list[dict]], pad_id: int) -> dict:
-    """Rows of samples -> the training batch dict (padding to the longest row).
-
-    ``position_ids`` restart at 0 for each sample, ``seq_ids`` number the samples of a row
-    (-1 on padding), labels are -100 on padding, ``pixel_values`` holds the images in order of
-    appearance (row-major), or is None when the batch has none.
-    """
-    import torch
-
-    L = max(sum(int(s["input_ids"].size) for s in row) for row in rows)
-    B = len(rows)
-    input_ids = np.full((B, L), pad_id, np.int64)
-    labels = np.full((B, L), IGNORE, np.int64)
-    position_ids = np.zeros((B, L), np.int64)
-    seq_ids = np.full((B, L), -1, np.int64)
-    pix = []
-    for b, row in enumerate(rows):
-        p = 0
-        for k, s in enumerate(row):
-            n = int(s["input_ids"].size)
-            input_ids[b, p : p + n] = s["input_ids"]
-            labels[b, p : p + n] = s["labels"]
-            labels[b, p] = IGNORE  # every packed sample's first token
-            position_ids[b, p : p + n] = np.arange(n)
-            seq_ids[b, p : p + n] = k
-            if s.get("pixel_values") is not None:
-                pix.append(s["pixel_values"])
-            p += n
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "seq_ids": torch.from_numpy(seq_ids),
-        "pixel_values": torch.cat(pix) if pix else None,
-    }
 
 
 # ----------------------------------------------------------------------------- batching plan
@@ -217,30 +159,44 @@ def epoch_plan(lengths: np.ndarray, cfg: Any, seed: int, epoch: int) -> tuple[np
     rng = np.random.default_rng([int(seed), int(epoch)])
     valid = np.flatnonzero((lengths >= 1) & (lengths <= max_len))
     order = rng.permutation(valid) if _cfg(cfg, "shuffle", True) else valid
-    rows: list[np.ndarray] = []
+    drop_last = bool(_cfg(cfg, "drop_last", True))
     if mode == "pack":
+        # Flat arrays per window (never one Python object per record: 10M records must stay small).
         window = max(1, int(_cfg(cfg, "pack_window", 10000)))
-        for w, a in enumerate(range(0, order.size, window)):
+        recs, sizes = [], []
+        for a in range(0, order.size, window):
             ids = order[a : a + window]
             packs = plan_packs(lengths[ids], max_len, seed=int(rng.integers(2**31)))
             perm = rng.permutation(len(packs))  # mix long and short packs across batches
-            rows.extend(ids[packs[j]] for j in perm)
+            recs.append(ids[np.concatenate([packs[j] for j in perm])])
+            sizes.append(np.fromiter((packs[j].size for j in perm), np.int64, len(packs)))
+        records = np.concatenate(recs) if recs else np.zeros(0, np.int64)
+        sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        row_starts = np.concatenate([[0], np.cumsum(sizes)])
+        n_rows = sizes.size
+        n_batches = n_rows // bs if drop_last else -(-n_rows // bs)
+        batch_starts = np.minimum(np.arange(n_batches + 1) * bs, n_rows)
     elif mode == "length_group":
+        # One record per row. Sort by length inside mega-batches, cut into batches of bs rows,
+        # then shuffle the batches (vectorised: a batch id per record, stable sort by shuffled id).
         mega = bs * max(1, int(_cfg(cfg, "group_factor", 32)))
-        chunks = []
-        for a in range(0, order.size, mega):
-            ids = order[a : a + mega]
-            ids = ids[np.argsort(-lengths[ids], kind="stable")]
-            chunks.extend(ids[k : k + bs] for k in range(0, ids.size, bs))
-        for j in rng.permutation(len(chunks)) if chunks else []:
-            rows.extend(chunks[j][:, None])
+        n = order.size
+        mega_id = np.arange(n) // mega
+        grouped = order[np.lexsort((-lengths[order], mega_id))]  # by mega-batch, longest first
+        pos_in_mega = np.arange(n) - mega_id * mega
+        chunk_id = mega_id * (-(-mega // bs)) + pos_in_mega // bs
+        _, chunk_id = np.unique(chunk_id, return_inverse=True)
+        n_chunks = int(chunk_id.max()) + 1 if n else 0
+        chunk_sizes = np.bincount(chunk_id, minlength=n_chunks)
+        keep = chunk_sizes == bs if drop_last else np.ones(n_chunks, bool)
+        rank = rng.permutation(n_chunks)
+        sel = keep[chunk_id]
+        records = grouped[sel][np.argsort(rank[chunk_id[sel]], kind="stable")]
+        kept_sizes = chunk_sizes[keep][np.argsort(rank[keep])]
+        row_starts = np.arange(records.size + 1)
+        batch_starts = np.concatenate([[0], np.cumsum(kept_sizes)])
     else:
         raise ValueError(f"sft batching must be 'pack' or 'length_group', got {mode!r}")
-    sizes = np.fromiter((r.size for r in rows), np.int64, len(rows))
-    records = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    row_starts = np.concatenate([[0], np.cumsum(sizes)])
-    n_batches = len(rows) // bs if _cfg(cfg, "drop_last", True) else -(-len(rows) // bs)
-    batch_starts = np.minimum(np.arange(n_batches + 1) * bs, len(rows))
     return records, row_starts, batch_starts
 
 
@@ -362,7 +318,7 @@ class SFTLoader:
                 used += n
             if row:
                 rows.append(row)
-        batch = collate_rows(rows, self.pad_id) if rows else None
+        batch = collate_packs(rows, self.pad_id) if rows else None
         return {"batch": batch, "skipped": skipped, "j": j}
 
     # -- iteration ----------------------------------------------------------------------

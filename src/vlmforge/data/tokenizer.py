@@ -233,6 +233,17 @@ def encode_conversation(
     return _mask_from_spans(tok, text, spans)
 
 
+def conversation_lengths(tok, conversations: Sequence[Sequence[dict]], chat_template: str | None = None) -> list[int]:
+    """Token counts of many conversations, as ``len(encode_conversation(...)[0])`` would give, but
+    rendered once each and tokenized in one batch by the Rust backend (for indexing millions)."""
+    template = chat_template or tok.chat_template or CHAT_TEMPLATE
+    texts = [_render(tok, _normalize_messages(m), template, add_generation_prompt=False) for m in conversations]
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]  # pragma: no cover
+
+
 def read_corpus(paths: Sequence[str | os.PathLike]) -> Iterable[str]:
     """Yield non-empty lines of UTF-8 text files (one sentence/caption per line)."""
     for p in paths:
