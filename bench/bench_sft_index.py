@@ -44,7 +44,22 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi))).capitalize() + "."
 
 
-def write_records(path: Path, n: int, fmt: str, seed: int = 0) -> float:
+def write_records(path: Path, n: int, fmt: str, seed: int = 0, replicate: int = 1) -> float:
+    """Write n records; with ``replicate`` k (jsonl only), n/k distinct records written k times
+    (generating 10M distinct records in Python takes longer than indexing them)."""
+    if replicate > 1:
+        if fmt != "jsonl" or n % replicate:
+            raise SystemExit("--replicate needs --format jsonl and records divisible by it")
+        t = time.perf_counter()
+        base = path.with_name(path.name + ".base")
+        write_records(base, n // replicate, fmt, seed)
+        with open(path, "wb") as out:
+            for _ in range(replicate):
+                with open(base, "rb") as f:
+                    while chunk := f.read(1 << 26):
+                        out.write(chunk)
+        base.unlink()
+        return time.perf_counter() - t
     rng = random.Random(seed)
     t = time.perf_counter()
     with open(path, "w", buffering=1 << 24) as f:
@@ -140,6 +155,13 @@ def child_naive(src: str, n: int) -> None:
     print(json.dumps({"naive_records": len(recs), "naive_rss_mib": rss, "naive_load_s": dt}))
 
 
+def _cpu_probe() -> float:
+    """Seconds for sum(range(10**7)): how busy/slow this machine was (about 0.15-0.25 s when idle)."""
+    t = time.perf_counter()
+    sum(range(10**7))
+    return time.perf_counter() - t
+
+
 def _child(*args: str) -> dict:
     here = str(Path(__file__).resolve())
     out = subprocess.run([sys.executable, here, "--child", *args], capture_output=True, text=True)
@@ -158,6 +180,7 @@ def main() -> None:
     ap.add_argument("--naive-records", type=int, default=200_000)
     ap.add_argument("--exact-records", type=int, default=20_000)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the exact-length rate (default: train a tiny one)")
+    ap.add_argument("--replicate", type=int, default=1, help="jsonl: write records/K distinct records K times")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,9 +197,10 @@ def main() -> None:
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     src = d / f"sft_{args.records}.{args.format}"
-    res: dict = {"records": args.records, "format": args.format, "workers": args.workers, "cpus": os.cpu_count()}
+    res: dict = {"records": args.records, "format": args.format, "workers": args.workers, "cpus": os.cpu_count(),
+                 "replicate": args.replicate, "cpu_speed_sum_range_1e7_s": _cpu_probe()}
     if not src.exists():
-        res["generate_s"] = write_records(src, args.records, args.format)
+        res["generate_s"] = write_records(src, args.records, args.format, replicate=args.replicate)
     res["source_gib"] = src.stat().st_size / 2**30
 
     idx = d / f"index_{args.records}_{args.format}"

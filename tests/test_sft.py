@@ -360,3 +360,22 @@ def test_cli_sft_index(world, tmp_path, tiny_tokenizer_dir, capsys):  # noqa: F8
     # Visual tokens from the recipe's model (tiny-siglip, 64 px, patch 8 -> 8x8 grid).
     assert main(["sft-index", "--input", str(d / "data.jsonl"), "--out", str(tmp_path / "r"), "--lengths", "estimate"]) == 0
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["visual_tokens"] >= 1
+
+
+def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):  # noqa: F811
+    from omegaconf import OmegaConf
+
+    from vlmforge.config import load_recipe
+    from vlmforge.data.sft_dataset import build_sft_loader
+    from vlmforge.model.geometry import visual_tokens_per_image
+
+    d, recs = world
+    recipe = load_recipe(None)
+    vt = visual_tokens_per_image(recipe.model)
+    build_index([d / "data.jsonl"], tmp_path / "i", visual_tokens=vt, image_root=d, tokenizer=tiny_tokenizer_dir, progress=False)
+    sft = OmegaConf.structured(SFTDataConfig(index=str(tmp_path / "i"), max_len=1024, batch_size=2))
+    loader = build_sft_loader(recipe, tok, sft_cfg=sft, rank=0, world_size=1, max_epochs=1)
+    batch = next(iter(loader))
+    n_img = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+    assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == n_img * vt
+    assert loader.state_dict()["batch"] == 1

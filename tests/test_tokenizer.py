@@ -186,10 +186,12 @@ def test_load_adds_image_token_to_foreign_tokenizer(tiny_tokenizer_dir, tmp_path
 def test_cli_train_and_info(tmp_path, capsys):
     from vlmforge.cli import main
 
-    corpus = tmp_path / "corpus.txt"
+    corpus = tmp_path / "world" / "text" / "corpus.txt"
+    corpus.parent.mkdir(parents=True)
     corpus.write_text("\n".join(shape_sentences(300, seed=1)) + "\n")
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "400"]) == 0
+    assert main(["tokenizer", "train", "--corpus", str(tmp_path / "world"), "--out", str(tmp_path / "t2")]) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["stage"] == "tokenizer" and man["counts"]["lines"] == 300
     assert (out / "config.yaml").is_file()

@@ -354,3 +354,33 @@ class SFTLoader:
                 if item["batch"] is not None:
                     yield item["batch"]
             self.epoch, self.batch = self.epoch + 1, 0
+
+
+def build_sft_loader(
+    recipe,
+    tokenizer,
+    *,
+    sft_cfg: Any = None,
+    seed: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    max_epochs: int | None = None,
+) -> SFTLoader:
+    """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
+    ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``."""
+    from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+
+    sft = sft_cfg if sft_cfg is not None else recipe.sft
+    if not sft.index:
+        raise SFTDataError("sft.index is not set: build one with `vlmforge sft-index` and set sft.index=DIR")
+    ds = SFTDataset(
+        sft.index,
+        tokenizer,
+        visual_tokens=visual_tokens_per_image(recipe.model),
+        image_spec=image_preprocess_spec(recipe.model),
+        image_root=sft.image_root,
+        max_len=sft.max_len,
+    )
+    return SFTLoader(
+        ds, sft, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size, max_epochs=max_epochs
+    )

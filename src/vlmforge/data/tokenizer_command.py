@@ -1,6 +1,7 @@
 """Train or inspect tokenizers.
 
   vlmforge tokenizer train --corpus world/text/corpus.txt --out runs/tok [--vocab-size 1024]
+  vlmforge tokenizer train --corpus world --out runs/tok       (a synth world folder: its text/corpus.txt)
       Trains a byte-level BPE offline (tokenizers library) on text files (one sentence per line),
       with special tokens <|endoftext|> <|im_start|> <|im_end|> <image> and a Qwen-shaped chat
       template whose assistant turns are marked for loss masking. The folder is a standard
@@ -24,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
-    t.add_argument("--corpus", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one text per line")
+    t.add_argument(
+        "--corpus", nargs="+", required=True, metavar="FILE",
+        help="UTF-8 text files, one text per line (a synthetic-world folder means its text/corpus.txt)",
+    )
     t.add_argument("--out", required=True, help="output folder (transformers tokenizer folder)")
     t.add_argument("--vocab-size", type=int, default=None, help="default: recipe tokenizer.vocab_size")
     t.add_argument("--min-frequency", type=int, default=None, help="default: recipe tokenizer.min_frequency")
@@ -48,21 +52,22 @@ def _train(args) -> int:
         cfg.tokenizer.vocab_size = args.vocab_size
     if args.min_frequency is not None:
         cfg.tokenizer.min_frequency = args.min_frequency
-    for p in args.corpus:
+    corpus = [str(Path(p) / "text" / "corpus.txt") if Path(p).is_dir() else p for p in args.corpus]
+    for p in corpus:
         if not Path(p).is_file():
             raise UserError(f"corpus file not found: {p}")
     if cfg.tokenizer.vocab_size < 300:
         raise UserError(f"vocab size {cfg.tokenizer.vocab_size} is too small: byte-level BPE needs >= 300 (256 bytes + specials)")
-    lines = list(read_corpus(args.corpus))
+    lines = list(read_corpus(corpus))
     if not lines:
-        raise UserError(f"corpus is empty: {' '.join(args.corpus)}")
+        raise UserError(f"corpus is empty: {' '.join(corpus)}")
     tok = train_tokenizer(lines, args.out, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     save_resolved(cfg, args.out)
     info = describe(tok)
     write_manifest(
         args.out,
         "tokenizer",
-        inputs=[str(Path(p).resolve()) for p in args.corpus],
+        inputs=[str(Path(p).resolve()) for p in corpus],
         config=cfg,
         counts={"lines": len(lines), "vocab": info["len"]},
         tokenizer=info,
