@@ -70,6 +70,8 @@ def build_vlm(
         vision = build_vision_tower(model_cfg.vision)
         llm = build_llm(model_cfg, vocab)
         projector = build_projector(model_cfg.projector, vision.config.hidden_size, llm.config.hidden_size)
+    if getattr(llm.config, "tie_word_embeddings", False):
+        llm.tie_weights()  # also when init was skipped (meta device, no_init_weights)
     if image_token_id is None:
         image_token_id = llm.get_input_embeddings().num_embeddings - 1
     if image_token_id >= llm.get_input_embeddings().num_embeddings:

@@ -70,8 +70,6 @@ def load_vlm(ckpt_dir: str | os.PathLike, overrides: Iterable[str] = (), device:
 
     with no_init_weights():  # every weight comes from the file: skip random init
         model = build_vlm(arch.model, tok, device=device)
-    if getattr(model.llm.config, "tie_word_embeddings", False):
-        model.llm.tie_weights()
     missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))
     model.eval()
     return model, tok, cfg

@@ -68,6 +68,17 @@ class VisionLanguageModel(nn.Module):
         mean, std = CLIP_MEAN_STD if self.vision.config.model_type.startswith("clip") else SIGLIP_MEAN_STD
         return dict(size=self.image_size, mean=list(mean), std=list(std), rescale=1 / 255)
 
+    def apply_run_settings(self, model_cfg) -> None:
+        """Settings a stage may change on a loaded checkpoint: attention, positions, V2PE delta,
+        pool size (avgpool_mlp) and the freeze policy. Architecture keys are not touched."""
+        self.attention = model_cfg.attention
+        self.positions = model_cfg.positions
+        self.v2pe_delta = float(model_cfg.v2pe_delta)
+        self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
+        if hasattr(self.projector, "pool_size"):
+            self.set_pool_size(model_cfg.projector.pool_size)
+        self.apply_freeze(model_cfg)
+
     # ---- parameters ----
     def vision_layers(self) -> nn.ModuleList:
         return encoder_layers(self.vision)

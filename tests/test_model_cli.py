@@ -1,0 +1,69 @@
+"""The model commands, in-process: model-info (real architectures on the meta device), generate, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures_model import tiny_model
+from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
+from PIL import Image
+
+from vlmforge.cli import main
+from vlmforge.config import load_recipe
+from vlmforge.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_tokenizer_dir, tmp_path_factory):  # noqa: F811
+    from vlmforge.model import save_vlm
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    cfg = load_recipe("tiny/model")
+    model = tiny_model(tok, "model.projector.pool_size=4")
+    out = tmp_path_factory.mktemp("ckpt")
+    save_vlm(model, tok, cfg, out)
+    return out
+
+
+def test_model_info_open_qwen2vl_matches_published_sizes(capsys):
+    assert main(["model-info", "--recipe", "open_qwen2vl/model", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    llm, vision = info["params"]["llm"], info["params"]["vision"]
+    assert 1.50e9 < llm["total"] < 1.56e9  # Qwen2.5-1.5B: 1.54B with tied embeddings
+    assert 0.40e9 < vision["total"] < 0.43e9  # SigLIP so400m tower without its pooling head
+    assert vision["trainable"] == 0 and llm["trainable"] == llm["total"]
+    assert info["params"]["projector"]["total"] == 1152 * 1536 + 1536 + 1536 * 1536 + 1536
+    assert info["visual_tokens_per_image"] == 144 and info["patch_grid"] == 27
+    assert info["flops"]["llm_per_token"] > 6 * 1.3e9
+    # low-to-high resolution is a run setting
+    assert main(["model-info", "--recipe", "open_qwen2vl/model", "--set", "model.projector.pool_size=null", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["visual_tokens_per_image"] == 729
+
+
+def test_model_info_internvl3_style_table(capsys):
+    assert main(["model-info", "--recipe", "internvl3/model"]) == 0
+    out = capsys.readouterr().out
+    assert "32x32 patches" in out and "256 visual tokens per image" in out and "v2pe" in out
+    assert "formula:" in out
+
+
+def test_generate_command(ckpt, tmp_path, capsys):
+    img = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(img)
+    assert main(["generate", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "What is in the picture?",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "<image><image> compare"]) == 2
+    assert "2 <image> marker(s) but 1 --image" in capsys.readouterr().err
+
+
+def test_export_command_refuses_pooled_then_exports_full_grid(ckpt, tmp_path, capsys):
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "a")]) == 2
+    assert "has no pooling" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "b"), "--set", "model.projector.pool_size=null"]) == 0
+    names = {p.name for p in (tmp_path / "b").iterdir()}
+    assert {"config.json", "model.safetensors", "manifest.json", "tokenizer.json", "chat_template.jinja"} <= names
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["vision_feature_select_strategy"] == "full" and cfg["vision_feature_layer"] == -2
+    assert cfg["image_seq_length"] == 64
