@@ -104,7 +104,7 @@ def test_json_array_scan_is_chunk_independent(world, monkeypatch):
 
     d, recs = world
     ref = scan_records(str(d / "data.json"))
-    monkeypatch.setattr(sft_index, "_CHUNK", 29)
+    monkeypatch.setattr(sft_index, "_JSON_CHUNK", 29)
     small = scan_records(str(d / "data.json"))
     for a, b in zip(ref, small):
         assert (a == b).all()

@@ -53,7 +53,8 @@ IMAGE_TOKEN = "<image>"  # same string as vlmforge.data.tokenizer.IMAGE_TOKEN (k
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 EXAMPLES_PER_REASON = 5
 INDEX_VERSION = 1
-_CHUNK = 1 << 24  # 16 MiB of source per vectorised scan step
+_CHUNK = 1 << 24  # 16 MiB of jsonl per newline scan step
+_JSON_CHUNK = 1 << 22  # 4 MiB per JSON-array scan step (~10 int64 temporaries per byte: ~350 MiB peak)
 
 
 class SFTDataError(ValueError):
@@ -145,7 +146,7 @@ def _scan_jsonl(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _scan_json_array(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, nbytes, line) of the top-level objects of a JSON array, by a vectorised scan.
 
-    Per 16 MiB chunk: unescaped quotes (preceded by an even run of backslashes) toggle an
+    Per 4 MiB chunk: unescaped quotes (preceded by an even run of backslashes) toggle an
     in-string flag; outside strings ``{[`` / ``}]`` move the depth. An object starts where a ``{``
     brings the depth from 1 to 2 and ends where a ``}`` brings it back to 1. Parity, depth and the
     trailing backslash run carry over between chunks.
@@ -155,7 +156,7 @@ def _scan_json_array(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     in_str, depth, bs_run, base, seen_open = 0, 0, 0, 0, False
     with open(path, "rb") as f:
         while base < size:
-            buf = np.frombuffer(f.read(_CHUNK), np.uint8)
+            buf = np.frombuffer(f.read(_JSON_CHUNK), np.uint8)
             n = buf.size
             idx = np.arange(n, dtype=np.int64)
             is_bs = buf == 92
@@ -213,6 +214,8 @@ def scan_records(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- lengths
 
+_TOKENIZERS: dict[str, Any] = {}
+
 
 @dataclass
 class LengthModel:
@@ -229,7 +232,9 @@ class LengthModel:
         if self._tok is None:
             from vlmforge.data.tokenizer import load_tokenizer
 
-            self._tok = load_tokenizer(self.tokenizer)
+            if self.tokenizer not in _TOKENIZERS:  # once per process, not once per job
+                _TOKENIZERS[self.tokenizer] = load_tokenizer(self.tokenizer)
+            self._tok = _TOKENIZERS[self.tokenizer]
         return self._tok
 
     def exact(self, msgs: list[dict]) -> int:
@@ -616,13 +621,14 @@ class SFTIndex:
         try:
             return json.loads(self.raw(i))
         except ValueError as e:
-            raise SFTDataError(f"{self.where(i)}: JSON does not parse: {e}") from None
+            raise _bad("json_error", f"{self.where(i)}: JSON does not parse: {e}") from None
 
     def messages(self, i: int) -> tuple[list[dict], list[str]]:
+        rec = self.record(i)
         try:
-            return llava_to_messages(self.record(i))
+            return llava_to_messages(rec)
         except SFTDataError as e:
-            raise SFTDataError(f"{self.where(i)}: {e}") from None
+            raise _bad(getattr(e, "reason", "bad_record"), f"{self.where(i)}: {e}") from None
 
     def where(self, i: int) -> str:
         return f"{self.sources[int(self.file_id[i])]}:{int(self.line[i])}"
