@@ -249,3 +249,17 @@ def test_image_preprocessing_matches_transformers_siglip():
         ours = load_pixel_values(data, spec)
         theirs = ref(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="np")["pixel_values"][0]
         assert np.abs(ours.numpy() - theirs).max() < 1e-5
+
+
+def test_pixel_values_match_pack_images_in_order(packed):
+    from vlmforge.data.images import load_pixel_values
+
+    folder, _, _ = packed
+    ds = PackedDataset(folder, visual_tokens=16)
+    reader = ds.readers[0]
+    _, _, images = reader.read_pack(0)
+    expect = torch.stack([load_pixel_values(b, ds.image_spec) for b in images])
+    one = PackedLoader(ds, 1, shuffle=False, rank=0, world_size=1)
+    assert torch.equal(next(iter(one))["pixel_values"], expect)  # one pack: zero-copy path
+    two = PackedLoader(ds, 2, shuffle=False, rank=0, world_size=1)
+    assert torch.equal(next(iter(two))["pixel_values"][: len(images)], expect)  # concatenated path

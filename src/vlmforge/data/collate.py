@@ -120,5 +120,25 @@ def collate_packs(
         "seq_ids": torch.from_numpy(seq_ids),
     }
     if images:
-        batch["pixel_values"] = torch.cat(images, 0)
+        batch["pixel_values"] = _stack_images(images)
     return batch
+
+
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [n_i, 3, H, W] tensors. If they are consecutive views covering one buffer
+    (one pack's images, see PackedDataset) that buffer is returned without a copy; otherwise one
+    numpy concatenation (torch.cat of large CPU tensors is several times slower here)."""
+    base = images[0]._base
+    if base is not None and all(im._base is base and im.is_contiguous() for im in images):
+        step = images[0][0].numel() * images[0].element_size()
+        at = base.data_ptr()
+        for im in images:
+            if im.data_ptr() != at:
+                break
+            at += im.shape[0] * step
+        else:
+            if at == base.data_ptr() + base.shape[0] * step and base.is_contiguous():
+                return base
+    if all(im.device.type == "cpu" and not im.requires_grad for im in images):
+        return torch.from_numpy(np.concatenate([im.numpy() for im in images], 0))
+    return torch.cat(images, 0)

@@ -12,8 +12,16 @@ import numpy as np
 import torch
 
 
-def preprocess(image, spec: dict) -> torch.Tensor:
-    """PIL image -> FloatTensor[3, size, size] (resize, rescale, normalise)."""
+def _scale_offset(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(x * rescale - mean) / std == x * scale + offset, as two in-place passes (float rounding ~1e-7)."""
+    mean = np.asarray(spec["mean"], np.float32)
+    std = np.asarray(spec["std"], np.float32)
+    scale = np.float32(spec.get("rescale", 1 / 255)) / std
+    return scale[:, None, None], (-mean / std)[:, None, None]
+
+
+def preprocess_into(image, spec: dict, out: np.ndarray) -> None:
+    """Write the preprocessed image into ``out`` (float32 [3, size, size]); no temporary float arrays."""
     from PIL import Image
 
     size = int(spec["size"])
@@ -21,18 +29,29 @@ def preprocess(image, spec: dict) -> torch.Tensor:
         image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(image, dtype=np.float32)
-    arr = arr * np.float32(spec.get("rescale", 1 / 255))
-    arr = (arr - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    # channels-first on uint8 (cheap), one cast into `out`, two in-place passes: several times
+    # faster than rescale/normalise on fresh float HWC arrays (big fresh buffers page-fault).
+    np.copyto(out, np.asarray(image).transpose(2, 0, 1), casting="unsafe")
+    scale, offset = _scale_offset(spec)
+    out *= scale
+    out += offset
+
+
+def preprocess(image, spec: dict) -> torch.Tensor:
+    """PIL image -> FloatTensor[3, size, size] (resize, rescale, normalise)."""
+    size = int(spec["size"])
+    out = np.empty((3, size, size), dtype=np.float32)
+    preprocess_into(image, spec, out)
+    return torch.from_numpy(out)
 
 
 def preprocess_batch(images, spec: dict) -> torch.Tensor:
-    """PIL images -> FloatTensor[N, 3, size, size] (N may be 0)."""
+    """PIL images -> FloatTensor[N, 3, size, size] (N may be 0), written into one buffer."""
     size = int(spec["size"])
-    if not images:
-        return torch.zeros(0, 3, size, size)
-    return torch.stack([preprocess(im, spec) for im in images])
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for k, im in enumerate(images):
+        preprocess_into(im, spec, out[k])
+    return torch.from_numpy(out)
 
 
 def load_pixel_values(image_bytes: bytes, spec: dict) -> torch.Tensor:

@@ -85,23 +85,24 @@ class PackedDataset:
         return r, i - int(self.offsets[r])
 
     def __getitem__(self, i: int) -> list[dict[str, Any]]:
-        from vlmforge.data.images import load_pixel_values
-        from vlmforge.shards import ImageDecodeError
+        import torch
+
+        from vlmforge.data.images import preprocess_batch
+        from vlmforge.shards import ImageDecodeError, decode_image
 
         r, j = self._locate(int(i))
         meta, tokens, images = self.readers[r].read_pack(j)
-        samples, at, img = [], 0, 0
+        kept, decoded, at, img = [], [], 0, 0
         for s in meta["samples"]:
             ids = tokens[at : at + s["n_text"]]
             at += s["n_text"]
             if s["kind"] == "text":
-                samples.append(text_sample(ids, sep_id=self.sep_id, supervise_sep=self.supervise_sep,
-                                           add_sep=bool(s["sep"])))
+                kept.append((s, ids))
                 continue
             data = images[img]
             img += 1
             try:
-                pv = load_pixel_values(data, self.image_spec).unsqueeze(0)
+                decoded.append(decode_image(data))
             except ImageDecodeError as e:
                 where = f"{self.readers[r].tar_path} pack {j} sample {s['key']!r}"
                 if self.strict:
@@ -109,8 +110,20 @@ class PackedDataset:
                 self.skipped += 1
                 log.warning("skipping %s: %s", where, e)
                 continue
-            samples.append(caption_sample(ids, image_token_id=self.image_token_id, num_visual_tokens=self.visual_tokens,
-                                          sep_id=self.sep_id, supervise_sep=self.supervise_sep, pixel_values=pv))
+            kept.append((s, ids))
+        # All images of the pack go into one buffer; samples hold consecutive views of it, so
+        # collating a one-pack batch needs no copy.
+        pixels = preprocess_batch(decoded, self.image_spec) if decoded else torch.zeros(0)
+        samples, k = [], 0
+        for s, ids in kept:
+            if s["kind"] == "text":
+                samples.append(text_sample(ids, sep_id=self.sep_id, supervise_sep=self.supervise_sep,
+                                           add_sep=bool(s["sep"])))
+            else:
+                samples.append(caption_sample(ids, image_token_id=self.image_token_id,
+                                              num_visual_tokens=self.visual_tokens, sep_id=self.sep_id,
+                                              supervise_sep=self.supervise_sep, pixel_values=pixels[k : k + 1]))
+                k += 1
         if not samples:  # every image of the pack failed: keep the row valid with a lone separator
             samples.append(text_sample([], sep_id=self.sep_id))
         return samples
