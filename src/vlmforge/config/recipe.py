@@ -8,6 +8,7 @@ from vlmforge.config.curate import CurateConfig
 from vlmforge.config.data import DataConfig, PackConfig
 from vlmforge.config.eval import EvalConfig
 from vlmforge.config.model import ModelConfig
+from vlmforge.config.sft import SFTDataConfig
 from vlmforge.config.synth import SynthConfig
 from vlmforge.config.tokenizer import TokenizerConfig
 from vlmforge.config.train import TrainConfig
@@ -22,6 +23,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
