@@ -239,3 +239,29 @@ def test_save_load_roundtrip(tok, tmp_path):
     # low-to-high resolution: the same checkpoint at the full grid
     full, _, _ = load_vlm(tmp_path / "ck", ["model.projector.pool_size=null"])
     assert full.tokens_per_image == 64
+
+
+def test_pretrained_folders_load_through_from_pretrained(tok, tmp_path):
+    """Real checkpoints go through from_pretrained (local folder here; a hub id works the same)."""
+    import shutil
+
+    from vlmforge.config import load_recipe
+    from vlmforge.model import build_vlm, load_vlm, save_vlm
+
+    donor = tiny_model(tok, seed=1)
+    donor.vision.save_pretrained(tmp_path / "vision")
+    donor.llm.save_pretrained(tmp_path / "llm")
+    cfg = load_recipe(None, [f"model.vision.pretrained={tmp_path / 'vision'}", f"model.llm.pretrained={tmp_path / 'llm'}"])
+    model = build_vlm(cfg.model, tok).eval()
+    for name in ("vision", "llm"):
+        ref = getattr(donor, name).state_dict()
+        got = getattr(model, name).state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert not cfg.model.trust_remote_code
+    # the checkpoint folder is self-contained: it loads after the pretrained folders are gone
+    save_vlm(model, tok, cfg, tmp_path / "ck")
+    shutil.rmtree(tmp_path / "vision")
+    shutil.rmtree(tmp_path / "llm")
+    loaded, _, _ = load_vlm(tmp_path / "ck")
+    batch, _ = packed_batch(model)
+    assert torch.equal(model(**batch), loaded(**batch))

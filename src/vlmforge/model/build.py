@@ -50,14 +50,16 @@ def build_vlm(
     image_token_id: int | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    resize_vocab: bool = True,
 ) -> VisionLanguageModel:
     """Vision tower + projector + LLM from `model_cfg` (the recipe's `model` section).
 
     `tokenizer` sizes the vocabulary and gives the `<image>` id; without one (e.g. model-info on
     the meta device) the preset's vocab is kept and `image_token_id` defaults to vocab - 1.
     `seed` makes random initialisation reproducible (same weights on every rank).
+    `resize_vocab=False` keeps the architecture's vocab (rebuilding a saved checkpoint).
     """
-    vocab = len(tokenizer) if tokenizer is not None else None
+    vocab = len(tokenizer) if tokenizer is not None and resize_vocab else None
     if tokenizer is not None and image_token_id is None:
         from vlmforge.data.tokenizer import image_token_id as _image_id
 
@@ -74,8 +76,12 @@ def build_vlm(
         llm.tie_weights()  # also when init was skipped (meta device, no_init_weights)
     if image_token_id is None:
         image_token_id = llm.get_input_embeddings().num_embeddings - 1
-    if image_token_id >= llm.get_input_embeddings().num_embeddings:
-        raise ConfigError(f"<image> id {image_token_id} is outside the LLM vocabulary")
+    n_emb = llm.get_input_embeddings().num_embeddings
+    if image_token_id >= n_emb or (tokenizer is not None and len(tokenizer) > n_emb):
+        raise ConfigError(
+            f"the tokenizer ({len(tokenizer) if tokenizer is not None else '?'} tokens, <image> = {image_token_id}) "
+            f"does not fit the LLM's {n_emb} embeddings"
+        )
     model = VisionLanguageModel(vision, projector, llm, model_cfg, image_token_id)
     model.use_flash = llm.config._attn_implementation == "flash_attention_2"
     return model

@@ -1,4 +1,5 @@
-"""vlmforge checkpoint folder: model.safetensors + config.yaml (the recipe) + tokenizer/.
+"""vlmforge checkpoint folder: model.safetensors + config.yaml (the recipe) + tokenizer/
++ vision_config.json / llm_config.json (the exact architectures, so loading needs no download).
 
 Tied weights (Qwen's lm_head = embed_tokens) are stored once: safetensors' save_model/load_model
 handle shared tensors. Loading rebuilds the architecture from config.yaml (no download: the
@@ -16,6 +17,8 @@ import torch
 from vlmforge.config import ConfigError, load_recipe, save_resolved
 
 WEIGHTS = "model.safetensors"
+VISION_CONFIG = "vision_config.json"
+LLM_CONFIG = "llm_config.json"
 
 
 def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
@@ -28,17 +31,23 @@ def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
     save_model(model, str(tmp), metadata={"format": "pt", "vlmforge": "vlm"})
     os.replace(tmp, out / WEIGHTS)
     tokenizer.save_pretrained(str(out / "tokenizer"))
+    model.vision.config.to_json_file(str(out / VISION_CONFIG))
+    model.llm.config.to_json_file(str(out / LLM_CONFIG))
     save_resolved(cfg, out)
     return out
 
 
-def _offline_arch(cfg):
+def _offline_arch(cfg, ckpt: Path):
     """The recipe as stored, but building from configs only: weights come from model.safetensors,
-    so `pretrained` sources are read for their config.json, never their weights."""
+    so architectures come from the saved config files (or a local `pretrained` folder's config.json)."""
     from omegaconf import OmegaConf
 
     arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for part in ("vision", "llm"):
+    for part, saved in (("vision", VISION_CONFIG), ("llm", LLM_CONFIG)):
+        if (ckpt / saved).is_file():
+            arch.model[part].preset = str(ckpt / saved)
+            arch.model[part].pretrained = None
+            continue
         src = arch.model[part].pretrained
         if src:
             cfg_json = Path(src) / "config.json"
@@ -65,11 +74,11 @@ def load_vlm(ckpt_dir: str | os.PathLike, overrides: Iterable[str] = (), device:
         raise ConfigError(f"{ckpt} is not a vlmforge checkpoint (needs {WEIGHTS} and config.yaml)")
     cfg = load_recipe(ckpt / "config.yaml", overrides)
     tok = load_tokenizer(ckpt / "tokenizer", trust_remote_code=bool(cfg.model.trust_remote_code))
-    arch = _offline_arch(cfg)
+    arch = _offline_arch(cfg, ckpt)
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight comes from the file: skip random init
-        model = build_vlm(arch.model, tok, device=device)
+        model = build_vlm(arch.model, tok, device=device, resize_vocab=False)
     missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))
     model.eval()
     return model, tok, cfg

@@ -68,6 +68,7 @@ def generate_ids(
     """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded)."""
     from transformers import DynamicCache
 
+    model.use_sdpa()  # cached decoding uses explicit 4D masks
     b = input_ids.shape[0]
     dev = input_ids.device
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None

@@ -76,13 +76,12 @@ def vision_config(vision_cfg):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     d = dict(vision_config_dict(vision_cfg))
-    kind = d.pop("model_type", "siglip_vision_model")
+    kind = d.get("model_type", "siglip_vision_model")
     cls = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}.get(kind)
     if cls is None:
         raise ConfigError(f"vision tower model_type {kind!r} is not supported ({', '.join(VISION_MODEL_TYPES)})")
-    for k in ("transformers_version", "architectures"):
-        d.pop(k, None)
-    return cls(**d)
+    d.pop("transformers_version", None)
+    return cls.from_dict(d)
 
 
 def llm_config(llm_cfg, trust_remote_code: bool = False):
@@ -92,8 +91,8 @@ def llm_config(llm_cfg, trust_remote_code: bool = False):
     if llm_cfg.pretrained:
         return AutoConfig.from_pretrained(llm_cfg.pretrained, trust_remote_code=trust_remote_code)
     d = dict(preset_dict(llm_cfg.preset))
-    kind = d.pop("model_type", None)
+    kind = d.get("model_type")
     if kind not in CONFIG_MAPPING:
         raise ConfigError(f"model.llm.preset {llm_cfg.preset!r}: unknown model_type {kind!r}")
     d.pop("transformers_version", None)
-    return CONFIG_MAPPING[kind](**d)
+    return CONFIG_MAPPING[kind].from_dict(d)

@@ -106,6 +106,12 @@ class VisionLanguageModel(nn.Module):
             for name in ("vision", "projector", "llm")
         }
 
+    def use_sdpa(self) -> None:
+        """Leave flash-attn varlen (e.g. for generation with 4D masks or a CPU run): sdpa + additive masks."""
+        if self.llm.config._attn_implementation != "sdpa":
+            self.llm.set_attn_implementation("sdpa")
+        self.use_flash = False
+
     # ---- forward pieces ----
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, tokens_per_image, llm hidden]."""
@@ -190,7 +196,9 @@ class VisionLanguageModel(nn.Module):
             seq_ids = torch.zeros_like(input_ids)
         embeds = self.embed(input_ids, pixel_values, seq_ids)
         positions = self.position_ids_for(input_ids, seq_ids, position_ids, v2pe_delta)
-        if self.use_flash and embeds.is_cuda:
+        if self.use_flash and not embeds.is_cuda:
+            self.use_sdpa()
+        if self.use_flash:
             b, n, d = embeds.shape
             out = self.llm.model(
                 inputs_embeds=embeds.reshape(1, b * n, d),
