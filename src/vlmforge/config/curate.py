@@ -1,10 +1,91 @@
-"""Curation section (owned by vlmforge.curate)."""
+"""Curation section (owned by vlmforge.curate).
+
+Every ``vlmforge curate`` subcommand reads its settings from here; command-line flags
+override the matching field (they are shortcuts for ``--set curate.<...>=...``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ScoreConfig:
+    scorer: str = "clip"  # clip | dfn | mlm
+    # clip/dfn: transformers CLIPModel / SiglipModel folder or hub id; mlm: a vlmforge checkpoint folder.
+    model: Optional[str] = None
+    batch_size: int = 64
+    num_workers: int = 0  # DataLoader workers that read + decode + preprocess shards
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (model weights during scoring)
+    trust_remote_code: bool = False
+    # mlm judge
+    mlm_metrics: List[str] = field(
+        default_factory=lambda: [
+            "image_text_matching",
+            "object_detail_fulfillment",
+            "caption_text_quality",
+            "semantic_understanding",
+        ]
+    )
+    mlm_max_new_tokens: int = 8
+    # Which value becomes the ``score`` column of an mlm sidecar: ev (expected value) | parsed (greedy text).
+    mlm_score: str = "ev"
+
+
+@dataclass
+class TrainFilterConfig:
+    arch: str = "clip"  # clip (softmax contrastive; robust from scratch) | siglip (sigmoid loss, SiglipModel)
+    init: Optional[str] = None  # start from a CLIP/SigLIP checkpoint folder instead of random weights
+    tokenizer: Optional[str] = None  # tokenizer folder for a from-scratch filter (default: train one on the captions)
+    tokenizer_vocab_size: int = 1024
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    embed_dim: int = 64  # clip projection size
+    max_text_len: int = 32
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3.0e-4
+    weight_decay: float = 0.05
+    holdout_frac: float = 0.1  # trusted pairs kept aside to calibrate the keep threshold
+    # Threshold written to calibration.json: keep this fraction of held-out trusted pairs.
+    calibrate_keep: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class NearDupConfig:
+    method: str = "phash"  # phash | embedding | none
+    # phash: max Hamming distance (of 64 bits) to call two images near-duplicates.
+    phash_max_distance: int = 4
+    # embedding: min cosine similarity of image embeddings (model: score.model) to call near-duplicates.
+    embedding_min_cosine: float = 0.95
+    embedding_block: int = 4096  # rows per block of the blocked similarity search
+
+
+@dataclass
+class DedupConfig:
+    # Exact keys; a later sample equal on any of them to an earlier one is dropped.
+    # uid | image (sha256 of the bytes) | caption (normalised text) | pair (image sha256 + normalised caption)
+    exact: List[str] = field(default_factory=lambda: ["uid", "image"])
+    near: NearDupConfig = field(default_factory=NearDupConfig)
 
 
 @dataclass
 class CurateConfig:
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 1000  # output shards of filter / dedup / mix
+    num_workers: int = 0  # reader workers for filter / dedup passes
+    # filter criteria (see `vlmforge curate filter --help`), e.g. "clip.score>=0.28", "dfn.score:top=0.15",
+    # "uids:/path/subset.npy"
+    criteria: List[str] = field(default_factory=list)
+    combine: str = "and"  # and | or
+    # When set, every output sample is checked to decode; undecodable ones are dropped as corrupt.
+    check_images: bool = True
+    seed: int = 0
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train_filter: TrainFilterConfig = field(default_factory=TrainFilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)

@@ -1,0 +1,316 @@
+"""The engine behind ``curate filter | dedup | mix``: inspect -> decide -> plan -> write.
+
+1. inspect (per input shard, split over ranks and workers, resumable): read the tar, check every
+   sample (damaged member, undecodable image -> ``error``), and record what the decision needs
+   (hashes, ...) in ``_work/inspect/<index>.parquet``.
+2. decide (rank 0, global view): a command-specific function sees all inspect rows at once and
+   returns keep/reason per sample (and optionally an output order, e.g. a mix's interleaving).
+   Kept samples get consecutive output positions; output shard = position // samples_per_shard.
+   Written once to ``_work/plan.parquet``.
+3. write (per output shard, split over ranks, resumable): each output shard reads only the input
+   shards that feed it and writes ``NNNNN.tar/.parquet/_stats.json`` with ``ShardWriter``
+   (tar renamed into place last, so a present tar means a finished shard).
+4. manifest (rank 0 after a barrier): counts that reconcile (in = kept + dropped per reason),
+   the criteria, and lineage (which input shards fed each output shard).
+
+A killed run restarted with the same arguments redoes only what has no finished file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from vlmforge.curate.io import (
+    check_same_inputs,
+    my_items,
+    progress,
+    read_parquet,
+    remove_temp_leftovers,
+    worker_items,
+    write_parquet_atomic,
+)
+
+CORRUPT = "corrupt"
+
+# (sample, decoded PIL image or None) -> extra columns for that sample.
+ExtraFn = Callable[[Any, Any], dict]
+
+
+@dataclass
+class DecideResult:
+    keep: np.ndarray  # bool per row
+    reason: list  # str per dropped row (None where kept)
+    order: Optional[np.ndarray] = None  # sort key for kept rows (default: input order)
+    report: dict = field(default_factory=dict)  # extra manifest entries (what was found, metrics)
+
+
+# Rows with ``error`` set are dropped as corrupt before ``decide`` is called; it receives the
+# full table and a boolean mask of the valid rows and decides only for those.
+DecideFn = Callable[[Any, np.ndarray], DecideResult]
+
+
+@dataclass
+class Job:
+    stage: str  # manifest stage name, e.g. "curate.filter"
+    shards: list  # input tar paths (global order)
+    out_dir: Path
+    decide: DecideFn
+    samples_per_shard: int = 1000
+    sources: Optional[list] = None  # source name per input shard (mix)
+    extra: Optional[ExtraFn] = None
+    decode: bool = True  # decode every image during inspect (corrupt check, and what extra needs)
+    num_workers: int = 0
+    settings: dict = field(default_factory=dict)  # criteria etc.: recorded and checked on resume
+    config: Any = None
+
+
+# -- 1. inspect -----------------------------------------------------------------------------
+def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn]):
+    """One row per sample of the tar: index, pos, key, uid, error (+ extra columns)."""
+    import pyarrow as pa
+
+    from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
+
+    rows: list[dict] = []
+    for pos, s in enumerate(iter_raw_samples(path)):
+        err = s.error
+        image = None
+        if err is None and decode:
+            try:
+                image = decode_image(s.image_bytes)
+            except ImageDecodeError as e:
+                err = f"image: {e}"
+        row = {"in_index": index, "pos": pos, "key": s.key, "uid": _uid(s.meta), "error": err}
+        if extra is not None and err is None:
+            row.update(extra(s, image))
+        rows.append(row)
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["in_index", "pos", "key", "uid", "error"]
+    table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+    # Fixed types for the core columns (an all-null column would otherwise have type null).
+    for c, t in (("in_index", pa.int64()), ("pos", pa.int64()), ("key", pa.string()),
+                 ("uid", pa.string()), ("error", pa.string())):
+        table = table.set_column(table.schema.get_field_index(c), c, table.column(c).cast(t))
+    return table
+
+
+def _uid(meta: dict) -> Optional[str]:
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    return None if uid is None else str(uid)
+
+
+class _InspectDataset:
+    """IterableDataset over this rank's unfinished shards; each worker inspects whole shards."""
+
+    def __init__(self, todo: list, inspect_dir: Path, decode: bool, extra: Optional[ExtraFn]):
+        self.todo, self.inspect_dir, self.decode, self.extra = todo, inspect_dir, decode, extra
+
+    def __iter__(self):
+        for index, path in worker_items(self.todo):
+            table = inspect_shard(path, index, self.decode, self.extra)
+            write_parquet_atomic(table, self.inspect_dir / f"{index:06d}.parquet")
+            yield index
+
+
+def _make_iterable(obj):
+    import torch.utils.data as tud
+
+    class _It(tud.IterableDataset):
+        def __iter__(self):
+            return iter(obj)
+
+    return _It()
+
+
+def run_inspect(job: Job, work: Path) -> None:
+    import torch.utils.data as tud
+
+    inspect_dir = work / "inspect"
+    inspect_dir.mkdir(parents=True, exist_ok=True)
+    mine = my_items(list(enumerate(job.shards)))
+    todo = [(i, p) for i, p in mine if not (inspect_dir / f"{i:06d}.parquet").exists()]
+    if not todo:
+        return
+    ds = _make_iterable(_InspectDataset(todo, inspect_dir, job.decode, job.extra))
+    loader = tud.DataLoader(ds, batch_size=None, num_workers=min(job.num_workers, len(todo)))
+    for _ in progress(loader, total=len(todo), desc=f"{job.stage}: inspect"):
+        pass
+
+
+# -- 2. decide + plan -----------------------------------------------------------------------
+def load_inspected(work: Path, n_shards: int):
+    import pyarrow as pa
+
+    tables = [read_parquet(work / "inspect" / f"{i:06d}.parquet") for i in range(n_shards)]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def build_plan(job: Job, work: Path) -> dict:
+    """Global decision (rank 0): writes plan.parquet (kept rows with out_shard) and decisions.json."""
+    import pyarrow as pa
+
+    table = load_inspected(work, len(job.shards))
+    n = table.num_rows
+    errors = table.column("error").to_pylist()
+    valid = np.array([e is None for e in errors], dtype=bool)
+    res = job.decide(table, valid)
+    keep = np.asarray(res.keep, dtype=bool) & valid
+    reasons = [CORRUPT if not valid[i] else (None if keep[i] else (res.reason[i] or "dropped")) for i in range(n)]
+
+    kept_idx = np.nonzero(keep)[0]
+    if res.order is not None:
+        kept_idx = kept_idx[np.argsort(np.asarray(res.order)[kept_idx], kind="stable")]
+    out_pos = np.arange(len(kept_idx))
+    plan = pa.table(
+        {
+            "out_shard": (out_pos // job.samples_per_shard).astype(np.int64),
+            "in_index": table.column("in_index").to_numpy()[kept_idx],
+            "pos": table.column("pos").to_numpy()[kept_idx],
+        }
+    )
+    write_parquet_atomic(plan, work / "plan.parquet")
+    dropped = Counter(r for r in reasons if r is not None)
+    corrupt_examples = [
+        {"shard": job.shards[int(i)], "key": k, "error": e}
+        for i, k, e in zip(table.column("in_index").to_pylist(), table.column("key").to_pylist(), errors)
+        if e is not None
+    ][:20]
+    decisions = {
+        "in": n,
+        "kept": int(keep.sum()),
+        "dropped": dict(sorted(dropped.items())),
+        "corrupt_examples": corrupt_examples,
+        "report": res.report,
+    }
+    if job.sources is not None:
+        src = np.array(job.sources, dtype=object)[table.column("in_index").to_numpy()]
+        decisions["per_source"] = {
+            s: {"in": int((src == s).sum()), "kept": int((keep & (src == s)).sum())} for s in dict.fromkeys(job.sources)
+        }
+    from vlmforge.files import write_json
+
+    write_json(work / "decisions.json", decisions)
+    return decisions
+
+
+# -- 3. write -------------------------------------------------------------------------------
+def write_output_shard(job: Job, j: int, rows: dict) -> dict:
+    """Write output shard j from plan rows {in_index: [...], pos: [...]} (in output order)."""
+    from vlmforge.shards import ShardWriter, iter_raw_samples
+
+    in_idx, pos = rows["in_index"], rows["pos"]
+    wanted: dict[int, set] = {}
+    for i, p in zip(in_idx, pos):
+        wanted.setdefault(int(i), set()).add(int(p))
+    got: dict[tuple, Any] = {}
+    for i in sorted(wanted):
+        need, remaining = wanted[i], len(wanted[i])
+        for p, s in enumerate(iter_raw_samples(job.shards[i])):
+            if p in need:
+                got[(i, p)] = s
+                remaining -= 1
+                if remaining == 0:
+                    break
+    writer = ShardWriter(job.out_dir, samples_per_shard=job.samples_per_shard, start_index=j)
+    try:
+        for i, p in zip(in_idx, pos):
+            s = got.get((int(i), int(p)))
+            if s is None:  # the input changed since inspect: refuse rather than silently lose a sample
+                raise RuntimeError(f"{job.shards[int(i)]}: sample #{p} vanished since the inspect pass")
+            meta = {k: v for k, v in s.meta.items() if k not in ("key", "caption", "sha256")}
+            meta["source_key"] = s.key
+            meta["source_shard"] = job.shards[int(i)]
+            if job.sources is not None:
+                meta["source"] = job.sources[int(i)]
+            writer.write(writer.next_key(), s.image_bytes, s.caption, meta)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return {"count": len(in_idx), "inputs": [job.shards[i] for i in sorted(wanted)]}
+
+
+def _plan_groups(plan) -> dict[int, dict]:
+    out = plan.column("out_shard").to_numpy()
+    in_idx = plan.column("in_index").to_numpy()
+    pos = plan.column("pos").to_numpy()
+    groups: dict[int, dict] = {}
+    for j in np.unique(out):
+        m = out == j
+        groups[int(j)] = {"in_index": in_idx[m].tolist(), "pos": pos[m].tolist()}
+    return groups
+
+
+def run(job: Job) -> dict:
+    """Run the four steps (each skipped where a finished file exists); returns the manifest dict."""
+    from vlmforge import dist
+    from vlmforge.files import write_manifest
+
+    out = Path(job.out_dir)
+    work = out / "_work"
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        remove_temp_leftovers(out)
+        check_same_inputs(
+            work,
+            {"stage": job.stage, "shards": [str(s) for s in job.shards], "sources": job.sources,
+             "samples_per_shard": job.samples_per_shard, "settings": job.settings},
+            job.stage,
+        )
+    dist.barrier()
+
+    run_inspect(job, work)
+    dist.barrier()
+    if dist.is_main() and not (work / "plan.parquet").exists():
+        build_plan(job, work)
+    dist.barrier()
+
+    groups = _plan_groups(read_parquet(work / "plan.parquet"))
+    names = sorted(groups)
+    todo = [j for j in my_items(names) if not (out / f"{j:05d}.tar").exists()]
+    for j in progress(todo, total=len(todo), desc=f"{job.stage}: write"):
+        write_output_shard(job, j, groups[j])
+    dist.barrier()
+
+    manifest: dict = {}
+    if dist.is_main():
+        decisions = json.loads((work / "decisions.json").read_text())
+        lineage = {}
+        for j in names:
+            g = groups[j]
+            c = Counter(g["in_index"])
+            lineage[f"{j:05d}.tar"] = {
+                "count": len(g["in_index"]),
+                "inputs": {job.shards[i]: n for i, n in sorted(c.items())},
+            }
+        n_dropped = sum(decisions["dropped"].values())
+        counts = {
+            "in": decisions["in"],
+            "kept": decisions["kept"],
+            "dropped": n_dropped,
+            "output_shards": len(names),
+            "reconciled": decisions["in"] == decisions["kept"] + n_dropped
+            and sum(v["count"] for v in lineage.values()) == decisions["kept"],
+        }
+        extra = {"criteria": job.settings, "samples_per_shard": job.samples_per_shard, "lineage": lineage,
+                 "corrupt_examples": decisions["corrupt_examples"], **decisions.get("report", {})}
+        if "per_source" in decisions:
+            extra["per_source"] = decisions["per_source"]
+        write_manifest(out, job.stage, inputs=[str(s) for s in job.shards], config=job.config,
+                       counts=counts, dropped=decisions["dropped"], **extra)
+        manifest = json.loads((out / "manifest.json").read_text())
+    dist.barrier()
+    return manifest
+
+
+def shards_of(paths) -> list[str]:
+    from vlmforge.shards import list_shards
+
+    return [os.path.abspath(p) for p in list_shards(paths)]

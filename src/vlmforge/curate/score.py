@@ -1,0 +1,176 @@
+"""``curate score``: one score sidecar per input shard, ``OUT/<shard stem>.parquet``.
+
+Columns: ``key``, ``uid``, ``score`` (float, null where the sample is damaged or its image does not
+decode), ``error`` (why), plus scorer-specific columns. Shards are split over torchrun ranks
+(round-robin) and each rank's over DataLoader workers, which read, decode and preprocess whole
+shards; the main process runs the model and writes a shard's sidecar atomically when its last
+batch arrives. A restarted run skips shards whose sidecar exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlmforge.curate.io import (
+    check_same_inputs,
+    my_items,
+    progress,
+    read_parquet,
+    remove_temp_leftovers,
+    shard_stem,
+    worker_items,
+    write_parquet_atomic,
+)
+
+
+class _ScoreBatches:
+    """Yields prepared batches per shard: dict(index, keys, uids, batch|None, errors, last)."""
+
+    def __init__(self, todo: list, scorer, batch_size: int):
+        self.todo, self.scorer, self.batch_size = todo, scorer, batch_size
+
+    def __iter__(self):
+        from vlmforge.curate.reshard import _uid
+        from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
+
+        for index, path in worker_items(self.todo):
+            pos, keys, uids, images, captions, errors = [], [], [], [], [], []
+            for p, s in enumerate(iter_raw_samples(path)):
+                err, image = s.error, None
+                if err is None:
+                    try:
+                        image = decode_image(s.image_bytes)
+                    except ImageDecodeError as e:
+                        err = f"image: {e}"
+                if err is not None:
+                    errors.append((p, s.key, _uid(s.meta), err))
+                    continue
+                pos.append(p)
+                keys.append(s.key)
+                uids.append(_uid(s.meta))
+                images.append(image)
+                captions.append(s.caption or "")
+                if len(keys) == self.batch_size:
+                    yield self._item(index, pos, keys, uids, images, captions, errors, last=False)
+                    pos, keys, uids, images, captions, errors = [], [], [], [], [], []
+            yield self._item(index, pos, keys, uids, images, captions, errors, last=True)
+
+    def _item(self, index, pos, keys, uids, images, captions, errors, last):
+        batch = self.scorer.prepare(images, captions) if keys else None
+        return {"index": index, "pos": pos, "keys": keys, "uids": uids, "batch": batch, "errors": errors,
+                "last": last}
+
+
+def _make_iterable(obj):
+    import torch.utils.data as tud
+
+    class _It(tud.IterableDataset):
+        def __iter__(self):
+            return iter(obj)
+
+    return _It()
+
+
+def _sidecar_table(rows: list[dict]):
+    """Rows (in input order) -> table with the fixed core columns first."""
+    import pyarrow as pa
+
+    rows = sorted(rows, key=lambda r: r["_pos"])
+    cols = {
+        "key": pa.array([r["key"] for r in rows], pa.string()),
+        "uid": pa.array([r["uid"] for r in rows], pa.string()),
+        "score": pa.array([r["score"] for r in rows], pa.float32()),
+        "error": pa.array([r["error"] for r in rows], pa.string()),
+    }
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in cols and k != "_pos"]
+    for name in extra:
+        cols[name] = pa.array([r.get(name) for r in rows])
+    return pa.table(cols)
+
+
+def _py(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_workers: int = 0,
+                 config=None, settings: dict | None = None) -> dict:
+    import torch.utils.data as tud
+
+    from vlmforge import dist
+    from vlmforge.cli import UserError
+    from vlmforge.files import write_manifest
+
+    out = Path(out_dir)
+    stems = [shard_stem(p) for p in shards]
+    if len(set(stems)) != len(stems):
+        raise UserError("input shards from different folders share file names; score each folder separately")
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temp_leftovers(out)
+        check_same_inputs(out, {"shards": shards, "scorer": scorer.info(), "settings": settings or {}}, "score")
+    dist.barrier()
+
+    todo = [(i, p) for i, p in my_items(list(enumerate(shards))) if not (out / f"{stems[i]}.parquet").exists()]
+    t0, n_scored = time.time(), 0
+    if todo:
+        ds = _make_iterable(_ScoreBatches(todo, scorer, batch_size))
+        loader = tud.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(todo)))
+        pending: dict[int, list] = {}
+        bar = progress(range(len(todo)), total=len(todo), desc=f"score ({scorer.info()['scorer']})")
+        for item in loader:
+            i = item["index"]
+            rows = pending.setdefault(i, [])
+            for p, k, u, e in item["errors"]:
+                rows.append({"_pos": p, "key": k, "uid": u, "score": None, "error": e})
+            if item["batch"] is not None:
+                cols = scorer.score(item["batch"])
+                n_scored += len(item["keys"])
+                for j, (p, k, u) in enumerate(zip(item["pos"], item["keys"], item["uids"])):
+                    row = {"_pos": p, "key": k, "uid": u, "error": None}
+                    for col, vals in cols.items():
+                        v = _py(vals[j])
+                        row[col] = None if isinstance(v, float) and np.isnan(v) else v
+                    rows.append(row)
+            if item["last"]:
+                write_parquet_atomic(_sidecar_table(pending.pop(i)), out / f"{stems[i]}.parquet")
+                next(bar, None)
+        for _ in bar:
+            pass
+    elapsed = time.time() - t0
+    dist.barrier()
+
+    manifest: dict = {}
+    if dist.is_main():
+        n_in = n_ok = unparseable = 0
+        errors: dict[str, int] = {}
+        per_shard = {}
+        for i, p in enumerate(shards):
+            t = read_parquet(out / f"{stems[i]}.parquet")
+            errs = t.column("error").to_pylist()
+            sc = t.column("score").to_pylist()
+            ok = sum(1 for e, s in zip(errs, sc) if e is None and s is not None)
+            n_in += t.num_rows
+            n_ok += ok
+            for e in errs:
+                if e is not None:
+                    errors["corrupt"] = errors.get("corrupt", 0) + 1
+            if "unparseable" in t.column_names:  # mlm judge: answers that held no score (still scored by EV)
+                unparseable += sum(1 for u in t.column("unparseable").to_pylist() if u)
+            per_shard[p] = {"rows": t.num_rows, "scored": ok, "sidecar": f"{stems[i]}.parquet"}
+        extra = {"scorer": scorer.info(), "per_shard": per_shard,
+                 "throughput_this_rank0_run": {"samples": n_scored, "seconds": elapsed}}
+        cal = Path(str(getattr(scorer, "model_path", ""))) / "calibration.json"
+        if cal.is_file():
+            extra["calibration"] = json.loads(cal.read_text())
+        counts = {"in": n_in, "scored": n_ok, "not_scored": n_in - n_ok,
+                  "reconciled": n_ok + sum(errors.values()) == n_in}
+        if unparseable:
+            counts["judge_answers_unparseable"] = unparseable
+        write_manifest(out, "curate.score", inputs=shards, config=config, counts=counts, dropped=errors, **extra)
+        manifest = json.loads((out / "manifest.json").read_text())
+    dist.barrier()
+    return manifest
