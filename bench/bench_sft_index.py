@@ -131,8 +131,13 @@ def child_open(index_dir: str, access: int) -> None:
 
 
 def child_build(src: str, out: str, workers: int, lengths: str, tokenizer: str | None, limit_src: str | None) -> None:
+    from vlmforge.data import sft_index
     from vlmforge.data.sft_index import build_index
 
+    if tokenizer:  # load it (and import transformers) before the clock starts
+        from vlmforge.data.tokenizer import load_tokenizer
+
+        sft_index._TOKENIZERS[tokenizer] = load_tokenizer(tokenizer)
     t = time.perf_counter()
     m = build_index(
         [src], out, visual_tokens=729, lengths=lengths, tokenizer=tokenizer, workers=workers,

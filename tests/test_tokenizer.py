@@ -210,3 +210,12 @@ def test_batched_lengths_match_encode_conversation(tok):
     want = [len(encode_conversation(tok, c)[0]) for c in convs]
     assert conversation_lengths(tok, convs) == want
     assert conversation_lengths(tok, convs, chat_template=QWEN_LIKE_TEMPLATE) == want
+
+
+def test_save_pretrained_round_trip(tok, tmp_path):
+    """A loaded tokenizer saved again (as checkpoints do in tokenizer/) loads back identically."""
+    tok.save_pretrained(str(tmp_path / "again"))
+    tok2 = load_tokenizer(tmp_path / "again")
+    assert len(tok2) == len(tok) and tok2.pad_token_id == tok.pad_token_id
+    assert tok2.convert_tokens_to_ids(IMAGE_TOKEN) == tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert encode_conversation(tok2, CONV) == encode_conversation(tok, CONV)
