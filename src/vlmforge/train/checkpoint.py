@@ -17,6 +17,7 @@ previous or the new checkpoint, never half of one. Only the last ``keep_last`` a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -78,6 +79,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- model + optimizer tensors
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call that it runs without a process group; that is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -153,7 +164,8 @@ def save_checkpoint(
     vdist.barrier()
     flat, _ = _flat_state(model, optimizer)
     distributed = vdist.world_size() > 1
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=distributed))
+    with _quiet_single_process():
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=distributed))
     write_json(tmp / rank_state_name(vdist.rank()), {**rank_state, "rng": capture_rng()})
     vdist.barrier()
     if vdist.is_main():
@@ -199,7 +211,8 @@ def load_checkpoint(
     rank_file = ckpt / rank_state_name(vdist.rank())
     rank_state = json.loads(rank_file.read_text())
     flat, osd = _flat_state(model, optimizer)  # allocates optimizer state to load into
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt)))
+    with _quiet_single_process():
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt)))
     msd, osd = _unflatten(flat, osd, tied_aliases(model))
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
     scheduler.load_state_dict(trainer_state["scheduler"])

@@ -53,12 +53,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     for part in (getattr(model, "vision", None), getattr(model, "llm", None)):
         if part is None or not any(p.requires_grad for p in part.parameters()):
             continue  # a frozen tower keeps no activations for backward anyway
-        target = part
-        if not hasattr(target, "gradient_checkpointing_enable"):
-            target = next((m for m in part.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+        target = next((m for m in part.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
         if target is None:
             raise ValueError(f"{type(part).__name__} does not support activation checkpointing")
-        target.gradient_checkpointing_enable(**kwargs)
+        if hasattr(target, "activation_checkpointing_enable"):  # transformers 5 name
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            target.gradient_checkpointing_enable(**kwargs)
 
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:

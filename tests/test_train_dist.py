@@ -1,0 +1,45 @@
+"""Two ranks under torchrun (gloo, FSDP2) give the losses of one rank with the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmforge.train.metrics import read_metrics
+
+HERE = Path(__file__).parent
+REDUCTIONS = ["token", "sample", "square"]
+STEPS = 10
+
+
+def _run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_ranks_match_one_rank(tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    if not os.path.exists(torchrun):
+        torchrun = shutil.which("torchrun")
+    args = [str(STEPS), ",".join(REDUCTIONS), "train.checkpoint_every=5"]
+    two = _run([torchrun, "--standalone", "--nproc-per-node", "2", str(HERE / "train_worker.py"), str(tmp_path / "two"), *args])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _run([sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "one"), *args])
+    assert one.returncode == 0, one.stderr[-3000:]
+    for red in REDUCTIONS:
+        a = read_metrics(tmp_path / "one" / red)
+        b = read_metrics(tmp_path / "two" / red)
+        assert [r["step"] for r in a] == list(range(1, STEPS + 1))
+        assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+        diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+        assert diff <= 1e-5, f"{red}: 1 vs 2 ranks differ by {diff}"
+        assert a[0]["rows"] == b[0]["rows"] == 4  # the same global batch
+        # each rank wrote its own shards and data position into the same checkpoint
+        ck = tmp_path / "two" / red / "checkpoints" / "step_00000010"
+        assert (ck / "rank_00000.json").is_file() and (ck / "rank_00001.json").is_file()

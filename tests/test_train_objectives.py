@@ -1,0 +1,119 @@
+"""Loss reductions against hand computations; optimizer groups and the lr schedule."""
+
+import math
+
+import pytest
+import torch
+
+from vlmforge.train.objectives import token_weights, weighted_token_ce
+from vlmforge.train.optim import build_scheduler, lr_factor, param_groups
+
+# Row 0 packs two samples (A: positions 0-2, B: 3-6) and one pad; row 1 holds one sample (C) and pads.
+LABELS = torch.tensor(
+    [
+        [-100, 2, 1, -100, 3, 0, 2, -100],
+        [-100, 1, 1, 3, -100, -100, -100, -100],
+    ]
+)
+SEQ_IDS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1, -1, -1]])
+# Supervised targets (labels[:, 1:]): A -> t=0,1 (n=2); B -> t=3,4,5 (n=3); C -> row 1 t=0,1,2 (n=3).
+GROUPS = {"A": [(0, 0), (0, 1)], "B": [(0, 3), (0, 4), (0, 5)], "C": [(1, 0), (1, 1), (1, 2)]}
+
+
+def _logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 8, 4, generator=g, dtype=torch.float64)
+
+
+def _ce_by_hand(logits, r, t):
+    z = logits[r, t].tolist()
+    target = int(LABELS[r, t + 1])
+    return math.log(sum(math.exp(v) for v in z)) - z[target]
+
+
+def _expected(reduction):
+    logits = _logits()
+    num = den = 0.0
+    for members in GROUPS.values():
+        n = len(members)
+        w = {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[reduction]
+        for r, t in members:
+            num += w * _ce_by_hand(logits, r, t)
+            den += w
+    return num / den
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_reduction_matches_hand_computation(reduction):
+    logits = _logits()
+    w = token_weights(LABELS, SEQ_IDS, reduction)
+    got = float(weighted_token_ce(logits, LABELS, w) / w.double().sum())
+    assert got == pytest.approx(_expected(reduction), abs=1e-6)
+
+
+def test_sample_reduction_is_mean_of_per_sample_means():
+    logits = _logits()
+    means = [sum(_ce_by_hand(logits, r, t) for r, t in m) / len(m) for m in GROUPS.values()]
+    assert _expected("sample") == pytest.approx(sum(means) / len(means), abs=1e-12)
+
+
+def test_weights_per_token():
+    w = token_weights(LABELS, SEQ_IDS, "square")
+    s2, s3 = 1 / math.sqrt(2), 1 / math.sqrt(3)
+    assert torch.allclose(w[0], torch.tensor([s2, s2, 0, s3, s3, s3, 0]), atol=1e-7)
+    assert torch.allclose(w[1], torch.tensor([s3, s3, s3, 0, 0, 0, 0]), atol=1e-7)
+    assert torch.equal(token_weights(LABELS, SEQ_IDS, "token"), (LABELS[:, 1:] != -100).float())
+
+
+def test_split_over_micro_batches_equals_whole():
+    """sum(w*CE)/W with the global W: splitting rows over micro-batches changes nothing."""
+    logits = _logits()
+    w = token_weights(LABELS, SEQ_IDS, "sample")
+    whole = weighted_token_ce(logits, LABELS, w) / w.sum()
+    parts = [weighted_token_ce(logits[i : i + 1], LABELS[i : i + 1], token_weights(LABELS[i : i + 1], SEQ_IDS[i : i + 1], "sample")) for i in range(2)]
+    assert float(sum(parts) / w.sum()) == pytest.approx(float(whole), abs=1e-12)
+
+
+def test_unknown_reduction_rejected():
+    with pytest.raises(ValueError, match="loss_reduction"):
+        token_weights(LABELS, SEQ_IDS, "mean")
+
+
+def test_schedule_warmup_then_cosine_and_linear():
+    assert lr_factor(0, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(1, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # halfway through the decay
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 2, "linear") == pytest.approx(0.125)  # last step still learns
+    assert lr_factor(9, 10, 2, "constant") == 1.0
+    assert lr_factor(9, 10, 2, "cosine", min_ratio=0.1) > 0.1
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vision = torch.nn.Linear(2, 2)
+        self.projector = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+        self.llm = torch.nn.Linear(3, 3)
+
+
+def test_param_groups_lrs_decay_and_frozen():
+    from types import SimpleNamespace
+
+    m = _Tiny()
+    m.vision.requires_grad_(False)
+    cfg = SimpleNamespace(lr=2e-5, projector_lr=1e-3, vision_lr=None, weight_decay=0.1, no_decay_bias_and_norm=True,
+                          lr_schedule="cosine", warmup_ratio=0.5, warmup_steps=0, min_lr_ratio=0.0)
+    groups = {g["name"]: g for g in param_groups(m, cfg)}
+    assert set(groups) == {"projector", "projector_no_decay", "llm", "llm_no_decay"}  # vision frozen: absent
+    assert groups["projector"]["lr"] == 1e-3 and groups["llm"]["lr"] == 2e-5
+    assert groups["llm_no_decay"]["weight_decay"] == 0.0 and groups["llm"]["weight_decay"] == 0.1
+    no_decay = {id(p) for p in groups["projector_no_decay"]["params"]}
+    assert no_decay == {id(m.projector[0].bias), id(m.projector[1].weight), id(m.projector[1].bias)}
+    opt = torch.optim.AdamW(param_groups(m, cfg))
+    sched = build_scheduler(opt, cfg, total_steps=4)
+    assert [g["lr"] for g in opt.param_groups][0] == pytest.approx(1e-3 * 0.5)
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups][0] == pytest.approx(1e-3)
