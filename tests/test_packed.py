@@ -178,7 +178,7 @@ def _check_batch(batch, ds, supervise_sep=True):
 def test_batch_contract_labels_positions(packed, supervise_sep):
     folder, _, _ = packed
     ds = PackedDataset(folder, visual_tokens=16, supervise_sep=supervise_sep)
-    loader = PackedLoader(ds, 3, seed=0, rank=0, world_size=1, pad_to=ds.max_len)
+    loader = PackedLoader(ds, batch_size=3, seed=0, rank=0, world_size=1, pad_to=ds.max_len)
     for batch in loader:
         assert batch["input_ids"].shape[1] == 160
         _check_batch(batch, ds, supervise_sep)
@@ -187,21 +187,21 @@ def test_batch_contract_labels_positions(packed, supervise_sep):
 def test_loader_resume_mid_epoch_yields_same_continuation(packed):
     folder, _, _ = packed
     ds = PackedDataset(folder, visual_tokens=16)
-    ref = PackedLoader(ds, 2, seed=11, rank=0, world_size=1, num_workers=0)
+    ref = PackedLoader(ds, batch_size=2, seed=11, rank=0, world_size=1, num_workers=0)
     full = [b["input_ids"] for b in ref] + [b["input_ids"] for b in ref]  # two epochs
-    a = PackedLoader(ds, 2, seed=11, rank=0, world_size=1, num_workers=1)
+    a = PackedLoader(ds, batch_size=2, seed=11, rank=0, world_size=1, num_workers=1)
     it = iter(a)
     for _ in range(3):
         next(it)
     state = a.state_dict()
     del it
-    b = PackedLoader(ds, 2, seed=11, rank=0, world_size=1, num_workers=0)
+    b = PackedLoader(ds, batch_size=2, seed=11, rank=0, world_size=1, num_workers=0)
     b.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     rest = [x["input_ids"] for x in b] + [x["input_ids"] for x in b]
     assert len(rest) == len(full) - 3
     assert all(torch.equal(x, y) for x, y in zip(rest, full[3:]))
     with pytest.raises(PackedDataError, match="seed"):
-        PackedLoader(ds, 2, seed=12, rank=0, world_size=1).load_state_dict(state)
+        PackedLoader(ds, batch_size=2, seed=12, rank=0, world_size=1).load_state_dict(state)
 
 
 def test_two_rank_split_disjoint_and_complete(packed):
@@ -209,14 +209,14 @@ def test_two_rank_split_disjoint_and_complete(packed):
     ds = PackedDataset(folder, visual_tokens=16)
     n = len(ds)
     for bs in (1, 2, 3):
-        plans = [PackedLoader(ds, bs, seed=5, rank=r, world_size=2).epoch_plan(0) for r in range(2)]
+        plans = [PackedLoader(ds, batch_size=bs, seed=5, rank=r, world_size=2).epoch_plan(0) for r in range(2)]
         assert plans[0].shape == plans[1].shape and plans[0].size > 0  # equal batch counts per rank
         flat = np.concatenate([p.ravel() for p in plans])
         assert set(flat.tolist()) == set(range(n))  # complete
         assert flat.size - n < 2 * bs  # disjoint except the wrapped remainder
         if n % (2 * bs) == 0:
             assert flat.size == n
-    drop = [PackedLoader(ds, 2, seed=5, rank=r, world_size=2, remainder="drop").epoch_plan(0) for r in range(2)]
+    drop = [PackedLoader(ds, batch_size=2, seed=5, rank=r, world_size=2, remainder="drop").epoch_plan(0) for r in range(2)]
     both = np.concatenate([p.ravel() for p in drop])
     assert len(set(both.tolist())) == both.size == (n // 4) * 4  # disjoint
 
@@ -227,7 +227,7 @@ def test_fewer_packs_than_ranks_times_workers(caption_shards, tiny_tokenizer_dir
     ds = PackedDataset(str(tmp_path / "few"), visual_tokens=16)
     assert len(ds) == 1
     for rank in range(4):  # 4 ranks x 2 workers on one shard holding one pack: nobody gets zero
-        loader = PackedLoader(ds, 1, seed=0, rank=rank, world_size=4, num_workers=2)
+        loader = PackedLoader(ds, batch_size=1, seed=0, rank=rank, world_size=4, num_workers=2)
         batches = list(loader)
         assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 1
 
@@ -259,7 +259,77 @@ def test_pixel_values_match_pack_images_in_order(packed):
     reader = ds.readers[0]
     _, _, images = reader.read_pack(0)
     expect = torch.stack([load_pixel_values(b, ds.image_spec) for b in images])
-    one = PackedLoader(ds, 1, shuffle=False, rank=0, world_size=1)
+    one = PackedLoader(ds, batch_size=1, shuffle=False, rank=0, world_size=1)
     assert torch.equal(next(iter(one))["pixel_values"], expect)  # one pack: zero-copy path
-    two = PackedLoader(ds, 2, shuffle=False, rank=0, world_size=1)
+    two = PackedLoader(ds, batch_size=2, shuffle=False, rank=0, world_size=1)
     assert torch.equal(next(iter(two))["pixel_values"][: len(images)], expect)  # concatenated path
+
+
+class _TrainerLike:
+    """The trainer's use of a loader (vlmforge.train.loop): set_epoch + iter, StopIteration -> next epoch."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch, self.it = loader, 0, None
+
+    def start(self):
+        self.loader.set_epoch(self.epoch)
+        self.it = iter(self.loader)
+
+    def next(self):
+        if self.it is None:
+            self.start()
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.start()
+            return next(self.it)
+
+    def state(self):
+        return {"epoch": self.epoch, "data": self.loader.state_dict()}
+
+    def resume(self, state):
+        self.epoch = state["epoch"]
+        self.loader.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["data"])
+        self.it = iter(self.loader)
+
+
+def test_loader_from_recipe_resumes_in_trainer_loop_across_epoch_boundary(packed, tiny_tokenizer_dir):
+    from vlmforge.data.tokenizer import load_tokenizer
+
+    folder, _, _ = packed
+    cfg = load_recipe(None, OVERRIDES + [f"train.data_path={folder}", "train.micro_batch_size=2"])
+    tok = load_tokenizer(tiny_tokenizer_dir)
+
+    def make():
+        return PackedLoader(folder, cfg, tokenizer=tok, batch_size=2, seed=0, rank=0, world_size=1)
+
+    per_epoch = len(make())
+    ref = _TrainerLike(make())
+    full = [ref.next()["input_ids"] for _ in range(2 * per_epoch + 2)]
+    assert full[0].shape[1] == 160  # data.pad_to_max_len
+    for stop in (per_epoch, per_epoch + 1):  # exactly at the epoch boundary, and just after it
+        a = _TrainerLike(make())
+        for _ in range(stop):
+            a.next()
+        state = json.loads(json.dumps(a.state()))
+        b = _TrainerLike(make())
+        b.resume(state)
+        rest = [b.next()["input_ids"] for _ in range(len(full) - stop)]
+        assert all(torch.equal(x, y) for x, y in zip(rest, full[stop:]))
+
+
+def test_damaged_tar_is_counted_not_fatal(caption_shards, tiny_tokenizer_dir, tmp_path):
+    src = Path(caption_shards[0]) / "00001.tar"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    data = src.read_bytes()
+    (shards / "00000.tar").write_bytes(data)
+    (shards / "00001.tar").write_bytes(data[: len(data) // 2])  # cut mid-member
+    cfg = load_recipe(None, OVERRIDES)
+    manifest = pack_shards(cfg, [str(shards)], tmp_path / "out", tiny_tokenizer_dir, progress=False)
+    assert manifest["dropped"].get("damaged_tar", 0) >= 1
+    c = manifest["counts"]
+    assert c["samples_read"] == c["samples_packed"] + sum(manifest["dropped"].values())
+    assert c["samples_packed"] > 32

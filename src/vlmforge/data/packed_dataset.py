@@ -140,26 +140,53 @@ class _Collate:
 
 
 class PackedLoader:
-    """Batches of ``batch_size`` packs for this rank; see the module docstring for the split and resume."""
+    """Batches of ``batch_size`` packs for this rank; see the module docstring for the split and resume.
+
+    ``dataset`` is a :class:`PackedDataset`, or a packed folder together with a recipe ``cfg``
+    (the dataset is then built against the recipe's model geometry, and unset options come from
+    ``cfg.data`` / ``cfg.train.micro_batch_size`` / the recipe seed). A ``tokenizer``, if given,
+    is checked against the token ids the folder was packed with.
+    """
 
     def __init__(
         self,
-        dataset: PackedDataset,
-        batch_size: int,
+        dataset: PackedDataset | str,
+        cfg: Any = None,
         *,
-        seed: int = 0,
-        shuffle: bool = True,
+        tokenizer: Any = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        shuffle: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        num_workers: int = 0,
-        remainder: str = "wrap",
+        num_workers: int | None = None,
+        remainder: str | None = None,
         pad_to: int | None = None,
-        positions: str = "restart",
+        positions: str | None = None,
     ):
+        if not isinstance(dataset, PackedDataset):
+            if cfg is None:
+                raise ValueError("PackedLoader(path) needs the recipe: PackedLoader(path, cfg, ...)")
+            dataset = dataset_from_recipe(cfg, str(dataset))
+        if cfg is not None:
+            d = cfg.data
+            batch_size = int(cfg.train.micro_batch_size) if batch_size is None else batch_size
+            if seed is None:
+                seed = cfg.train.seed if cfg.train.seed is not None else cfg.seed
+            shuffle = d.shuffle if shuffle is None else shuffle
+            num_workers = d.num_workers if num_workers is None else num_workers
+            remainder = d.remainder if remainder is None else remainder
+            positions = d.positions if positions is None else positions
+            if pad_to is None and d.pad_to_max_len:
+                pad_to = dataset.max_len
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, dataset)
+        batch_size = 1 if batch_size is None else int(batch_size)
         if rank is None or world_size is None:
             from vlmforge import dist
 
             rank, world_size = dist.rank(), dist.world_size()
+        remainder = remainder or "wrap"
         if remainder not in REMAINDER:
             raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -167,10 +194,11 @@ class PackedLoader:
         if len(dataset) == 0:
             raise PackedDataError(f"{dataset.folder} holds no packs")
         self.dataset = dataset
-        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
+        self.batch_size, self.seed = batch_size, int(seed or 0)
+        self.shuffle = True if shuffle is None else bool(shuffle)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.num_workers, self.remainder = int(num_workers), remainder
-        self.collate = _Collate(dataset.pad_id, pad_to, positions)
+        self.num_workers, self.remainder = int(num_workers or 0), remainder
+        self.collate = _Collate(dataset.pad_id, pad_to, positions or "restart")
         self.epoch, self.batch = 0, 0  # batch = batches of this epoch already handed out
 
     # -- plan ---------------------------------------------------------------------------
@@ -192,12 +220,15 @@ class PackedLoader:
         return order.reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
 
     # -- iterate ------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (no-op if it is already the current epoch)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.batch = int(epoch), 0
+
     def __iter__(self) -> Iterator[dict]:
-        """The rest of the current epoch (a fresh epoch if the current one is used up)."""
+        """The rest of the current epoch (empty if it is used up); afterwards the next epoch is current."""
         import torch.utils.data as tud
 
-        if self.batch >= self.batches_per_epoch():
-            self.epoch, self.batch = self.epoch + 1, 0
         plan = self.epoch_plan(self.epoch)[self.batch :]
         dl = tud.DataLoader(
             self.dataset,
@@ -224,9 +255,20 @@ class PackedLoader:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
-def build_pretrain_loader(cfg, data_path: str | None = None, *, batch_size: int | None = None,
-                          rank: int | None = None, world_size: int | None = None) -> PackedLoader:
-    """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry."""
+def _check_tokenizer(tok, ds: PackedDataset) -> None:
+    from vlmforge.data.tokenizer import IM_END, IMAGE_TOKEN
+
+    for name, token, packed in (("image", IMAGE_TOKEN, ds.image_token_id), ("separator", IM_END, ds.sep_id)):
+        tid = tok.convert_tokens_to_ids(token)
+        if tid != packed:
+            raise PackedDataError(
+                f"{ds.folder} was packed with {token} = id {packed} but this tokenizer has {tid}: "
+                f"re-pack with the model's tokenizer"
+            )
+
+
+def dataset_from_recipe(cfg, data_path: str | None = None) -> PackedDataset:
+    """The packed dataset of ``data_path`` (default train.data_path), checked against the recipe's model."""
     from vlmforge.config import ConfigError
     from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
 
@@ -236,9 +278,14 @@ def build_pretrain_loader(cfg, data_path: str | None = None, *, batch_size: int 
     d = cfg.data
     if d.positions not in ("restart", "continue"):
         raise ConfigError(f"data.positions must be restart or continue, got {d.positions!r}")
-    ds = PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
-                       image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict)
-    seed = cfg.train.seed if cfg.train.seed is not None else cfg.seed
-    return PackedLoader(ds, batch_size or cfg.train.micro_batch_size, seed=int(seed), shuffle=d.shuffle,
-                        rank=rank, world_size=world_size, num_workers=d.num_workers, remainder=d.remainder,
-                        pad_to=ds.max_len if d.pad_to_max_len else None, positions=d.positions)
+    if d.remainder not in REMAINDER:
+        raise ConfigError(f"data.remainder must be one of {REMAINDER}, got {d.remainder!r}")
+    return PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
+                         image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict)
+
+
+def build_pretrain_loader(cfg, data_path: str | None = None, *, batch_size: int | None = None,
+                          rank: int | None = None, world_size: int | None = None, tokenizer: Any = None) -> PackedLoader:
+    """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry."""
+    return PackedLoader(dataset_from_recipe(cfg, data_path), cfg, tokenizer=tokenizer, batch_size=batch_size,
+                        rank=rank, world_size=world_size)
