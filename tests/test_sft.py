@@ -379,3 +379,12 @@ def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):
     n_img = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == n_img * vt
     assert loader.state_dict()["batch"] == 1
+
+
+def test_format_detected_by_content(world, tmp_path):
+    """One-record-per-line data in a file named .json (common in the wild) is read as jsonl."""
+    d, recs = world
+    src = tmp_path / "lines.json"
+    src.write_text((d / "data.jsonl").read_text())
+    build_index([src], tmp_path / "i", visual_tokens=VT, lengths="estimate", progress=False)
+    assert open_index(tmp_path / "i").record(9) == recs[9]

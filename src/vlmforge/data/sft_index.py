@@ -207,7 +207,8 @@ def scan_records(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise SFTDataError(f"SFT file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if path.endswith(".json") or head.startswith(b"["):
+    # By content, not extension: some datasets ship one-record-per-line files named .json.
+    if head.startswith(b"["):
         return _scan_json_array(path)
     return _scan_jsonl(path)
 
