@@ -333,3 +333,17 @@ def test_damaged_tar_is_counted_not_fatal(caption_shards, tiny_tokenizer_dir, tm
     c = manifest["counts"]
     assert c["samples_read"] == c["samples_packed"] + sum(manifest["dropped"].values())
     assert c["samples_packed"] > 32
+
+
+def test_reader_file_lru_alternating_shards(packed, monkeypatch):
+    from vlmforge.data import packed_shards
+
+    folder, _, _ = packed
+    ds = PackedDataset(folder, visual_tokens=16)
+    first = [ds[i] for i in range(len(ds))]
+    monkeypatch.setattr(packed_shards, "MAX_OPEN_FILES", 1)
+    order = np.argsort(np.arange(len(ds)) % 3, kind="stable")[::-1]  # hop between shards
+    for i in order:
+        again = ds[int(i)]
+        assert [s["input_ids"].tolist() for s in again] == [s["input_ids"].tolist() for s in first[i]]
+    assert len(packed_shards._OPEN) == 1

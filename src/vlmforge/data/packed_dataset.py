@@ -76,7 +76,7 @@ class PackedDataset:
 
     def pack_length(self, i: int) -> int:
         r, j = self._locate(i)
-        return int(self.readers[r].packs[j]["length"])
+        return int(self.readers[r].lengths[j])
 
     def _locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ class PackedShardWriter:
 
 
 class PackedShardReader:
-    """Random access to the packs of one shard via its index (file opened lazily, per process)."""
+    """Random access to the packs of one shard via its index, kept as compact numpy arrays
+    (~16 bytes per image: millions of packs stay light in every DataLoader worker)."""
 
     def __init__(self, index_path: str | os.PathLike):
         index_path = Path(index_path)
@@ -110,35 +112,53 @@ class PackedShardReader:
         if index.get("format") != FORMAT_VERSION:
             raise ValueError(f"{index_path}: unsupported packed-shard format {index.get('format')!r}")
         self.tar_path = str(index_path.parent / index["tar"])
-        self.packs: list[dict] = index["packs"]
-        self._fh = None
-        self._pid = None
+        packs = index["packs"]
+        self.keys = [p["key"] for p in packs]
+        self.lengths = np.array([p["length"] for p in packs], dtype=np.int64)
+        self.spans = np.array([p["json"] + p["tokens"] for p in packs], dtype=np.int64).reshape(-1, 4)
+        n_img = [len(p["images"]) for p in packs]
+        self.img_start = np.concatenate([[0], np.cumsum(n_img)]).astype(np.int64)
+        flat = [s for p in packs for s in p["images"]]
+        self.img_spans = np.array(flat, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
-        return len(self.packs)
+        return len(self.keys)
 
-    def _read(self, span: list[int]) -> bytes:
-        if self._fh is None or self._pid != os.getpid():  # forked DataLoader workers reopen
-            self._fh = open(self.tar_path, "rb")
-            self._pid = os.getpid()
-        self._fh.seek(span[0])
-        data = self._fh.read(span[1])
-        if len(data) != span[1]:
-            raise OSError(f"{self.tar_path}: truncated member at byte {span[0]}")
+    def _read(self, offset: int, size: int) -> bytes:
+        fh = _open_file(self.tar_path)
+        fh.seek(int(offset))
+        data = fh.read(int(size))
+        if len(data) != size:
+            raise OSError(f"{self.tar_path}: truncated member at byte {offset}")
         return data
 
     def read_pack(self, i: int) -> tuple[dict, np.ndarray, list[bytes]]:
         """(metadata, int32 text tokens, image bytes) of pack ``i``."""
-        p = self.packs[i]
-        meta = json.loads(self._read(p["json"]))
-        tokens = npy_to_tokens(self._read(p["tokens"]))
-        images = [self._read(s) for s in p["images"]]
+        jo, js, to, ts = self.spans[i].tolist()
+        meta = json.loads(self._read(jo, js))
+        tokens = npy_to_tokens(self._read(to, ts))
+        images = [self._read(o, n) for o, n in self.img_spans[self.img_start[i] : self.img_start[i + 1]].tolist()]
         return meta, tokens, images
 
-    def __getstate__(self):  # DataLoader workers: never ship an open file handle
-        state = dict(self.__dict__)
-        state["_fh"] = state["_pid"] = None
-        return state
+
+_OPEN: "OrderedDict[str, Any]" = OrderedDict()
+_OPEN_PID: list[int] = [0]
+MAX_OPEN_FILES = 64
+
+
+def _open_file(path: str):
+    """A per-process LRU of open shard files (forked DataLoader workers reopen their own)."""
+    if _OPEN_PID[0] != os.getpid():
+        _OPEN.clear()  # handles inherited over fork share offsets with the parent: never reuse them
+        _OPEN_PID[0] = os.getpid()
+    fh = _OPEN.get(path)
+    if fh is None:
+        if len(_OPEN) >= MAX_OPEN_FILES:
+            _OPEN.popitem(last=False)[1].close()
+        fh = _OPEN[path] = open(path, "rb")
+    else:
+        _OPEN.move_to_end(path)
+    return fh
 
 
 def list_packed_shards(folder: str | os.PathLike) -> list[Path]:
