@@ -14,8 +14,6 @@ from typing import Any
 from vlmforge.config import ConfigError
 
 STAGES = ("pretrain", "sft")
-# Model settings a stage may change on a loaded checkpoint (run settings, not architecture).
-RUN_SETTINGS = ("attention", "positions", "v2pe_delta", "v2pe_max_denominator")
 ARCH_KEYS = (
     ("vision", "preset"),
     ("vision", "pretrained"),
@@ -89,7 +87,7 @@ def validate(cfg, world_size: int) -> None:
             raise ConfigError("train.data_path: set it to the packed shards folder from `vlmforge pack`")
         if not Path(t.data_path).exists():
             raise ConfigError(f"train.data_path: {t.data_path} does not exist")
-        if not t.init_from and not cfg.tokenizer.path:
+        if not t.init_from and not pretrain_tokenizer(cfg):
             raise ConfigError("tokenizer.path: pretraining from scratch needs the tokenizer the shards were packed with")
     else:
         index = sft_index_dir(cfg)
@@ -100,8 +98,30 @@ def validate(cfg, world_size: int) -> None:
         root = t.image_root or cfg.sft.image_root
         if root and not Path(root).is_dir():
             raise ConfigError(f"train.image_root: {root} is not a folder")
-    if cfg.tokenizer.path and not t.init_from and not Path(cfg.tokenizer.path).exists():
-        raise ConfigError(f"tokenizer.path: {cfg.tokenizer.path} does not exist")
+    tok = pretrain_tokenizer(cfg) if t.stage == "pretrain" else cfg.tokenizer.path
+    if tok and not t.init_from and _looks_local(tok) and not Path(tok).exists():
+        raise ConfigError(f"tokenizer.path: {tok} does not exist")
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids look like "org/name"; anything else (absolute, ./, more parts) is a local path."""
+    return os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or Path(path).exists()
+
+
+def pretrain_tokenizer(cfg) -> str | None:
+    """tokenizer.path, or the tokenizer the packed data was made with (its manifest records it)."""
+    if cfg.tokenizer.path:
+        return str(cfg.tokenizer.path)
+    manifest = Path(cfg.train.data_path or "", "manifest.json")
+    if cfg.train.data_path and manifest.is_file():
+        import json
+
+        try:
+            m = json.loads(manifest.read_text())
+            return m.get("geometry", {}).get("tokenizer") or m.get("tokenizer")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
 
 
 @dataclass
@@ -133,14 +153,14 @@ def build_model(cfg, seed: int):
         ckpt = resolve_init_from(t.init_from)
         model, tok, ckpt_cfg = load_vlm(ckpt)
         _check_same_architecture(cfg, ckpt_cfg, ckpt)
-        for key in RUN_SETTINGS:
-            setattr(model, key, cfg.model[key])
-        model.set_pool_size(cfg.model.projector.pool_size) if hasattr(model.projector, "pool_size") else None
-        model.apply_freeze(cfg.model)
+        model.apply_run_settings(cfg.model)  # this stage's pool size, freezing, attention, positions
         return model, tok
     from vlmforge.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer.path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
+    path = pretrain_tokenizer(cfg) if t.stage == "pretrain" else cfg.tokenizer.path
+    if not path:
+        raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
+    tok = load_tokenizer(path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
     return build_vlm(cfg.model, tok, seed=seed), tok
 
 
@@ -157,24 +177,15 @@ def _steps(tcfg, micro_batches_per_epoch: int, accum: int) -> int:
 
 
 def build_sft_loader(cfg, model, tok, seed: int, rank: int, world: int):
-    from types import SimpleNamespace
-
     from omegaconf import OmegaConf
 
-    from vlmforge.data.sft_dataset import SFTDataset, SFTLoader
-    from vlmforge.model.geometry import image_preprocess_spec
+    from vlmforge.data.sft_dataset import build_sft_loader as _build
 
-    s = cfg.sft
-    ds = SFTDataset(
-        sft_index_dir(cfg),
-        tok,
-        visual_tokens=model.tokens_per_image,
-        image_spec=image_preprocess_spec(cfg.model),
-        image_root=cfg.train.image_root or s.image_root,
-    )
-    view = SimpleNamespace(**OmegaConf.to_container(s, resolve=True))
+    view = OmegaConf.create(OmegaConf.to_container(cfg.sft, resolve=True))
+    view.index = sft_index_dir(cfg)
+    view.image_root = cfg.train.image_root or cfg.sft.image_root
     view.batch_size = int(cfg.train.micro_batch_size)  # rows per forward per rank: the trainer's knob
-    return SFTLoader(ds, view, seed=seed, rank=rank, world_size=world)
+    return _build(cfg, tok, sft_cfg=view, seed=seed, rank=rank, world_size=world)
 
 
 def build_pretrain_loader(cfg, model, tok, seed: int, rank: int, world: int):
@@ -229,14 +240,22 @@ def export_final(model, tokenizer, cfg, out_dir: Path) -> None:
         return
     state = full_model_state(model)  # only rank 0 holds the tensors
     if vdist.is_main():
+        import tempfile
+
+        from omegaconf import OmegaConf
         from transformers.initialization import no_init_weights
 
         from vlmforge.model.build import build_vlm
 
-        with no_init_weights():
-            plain = build_vlm(cfg.model, tokenizer)  # same architecture, unsharded, on CPU
+        arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        with tempfile.TemporaryDirectory() as tmp:  # the live model's exact architectures, no download
+            for part, sub in (("vision", model.vision), ("llm", model.llm)):
+                path = Path(tmp, f"{part}.json")
+                sub.config.to_json_file(str(path))
+                arch.model[part].preset, arch.model[part].pretrained = str(path), None
+            with no_init_weights():
+                plain = build_vlm(arch.model, tokenizer, resize_vocab=False)
         plain.load_state_dict(state, strict=True)
-        if getattr(plain.llm.config, "tie_word_embeddings", False):
-            plain.llm.tie_weights()
+        plain.apply_run_settings(cfg.model)
         save_vlm(plain, tokenizer, cfg, out_dir)
     vdist.barrier()
