@@ -342,6 +342,8 @@ def test_reader_file_lru_alternating_shards(packed, monkeypatch):
     ds = PackedDataset(folder, visual_tokens=16)
     first = [ds[i] for i in range(len(ds))]
     monkeypatch.setattr(packed_shards, "MAX_OPEN_FILES", 1)
+    while packed_shards._OPEN:
+        packed_shards._OPEN.popitem()[1].close()
     order = np.argsort(np.arange(len(ds)) % 3, kind="stable")[::-1]  # hop between shards
     for i in order:
         again = ds[int(i)]

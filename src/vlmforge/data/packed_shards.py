@@ -153,7 +153,7 @@ def _open_file(path: str):
         _OPEN_PID[0] = os.getpid()
     fh = _OPEN.get(path)
     if fh is None:
-        if len(_OPEN) >= MAX_OPEN_FILES:
+        while _OPEN and len(_OPEN) >= MAX_OPEN_FILES:
             _OPEN.popitem(last=False)[1].close()
         fh = _OPEN[path] = open(path, "rb")
     else:
