@@ -8,7 +8,8 @@ synthetic world are read by the same code)::
     00000_stats.json     count, successes, failed_to_download, failed_to_resize, status_dict, ...
 
 Keys are img2dataset's: ``shard_index * 10**oom_samples + i`` zero-padded to ``oom_samples + 5``
-digits (9 digits for up to 10,000 samples per shard, e.g. ``000010012``).
+digits; ShardWriter uses img2dataset's default key space (10**4 per shard), so keys have 9 digits
+for up to 10,000 samples per shard, e.g. ``000010012`` = shard 1, sample 12.
 
 Reading never decodes images (``iter_raw_samples``); damaged members come back with ``error`` set
 instead of raising, so long jobs can skip and count them. ``decode_image`` is the one place that
@@ -82,6 +83,13 @@ def img2dataset_key(shard_index: int, index_in_shard: int, samples_per_shard: in
     return f"{shard_index * 10**oom + index_in_shard:0{oom + SHARD_DIGITS}d}"
 
 
+def sequential_key(index: int, samples_per_shard: int, start_index: int = 0) -> str:
+    """Key of the ``index``-th sample a ShardWriter writes (img2dataset numbering with its default
+    10**4 key space per shard, so keys have at least 9 digits)."""
+    shard, i = divmod(index, samples_per_shard)
+    return img2dataset_key(start_index + shard, i, max(samples_per_shard, 10_000))
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -141,7 +149,7 @@ class ShardWriter:
         shard, i = self.shard_index, self._n_in_shard
         if i >= self.samples_per_shard:
             shard, i = shard + 1, 0
-        return img2dataset_key(shard, i, self.samples_per_shard)
+        return img2dataset_key(shard, i, max(self.samples_per_shard, 10_000))
 
     # -- writing ----------------------------------------------------------------------------
     def _open(self) -> None:

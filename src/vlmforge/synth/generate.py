@@ -1,0 +1,277 @@
+"""Build the whole synthetic world into one folder (see ``vlmforge synth --help`` for the layout).
+
+Every output draws from its own random stream ``default_rng([seed, stream])``, so outputs are
+independent of each other's sizes and the folder is byte-identical for a seed (except the
+timestamp in manifest.json). Everything is written into a hidden temp folder first and moved into
+place at the end, so an interrupted run leaves no half world behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from vlmforge.shards import ShardWriter, sequential_key, shard_name
+from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
+from vlmforge.synth.language import caption as make_caption
+from vlmforge.synth.render import encode_jpeg, render_scene
+from vlmforge.synth.world import SceneSampler
+
+OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text")
+STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8}
+URL_BASE = "https://synth.vlmforge.invalid/img"
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), STREAMS[stream]])
+
+
+def _uid(seed: int, index: int) -> str:
+    """32 lowercase hex chars, stable per (seed, slot), like DataComp's uids."""
+    import hashlib
+
+    return hashlib.md5(f"vlmforge-synth:{seed}:{index}".encode()).hexdigest()
+
+
+def _write_jsonl(path: Path, rows) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+class _Images:
+    """Renders scenes into ``folder/images/NAME.jpg``; returns the path relative to ``folder``."""
+
+    def __init__(self, folder: Path, cfg) -> None:
+        self.folder = folder
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        self.size, self.ss, self.q = cfg.image_size, cfg.supersample, cfg.jpeg_quality
+
+    def save(self, name: str, scene) -> str:
+        rel = f"images/{name}.jpg"
+        (self.folder / rel).write_bytes(encode_jpeg(render_scene(scene, self.size, self.ss), self.q))
+        return rel
+
+
+def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict, Counter]:
+    rng = _rng(cfg.seed, "captions")
+    n, spp = cfg.num_captions, cfg.samples_per_shard
+    clean = []
+    popularity: Counter = Counter()
+    for _ in tqdm(range(n), desc="synth captions", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        im = render_scene(scene, cfg.image_size, cfg.supersample)
+        clean.append(faults.CleanSample(scene, im, encode_jpeg(im, cfg.jpeg_quality), make_caption(scene, rng)))
+        popularity.update(o.name for o in scene.objects)
+    frng = _rng(cfg.seed, "faults")
+    plan = faults.plan_faults(n, cfg.faults, frng)
+    samples = faults.apply_faults(clean, plan, frng, cfg.jpeg_quality)
+
+    keys = [sequential_key(i, spp) for i in range(n)]
+    folder = out / "captions"
+    fault_rows, scene_rows = [], []
+    with ShardWriter(folder, samples_per_shard=spp, timestamps=False) as writer:
+        for i, s in enumerate(samples):
+            key = writer.next_key()
+            assert key == keys[i]
+            uid = _uid(cfg.seed, i)
+            writer.write(key, s.image_bytes, s.caption, {"uid": uid, "url": f"{URL_BASE}/{uid}.jpg"})
+            shard = f"{shard_name(i // spp)}.tar"
+            if s.fault is not None:
+                row = {"key": key, "shard": shard}
+                for k, v in s.fault.items():
+                    # slot indices -> keys, now that keys are known
+                    row[k.replace("_index", "_key") if k.endswith("_index") else k] = (
+                        keys[v] if k.endswith("_index") else v
+                    )
+                fault_rows.append(row)
+            scene_rows.append({"key": key, "scene": s.scene.to_dict() if s.scene is not None else None})
+    _write_jsonl(folder / "faults.jsonl", fault_rows)
+    _write_jsonl(folder / "scenes.jsonl", scene_rows)
+    counts = Counter(r["fault"] for r in fault_rows)
+    return {
+        "captions": n,
+        "shards": len(writer.written),
+        "faults": {t: counts.get(t, 0) for t in faults.FAULT_TYPES},
+        "clean": n - len(fault_rows),
+    }, popularity
+
+
+def _sft(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+    rng = _rng(cfg.seed, "sft")
+    images = _Images(out / "sft", cfg)
+    records, cats = [], Counter()
+    for i in tqdm(range(cfg.num_sft), desc="synth sft", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = f"sft-{i:06d}"
+        multi = rng.random() < cfg.sft_multi_turn_frac
+        turns = int(rng.integers(2, max(2, cfg.sft_max_turns) + 1)) if multi else 1
+        rec = instructions.conversation(rid, images.save(rid, scene), scene, rng, world, turns)
+        cats.update(rec["categories"])
+        records.append(rec)
+    path = out / "sft" / "llava.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return {"conversations": len(records), "turns": sum(cats.values()), "turn_categories": dict(sorted(cats.items()))}
+
+
+def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bool) -> dict:
+    folder = out / "eval"
+    images = _Images(folder, cfg)
+    counts = {}
+    scenes = []  # ground truth per eval image, for analysis and tests
+    # Multiple choice: only categories with >= 4 possible values can have 4 options.
+    cats = [c for c in benchmarks.MCQ_CATEGORIES if c not in ("shape",) or len(world.shapes) >= 4]
+    cats = [c for c in cats if c != "color" or len(world.colors) >= 4]
+    rng = _rng(cfg.seed, "mcq")
+    rows = []
+    for i in tqdm(range(cfg.num_mcq), desc="synth mcq", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = f"mcq-{i:05d}"
+        rel = images.save(rid, scene)
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        rows.append(benchmarks.mcq_row(rid, rel, scene, cats[i % len(cats)], rng, world))
+    counts["mcq"] = _write_jsonl(folder / "mcq.jsonl", rows)
+
+    rng = _rng(cfg.seed, "vqa")
+    rows = []
+    for i in tqdm(range(cfg.num_vqa), desc="synth vqa", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = f"vqa-{i:05d}"
+        cat = benchmarks.VQA_CATEGORIES[i % len(benchmarks.VQA_CATEGORIES)]
+        rel = images.save(rid, scene)
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        rows.append(benchmarks.vqa_row(rid, rel, scene, cat, rng, world))
+    counts["vqa"] = _write_jsonl(folder / "vqa.jsonl", rows)
+
+    rng = _rng(cfg.seed, "pope")
+    rows = []
+    k = cfg.pope_per_image
+    for i in tqdm(range(cfg.num_pope_images), desc="synth pope", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        for _ in range(1000):  # need k distinct objects present for k "yes" questions
+            if len({o.name for o in scene.objects}) >= k:
+                break
+            scene = world.sample(rng)
+        else:
+            from vlmforge.config import ConfigError
+
+            raise ConfigError(f"synth.pope_per_image={k} needs scenes with >= {k} objects (max_objects)")
+        rid = f"pope-{i:05d}"
+        sampling = benchmarks.POPE_SAMPLINGS[i % len(benchmarks.POPE_SAMPLINGS)]
+        rel = images.save(rid, scene)
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        rows += benchmarks.pope_rows(rid, rel, scene, sampling, k, rng, world, popularity)
+    counts["pope"] = _write_jsonl(folder / "pope.jsonl", rows)
+    _write_jsonl(folder / "scenes.jsonl", scenes)
+    counts["pope_yes"] = sum(r["answer"] == "yes" for r in rows)
+    counts["images"] = cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images
+    return counts
+
+
+def _preference(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+    rng = _rng(cfg.seed, "preference")
+    images = _Images(out / "preference", cfg)
+    rows = []
+    for i in tqdm(range(cfg.num_preference), desc="synth preference", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = f"pref-{i:05d}"
+        rows.append(preference.preference_row(rid, images.save(rid, scene), scene, rng, world))
+    return {"pairs": _write_jsonl(out / "preference" / "pairs.jsonl", rows)}
+
+
+def _text(cfg, world: SceneSampler, out: Path) -> dict:
+    lines = corpus.corpus_lines(cfg.num_text, _rng(cfg.seed, "text"), world)
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    (out / "text" / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"lines": len(lines), "words": sum(len(l.split()) for l in lines)}
+
+
+def _as_recipe(cfg) -> DictConfig:
+    """Accept a full recipe, its ``synth`` section, or a SynthConfig dataclass."""
+    from vlmforge.config import load_recipe
+
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    if "synth" in cfg:
+        return cfg
+    recipe = load_recipe(None)
+    recipe.synth = cfg
+    return recipe
+
+
+def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = False) -> dict:
+    """Write the synthetic world into ``out_dir``; returns the counts also stored in manifest.json.
+
+    ``cfg``: a recipe (DictConfig with ``synth``), its ``synth`` section, or a SynthConfig.
+    """
+    from vlmforge.cli import UserError
+    from vlmforge.config import save_resolved
+    from vlmforge.files import write_manifest
+
+    recipe = _as_recipe(cfg)
+    s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
+    for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text"):
+        if getattr(s, name) < 0:
+            raise UserError(f"synth.{name} must be >= 0")
+    if s.samples_per_shard < 1 or s.image_size < 8:
+        raise UserError("synth.samples_per_shard must be >= 1 and synth.image_size >= 8")
+    world = SceneSampler.from_config(s)
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty (use --overwrite to replace a previous world)")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".synth-tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        summary: dict = {}
+        summary["captions"], popularity = _captions(s, world, tmp, progress)
+        summary["sft"] = _sft(s, world, tmp, progress)
+        summary["eval"] = _eval(s, world, tmp, popularity, progress)
+        summary["preference"] = _preference(s, world, tmp, progress)
+        summary["text"] = _text(s, world, tmp)
+        for name in (*OUTPUT_DIRS, "manifest.json", "config.yaml"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        for name in OUTPUT_DIRS:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_resolved(recipe, out)
+    write_manifest(
+        out,
+        "synth",
+        inputs=None,
+        config=recipe,
+        counts=summary,
+        seed=int(s.seed),
+        outputs={
+            "caption_shards": "captions/{00000..%05d}.tar" % max(0, summary["captions"]["shards"] - 1),
+            "faults": "captions/faults.jsonl",
+            "scenes": "captions/scenes.jsonl",
+            "sft": "sft/llava.json",
+            "mcq": "eval/mcq.jsonl",
+            "vqa": "eval/vqa.jsonl",
+            "pope": "eval/pope.jsonl",
+            "eval_scenes": "eval/scenes.jsonl",
+            "preference": "preference/pairs.jsonl",
+            "text": "text/corpus.txt",
+        },
+    )
+    return summary

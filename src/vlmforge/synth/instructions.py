@@ -1,0 +1,107 @@
+"""Instruction conversations in LLaVA's json format.
+
+Record: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` with
+``<image>`` on its own line at the start of the first human turn. Short answers are asked with
+LLaVA-1.5's "single word or phrase" suffix and multiple choice with its letter suffix, the same
+prompts the evaluation sets use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmforge.synth.language import (
+    MCQ_SUFFIX,
+    SHORT_ANSWER_SUFFIX,
+    detailed_caption,
+    pick,
+    positional_caption,
+    short_caption,
+)
+from vlmforge.synth.questions import ask, format_mcq_prompt, mcq
+from vlmforge.synth.world import Scene, SceneSampler
+
+IMAGE_TOKEN = "<image>"
+
+# Turn kinds and how often they are drawn.
+TURN_WEIGHTS = {
+    "color": 0.14,
+    "shape": 0.14,
+    "count": 0.18,
+    "position": 0.14,
+    "existence": 0.14,
+    "size": 0.06,
+    "describe": 0.10,
+    "mcq": 0.10,
+}
+MCQ_CATEGORIES = ("color", "shape", "count", "position")
+
+DESCRIBE_LONG = [
+    "Describe the image in detail.",
+    "Describe this image.",
+    "What do you see in this picture? Describe every shape.",
+    "Give a detailed description of the image.",
+]
+DESCRIBE_SHORT = [
+    "Write a short caption for this image.",
+    "Briefly describe the image.",
+    "What is in this picture?",
+]
+DESCRIBE_POSITIONS = ["List the shapes in the image and where they are.", "Where are the shapes in this image?"]
+
+
+def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler) -> tuple[str, str, str]:
+    """(category, human text, gpt text) for one exchange."""
+    if kind == "describe":
+        r = rng.random()
+        if r < 0.45:
+            return "describe", pick(rng, DESCRIBE_LONG), detailed_caption(scene, rng)
+        if r < 0.75:
+            return "describe", pick(rng, DESCRIBE_SHORT), short_caption(scene, rng)
+        return "describe", pick(rng, DESCRIBE_POSITIONS), positional_caption(scene, rng)
+    if kind == "mcq":
+        cats = [c for c in MCQ_CATEGORIES if len(_options_of(c, world)) >= 4]
+        qa = ask(pick(rng, cats), scene, rng, world)
+        options, letter = mcq(qa, rng)
+        return "mcq", format_mcq_prompt(qa.question, options, MCQ_SUFFIX), letter
+    qa = ask(kind, scene, rng, world)
+    if rng.random() < 0.5:
+        return qa.category, f"{qa.question}\n{SHORT_ANSWER_SUFFIX}", qa.short
+    return qa.category, qa.question, qa.long
+
+
+def _options_of(category: str, world: SceneSampler) -> list:
+    return {
+        "color": world.colors,
+        "shape": world.shapes,
+        "count": list(range(0, max(world.max_objects, 4) + 1)),
+        "position": list(range(9)),
+    }[category]
+
+
+def conversation(
+    record_id: str,
+    image: str,
+    scene: Scene,
+    rng: np.random.Generator,
+    world: SceneSampler,
+    num_turns: int,
+) -> dict:
+    kinds = list(TURN_WEIGHTS)
+    p = np.array([TURN_WEIGHTS[k] for k in kinds])
+    convs: list[dict] = []
+    categories: list[str] = []
+    asked: set[str] = set()
+    tries = 0
+    while len(categories) < num_turns and tries < 10 * num_turns:
+        tries += 1
+        kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+        cat, human, gpt = turn(kind, scene, rng, world)
+        if human in asked:  # no repeated question within a conversation
+            continue
+        asked.add(human)
+        if not convs:
+            human = f"{IMAGE_TOKEN}\n{human}"
+        convs += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+        categories.append(cat)
+    return {"id": record_id, "image": image, "conversations": convs, "categories": categories}
