@@ -230,3 +230,28 @@ def test_corrupt_tar_is_counted(tmp_path, world):
     check_reconciled(m, out)
     assert m["dropped"]["corrupt"] >= 2  # the non-image sample + the cut member
     assert any("damaged tar" in (e["error"] or "") for e in m["corrupt_examples"])
+
+
+# -- torchrun: two ranks give the one-rank result ------------------------------------------
+def test_two_ranks_match_one_rank(tmp_path, world):
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        if shutil.which("torchrun") is None:
+            pytest.skip("torchrun not installed")
+        torchrun = Path(shutil.which("torchrun"))
+    args = ["curate", "dedup", "--in", str(world["dir"]), "--samples-per-shard", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vlmforge", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    m1, m2 = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    check_reconciled(m2, tmp_path / "two")
+    assert m1["counts"] == m2["counts"] and m1["dropped"] == m2["dropped"] and m1["lineage"] == m2["lineage"]
+    a = [(s.key, s.meta["source_key"]) for s in out_samples(tmp_path / "one")]
+    b = [(s.key, s.meta["source_key"]) for s in out_samples(tmp_path / "two")]
+    assert a == b

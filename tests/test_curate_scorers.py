@@ -205,3 +205,27 @@ def test_mlm_scorer_records_unparseable(tmp_path, tiny_vlm, monkeypatch):
         assert 0 <= r["image_text_matching_ev"] <= 100 and r["score"] == pytest.approx(r["image_text_matching_ev"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["judge_answers_unparseable"] == 1 and m["counts"]["reconciled"]
+
+
+def test_dedup_by_embeddings(tmp_path, world, tiny_tokenizer_dir):  # noqa: F811
+    from vlmforge.curate.dedup import embedding_pairs
+
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    x[7] = x[3] + 0.01
+    x[20] = x[3] * 2  # same direction: cosine 1
+    got = {(a, b) for a, b, _ in embedding_pairs(x, 0.99, block=7)}
+    n = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert got == {(a, b) for a in range(30) for b in range(a + 1, 30) if n[a] @ n[b] >= 0.99} == {(3, 7), (3, 20), (7, 20)}
+
+    mdir = tiny_contrastive("clip", tiny_tokenizer_dir, tmp_path / "m")
+    scores = tmp_path / "s"
+    assert main(["curate", "score", "--scorer", "clip", "--model", str(mdir), "--in", str(world["dir"]),
+                 "--out", str(scores), "--device", "cpu", "--set", "curate.score.save_embeddings=true"]) == 0
+    row = pq.read_table(scores / "00000.parquet").to_pylist()[0]
+    assert len(row["image_embedding"]) == 16
+    out = tmp_path / "d"
+    assert main(["curate", "dedup", "--in", str(world["dir"]), "--out", str(out), "--near", "embedding",
+                 "--embeddings", str(scores), "--min-cosine", "0.9999"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["reconciled"] and "near_embedding" in m["duplicates"]
+    assert m["dropped"]["exact_duplicate_image"] == 1

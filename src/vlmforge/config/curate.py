@@ -20,6 +20,9 @@ class ScoreConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 | float16 (model weights during scoring)
     trust_remote_code: bool = False
+    # clip/dfn: also store the L2-normalised image embedding per sample (column image_embedding,
+    # float16 values) for embedding near-duplicate search in `curate dedup`.
+    save_embeddings: bool = False
     # mlm judge
     mlm_metrics: List[str] = field(
         default_factory=lambda: [
@@ -62,8 +65,10 @@ class NearDupConfig:
     method: str = "phash"  # phash | embedding | none
     # phash: max Hamming distance (of 64 bits) to call two images near-duplicates.
     phash_max_distance: int = 4
-    # embedding: min cosine similarity of image embeddings (model: score.model) to call near-duplicates.
+    # embedding: min cosine similarity of image embeddings to call near-duplicates; the embeddings come
+    # from a score folder written with curate.score.save_embeddings=true (`curate dedup --embeddings DIR`).
     embedding_min_cosine: float = 0.95
+    embeddings: Optional[str] = None
     embedding_block: int = 4096  # rows per block of the blocked similarity search
 
 

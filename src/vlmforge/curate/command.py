@@ -7,7 +7,7 @@ Subcommands (shards in img2dataset / DataComp webdataset layout; each writes man
                   --scorer mlm       MLLM judge, MLM-Filter's four metrics, parsed and expected-value scores
   train-filter  train a CLIP-style data-filtering network (SigLIP/CLIP architecture) on trusted pairs
   filter        keep by thresholds / top fractions of scores and DataComp uid subsets (and|or)
-  dedup         drop exact (uid, image sha256, caption) and near-duplicate images (pHash)
+  dedup         drop exact (uid, image sha256, caption) and near-duplicate images (pHash or embeddings)
   mix           combine sources with target ratios
 
 filter / dedup / mix write new shards (samples_per_shard each) and a manifest whose counts
@@ -80,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     _reshard_args(p)
     p.add_argument("--exact", default=None, help="comma list of uid,image,caption,pair (curate.dedup.exact)")
-    p.add_argument("--near", choices=["phash", "none"], default=None, help="curate.dedup.near.method")
+    p.add_argument("--near", choices=["phash", "embedding", "none"], default=None, help="curate.dedup.near.method")
+    p.add_argument("--embeddings", default=None, metavar="SCORE_DIR",
+                   help="near=embedding: a score folder written with --set curate.score.save_embeddings=true")
+    p.add_argument("--min-cosine", type=float, default=None, help="near=embedding: curate.dedup.near.embedding_min_cosine")
     p.add_argument("--phash-distance", type=int, default=None, help="max Hamming distance of 64-bit pHashes")
     p.add_argument("--ground-truth", default=None, metavar="FAULTS_JSONL")
 
@@ -206,7 +209,8 @@ def _filter(args, cfg) -> int:
 
 def _dedup(args, cfg) -> int:
     from vlmforge.curate import reshard
-    from vlmforge.curate.dedup import make_decide, make_extra
+    from vlmforge.cli import UserError
+    from vlmforge.curate.dedup import embeddings_from_scores, make_decide, make_extra
     from vlmforge.curate.truth import load_truth
 
     d = cfg.curate.dedup
@@ -216,15 +220,26 @@ def _dedup(args, cfg) -> int:
         d.near.method = args.near
     if args.phash_distance is not None:
         d.near.phash_max_distance = args.phash_distance
+    if args.embeddings:
+        d.near.embeddings = args.embeddings
+    if args.min_cosine is not None:
+        d.near.embedding_min_cosine = args.min_cosine
     truth = load_truth(args.ground_truth) if args.ground_truth else None
-    decide = make_decide(list(d.exact), d.near.method, d.near.phash_max_distance, truth=truth)
     shards = reshard.shards_of(args.inputs)
+    embeddings = None
+    if d.near.method == "embedding":
+        if not d.near.embeddings:
+            raise UserError("--near embedding needs --embeddings SCORE_DIR (curate.dedup.near.embeddings)")
+        embeddings = embeddings_from_scores(d.near.embeddings, shards)
+    decide = make_decide(list(d.exact), d.near.method, d.near.phash_max_distance, embeddings=embeddings,
+                         min_cosine=d.near.embedding_min_cosine, block=d.near.embedding_block, truth=truth)
     _save_config(cfg, args.out)
     job = reshard.Job(stage="curate.dedup", shards=shards, out_dir=args.out, decide=decide,
                       samples_per_shard=cfg.curate.samples_per_shard, extra=make_extra(d.near.method),
                       decode=True, num_workers=cfg.curate.num_workers,
                       settings={"exact": list(d.exact), "near": d.near.method,
-                                "phash_max_distance": d.near.phash_max_distance},
+                                "phash_max_distance": d.near.phash_max_distance,
+                                "embeddings": d.near.embeddings, "min_cosine": d.near.embedding_min_cosine},
                       config=cfg)
     manifest = reshard.run(job)
     _summary(manifest, args.out)

@@ -127,6 +127,38 @@ def embedding_pairs(emb: np.ndarray, min_cosine: float, block: int = 4096) -> li
     return pairs
 
 
+def embeddings_from_scores(score_dir: str, shards: list[str]):
+    """Callable(table, rows) -> [len(rows), D] image embeddings from score sidecars (column
+    ``image_embedding``, written by ``curate score --set curate.score.save_embeddings=true``)."""
+    from pathlib import Path
+
+    from vlmforge.cli import UserError
+    from vlmforge.curate.io import read_parquet, shard_stem
+
+    def load(table, rows: np.ndarray) -> np.ndarray:
+        in_index = table.column("in_index").to_numpy()[rows]
+        keys = table.column("key").to_numpy(zero_copy_only=False)[rows]
+        out = None
+        for i in np.unique(in_index):
+            path = Path(score_dir) / f"{shard_stem(shards[int(i)])}.parquet"
+            if not path.exists():
+                raise UserError(f"{path}: no score sidecar for {shards[int(i)]} (score every input shard first)")
+            t = read_parquet(path)
+            if "image_embedding" not in t.column_names:
+                raise UserError(f"{path}: no image_embedding column (score with curate.score.save_embeddings=true)")
+            lookup = dict(zip(t.column("key").to_pylist(), t.column("image_embedding").to_pylist()))
+            for r in np.flatnonzero(in_index == i):
+                e = lookup.get(keys[r])
+                if e is None:
+                    raise UserError(f"{path}: no embedding for sample {keys[r]}")
+                if out is None:
+                    out = np.zeros((len(rows), len(e)), dtype=np.float32)
+                out[r] = e
+        return np.zeros((0, 1), dtype=np.float32) if out is None else out
+
+    return load
+
+
 def make_decide(exact: list[str], near_method: str, phash_max_distance: int, embeddings=None,
                 min_cosine: float = 0.95, block: int = 4096, truth=None, shards=None):
     """Global decision: exact kinds in the given order, then near-duplicates among the survivors."""

@@ -19,7 +19,8 @@ def load_scorer(name: str, score_cfg):
         from vlmforge.curate.scorers.clip import ContrastiveScorer
 
         return ContrastiveScorer(score_cfg.model, device=score_cfg.device, dtype=score_cfg.dtype,
-                                 trust_remote_code=score_cfg.trust_remote_code, name=name)
+                                 trust_remote_code=score_cfg.trust_remote_code, name=name,
+                                 save_embeddings=score_cfg.save_embeddings)
     if name == "mlm":
         from vlmforge.curate.scorers.mlm import MLMJudgeScorer
 

@@ -55,8 +55,9 @@ def load_contrastive(path: str, trust_remote_code: bool = False, dtype=torch.flo
 
 class ContrastiveScorer:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32",
-                 trust_remote_code: bool = False, name: str = "clip"):
+                 trust_remote_code: bool = False, name: str = "clip", save_embeddings: bool = False):
         self.name = name
+        self.save_embeddings = save_embeddings
         self.model_path = model_path
         self.device = resolve_device(device)
         self.model, self.image_processor, self.tokenizer = load_contrastive(
@@ -86,7 +87,10 @@ class ContrastiveScorer:
 
     def score(self, batch: dict) -> dict:
         img, tx = self.embed(batch)
-        return {"score": (img * tx).sum(-1).cpu().numpy().astype(np.float32)}
+        cols = {"score": (img * tx).sum(-1).cpu().numpy().astype(np.float32)}
+        if self.save_embeddings:
+            cols["image_embedding"] = [row for row in img.cpu().numpy().astype(np.float16)]
+        return cols
 
     @torch.inference_mode()
     def bare_forward(self, batch: dict) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""``curate score`` throughput vs the bare model forward on the same batches, side by side.
+
+Builds caption shards of synthetic JPEGs (default 256x192, photo-like) unless ``--in`` is given,
+then measures in one run:
+
+  bare forward   the model's own forward (image + text towers, logits) on batches that are
+                 already preprocessed tensors: the ceiling for scoring
+  score (w=0)    ``vlmforge curate score`` end to end: read tar, decode, preprocess, forward,
+                 cosine, write parquet sidecar; reader work in the main process
+  score (w=N)    the same with N DataLoader reader workers
+
+The model is a tiny random CLIP (the filter-network architecture) unless ``--model DIR`` names a
+CLIP/SigLIP folder.
+
+    python bench/bench_curate.py --images 512 --batch-size 64 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def synthetic_jpeg(i: int, w: int, h: int) -> bytes:
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(x / rng.uniform(20, 80) + c) * np.cos(y / rng.uniform(20, 80) - c) for c in range(3)], -1)
+    arr = (127 + 100 * base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shards(out: Path, n: int, per_shard: int, w: int, h: int) -> None:
+    from vlmforge.shards import ShardWriter
+
+    rng = random.Random(0)
+    words = "a the red blue green small large dog cat tree house car person street sky water".split()
+    with ShardWriter(out, samples_per_shard=per_shard) as sw:
+        for i in range(n):
+            cap = " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
+            sw.write(sw.next_key(), synthetic_jpeg(i, w, h), cap, {"uid": f"{i:032x}"})
+
+
+def tiny_model(out: Path) -> Path:
+    from vlmforge.config.curate import TrainFilterConfig
+    from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
+    from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
+
+    words = "a the red blue green small large dog cat tree house car person street sky water".split()
+    rng = random.Random(0)
+    train_tokenizer([" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)], out / "tok", vocab_size=300)
+    tok = load_tokenizer(out / "tok")
+    add_eos_postprocessor(tok)
+    tf = TrainFilterConfig()
+    model = build_model(tf, tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    build_image_processor(tf.arch, tf.image_size).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    import torch
+
+    from vlmforge.config.curate import ScoreConfig
+    from vlmforge.curate.score import score_shards
+    from vlmforge.curate.scorers import load_scorer
+    from vlmforge.shards import decode_image, iter_raw_samples, list_shards
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in", dest="inputs", default=None, help="existing shards (default: synthesise)")
+    ap.add_argument("--model", default=None, help="CLIP/SigLIP folder (default: tiny random CLIP)")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--size", default="256x192")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_curate_"))
+    if args.inputs is None:
+        w, h = (int(v) for v in args.size.split("x"))
+        make_shards(tmp / "shards", args.images, max(1, args.images // 4), w, h)
+        shards = list_shards(tmp / "shards")
+    else:
+        shards = list_shards(args.inputs)
+    model_dir = args.model or str(tiny_model(tmp / "model"))
+    scorer = load_scorer("clip", ScoreConfig(model=model_dir, device=args.device))
+    dev = scorer.device
+
+    # bare: preprocess everything first, then time only the model's forward
+    images, caps = [], []
+    for t in shards:
+        for s in iter_raw_samples(t):
+            if s.error is None:
+                images.append(decode_image(s.image_bytes))
+                caps.append(s.caption or "")
+    batches = [scorer.prepare(images[i : i + args.batch_size], caps[i : i + args.batch_size])
+               for i in range(0, len(images), args.batch_size)]
+    n = len(images)
+    scorer.bare_forward(batches[0])  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        scorer.bare_forward(b)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    bare = n / (time.perf_counter() - t0)
+
+    rows = [("bare forward (preprocessed batches)", bare)]
+    for workers in sorted({0, args.workers}):
+        out = tmp / f"scores_w{workers}"
+        t0 = time.perf_counter()
+        score_shards(shards, out, scorer, batch_size=args.batch_size, num_workers=workers)
+        rows.append((f"curate score, {workers} reader workers", n / (time.perf_counter() - t0)))
+
+    print(f"\n{n} images in {len(shards)} shards, batch {args.batch_size}, device {dev}, model "
+          f"{scorer.info()['model_class']} ({'tiny random' if args.model is None else args.model})")
+    print(f"{'':40s} {'images/s':>10s} {'vs bare':>8s}")
+    for name, ips in rows:
+        print(f"{name:40s} {ips:10.1f} {ips / bare:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
