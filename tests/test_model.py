@@ -7,6 +7,7 @@ import torch
 from fixtures_model import packed_batch, tiny_cfg, tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 
+from vlmforge.config import ConfigError
 from vlmforge.data.tokenizer import load_tokenizer
 from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
 from vlmforge.model.projector import AvgPoolMLPProjector, PixelShuffleMLPProjector, pixel_shuffle
@@ -39,6 +40,9 @@ def test_geometry_of_presets():
     so400m = ["model.vision.preset=siglip-so400m-patch14-384"]
     assert visual_tokens_per_image(tiny_cfg(*so400m, "model.projector.pool_size=12")) == 144
     assert visual_tokens_per_image(tiny_cfg(*so400m)) == 729
+    with pytest.raises(ConfigError, match="even patch grid.*27x27"):
+        visual_tokens_per_image(tiny_cfg(*so400m, "model.projector.kind=pixel_shuffle_mlp"))
+    assert visual_tokens_per_image(tiny_cfg(*so400m, "model.projector.kind=pixel_shuffle_mlp", "model.vision.image_size=448")) == 256
     spec = image_preprocess_spec(tiny_cfg(*so400m))
     assert spec["size"] == 384 and spec["mean"] == [0.5] * 3 and spec["std"] == [0.5] * 3
 
@@ -265,3 +269,36 @@ def test_pretrained_folders_load_through_from_pretrained(tok, tmp_path):
     loaded, _, _ = load_vlm(tmp_path / "ck")
     batch, _ = packed_batch(model)
     assert torch.equal(model(**batch), loaded(**batch))
+
+
+def test_tower_from_a_full_siglip_checkpoint_gives_hidden_states_minus_2(tmp_path):
+    """google/siglip-* checkpoints are full SigLIP (text + vision): the tower loads from them, and our
+    features equal transformers' hidden_states[feature_layer] (before post_layernorm)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from vlmforge.model.vision import build_vision_tower, patch_features
+
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    full = SiglipModel(SiglipConfig(vision_config=dict(small, image_size=32, patch_size=8),
+                                    text_config=dict(small, vocab_size=100, bos_token_id=1, eos_token_id=2)))
+    full.save_pretrained(tmp_path / "siglip")
+    cfg = tiny_cfg(f"model.vision.pretrained={tmp_path / 'siglip'}")
+    assert visual_tokens_per_image(cfg) == 16
+    tower = build_vision_tower(cfg.vision)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hs = full.vision_model(x, output_hidden_states=True).hidden_states
+        for layer in (-1, -2, 1):
+            assert torch.equal(patch_features(tower, x, layer), hs[layer])
+
+
+def test_tower_at_another_resolution_interpolates_positions(tok):
+    # InternVL3-style: a tower run off its native size (64 -> 80 px: 10x10 grid) -> pixel shuffle -> 5x5 = 25
+    model = tiny_model(tok, "model.vision.image_size=80", "model.projector.kind=pixel_shuffle_mlp",
+                       "model.attention=document", "model.positions=v2pe")
+    assert model.tokens_per_image == 25 and model.preprocess_spec()["size"] == 80
+    batch, layout = packed_batch(model)
+    assert batch["pixel_values"].shape[-1] == 80
+    logits = model(**batch, v2pe_delta=0.5)
+    for (r, s, e), ref in per_sample_logits(model, batch, layout, v2pe_delta=0.5):
+        assert (logits[r, s:e] - ref).abs().max().item() <= 1e-5

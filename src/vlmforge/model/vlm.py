@@ -39,6 +39,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"model.attention {self.attention!r} is not one of {', '.join(attn.MODES)}")
         if self.positions not in ("restart", "continue", "v2pe"):
             raise ValueError(f"model.positions {self.positions!r} is not one of restart, continue, v2pe")
+        self.tokens_per_image  # noqa: B018 - fail at build time on an impossible geometry (odd grid for pixel shuffle)
         self.apply_freeze(model_cfg)
 
     # ---- geometry (run settings, not weights) ----
