@@ -16,6 +16,14 @@ FAST = ["train.progress_bar=false", "train.tensorboard=false", "train.micro_batc
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier on a shared CPU
+    yield
+    torch.set_num_threads(old)
+
+
 def _png(colour):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), COLOURS[colour]).save(buf, format="PNG")

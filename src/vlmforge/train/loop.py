@@ -196,7 +196,7 @@ class Trainer:
             self.counters[k] += int(v)
         return {
             "step": self.step,
-            "epoch": self.epoch,
+            "epoch": int(getattr(self.loader, "epoch", self.epoch)),
             "loss": float(loss_sum) / total_w if total_w > 0 else 0.0,
             **lrs,
             "grad_norm": float(grad_norm),
