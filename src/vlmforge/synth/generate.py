@@ -86,7 +86,10 @@ def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict
             key = writer.next_key()
             assert key == keys[i]
             uid = _uid(cfg.seed, i)
-            writer.write(key, s.image_bytes, s.caption, {"uid": uid, "url": f"{URL_BASE}/{uid}.jpg"})
+            meta = {"uid": uid, "url": f"{URL_BASE}/{uid}.jpg"}
+            if s.scene is not None:  # every image here is image_size square (saves a header probe)
+                meta.update(width=cfg.image_size, height=cfg.image_size)
+            writer.write(key, s.image_bytes, s.caption, meta)
             shard = f"{shard_name(i // spp)}.tar"
             if s.fault is not None:
                 row = {"key": key, "shard": shard}

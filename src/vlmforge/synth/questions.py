@@ -19,9 +19,19 @@ from vlmforge.synth.language import (
     plural,
     with_article,
 )
-from vlmforge.synth.world import CELL_NAMES, CELLS, POSITION_NAMES, SHAPE_PLURALS, SIZES, Scene, SceneSampler
+from vlmforge.synth.world import (
+    CELL_NAMES,
+    CELL_PHRASES,
+    CELLS,
+    POSITION_NAMES,
+    SHAPE_PLURALS,
+    SIZES,
+    Scene,
+    SceneSampler,
+)
 
 CATEGORIES = ("color", "shape", "count", "position", "existence", "size")
+_PHRASES = [CELL_PHRASES[c] for c in CELLS]
 
 
 @dataclass
@@ -153,7 +163,7 @@ def ask_position(scene: Scene, rng: np.random.Generator, world: SceneSampler) ->
     q = pick(
         rng, ["Where is the {n}?", "Where is the {n} located?", "In which part of the image is the {n}?"]
     ).format(n=o.name)
-    phrase = {CELL_NAMES[c]: p for c, p in zip(CELLS, _PHRASES)}
+    phrase = {CELL_NAMES[c]: CELL_PHRASES[c] for c in CELLS}
     corner = o.position in ("top left", "top right", "bottom left", "bottom right")
     variants = [f"{o.position} corner" if corner else f"the {o.position}", f"the {o.position}"]
     if o.position.startswith("top"):
@@ -277,11 +287,6 @@ def ask_size(scene: Scene, rng: np.random.Generator, world: SceneSampler) -> QA:
     )
 
 
-_PHRASES = [
-    "in the top left corner", "at the top", "in the top right corner",
-    "on the left", "in the center", "on the right",
-    "in the bottom left corner", "at the bottom", "in the bottom right corner",
-]  # fmt: skip
 
 ASKERS: dict[str, Callable[[Scene, np.random.Generator, SceneSampler], QA]] = {
     "color": ask_color,
