@@ -52,13 +52,14 @@ def world(tmp_path):
 
 
 def make_world(root, n: int = 8):
-    """A synth-like folder: DIR/images/*.png and DIR/eval/{mcq,vqa,pope}.jsonl (paths relative to DIR)."""
-    (root / "images").mkdir(parents=True)
+    """The `vlmforge synth` layout: DIR/eval/{mcq,vqa,pope}.jsonl, images in DIR/eval/images/ (paths
+    relative to the jsonl's folder); solid-colour images so a fake model can answer."""
+    (root / "eval" / "images").mkdir(parents=True)
     mcq, vqa, pope = [], [], []
     for i in range(n):
         color = NAMES[i % 4]
         rel = f"images/{i:03d}.png"
-        (root / rel).write_bytes(_png(color))
+        (root / "eval" / rel).write_bytes(_png(color))
         order = NAMES[i % 4:] + NAMES[: i % 4]
         order = order[1:] + order[:1] if i % 2 else order
         options = dict(zip("ABCD", order))
@@ -122,12 +123,15 @@ def test_builtin_synth_specs_and_errors(world, tmp_path):
 
 def test_yaml_task_file(world, tmp_path):
     (tmp_path / "tasks.yaml").write_text(
-        f"- name: colours\n  kind: mcq\n  path: {world}/eval/mcq.jsonl\n  image_root: {world}\n"
-        "- {kind: vqa, path: world/eval/vqa.jsonl, image_root: world}\n"
+        f"- name: colours\n  kind: mcq\n  path: {world}/eval/mcq.jsonl\n"
+        "- {kind: vqa, path: elsewhere/vqa.jsonl, image_root: world/eval}\n"
     )
     specs = parse_task_specs(str(tmp_path / "tasks.yaml"))
     assert [s.name for s in specs] == ["colours", "vqa:vqa"]
-    assert specs[1].path == str(tmp_path / "world/eval/vqa.jsonl")
+    assert specs[1].path == str(tmp_path / "elsewhere/vqa.jsonl")
+    assert specs[1].image_root == str(tmp_path / "world/eval")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/vqa.jsonl").write_text((world / "eval/vqa.jsonl").read_text())
     assert len(load_task(specs[1]).items) == 8
 
 
@@ -142,13 +146,13 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(world):
         + json.dumps({**good, "id": "x4", "answers": []}) + "\n"
     )
     with pytest.raises(TaskError, match=r"bad\.jsonl:2: invalid JSON"):
-        load_items(path, "vqa", world)
-    items, skipped = load_items(path, "vqa", world, strict=False)
+        load_items(path, "vqa")
+    items, skipped = load_items(path, "vqa", strict=False)
     assert [it.id for it in items] == ["v0"]
     assert skipped == {"invalid JSON": 1, "missing field 'question'": 1, "image file not found": 1, "'answers' is empty": 1}
     path.write_text(json.dumps({**json.loads((world / "eval" / "mcq.jsonl").read_text().splitlines()[0]), "answer": "Z"}) + "\n")
     with pytest.raises(TaskError, match=r"bad\.jsonl:1: answer 'Z' is neither"):
-        load_items(path, "mcq", world)
+        load_items(path, "mcq")
 
 
 def _b64(color):
@@ -292,7 +296,7 @@ def test_demo_pool_excludes_query_image_and_rotations(world):
 
 
 def test_undecodable_image_strict_and_lenient(world):
-    (world / "images" / "000.png").write_bytes(b"<html>not an image</html>")
+    (world / "eval" / "images" / "000.png").write_bytes(b"<html>not an image</html>")
     with pytest.raises(TaskError, match="cannot decode image"):
         evaluate(tasks="synth-vqa", synth_dir=world, generate_fn=FakeModel(), progress=False)
     res = evaluate(tasks="synth-vqa", synth_dir=world, generate_fn=FakeModel(), strict=False, progress=False)
@@ -324,3 +328,30 @@ def test_vqa_tsv_with_list_answers_and_math_jsonl(tmp_path):
     assert res["math:math"]["metrics"]["accuracy"] == 1.0
     assert seen[0].endswith("single integer number.") and seen[1].endswith("with 1 decimal place.")
     assert seen[2] == "<image>\nWhich?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."
+
+
+def test_builtin_tasks_on_a_real_synth_world(tmp_path):
+    """`vlmforge synth` output loads as the built-in tasks; answering each item's reference scores 1."""
+    from vlmforge.cli import main
+    from vlmforge.eval.prompts import user_turn
+
+    sets = ["synth.num_captions=20", "synth.samples_per_shard=20", "synth.num_sft=4", "synth.num_mcq=6",
+            "synth.num_vqa=6", "synth.num_pope_images=3", "synth.num_preference=2", "synth.num_text=4"]
+    assert main(["synth", "--out", str(tmp_path / "w"), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    tasks = [load_task(s) for s in parse_task_specs("synth", tmp_path / "w")]
+    assert [t.name for t in tasks] == ["synth-mcq", "synth-vqa", "synth-pope"]
+    # Items are generated in order: the oracle replays each one's reference answer.
+    expected = [(user_turn(t.kind, it)["content"], t.scorer.demo_answer(it)) for t in tasks for it in t.items]
+    oracle = iter(expected)
+
+    def answer(prompts, images):
+        replies = []
+        for messages in prompts:
+            content, reply = next(oracle)
+            assert messages[-1]["content"] == content
+            replies.append(reply)
+        return replies
+
+    res = evaluate(tasks=tasks, generate_fn=answer, progress=False)
+    assert {name: r["metrics"][r["primary"]] for name, r in res.items()} == {"synth-mcq": 1.0, "synth-vqa": 1.0, "synth-pope": 1.0}
+    assert {"f1/random", "f1/popular", "f1/adversarial"} <= set(res["synth-pope"]["metrics"])

@@ -16,9 +16,10 @@ relative image paths are resolved against the task's ``image_root``, default the
 - ``mcq`` / ``mmbench``: ``{id, image, question, options: {"A": .., "B": ..} | [..], answer: "B"
   (or the option text), hint?, category?}``; ``mmbench`` scores with CircularEval, generating the
   n rotations itself unless the file already holds them (VLMEvalKit circular TSV);
-- ``vqa``: ``{id, image, question, answers: [10 human answers] (or answer: str), category?}``;
+- ``vqa``: ``{id, image, question, answers: [10 human answers], answer?: canonical, category?}``
+  (or only ``answer``: one reference, exact match after normalisation);
   VQAv2-style ``answers: [{"answer": ..}, ..]`` is accepted too;
-- ``pope``: ``{id, image, question, answer: "yes"|"no", object?, category?}``;
+- ``pope``: ``{id, image, question, answer: "yes"|"no", object?, category? or sampling?}``;
 - ``math``: ``{id, image, question, answer, question_type?: multi_choice|free_form, choices?: [..],
   answer_type?: integer|float|text, precision?: int, unit?}`` (MathVista).
 
@@ -27,7 +28,8 @@ A bad row is an error naming ``file:line`` (``strict=True``) or is skipped and c
 Task specs (``--tasks``, comma separated): ``KIND:PATH``, ``NAME=KIND:PATH``, a YAML task file
 (``*.yaml``: a list of ``{name, kind, path, image_root?, support?}``, paths relative to the YAML),
 or a built-in name of the synthetic world (``synth-mcq``, ``synth-vqa``, ``synth-pope``, ``synth``
-for all of them) resolved in the synth output folder.
+for all of them): ``SYNTH_DIR/eval/{mcq,vqa,pope}.jsonl`` as ``vlmforge synth`` writes them (their
+extra ``prompt`` field is ignored: prompts are built from the kind, in the same format).
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ def _synth_specs(name: str, synth_dir) -> list[TaskSpec]:
             if name == "synth":
                 continue  # "synth" = whichever benchmarks the world has
             raise TaskError(f"task {task_name!r}: {path} not found (is {root} a `vlmforge synth` output folder?)")
-        specs.append(TaskSpec(name=task_name, kind=kind, path=str(path), image_root=str(root)))
+        # `vlmforge synth` writes image paths relative to the jsonl's folder (the default root).
+        specs.append(TaskSpec(name=task_name, kind=kind, path=str(path)))
     if not specs:
         raise TaskError(f"task 'synth': no eval files under {root / 'eval'}")
     return specs
@@ -382,9 +385,11 @@ def _item_id(row: dict, where: str) -> str:
 def item_from_row(kind: str, row: dict, image_root: Path, where: str) -> EvalItem:
     """Validate one row and build its EvalItem; raises RowError naming what is wrong."""
     meta = {"source": where}
-    for key in ("category", "l2-category", "object", "split", "unit"):
+    for key in ("category", "l2-category", "object", "sampling", "split", "unit"):
         if row.get(key) is not None:
             meta[key] = row[key]
+    if kind == "pope" and "category" not in meta and "sampling" in meta:
+        meta["category"] = meta["sampling"]  # POPE reports per negative-sampling split
     item = EvalItem(
         id=_item_id(row, where),
         question=str(_require(row, "question")),
@@ -411,6 +416,8 @@ def item_from_row(kind: str, row: dict, image_root: Path, where: str) -> EvalIte
         if not answers or not any(a.strip() for a in answers):
             raise RowError("'answers' is empty")
         item.answers = answers
+        if "answers" in row and isinstance(row.get("answer"), str):
+            item.answer = row["answer"]  # canonical answer (k-shot demonstrations use it)
     elif kind == "pope":
         ans = str(_require(row, "answer")).strip().lower()
         if ans not in ("yes", "no"):

@@ -156,4 +156,4 @@ class VQAScorer(Scorer):
         return {"vqa_accuracy": 0.0}  # guessing a free-form answer essentially never matches
 
     def demo_answer(self, item):
-        return most_common_answer(item.answers)
+        return item.answer if item.answer else most_common_answer(item.answers)
