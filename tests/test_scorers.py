@@ -73,7 +73,9 @@ OPTS = {"A": "cat", "B": "dog", "C": "red", "D": "dark red"}
         ("It is a dog", "B"),  # unique option text
         ("dark red", "D"),  # "red" is inside the longer matched "dark red"
         ("red", "C"),
-        ("A cat", "A"),  # via the option text "cat" (a leading "A " is an article, not a letter)
+        ("A cat", "A"),  # "A" followed by its own option text
+        ("A dog", "B"),  # "A" here is an article: the option text "dog" decides
+        ("B\nbecause it barks", "B"), ("B dog", "B"),
         ("cat or dog", None), ("", None), ("E", None), ("The answer is E", None), ("nothing", None),
     ],
 )

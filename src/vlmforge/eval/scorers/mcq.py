@@ -2,9 +2,10 @@
 
 Option extraction, first rule that gives exactly one valid letter wins:
 
-1. the whole reply is a letter: ``B``, ``(B)``, ``B.``, ``[B]``, ``b``;
+1. the whole reply (or its first line) is a letter: ``B``, ``(B)``, ``B.``, ``[B]``, ``b``;
 2. an explicit statement: ``the answer is B``, ``Answer: (C)``, ``option D``;
-3. the reply starts with a delimited letter: ``A. cat``, ``(B) dog``, ``C: ...``;
+3. the reply starts with a delimited letter: ``A. cat``, ``(B) dog``, ``C: ...``, or with a letter
+   followed by that letter's own option text: ``B dog``;
 4. exactly one parenthesised letter anywhere: ``... so (C) ...``;
 5. exactly one option text occurs in the reply (word-bounded, case-insensitive; when several match,
    a text contained in another matched text is dropped, so "dark red" beats "red").
@@ -26,6 +27,7 @@ _WHOLE = re.compile(r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?")
 _STATED = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:\-]?\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])")
 _LEADING = re.compile(r"^\s*(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])[.:)](?![A-Za-z]))")
 _PAREN = re.compile(r"\(([A-Z])\)")
+_LETTER_THEN_TEXT = re.compile(r"([A-Z])\s+(.+)")
 
 
 def _norm_text(text: str) -> str:
@@ -42,7 +44,8 @@ def extract_option(prediction: str, options: dict[str, str]) -> str | None:
     text = (prediction or "").strip()
     if not text:
         return None
-    m = _WHOLE.fullmatch(text)
+    first_line = text.split("\n", 1)[0].strip()
+    m = _WHOLE.fullmatch(text) or _WHOLE.fullmatch(first_line)
     if m:
         letter = m.group(1).upper()
         return letter if letter in options else None
@@ -54,6 +57,9 @@ def extract_option(prediction: str, options: dict[str, str]) -> str | None:
         letter = next(g for g in m.groups() if g)
         if letter in options:
             return letter
+    m = _LETTER_THEN_TEXT.match(first_line)
+    if m and m.group(1) in options and _norm_text(m.group(2)) == _norm_text(options[m.group(1)]):
+        return m.group(1)  # "B dog": the letter followed by its own option text
     got = _unique(_PAREN.findall(text), options)
     if got:
         return got
