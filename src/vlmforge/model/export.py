@@ -71,7 +71,7 @@ def llava_state_dict(model) -> dict[str, torch.Tensor]:
         out[f"model.vision_tower.{k}"] = v
     for k, v in model.projector.state_dict().items():
         out[f"model.multi_modal_projector.{k}"] = v
-    for k, v in model.llm.model.state_dict().items():
+    for k, v in model.llm.base_model.state_dict().items():
         out[f"model.language_model.{k}"] = v
     out["lm_head.weight"] = model.llm.get_output_embeddings().weight
     return out

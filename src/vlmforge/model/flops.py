@@ -65,7 +65,7 @@ def training_flops(model, context: int) -> dict:
     cfg = model.llm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     d_attn = cfg.num_attention_heads * head_dim
-    n_llm = _linear_params([model.llm.model.layers, model.llm.get_output_embeddings()])
+    n_llm = _linear_params([model.llm_layers(), model.llm.get_output_embeddings()])
     f_llm = _factor(llm_trains, vision_trains or proj_trains)
     llm_token = f_llm * n_llm + (f_llm // 2) * 4 * cfg.num_hidden_layers * d_attn * context
 

@@ -85,7 +85,7 @@ def generate_ids(
 
         return restart_positions(sids)
 
-    lm, head = model.llm.model, model.llm.get_output_embeddings()
+    lm, head = model.llm.base_model, model.llm.get_output_embeddings()
     pos = positions(input_ids, seq_ids)
     cache = DynamicCache(config=model.llm.config) if use_cache else None
     mask = attn.additive_mask(seq_ids, "causal", embeds.dtype)

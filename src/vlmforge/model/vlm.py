@@ -85,7 +85,8 @@ class VisionLanguageModel(nn.Module):
         return encoder_layers(self.vision)
 
     def llm_layers(self) -> nn.ModuleList:
-        return self.llm.model.layers
+        base = self.llm.base_model  # the decoder stack (Qwen2Model, LlamaModel, ...)
+        return base.layers if hasattr(base, "layers") else base.h
 
     def apply_freeze(self, model_cfg) -> None:
         """Vision frozen by default, projector and LLM trainable; vision blocks after the feature
@@ -201,7 +202,7 @@ class VisionLanguageModel(nn.Module):
             self.use_sdpa()
         if self.use_flash:
             b, n, d = embeds.shape
-            out = self.llm.model(
+            out = self.llm.base_model(
                 inputs_embeds=embeds.reshape(1, b * n, d),
                 position_ids=positions.reshape(1, b * n),
                 use_cache=False,
@@ -210,7 +211,7 @@ class VisionLanguageModel(nn.Module):
             hidden = out.last_hidden_state.reshape(b, n, -1)
         else:
             mask = attn.additive_mask(seq_ids, self.attention, embeds.dtype)
-            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
             hidden = out.last_hidden_state
         if output == "hidden":
             return hidden
