@@ -56,6 +56,7 @@ def make_world(out: Path, n: int = 48, per_shard: int = 16, seed: int = 0, n_mis
         layout = seed * 100_003 + i
         base.append({"img": jpeg(draw(c, s, layout=layout)), "cap": f"a {c} {s}", "c": c, "s": s, "layout": layout})
     faults: dict[str, str] = {}
+    records = []
     samples = []
     for i, b in enumerate(base):
         samples.append({"img": b["img"], "cap": b["cap"], "fault": None, "uid": f"{i:032x}"})
@@ -69,21 +70,27 @@ def make_world(out: Path, n: int = 48, per_shard: int = 16, seed: int = 0, n_mis
     for j, i in enumerate(rng.sample(clean, n_exact + n_near)):
         if j < n_exact:
             extra.append({"img": samples[i]["img"], "cap": samples[i]["cap"], "fault": "exact_duplicate",
-                          "uid": f"{n + j:032x}"})
+                          "uid": f"{n + j:032x}", "of": i})
         else:
             b = base[i]
             extra.append({"img": jpeg(draw(b["c"], b["s"], shift=1, layout=b["layout"]), quality=80), "cap": b["cap"],
-                          "fault": "near_duplicate", "uid": f"{n + j:032x}"})
+                          "fault": "near_duplicate", "uid": f"{n + j:032x}", "of": i})
     samples += extra
     for j in range(n_corrupt):
         samples.append({"img": b"<html>not an image</html>", "cap": "broken", "fault": "non_image",
                         "uid": f"{n + 100 + j:032x}"})
     out.mkdir(parents=True, exist_ok=True)
+    keys = []
     with ShardWriter(out, samples_per_shard=per_shard, timestamps=False) as w:
         for s in samples:
             key = w.next_key()
+            keys.append(key)
             w.write(key, s["img"], s["cap"], {"uid": s["uid"]})
             if s["fault"]:
                 faults[key] = s["fault"]
-    (out / "faults.jsonl").write_text("".join(json.dumps({"key": k, "fault": v}) + "\n" for k, v in faults.items()))
+                rec = {"key": key, "fault": s["fault"]}
+                if "of" in s:
+                    rec["duplicate_of_key"] = keys[s["of"]]
+                records.append(rec)
+    (out / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"dir": out, "faults": faults, "n": len(samples)}

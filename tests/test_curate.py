@@ -132,6 +132,8 @@ def test_dedup_exact_and_near(tmp_path, world):
     assert gt["exact_duplicates_removed"] == gt["exact_duplicates_injected"] == 3
     assert gt["near_duplicates_removed"] == gt["near_duplicates_injected"] == 2
     assert gt["clean_removed"] == 0
+    assert gt["exact_duplicate_groups_with_one_copy_left"] == "3/3"
+    assert gt["near_duplicate_groups_with_one_copy_left"] == "2/2"
     assert m["dropped"] == {"corrupt": 1, "exact_duplicate_image": 3, "near_duplicate_phash": 2}
     assert m["near_duplicate_groups"] == 2
     kept_sha = [s.meta["sha256"] for s in out_samples(out)]

@@ -3,7 +3,8 @@
 Two passes so that duplicates across shards (and ranks) are found: the inspect pass records small
 per-sample fingerprints in parquet sidecars (sha256 of the image bytes, hash of the normalised
 caption, 64-bit perceptual hash); the decide step sees all fingerprints at once. In every group of
-duplicates the first sample in input order is kept.
+duplicates the first sample in input order is kept; a near-duplicate is dropped only when it is
+near a sample that is kept (greedy, no transitive chains).
 
 Near-duplicates by perceptual hash: pHash (DCT, 64 bits, ``imagehash``) within Hamming distance
 ``d``. All pairs within ``d`` are found exactly without comparing all pairs: split the 64 bits
@@ -58,25 +59,6 @@ def make_extra(near_method: str):
         return row
 
     return extra
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        p = self.parent
-        root = i
-        while p[root] != root:
-            root = p[root]
-        while p[i] != root:
-            p[i], i = root, p[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:  # smaller index (earlier in input order) becomes the root = the kept one
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
@@ -211,19 +193,25 @@ def make_decide(exact: list[str], near_method: str, phash_max_distance: int, emb
                 if embeddings is None:
                     raise UserError("near-duplicate method 'embedding' needs image embeddings (score.model)")
                 pairs = embedding_pairs(embeddings(table, alive), min_cosine, block)
-            uf = _UnionFind(len(alive))
+            # Greedy in input order: a sample is dropped when it is near an earlier sample that was
+            # kept. No transitive chains (A~B~C does not drop C unless C is near a kept sample).
+            earlier: dict[int, list] = {}
             for a, b, _ in pairs:
-                uf.union(a, b)
-            roots = np.array([uf.find(i) for i in range(len(alive))], dtype=np.int64)
+                earlier.setdefault(max(a, b), []).append(min(a, b))
+            kept_local = np.ones(len(alive), dtype=bool)
+            group_of = np.arange(len(alive))
             near = 0
-            for local, root in enumerate(roots):
-                if root != local:
-                    g = alive[local]
+            for b in sorted(earlier):
+                hits = [a for a in earlier[b] if kept_local[a]]
+                if hits:
+                    kept_local[b] = False
+                    group_of[b] = min(hits)
+                    g = alive[b]
                     keep[g] = False
                     reason[g] = f"near_duplicate_{near_method}"
                     near += 1
-            clusters = {}
-            for local, root in enumerate(roots):
+            clusters: dict = {}
+            for local, root in enumerate(group_of):
                 clusters.setdefault(int(root), []).append(col["key"][alive[local]])
             groups = [v for v in clusters.values() if len(v) > 1]
             report["duplicates"][f"near_{near_method}"] = near

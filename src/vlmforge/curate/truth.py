@@ -1,8 +1,12 @@
 """Score a curation run against a ground-truth fault file (the synthetic world's ``faults.jsonl``).
 
 One JSON object per line naming a faulty sample by ``key`` (its key in the tar) and the fault in
-``fault`` (or ``kind`` / ``type``), e.g. ``{"key": "000000012", "fault": "mismatch"}``. Samples not
-listed are clean. The metrics go into the stage manifest (``ground_truth``).
+``fault`` (or ``kind`` / ``type``), e.g. ``{"key": "000000012", "fault": "mismatch"}``; duplicates may
+name their source with ``duplicate_of_key``. Samples not listed are clean. The metrics go into
+the stage manifest (``ground_truth``).
+
+Duplicates are scored per group (a source and its injected copies): copies are byte-identical (or
+nearly), so which member survives is arbitrary; what matters is that exactly one does.
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ EXACT_DUP = ("exact_duplicate", "exact_dup", "duplicate")
 NEAR_DUP = ("near_duplicate", "near_dup")
 
 
-def load_truth(path: str | os.PathLike) -> dict[str, str]:
-    """key -> fault kind."""
+class Truth(dict):
+    """key -> fault kind, plus ``dup_of``: duplicate key -> the key it copies."""
+
+    dup_of: dict
+
+
+def load_truth(path: str | os.PathLike) -> Truth:
+    """key -> fault kind (and ``.dup_of``)."""
     from vlmforge.cli import UserError
 
-    out: dict[str, str] = {}
+    out = Truth()
+    out.dup_of = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -36,6 +47,8 @@ def load_truth(path: str | os.PathLike) -> dict[str, str]:
             if key is None or kind is None:
                 raise UserError(f"{path}:{n}: a fault record needs 'key' and 'fault' (got {sorted(rec)})")
             out[str(key)] = str(kind)
+            if rec.get("duplicate_of_key") is not None:
+                out.dup_of[str(key)] = str(rec["duplicate_of_key"])
     return out
 
 
@@ -69,21 +82,43 @@ def filter_metrics(truth: dict, shards, table, keep: np.ndarray, valid: np.ndarr
     return out
 
 
+def _group_stats(truth, kinds_wanted, keys: list, keep: np.ndarray, valid: np.ndarray) -> dict:
+    """Groups {source, copies...} of the given duplicate kinds: how many copies remain beyond one."""
+    dup_of = getattr(truth, "dup_of", {}) or {}
+    row = {k: i for i, k in enumerate(keys)}
+    groups: dict[str, list] = {}
+    for k, kind in truth.items():
+        if kind in kinds_wanted:
+            groups.setdefault(dup_of.get(k, k), []).append(k)
+    injected = sum(len(v) for v in groups.values())
+    left = resolved = 0
+    for src, copies in groups.items():
+        members = [m for m in [src, *copies] if m in row and valid[row[m]]]
+        kept = sum(1 for m in members if keep[row[m]])
+        left += max(0, kept - 1)
+        resolved += kept == 1
+    return {"injected": injected, "groups": len(groups), "groups_with_one_copy_left": resolved,
+            "redundant_copies_left": left, "removed": injected - left}
+
+
 def dedup_metrics(truth: dict, table, keep: np.ndarray, reason: list, valid: np.ndarray) -> dict:
-    kinds = _kinds(truth, table.column("key").to_pylist())
-    exact = np.isin(kinds, EXACT_DUP) & valid
-    near = np.isin(kinds, NEAR_DUP) & valid
-    clean = (kinds == "clean") & valid
+    keys = table.column("key").to_pylist()
+    kinds = _kinds(truth, keys)
     reasons = np.array([r or "" for r in reason], dtype=object)
-    exact_removed = int((exact & ~keep).sum())
-    near_removed = int((near & ~keep).sum())
+    exact = _group_stats(truth, EXACT_DUP, keys, keep, valid)
+    near = _group_stats(truth, NEAR_DUP, keys, keep, valid)
+    # a clean sample removed is fine when it is the source of an injected copy that was kept instead
+    sources = set((getattr(truth, "dup_of", {}) or {}).values())
+    clean_removed = [k for k, kd, kp, v in zip(keys, kinds, keep, valid) if v and not kp and kd == "clean" and k not in sources]
     return {
-        "exact_duplicates_injected": int(exact.sum()),
-        "exact_duplicates_removed": exact_removed,
-        "exact_duplicates_missed_keys": table.column("key").to_numpy(zero_copy_only=False)[exact & keep].tolist()[:20],
-        "near_duplicates_injected": int(near.sum()),
-        "near_duplicates_removed": near_removed,
-        "clean_removed": int((clean & ~keep).sum()),
+        "exact_duplicates_injected": exact["injected"],
+        "exact_duplicates_removed": exact["removed"],
+        "exact_duplicate_groups_with_one_copy_left": f"{exact['groups_with_one_copy_left']}/{exact['groups']}",
+        "near_duplicates_injected": near["injected"],
+        "near_duplicates_removed": near["removed"],
+        "near_duplicate_groups_with_one_copy_left": f"{near['groups_with_one_copy_left']}/{near['groups']}",
+        "clean_removed": len(clean_removed),
+        "clean_removed_examples": clean_removed[:20],
         "removed_by_fault": {f"{k}|{r}": v for (k, r), v in
                              Counter(zip(kinds[valid & ~keep].tolist(), reasons[valid & ~keep].tolist())).items()},
     }
