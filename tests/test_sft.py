@@ -388,3 +388,25 @@ def test_format_detected_by_content(world, tmp_path):
     src.write_text((d / "data.jsonl").read_text())
     build_index([src], tmp_path / "i", visual_tokens=VT, lengths="estimate", progress=False)
     assert open_index(tmp_path / "i").record(9) == recs[9]
+
+
+def test_estimated_lengths_never_overflow_a_row(world, tmp_path, tok):
+    """With an (under)estimating index, a conversation that does not fit goes to an extra row."""
+    d, recs = world
+    build_index([d / "data.jsonl"], tmp_path / "e", visual_tokens=VT, image_root=d, lengths="estimate",
+                progress=False)  # no tokenizer: 4 bytes/token, more than this tiny tokenizer gets
+    ds = SFTDataset(tmp_path / "e", tok, image_spec=SPEC, max_len=128)
+    assert (ds.lengths()[:40] < np.array([ds[i]["input_ids"].size for i in range(40)])).any()
+    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1, max_epochs=1)
+    seen = []
+    for batch in loader:
+        assert batch["input_ids"].shape[1] <= 128
+        seen += _unpack(tok, batch)
+    assert loader.skipped.get("overflow_rows", 0) > 0
+    fits = []
+    for i in range(len(ds)):
+        try:
+            fits.append(tuple(ds[i]["input_ids"]))
+        except SFTDataError:  # too long for max_len once tokenized
+            pass
+    assert sorted(seen) == sorted(fits)

@@ -13,7 +13,8 @@ no assistant turn) are skipped and counted per reason with file:line examples in
 
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
-`estimate` is ~10x faster (bytes per token, calibrated on the first records when a tokenizer is given).
+`estimate` is tens of times faster (bytes per token, calibrated on the first records when a
+tokenizer is given); packing then moves a conversation that overflows its pack to an extra row.
 Flags left out fall back to the recipe's `sft` section (sources, image_root, lengths, ...).
 """
 
