@@ -18,7 +18,7 @@ class FaultConfig:
 
     mismatch_frac: float = 0.08  # caption of another, different scene
     exact_duplicate_frac: float = 0.03  # same image bytes + caption under a new key
-    near_duplicate_frac: float = 0.03  # same scene, shifted by a pixel and re-encoded
+    near_duplicate_frac: float = 0.03  # same picture downscaled, upscaled back and re-encoded
     truncated_jpeg_frac: float = 0.01  # JPEG cut short
     non_image_frac: float = 0.01  # HTML error page stored as .jpg
     empty_caption_frac: float = 0.01  # empty .txt

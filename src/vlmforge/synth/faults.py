@@ -8,13 +8,13 @@ stage can be scored exactly: ``faults.jsonl`` lists every faulty key, every othe
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from vlmforge.synth.language import caption as make_caption
-from vlmforge.synth.render import encode_jpeg, encode_png
+from vlmforge.synth.render import encode_jpeg, encode_png, render_scene
 from vlmforge.synth.world import Scene
 
 FAULT_TYPES = (
@@ -81,26 +81,11 @@ def plan_faults(n: int, fcfg, rng: np.random.Generator) -> dict[int, str]:
     return plan
 
 
-def _shift(im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Move the picture by 1-2 pixels (edge pixels repeated): a re-upload, not a new image."""
-    a = np.asarray(im)
-    dy, dx = (int(v) for v in rng.choice([-2, -1, 1, 2], size=2))
-    a = np.roll(a, (dy, dx), axis=(0, 1))
-    if dy > 0:
-        a[:dy] = a[dy]
-    elif dy < 0:
-        a[dy:] = a[dy - 1]
-    if dx > 0:
-        a[:, :dx] = a[:, dx : dx + 1]
-    elif dx < 0:
-        a[:, dx:] = a[:, dx - 1 : dx]
-    return Image.fromarray(a)
-
-
-def _rgba(im: Image.Image, background) -> bytes:
+def _rgba(im: Image.Image, scene: Scene, supersample: int) -> bytes:
     """PNG with a transparent background (what a logo-style download looks like)."""
     a = np.asarray(im).astype(np.int16)
-    diff = np.abs(a - np.array(background, dtype=np.int16)).sum(axis=2)
+    bg = np.asarray(render_scene(replace(scene, objects=()), im.width, supersample)).astype(np.int16)
+    diff = np.abs(a - bg).sum(axis=2)
     alpha = np.where(diff > 40, 255, 0).astype(np.uint8)
     rgba = np.dstack([np.asarray(im), alpha])
     return encode_png(Image.fromarray(rgba, "RGBA"))
@@ -117,6 +102,7 @@ def apply_faults(
     plan: dict[int, str],
     rng: np.random.Generator,
     quality: int,
+    supersample: int = 4,
 ) -> list[OutSample]:
     """Turn clean samples into the shard contents; fault details refer to other slots by index
     (``*_index``), replaced by keys when written."""
@@ -141,10 +127,16 @@ def apply_faults(
             src = clean[j]
             if kind == "exact_duplicate":
                 data, cap = src.jpeg, src.caption
-            else:  # shifted, re-encoded at a lower quality, sometimes re-captioned
-                data = encode_jpeg(_shift(src.image, rng), quality=max(50, quality - 15))
+            else:  # a re-upload: downscaled, upscaled back, re-encoded lower, sometimes re-captioned
+                side = src.image.width
+                small = max(8, int(round(side * float(rng.uniform(0.7, 0.9)))))
+                q = max(40, quality - int(rng.integers(10, 26)))
+                im = src.image.resize((small, small), Image.Resampling.BILINEAR)
+                data = encode_jpeg(im.resize((side, side), Image.Resampling.BILINEAR), quality=q)
                 cap = src.caption if rng.random() < 0.5 else make_caption(src.scene, rng)
             f = {"fault": kind, "duplicate_of_index": j}
+            if kind == "near_duplicate":
+                f["transform"] = f"resize {small}px and back, jpeg quality {q}"
             out.append(OutSample(data, cap, src.scene, f))
         elif kind == "truncated_jpeg":
             keep = int(len(s.jpeg) * float(rng.uniform(0.3, 0.7)))
@@ -160,7 +152,8 @@ def apply_faults(
         elif kind == "cmyk":
             out.append(OutSample(_jpeg_mode(s.image, "CMYK", quality), s.caption, s.scene, {"fault": kind}))
         elif kind == "rgba":
-            out.append(OutSample(_rgba(s.image, s.scene.background), s.caption, s.scene, {"fault": kind, "format": "png"}))
+            data = _rgba(s.image, s.scene, supersample)
+            out.append(OutSample(data, s.caption, s.scene, {"fault": kind, "format": "png"}))
         else:  # pragma: no cover - plan_faults only produces FAULT_TYPES
             raise ValueError(kind)
     return out

@@ -76,7 +76,7 @@ def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict
         popularity.update(o.name for o in scene.objects)
     frng = _rng(cfg.seed, "faults")
     plan = faults.plan_faults(n, cfg.faults, frng)
-    samples = faults.apply_faults(clean, plan, frng, cfg.jpeg_quality)
+    samples = faults.apply_faults(clean, plan, frng, cfg.jpeg_quality, cfg.supersample)
 
     keys = [sequential_key(i, spp) for i in range(n)]
     folder = out / "captions"

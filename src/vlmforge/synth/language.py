@@ -99,7 +99,7 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
         "A picture of {l}.",
         "An image of {l}.",
         "A simple drawing of {l}.",
-        "{L} on a plain background.",
+        "{L} on a light background.",
         "{There} {l}.",
         "This image shows {l}.",
         "A light background with {l}.",

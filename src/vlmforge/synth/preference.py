@@ -47,7 +47,7 @@ def perturb_scene(scene: Scene, rng: np.random.Generator, world: SceneSampler) -
     else:
         objs.pop(i)
     objs.sort(key=lambda x: x.cell)
-    return Scene(objects=tuple(objs), background=scene.background), kind
+    return replace(scene, objects=tuple(objs)), kind
 
 
 def preference_row(row_id: str, image: str, scene: Scene, rng: np.random.Generator, world: SceneSampler) -> dict:

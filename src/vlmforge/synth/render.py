@@ -7,7 +7,9 @@ import math
 
 from PIL import Image, ImageDraw
 
-from vlmforge.synth.world import COLORS, SIZE_FRACTION, Obj, Scene
+import numpy as np
+
+from vlmforge.synth.world import BG_GRID, COLORS, SIZE_FRACTION, Obj, Scene
 
 
 def _clip(v: int) -> int:
@@ -41,29 +43,48 @@ _UNIT = {
 }  # fmt: skip
 
 
-def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, side: int) -> None:
+def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, side: int, fill=None) -> None:
     cell = side / 3
     cx = (o.cell[1] + 0.5 + o.dx) * cell
     cy = (o.cell[0] + 0.5 + o.dy) * cell
     r = SIZE_FRACTION[o.size] * side
     base = COLORS[o.color]
-    fill = tuple(_clip(c + s) for c, s in zip(base, o.shade))
+    if fill is None:
+        fill = tuple(_clip(c + s) for c, s in zip(base, o.shade))
     if o.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon(_polygon(cx, cy, r, o.angle, _UNIT[o.shape]), fill=fill)
 
 
+def _background(scene: Scene, size: int) -> np.ndarray:
+    if scene.bg_grid:
+        grid = np.array(scene.bg_grid, dtype=np.uint8).reshape(BG_GRID, BG_GRID, 3)
+        return np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.broadcast_to(np.array(scene.background, dtype=np.float32), (size, size, 3))
+
+
 def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
-    """RGB image of ``size`` x ``size``; drawn at ``supersample`` x and downsampled for smooth edges."""
-    big = size * max(1, supersample)
-    im = Image.new("RGB", (big, big), scene.background)
-    draw = ImageDraw.Draw(im)
+    """RGB image of ``size`` x ``size``. Shapes are drawn at ``supersample`` x on black with a
+    coverage mask, box-downsampled (premultiplied colour + coverage) and laid over the background
+    made directly at the output size: smooth edges at a fraction of the cost of a big canvas."""
+    k = max(1, supersample)
+    big = size * k
+    bg = _background(scene, size)
+    if not scene.objects:
+        return Image.fromarray(np.asarray(bg, dtype=np.uint8).copy(), "RGB")
+    colour = Image.new("RGB", (big, big), (0, 0, 0))
+    mask = Image.new("L", (big, big), 0)
+    draw_c, draw_m = ImageDraw.Draw(colour), ImageDraw.Draw(mask)
     for o in scene.objects:
-        _draw_obj(draw, o, big)
-    if big != size:
-        im = im.reduce(supersample)  # box average: smooth edges, ~5x faster than LANCZOS
-    return im
+        _draw_obj(draw_c, o, big)
+        _draw_obj(draw_m, o, big, fill=255)
+    if k > 1:
+        colour, mask = colour.reduce(k), mask.reduce(k)
+    premult = np.asarray(colour, dtype=np.float32)
+    cover = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    out = bg * (1.0 - cover) + premult
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
 
 
 def encode_jpeg(im: Image.Image, quality: int = 90) -> bytes:

@@ -1,7 +1,9 @@
 """The world's vocabulary and scene sampler.
 
-A scene is a light background with 1-4 flat shapes, each in its own cell of a 3x3 grid (so
-positions are unambiguous and shapes never overlap). Few, very distinct shapes and colours keep
+A scene is a light, softly blotched background with 1-4 flat shapes, each in its own cell of a
+3x3 grid (so positions are unambiguous and shapes never overlap). The blotches give every image
+its own low-frequency structure, so unrelated scenes with one shape in the same place do not look
+like perceptual-hash near-duplicates of each other (as they would on a flat background). Few, very distinct shapes and colours keep
 it learnable by a tiny model on CPU in minutes.
 """
 
@@ -26,6 +28,8 @@ COLORS = {
 }
 SIZES = ("small", "large")
 SIZE_FRACTION = {"small": 0.09, "large": 0.15}  # radius as a fraction of the image side
+BG_GRID = 4  # background = a BG_GRID x BG_GRID grid of light colours, smoothly upsampled
+BG_AMPLITUDE = 35  # luminance swing of the background blotches
 
 # 3x3 grid cells, row-major; short names (answers) and phrases (captions).
 CELLS = [(r, c) for r in range(3) for c in range(3)]
@@ -73,7 +77,8 @@ class Obj:
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[Obj, ...]
-    background: tuple[int, int, int]
+    background: tuple[int, int, int]  # mean background colour
+    bg_grid: tuple[tuple[int, int, int], ...] = ()  # BG_GRID**2 colours, row-major; () = flat
 
     def count(self, shape: str | None = None, color: str | None = None) -> int:
         return sum((shape is None or o.shape == shape) and (color is None or o.color == color) for o in self.objects)
@@ -128,7 +133,7 @@ class SceneSampler:
 
     def sample(self, rng: np.random.Generator) -> Scene:
         # One batch of uniforms per scene: numpy's per-call overhead dominates otherwise.
-        u = iter(rng.random(13 + 13 * self.max_objects).tolist())
+        u = iter(rng.random(13 + 13 * self.max_objects + 4 * BG_GRID**2).tolist())
 
         def choice(seq):
             return seq[min(int(next(u) * len(seq)), len(seq) - 1)]
@@ -165,8 +170,12 @@ class SceneSampler:
                 )
             )
         objs.sort(key=lambda o: o.cell)  # reading order: captions list objects top-left first
-        bg = (int(uniform(228, 256)), int(uniform(228, 256)), int(uniform(228, 256)))
-        return Scene(objects=tuple(objs), background=bg)
+        bg = (int(uniform(215, 246)), int(uniform(215, 246)), int(uniform(215, 246)))
+        grid = []
+        for _ in range(BG_GRID**2):
+            lum = uniform(-BG_AMPLITUDE, BG_AMPLITUDE)
+            grid.append(tuple(int(min(255, max(150, c + lum + uniform(-8, 8)))) for c in bg))
+        return Scene(objects=tuple(objs), background=bg, bg_grid=tuple(grid))
 
 
 def scene_from_dict(d: dict) -> Scene:
