@@ -35,7 +35,7 @@ def check_reconciled(m: dict, out_dir) -> None:
     assert c["in"] == c["kept"] + sum(m["dropped"].values())
     samples = out_samples(out_dir)
     assert len(samples) == c["kept"]
-    assert len({s.meta["source_key"] for s in samples}) == len(samples)  # nothing duplicated
+    assert len({(s.meta["source_shard"], s.meta["source_key"]) for s in samples}) == len(samples)  # no duplicates
     assert sum(v["count"] for v in m["lineage"].values()) == c["kept"]
 
 
