@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 import numpy as np
 
@@ -57,11 +57,11 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, side: int, fill=None) -> None:
         draw.polygon(_polygon(cx, cy, r, o.angle, _UNIT[o.shape]), fill=fill)
 
 
-def _background(scene: Scene, size: int) -> np.ndarray:
+def _background(scene: Scene, size: int) -> Image.Image:
     if scene.bg_grid:
-        grid = np.array(scene.bg_grid, dtype=np.uint8).reshape(BG_GRID, BG_GRID, 3)
-        return np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-    return np.broadcast_to(np.array(scene.background, dtype=np.float32), (size, size, 3))
+        grid = np.frombuffer(scene.bg_grid, dtype=np.uint8).reshape(BG_GRID, BG_GRID, 3)
+        return Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return Image.new("RGB", (size, size), scene.background)
 
 
 def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
@@ -72,7 +72,7 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Im
     big = size * k
     bg = _background(scene, size)
     if not scene.objects:
-        return Image.fromarray(np.asarray(bg, dtype=np.uint8).copy(), "RGB")
+        return bg
     colour = Image.new("RGB", (big, big), (0, 0, 0))
     mask = Image.new("L", (big, big), 0)
     draw_c, draw_m = ImageDraw.Draw(colour), ImageDraw.Draw(mask)
@@ -81,10 +81,9 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Im
         _draw_obj(draw_m, o, big, fill=255)
     if k > 1:
         colour, mask = colour.reduce(k), mask.reduce(k)
-    premult = np.asarray(colour, dtype=np.float32)
-    cover = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-    out = bg * (1.0 - cover) + premult
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    # out = background * (1 - coverage) + premultiplied colour, all in PIL's C code
+    uncovered = ImageChops.invert(mask)
+    return ImageChops.add(ImageChops.multiply(bg, Image.merge("RGB", (uncovered,) * 3)), colour)
 
 
 def encode_jpeg(im: Image.Image, quality: int = 90) -> bytes:

@@ -78,7 +78,7 @@ class Obj:
 class Scene:
     objects: tuple[Obj, ...]
     background: tuple[int, int, int]  # mean background colour
-    bg_grid: tuple[tuple[int, int, int], ...] = ()  # BG_GRID**2 colours, row-major; () = flat
+    bg_grid: bytes = b""  # BG_GRID x BG_GRID x 3 uint8 colours, row-major; empty = flat
 
     def count(self, shape: str | None = None, color: str | None = None) -> int:
         return sum((shape is None or o.shape == shape) and (color is None or o.color == color) for o in self.objects)
@@ -133,7 +133,7 @@ class SceneSampler:
 
     def sample(self, rng: np.random.Generator) -> Scene:
         # One batch of uniforms per scene: numpy's per-call overhead dominates otherwise.
-        u = iter(rng.random(13 + 13 * self.max_objects + 4 * BG_GRID**2).tolist())
+        u = iter(rng.random(13 + 13 * self.max_objects).tolist())
 
         def choice(seq):
             return seq[min(int(next(u) * len(seq)), len(seq) - 1)]
@@ -171,11 +171,10 @@ class SceneSampler:
             )
         objs.sort(key=lambda o: o.cell)  # reading order: captions list objects top-left first
         bg = (int(uniform(215, 246)), int(uniform(215, 246)), int(uniform(215, 246)))
-        grid = []
-        for _ in range(BG_GRID**2):
-            lum = uniform(-BG_AMPLITUDE, BG_AMPLITUDE)
-            grid.append(tuple(int(min(255, max(150, c + lum + uniform(-8, 8)))) for c in bg))
-        return Scene(objects=tuple(objs), background=bg, bg_grid=tuple(grid))
+        b = rng.random((BG_GRID**2, 4))  # per blotch: luminance swing + a slight tint
+        grid = np.array(bg) + (2 * b[:, :1] - 1) * BG_AMPLITUDE + (16 * b[:, 1:] - 8)
+        grid = np.clip(grid, 150, 255).astype(np.uint8)
+        return Scene(objects=tuple(objs), background=bg, bg_grid=grid.tobytes())
 
 
 def scene_from_dict(d: dict) -> Scene:
