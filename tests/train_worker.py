@@ -7,10 +7,8 @@ Each reduction trains in RUN_ROOT/<reduction>; the losses land in its metrics.js
 
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 

@@ -204,9 +204,11 @@ def load_checkpoint(
     trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
     if trainer_state.get("world_size") != vdist.world_size():
         # the tensors reshard fine, but each rank's data-loader position belongs to one rank layout
-        raise RuntimeError(
+        from vlmforge.config import ConfigError
+
+        raise ConfigError(
             f"{ckpt} was written by {trainer_state.get('world_size')} process(es); "
-            f"resume it with the same number (now {vdist.world_size()})"
+            f"resume it with the same number (now {vdist.world_size()}), or set train.resume=false / a new train.run_dir"
         )
     rank_file = ckpt / rank_state_name(vdist.rank())
     rank_state = json.loads(rank_file.read_text())
