@@ -13,6 +13,7 @@ class PackConfig:
     max_len: int = 4096  # tokens per pack (visual tokens + caption + separator, summed over samples)
     window: int = 10000  # samples planned together; one packed output shard per window
     method: str = "auto"  # auto | exact | ffd (see vlmforge.data.packing.plan_packs)
+    carry_over: bool = True  # the emptiest pack of a window (if < 99% full) is re-planned with the next window
     too_long: str = "truncate"  # truncate (cut the caption) | drop; both counted in the manifest
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
     check_images: bool = True  # fully decode every image at pack time (bad ones are skipped and counted)

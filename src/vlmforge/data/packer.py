@@ -51,6 +51,10 @@ def _check_image(data: bytes) -> str | None:
         return str(e)
 
 
+def _check_images(samples: list) -> list[str | None]:
+    return [_check_image(s.image_bytes) for s in samples]
+
+
 def iter_text_chunks(paths: list[str], tok, chunk_len: int, batch: int = 256) -> Iterator[tuple[str, list[int], bool]]:
     """(key, token ids, ends_document) chunks of a .txt (one document per line) / .jsonl ({"text"}) corpus."""
 
@@ -166,12 +170,19 @@ def pack_shards(
             raise UserError(f"{sample.shard}: sample {sample.key!r}: {reason}: {detail}")
         st.dropped[reason] += 1
 
-    def flush(raw: list, shard_index: int) -> None:
-        nonlocal text_exhausted
+    carry: list[dict] = []  # samples of the last window's emptiest pack, re-planned with the next window
+
+    def flush(raw: list, shard_index: int, last: bool) -> None:
+        nonlocal text_exhausted, carry
         # 1. validate, in input order (strict mode names the first bad sample)
         checkable = [s for s in raw if not s.error and s.caption and s.caption.strip()]
-        img_err = dict(zip((id(s) for s in checkable), pool.map(_check_image, [s.image_bytes for s in checkable]))) \
-            if pool is not None else {}
+        img_err = {}
+        if pool is not None and checkable:
+            # one task per thread, not per image: per-task overhead dominates for small images
+            k = max(1, -(-len(checkable) // max(1, int(pc.threads))))
+            chunks = [checkable[i : i + k] for i in range(0, len(checkable), k)]
+            for chunk, errs in zip(chunks, pool.map(_check_images, chunks)):
+                img_err.update(zip((id(s) for s in chunk), errs))
         ok = []
         for s in raw:
             if s.error:
@@ -214,11 +225,21 @@ def pack_shards(
                               "sep": ends, "truncated": False, "len": n})
                 st.text_tokens += n
                 st.counts["text_samples"] += 1
+        items = carry + items
+        carry = []
         if not items:
             return
         # 4. plan + write
         lengths = np.array([it["len"] for it in items], dtype=np.int64)
         packs = plan_packs(lengths, max_len, seed=int(cfg.seed) + shard_index, method=pc.method)
+        if pc.carry_over and not last and len(packs) > 1:
+            # A window's packing leaves one part-filled pack; its samples join the next window instead.
+            used = [int(lengths[p].sum()) for p in packs]
+            worst = int(np.argmin(used))
+            if used[worst] < 0.99 * max_len:
+                carry = [items[i] for i in packs[worst]]
+                packs = packs[:worst] + packs[worst + 1 :]
+        written = np.concatenate(packs)
         writer = PackedShardWriter(out, shard_index)
         try:
             for p in packs:
@@ -238,12 +259,12 @@ def pack_shards(
         except BaseException:
             writer.abort()
             raise
-        st.sample_lengths.append(lengths)
+        st.sample_lengths.append(lengths[written])
         st.pack_lengths.append(np.array([lengths[p].sum() for p in packs], dtype=np.int64))
         st.counts["packs"] += len(packs)
         st.counts["shards"] += 1
-        st.counts["samples_packed"] += len(items)
-        st.counts["image_samples"] += sum(it["kind"] == "image" for it in items)
+        st.counts["samples_packed"] += int(written.size)
+        st.counts["image_samples"] += sum(items[i]["kind"] == "image" for i in written)
 
     raw: list = []
     shard_index = 0
@@ -255,11 +276,11 @@ def pack_shards(
                     raw.append(s)
                     bar.update(1)
                     if len(raw) >= window:
-                        flush(raw, shard_index)
+                        flush(raw, shard_index, last=False)
                         shard_index += 1
                         raw = []
-            if raw:
-                flush(raw, shard_index)
+            if raw or carry:
+                flush(raw, shard_index, last=True)
     finally:
         if pool is not None:
             pool.shutdown()
