@@ -349,3 +349,23 @@ def test_reader_file_lru_alternating_shards(packed, monkeypatch):
         again = ds[int(i)]
         assert [s["input_ids"].tolist() for s in again] == [s["input_ids"].tolist() for s in first[i]]
     assert len(packed_shards._OPEN) == 1
+
+
+def test_carry_over_keeps_every_sample_exactly_once(caption_shards, tiny_tokenizer_dir, tmp_path):
+    _, keys = caption_shards
+    out = tmp_path / "carry"
+    manifest, _ = _pack(caption_shards, tiny_tokenizer_dir, out, "pack.max_len=320")  # exact-fit path
+    seen = {}
+    for idx in list_packed_shards(out):
+        r = PackedShardReader(idx)
+        for j in range(len(r)):
+            meta, _, _ = r.read_pack(j)
+            assert meta["length"] <= 320
+            for s in meta["samples"]:
+                assert s["key"] not in seen
+                seen[s["key"]] = idx.name
+    assert set(seen) == set(keys) - {keys[i] for i in FAULTS}
+    assert manifest["counts"]["samples_packed"] == len(seen)
+    assert sum(manifest["length_histogram"]["counts"]) == len(seen)
+    window0 = set(keys[:40])  # pack.window=40
+    assert any(k in window0 for k, shard in seen.items() if not shard.startswith("00000"))  # carried
