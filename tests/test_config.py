@@ -77,7 +77,7 @@ def test_save_resolved_round_trips(tmp_path):
     cfg = load_recipe(None, ["seed=7"])
     p = save_resolved(cfg, tmp_path / "out")
     again = load_recipe(p)
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path, capsys):

@@ -27,7 +27,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("generate", "vlmforge.model.generate_command"),
     ("eval", "vlmforge.eval.command"),
     ("export", "vlmforge.model.export_command"),
-    ("demo", "vlmforge.demo"),
+    ("demo", "vlmforge.demo.command"),
     ("recipes", "vlmforge.config.command"),
 ]
 

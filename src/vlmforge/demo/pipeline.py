@@ -1,0 +1,136 @@
+"""The demo pipeline: every stage is run through its own CLI command, in-process, so the demo
+is exactly the sequence of commands a user would type (they are listed in the report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmforge.cli import UserError, main
+from vlmforge.demo.sizes import SIZES, DemoSize
+
+PRETRAIN_RECIPE = "tiny/pretrain"
+SFT_RECIPE = "tiny/sft"
+EVAL_TASKS = "synth"
+
+
+@dataclass
+class StageLog:
+    """What ran, how long it took, and the equivalent shell command."""
+
+    rows: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, title: str, argv: list[str]) -> None:
+        n = len(self.rows) + 1
+        print(f"\n=== [{n}] {title}: vlmforge {shlex.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        code = main(argv)
+        seconds = time.perf_counter() - t0
+        self.rows.append({"stage": title, "seconds": round(seconds, 1), "command": "vlmforge " + shlex.join(argv)})
+        if code != 0:
+            raise UserError(f"demo stage '{title}' failed (exit code {code}); see the messages above")
+        print(f"=== [{n}] {title} done in {seconds:.1f}s (total {time.perf_counter() - self.started:.0f}s)", flush=True)
+
+
+def _synth_overrides(s: DemoSize) -> list[str]:
+    values = {
+        "synth.num_captions": s.captions,
+        "synth.samples_per_shard": max(50, s.captions // 4),
+        "synth.num_sft": s.sft,
+        "synth.num_mcq": s.mcq,
+        "synth.num_vqa": s.vqa,
+        "synth.num_pope_images": s.pope_images,
+        "synth.num_text": s.text_lines,
+        "synth.num_preference": 0 if s.captions < 500 else 100,
+    }
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def _sets(**kv) -> list[str]:
+    return [a for k, v in kv.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
+
+
+def _save_initial_checkpoint(tok_dir: Path, out: Path, seed: int) -> None:
+    """The randomly initialised model that pretraining starts from, saved so it can be evaluated."""
+    from vlmforge.config import load_recipe
+    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.model import build_vlm, save_vlm
+
+    cfg = load_recipe(PRETRAIN_RECIPE, [f"tokenizer.path={tok_dir}", f"seed={seed}"])
+    tok = load_tokenizer(str(tok_dir))
+    model = build_vlm(cfg.model, tok, seed=seed)
+    save_vlm(model, tok, cfg, out)
+
+
+def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True,
+             overwrite: bool = False, threads: int = 0) -> Path:
+    import torch
+
+    s = SIZES[size]
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir} exists and is not empty; pass --overwrite or another --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    world, tok = out_dir / "world", out_dir / "tokenizer"
+    runs, evals = out_dir / "runs", out_dir / "eval"
+    log = StageLog()
+
+    log.run("synth", ["synth", "--out", str(world), "--seed", str(seed), "--quiet", *_synth_overrides(s)])
+    log.run("tokenizer", ["tokenizer", "train", "--corpus", str(world), "--out", str(tok)])
+
+    shards = str(world / "captions")
+    faults = str(world / "captions" / "faults.jsonl")
+    if curate:
+        cur = out_dir / "curate"
+        # The trusted set for the filter network: the crawl minus its known-bad pairs.
+        log.run("curate: train filter network", [
+            "curate", "train-filter", "--in", shards, "--exclude-faults", faults,
+            "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}"])
+        log.run("curate: score", ["curate", "score", "--scorer", "dfn", "--model", str(cur / "filter"),
+                                  "--in", shards, "--out", str(cur / "scores")])
+        log.run("curate: filter", ["curate", "filter", "--in", shards, "--scores", f"dfn={cur / 'scores'}",
+                                   "--keep", "dfn>=calibrated", "--ground-truth", faults, "--out", str(cur / "filtered")])
+        log.run("curate: dedup", ["curate", "dedup", "--in", str(cur / "filtered"), "--ground-truth", faults,
+                                  "--out", str(cur / "curated")])
+        shards = str(cur / "curated")
+
+    common = _sets(seed=seed, tokenizer__path=tok)
+    log.run("pack", ["pack", "--recipe", PRETRAIN_RECIPE, "--in", shards, "--out", str(out_dir / "packed"),
+                     "--tokenizer", str(tok), "--no-progress", *common])
+
+    _save_initial_checkpoint(tok, runs / "init", seed)
+    eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world)]
+    if s.eval_limit:
+        eval_args += ["--limit", str(s.eval_limit)]
+    log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])
+
+    log.run("pretrain", ["train", "--recipe", PRETRAIN_RECIPE, *common, *_sets(
+        train__data_path=out_dir / "packed", train__init_from=runs / "init",
+        train__run_dir=runs / "pretrain", train__epochs=s.pretrain_epochs)])
+    log.run("eval after pretraining", ["eval", "--ckpt", str(runs / "pretrain" / "final"), *eval_args,
+                                       "--out", str(evals / "pretrain")])
+
+    log.run("sft index", ["sft-index", "--recipe", SFT_RECIPE, "--input", str(world / "sft" / "llava.json"),
+                          "--image-root", str(world / "sft"), "--tokenizer", str(tok),
+                          "--out", str(out_dir / "sft_index"), *common])
+    log.run("sft", ["train", "--recipe", SFT_RECIPE, *common, *_sets(
+        sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
+        train__run_dir=runs / "sft", train__epochs=s.sft_epochs)])
+    log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *eval_args, "--out", str(evals / "sft")])
+
+    from vlmforge.demo.report import write_demo_report
+
+    report = write_demo_report(out_dir, log.rows, size=size, curated=curate)
+    total = time.perf_counter() - log.started
+    print(f"\ndemo finished in {total:.0f}s: {report}", flush=True)
+    print((out_dir / "scores.txt").read_text(), flush=True)
+    return report

@@ -1,0 +1,140 @@
+"""The demo's report: benchmark scores before/after each stage next to chance, loss curves,
+what curation and packing did, and the commands that ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmforge.files import atomic_write_text, write_json
+from vlmforge.report.builder import Section, build_report
+
+PHASES = [("before training", "init"), ("after pretraining", "pretrain"), ("after SFT", "sft")]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _find(obj, key: str):
+    """The first value stored under ``key`` anywhere in a nested manifest."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def score_table(out_dir: Path) -> list[dict]:
+    """One row per benchmark: headline metric, chance, and the score at each phase."""
+    phases = {label: _read_json(out_dir / "eval" / name / "results.json").get("tasks", {}) for label, name in PHASES}
+    tasks = list(dict.fromkeys(t for res in phases.values() for t in res))
+    rows = []
+    for task in tasks:
+        ref = next(res[task] for res in phases.values() if task in res)
+        # every metric the scorer gives a chance level for (MCQ: plain and circular accuracy; POPE: accuracy, F1)
+        for metric in dict.fromkeys([ref["primary"], *ref["chance"]]):
+            row = {"benchmark": task, "metric": metric, "chance": ref["chance"].get(metric)}
+            for label, res in phases.items():
+                row[label] = res[task]["metrics"].get(metric) if task in res else None
+            row["n"] = ref["counts"]["n"]
+            rows.append(row)
+    return rows
+
+
+def _scores_text(rows: list[dict]) -> str:
+    head = f"{'benchmark':<14} {'metric':<18} {'chance':>7} " + " ".join(f"{label:>18}" for label, _ in PHASES)
+    lines = [head]
+    for r in rows:
+        cells = " ".join(f"{'-' if r[label] is None else format(r[label], '.3f'):>18}" for label, _ in PHASES)
+        chance = "-" if r["chance"] is None else f"{r['chance']:.3f}"
+        lines.append(f"{r['benchmark']:<14} {r['metric']:<18} {chance:>7} {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def _score_plot(rows: list[dict], path: Path) -> Path | None:
+    if not rows:
+        return None
+    import numpy as np
+
+    from vlmforge.report.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=100)
+    x = np.arange(len(rows))
+    width = 0.26
+    for i, (label, _) in enumerate(PHASES):
+        ax.bar(x + (i - 1) * width, [r[label] or 0.0 for r in rows], width, label=label)
+    for xi, r in zip(x, rows):
+        if r["chance"] is not None:
+            ax.hlines(r["chance"], xi - 1.5 * width, xi + 1.5 * width, colors="k", linestyles="dashed",
+                      label="chance" if xi == 0 else None)
+    ax.set_xticks(x, [f"{r['benchmark']}\n({r['metric']})" for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title("Held-out synthetic benchmarks")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _what_was_trained(out_dir: Path) -> str:
+    from vlmforge.config import load_recipe
+
+    cfg = load_recipe(out_dir / "runs" / "sft" / "config.yaml")
+    pre = load_recipe(out_dir / "runs" / "pretrain" / "config.yaml")
+    m = cfg.model
+    vision = "trained (unfrozen) in both stages" if not m.vision.frozen and not pre.model.vision.frozen else (
+        "frozen" if m.vision.frozen and pre.model.vision.frozen else
+        f"frozen in pretraining: {pre.model.vision.frozen}, in SFT: {m.vision.frozen}")
+    return (
+        f"Vision tower: {m.vision.preset}, randomly initialised (no pretrained weights exist offline), {vision}. "
+        f"Projector: {m.projector.kind}, pool size {pre.model.projector.pool_size} in pretraining "
+        f"({'full grid' if m.projector.pool_size is None else m.projector.pool_size} in SFT). "
+        f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "
+        f"Attention over packs: {m.attention}; positions: {m.positions}."
+    )
+
+
+def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated: bool) -> Path:
+    rows = score_table(out_dir)
+    atomic_write_text(out_dir / "scores.txt", _scores_text(rows))
+    sections = [Section("What was trained", text=_what_was_trained(out_dir))]
+    plot = _score_plot(rows, out_dir / "plots" / "scores.png")
+    sections.append(Section("Benchmarks (held-out images) vs chance", table=rows, images=[plot] if plot else []))
+    for stage in ("pretrain", "sft"):
+        for name in ("loss.png", "throughput.png"):
+            png = out_dir / "runs" / stage / "plots" / name
+            if png.is_file():
+                sections.append(Section(f"{stage}: {name[:-4]}", images=[png],
+                                        html=f'<p><a href="runs/{stage}/report.html">full {stage} report</a></p>'))
+    summary: dict = {"size": size, "scores": rows, "stages": stage_rows}
+    if curated:
+        gt = _find(_read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth")
+        dd = _find(_read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth")
+        summary["curation"] = {"filter": gt, "dedup": dd}
+        if gt:
+            keep = ("mismatched", "mismatched_removed", "mismatch_recall", "clean", "clean_kept_frac", "precision")
+            sections.append(Section("Curation: mismatched captions found by the trained filter network",
+                                    table=[{k: gt.get(k) for k in keep}]))
+        if dd:
+            sections.append(Section("Curation: duplicates", table=[
+                {"kind": kind, **{k: v for k, v in (dd.get(kind) or {}).items() if not isinstance(v, (dict, list))}}
+                for kind in ("exact", "near") if isinstance(dd.get(kind), dict)]))
+    fill = _read_json(out_dir / "packed" / "manifest.json").get("fill")
+    if fill:
+        summary["packing"] = fill
+        sections.append(Section("Packing", table=[fill]))
+    sections.append(Section("Stages (each is a command you can run yourself)", table=stage_rows))
+    write_json(out_dir / "demo_summary.json", summary)
+    return build_report(out_dir, sections, title=f"vlmforge demo ({size})")
