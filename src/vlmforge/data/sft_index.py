@@ -54,7 +54,7 @@ ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "a
 EXAMPLES_PER_REASON = 5
 INDEX_VERSION = 1
 _CHUNK = 1 << 24  # 16 MiB of jsonl per newline scan step
-_JSON_CHUNK = 1 << 22  # 4 MiB per JSON-array scan step (~10 int64 temporaries per byte: ~350 MiB peak)
+_JSON_CHUNK = 1 << 22  # 4 MiB per JSON-array scan step
 
 
 class SFTDataError(ValueError):
@@ -143,52 +143,78 @@ def _scan_jsonl(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts[keep], (ends - starts)[keep], lines[keep]
 
 
+def _escaped(buf: np.ndarray, qpos: np.ndarray, carry_bs: int) -> np.ndarray:
+    """Which quotes at ``qpos`` are escaped (preceded by an odd run of backslashes).
+
+    Backslashes before quotes are rare, so only those quotes are walked back, all at once.
+    ``carry_bs``: backslashes that ended the previous chunk.
+    """
+    esc = np.zeros(qpos.size, bool)
+    cand = np.flatnonzero((qpos == 0) | (buf[np.maximum(qpos - 1, 0)] == 92))
+    if not cand.size:
+        return esc
+    pos = qpos[cand]
+    run = np.zeros(pos.size, np.int64)
+    active = np.ones(pos.size, bool)
+    step = 1
+    while active.any():
+        at = pos - step
+        inside = at >= 0
+        hit = active & inside & (buf[np.maximum(at, 0)] == 92)
+        run += hit
+        reached_start = active & ~inside  # the run goes back into the previous chunk
+        run[reached_start] += carry_bs
+        active = hit
+        step += 1
+    esc[cand] = run % 2 == 1
+    return esc
+
+
 def _scan_json_array(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets, nbytes, line) of the top-level objects of a JSON array, by a vectorised scan.
 
-    Per 4 MiB chunk: unescaped quotes (preceded by an even run of backslashes) toggle an
-    in-string flag; outside strings ``{[`` / ``}]`` move the depth. An object starts where a ``{``
-    brings the depth from 1 to 2 and ends where a ``}`` brings it back to 1. Parity, depth and the
-    trailing backslash run carry over between chunks.
+    Per 4 MiB chunk, only the structural bytes (``"{}[]``) are kept as events: unescaped quotes
+    toggle an in-string flag; outside strings ``{[`` / ``}]`` move the depth. An object starts where
+    a ``{`` brings the depth from 1 to 2 and ends where a ``}`` brings it back to 1. In-string
+    parity, depth and a trailing backslash run carry over between chunks.
     """
     size = os.path.getsize(path)
-    starts, ends, newline_counts, newline_pos = [], [], [], []
-    in_str, depth, bs_run, base, seen_open = 0, 0, 0, 0, False
+    starts, ends, lines = [], [], []
+    in_str, depth, bs_run, base, newlines, seen_open = 0, 0, 0, 0, 0, False
     with open(path, "rb") as f:
         while base < size:
             buf = np.frombuffer(f.read(_JSON_CHUNK), np.uint8)
             n = buf.size
-            idx = np.arange(n, dtype=np.int64)
-            is_bs = buf == 92
-            # Length of the backslash run ending just before each byte.
-            last_non_bs = np.maximum.accumulate(np.where(is_bs, -1, idx))
-            run_before = np.empty(n, np.int64)
-            run_before[0] = bs_run
-            prev_last = last_non_bs[:-1]
-            run_before[1:] = np.where(prev_last >= 0, idx[:-1] - prev_last, idx[1:] + bs_run)
-            quote = (buf == 34) & (run_before % 2 == 0)
-            q_cum = np.cumsum(quote) + in_str  # parity after each byte
-            outside = ((q_cum - quote) % 2 == 0) & ~quote  # parity before the byte is 'outside'
-            opens = outside & ((buf == 123) | (buf == 91))
-            closes = outside & ((buf == 125) | (buf == 93))
-            step = opens.astype(np.int64) - closes
-            d_after = np.cumsum(step) + depth
-            obj_start = opens & (buf == 123) & (d_after == 2)
-            obj_end = closes & (buf == 125) & (d_after == 1)
             if not seen_open:
                 first = np.flatnonzero(~np.isin(buf, (32, 9, 10, 13, 0xEF, 0xBB, 0xBF)))
                 if first.size:
                     if buf[first[0]] != 91:
                         raise SFTDataError(f"{path}: a .json SFT file must be a JSON array of records ('[' first)")
                     seen_open = True
-            starts.append(np.flatnonzero(obj_start) + base)
-            ends.append(np.flatnonzero(obj_end) + base)
-            nl = np.flatnonzero(buf == 10) + base
-            newline_pos.append(nl)
-            newline_counts.append(nl.size)
-            in_str = int(q_cum[-1] % 2)
-            depth = int(d_after[-1])
-            bs_run = int(n - 1 - last_non_bs[-1]) if last_non_bs[-1] >= 0 else bs_run + n
+            ev = np.flatnonzero((buf == 34) | (buf == 123) | (buf == 125) | (buf == 91) | (buf == 93))
+            c = buf[ev]
+            quote = c == 34
+            qi = np.flatnonzero(quote)
+            quote[qi[_escaped(buf, ev[qi], bs_run)]] = False
+            q_cum = np.cumsum(quote) + in_str  # parity after each event
+            outside = ((q_cum - quote) % 2 == 0) & ~quote
+            opens = outside & ((c == 123) | (c == 91))
+            closes = outside & ((c == 125) | (c == 93))
+            d_after = np.cumsum(opens.astype(np.int64) - closes) + depth
+            s_local = ev[opens & (c == 123) & (d_after == 2)]
+            e_local = ev[closes & (c == 125) & (d_after == 1)]
+            nl = np.flatnonzero(buf == 10)
+            starts.append(s_local + base)
+            ends.append(e_local + base)
+            lines.append(np.searchsorted(nl, s_local) + newlines + 1)
+            newlines += nl.size
+            if ev.size:
+                in_str = int(q_cum[-1] % 2)
+                depth = int(d_after[-1])
+            k = 0
+            while k < n and buf[n - 1 - k] == 92:
+                k += 1
+            bs_run = bs_run + n if k == n else k
             base += n
     s = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     e = np.concatenate(ends) if ends else np.zeros(0, np.int64)
@@ -196,9 +222,8 @@ def _scan_json_array(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise SFTDataError(
             f"{path}: unbalanced JSON array ({s.size} objects opened, {e.size} closed): the file is truncated or corrupt"
         )
-    nls = np.concatenate(newline_pos) if newline_pos else np.zeros(0, np.int64)
-    lines = np.searchsorted(nls, s) + 1
-    return s, e - s + 1, lines
+    ln = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+    return s, e - s + 1, ln
 
 
 def scan_records(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
