@@ -232,7 +232,7 @@ def _unpack(tok, batch):
 
 def test_packed_epoch_covers_every_conversation_once(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=3, rank=0, world_size=1, max_epochs=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), seed=3, rank=0, world_size=1)
     seen, n_img = [], 0
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 128
@@ -260,7 +260,7 @@ def test_deterministic_and_exact_resume(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
 
     def take(loader, n):
-        it = iter(loader)
+        it = loader.forever()
         return [next(it)["input_ids"] for _ in range(n)]
 
     ref = take(SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1), 12)  # crosses an epoch boundary
@@ -269,7 +269,7 @@ def test_deterministic_and_exact_resume(exact_index, tok):
     other = take(SFTLoader(ds, _cfg(), seed=6, rank=0, world_size=1), 3)
     assert not all(a.shape == b.shape and (a == b).all() for a, b in zip(ref, other))
     first = SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1)
-    it = iter(first)
+    it = first.forever()
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip (no pickle)
@@ -282,9 +282,9 @@ def test_deterministic_and_exact_resume(exact_index, tok):
 def test_ranks_split_the_batches(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
     cfg = _cfg()
-    one = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=1, max_epochs=1)]
-    r0 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=2, max_epochs=1)]
-    r1 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=1, world_size=2, max_epochs=1)]
+    one = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=1)]
+    r0 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=2)]
+    r1 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=1, world_size=2)]
     assert len(r0) == len(r1) == len(one) // 2
     for j in range(len(r0)):
         assert (r0[j] == one[2 * j]).all() and (r1[j] == one[2 * j + 1]).all()
@@ -292,8 +292,8 @@ def test_ranks_split_the_batches(exact_index, tok):
 
 def test_workers_give_the_same_batches(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    a = [b["input_ids"] for b in SFTLoader(ds, _cfg(), seed=2, rank=0, world_size=1, max_epochs=1)]
-    b = [b["input_ids"] for b in SFTLoader(ds, _cfg(num_workers=2), seed=2, rank=0, world_size=1, max_epochs=1)]
+    a = [b["input_ids"] for b in SFTLoader(ds, _cfg(), seed=2, rank=0, world_size=1)]
+    b = [b["input_ids"] for b in SFTLoader(ds, _cfg(num_workers=2), seed=2, rank=0, world_size=1)]
     assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
 
 
@@ -302,7 +302,7 @@ def test_length_grouped_batches(exact_index, tok):
     cfg = _cfg(batching="length_group", group_factor=4, drop_last=False)
     seen = []
     pads = []
-    for batch in SFTLoader(ds, cfg, seed=0, rank=0, world_size=1, max_epochs=1):
+    for batch in SFTLoader(ds, cfg, seed=0, rank=0, world_size=1):
         assert int(batch["seq_ids"].max()) == 0  # one conversation per row
         seen += _unpack(tok, batch)
         pads.append(float((batch["seq_ids"] == -1).float().mean()))
@@ -322,11 +322,11 @@ def test_bad_samples_at_load_time_are_skipped_or_raise(world, tmp_path, tok, tin
     (root / "img" / "3.png").unlink()  # gone after indexing
     (root / "img" / "4.png").write_bytes(b"not a png")
     ds = SFTDataset(tmp_path / "i", tok, image_spec=SPEC)
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1, max_epochs=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1)
     n = sum(int(b["seq_ids"].max(dim=1).values.add(1).sum()) for b in loader)
     assert loader.skipped.get("missing_image", 0) > 0 and loader.skipped.get("bad_image", 0) > 0
     assert n + loader.skipped["missing_image"] + loader.skipped["bad_image"] == 24
-    strict = SFTLoader(ds, _cfg(strict=True), seed=0, rank=0, world_size=1, max_epochs=1)
+    strict = SFTLoader(ds, _cfg(strict=True), seed=0, rank=0, world_size=1)
     with pytest.raises(SFTDataError, match=r"s\.jsonl:\d+: image"):
         list(strict)
 
@@ -335,7 +335,7 @@ def test_too_long_records_are_left_out(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
     lengths = ds.lengths()
     cfg = _cfg(max_len=int(np.median(lengths)), drop_last=False)
-    loader = SFTLoader(ds, cfg, seed=0, rank=0, world_size=1, max_epochs=1)
+    loader = SFTLoader(ds, cfg, seed=0, rank=0, world_size=1)
     n = sum(len(_unpack(tok, b)) for b in loader)
     assert loader.skipped["too_long"] == int((lengths > cfg.max_len).sum()) > 0
     assert n == len(ds) - loader.skipped["too_long"]
@@ -374,7 +374,7 @@ def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):
     vt = visual_tokens_per_image(recipe.model)
     build_index([d / "data.jsonl"], tmp_path / "i", visual_tokens=vt, image_root=d, tokenizer=tiny_tokenizer_dir, progress=False)
     sft = OmegaConf.structured(SFTDataConfig(index=str(tmp_path / "i"), max_len=1024, batch_size=2))
-    loader = build_sft_loader(recipe, tok, sft_cfg=sft, rank=0, world_size=1, max_epochs=1)
+    loader = build_sft_loader(recipe, tok, sft_cfg=sft, rank=0, world_size=1)
     batch = next(iter(loader))
     n_img = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == n_img * vt
@@ -397,7 +397,7 @@ def test_estimated_lengths_never_overflow_a_row(world, tmp_path, tok):
                 progress=False)  # no tokenizer: 4 bytes/token, more than this tiny tokenizer gets
     ds = SFTDataset(tmp_path / "e", tok, image_spec=SPEC, max_len=128)
     assert (ds.lengths()[:40] < np.array([ds[i]["input_ids"].size for i in range(40)])).any()
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1, max_epochs=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1)
     seen = []
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 128
@@ -410,3 +410,25 @@ def test_estimated_lengths_never_overflow_a_row(world, tmp_path, tok):
         except SFTDataError:  # too long for max_len once tokenized
             pass
     assert sorted(seen) == sorted(fits)
+
+
+def test_epoch_protocol_matches_the_trainer(exact_index, tok):
+    """iter() yields the rest of the current epoch; resume = set_epoch + load_state_dict + iter()."""
+    ds = SFTDataset(exact_index, tok, image_spec=SPEC)
+    loader = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    n = loader.batches_per_epoch(0)
+    epoch0 = [b["input_ids"] for b in loader]
+    assert len(epoch0) == n and loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 0
+    epoch1 = [b["input_ids"] for b in loader]
+    assert len(epoch1) == loader.batches_per_epoch(1)
+    again = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    it = iter(again)
+    next(it), next(it)
+    state = again.state_dict()
+    resumed = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    resumed.set_epoch(state["epoch"])
+    resumed.load_state_dict(state)
+    rest = [b["input_ids"] for b in resumed]
+    assert len(rest) == n - 2 and all((a == b).all() for a, b in zip(rest, epoch0[2:]))
+    with pytest.raises(SFTDataError, match="seed"):
+        SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1).load_state_dict(state)

@@ -14,7 +14,8 @@ template is applied with the loss only on assistant turns (reply + end-of-turn t
   mega-batches of ``batch_size * group_factor`` and batches are shuffled, so padding stays small.
 
 The epoch plan is a pure function of (index, config, seed, epoch), so resume is exact:
-``state_dict()`` is ``{"epoch", "batch"}`` and ``load_state_dict`` continues at the next batch.
+``state_dict()`` is ``{"epoch", "batch", ...}`` and ``load_state_dict`` continues at the next batch
+(``iter(loader)`` yields the rest of the current epoch, like the packed pretraining loader).
 Ranks take global batches round-robin (``g % world_size == rank``; the epoch is cut to a multiple
 of ``world_size`` batches so ranks never wait on each other); DataLoader workers take the rank's
 batches round-robin too, and torch returns worker results in order, so the batch order does not
@@ -232,8 +233,12 @@ def _iterable(worker: _Worker):
 
 
 class SFTLoader:
-    """Deterministic, resumable SFT batches for one rank. Iterating goes on over epochs
-    (``max_epochs`` to stop); each item is a training-batch dict."""
+    """Deterministic, resumable SFT batches for one rank (each item a training-batch dict).
+
+    Same protocol as the packed pretraining loader: ``iter(loader)`` yields the rest of the
+    current epoch, after which the next epoch is current; ``set_epoch(e)`` starts epoch ``e``;
+    ``state_dict()`` / ``load_state_dict()`` resume at the exact next batch. ``forever()`` runs
+    epoch after epoch."""
 
     def __init__(
         self,
@@ -244,7 +249,6 @@ class SFTLoader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        max_epochs: int | None = None,
     ):
         self.ds = dataset
         self.cfg = cfg
@@ -255,7 +259,6 @@ class SFTLoader:
 
             rank, world_size = dist.rank(), dist.world_size()
         self.rank, self.world = int(rank), int(world_size)
-        self.max_epochs = max_epochs
         self.strict = bool(_cfg(cfg, "strict", False))
         self.max_len = int(_cfg(cfg, "max_len", 4096))
         self.num_workers = int(_cfg(cfg, "num_workers", 0))
@@ -279,10 +282,22 @@ class SFTLoader:
         return (len(self.plan(epoch)[2]) - 1) // self.world
 
     # -- state --------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (no-op if it is already the current epoch)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.batch = int(epoch), 0
+
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "records": len(self.ds), "world_size": self.world,
+                "batch_size": int(_cfg(self.cfg, "batch_size", 8)), "batching": str(_cfg(self.cfg, "batching", "pack"))}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped), **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        for key, mine in self._fingerprint().items():
+            if key in state and state[key] != mine:
+                raise SFTDataError(f"SFT loader state has {key}={state[key]!r} but this run has {mine!r}: cannot resume exactly")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.skipped = dict(state.get("skipped", {}))
 
@@ -339,21 +354,25 @@ class SFTLoader:
         yield from dl
 
     def __iter__(self) -> Iterator[dict]:
-        while self.max_epochs is None or self.epoch < self.max_epochs:
-            plan = self.plan(self.epoch)
-            n_local = (len(plan[2]) - 1) // self.world
-            if n_local == 0:
-                raise SFTDataError(
-                    f"SFT data gives no batch per rank (records {len(self.ds)}, batch_size "
-                    f"{_cfg(self.cfg, 'batch_size', 8)}, world size {self.world}, max_len {self.max_len})"
-                )
-            for item in self._epoch_items(plan, self.batch, n_local):
-                for k, v in item["skipped"].items():
-                    self.skipped[k] = self.skipped.get(k, 0) + v
-                self.batch = item["j"] + 1
-                if item["batch"] is not None:
-                    yield item["batch"]
-            self.epoch, self.batch = self.epoch + 1, 0
+        """The rest of the current epoch; afterwards the next epoch is current."""
+        plan = self.plan(self.epoch)
+        n_local = (len(plan[2]) - 1) // self.world
+        if n_local == 0:
+            raise SFTDataError(
+                f"SFT data gives no batch per rank (records {len(self.ds)}, batch_size "
+                f"{_cfg(self.cfg, 'batch_size', 8)}, world size {self.world}, max_len {self.max_len})"
+            )
+        for item in self._epoch_items(plan, self.batch, n_local):
+            for k, v in item["skipped"].items():
+                self.skipped[k] = self.skipped.get(k, 0) + v
+            self.batch = item["j"] + 1
+            if item["batch"] is not None:
+                yield item["batch"]
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def forever(self) -> Iterator[dict]:
+        while True:
+            yield from self
 
 
 def build_sft_loader(
@@ -364,7 +383,6 @@ def build_sft_loader(
     seed: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    max_epochs: int | None = None,
 ) -> SFTLoader:
     """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
     ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``."""
@@ -382,5 +400,5 @@ def build_sft_loader(
         max_len=sft.max_len,
     )
     return SFTLoader(
-        ds, sft, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size, max_epochs=max_epochs
+        ds, sft, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size
     )
