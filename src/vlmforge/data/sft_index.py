@@ -37,7 +37,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from vlmforge.files import write_json
 
 ARRAYS = {
     "offsets": np.uint64,
