@@ -102,7 +102,9 @@ class Trainer:
             try:
                 return next(self._it)
             except StopIteration:
-                raise RuntimeError("the training data yielded no batch") from None
+                skipped = getattr(self.loader, "skipped", None)
+                why = f" (samples skipped, by reason: {skipped})" if skipped else ""
+                raise RuntimeError(f"the training data yielded no batch in a whole epoch{why}") from None
 
     def _rank_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "data": self.loader.state_dict()}
