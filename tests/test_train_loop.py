@@ -2,7 +2,6 @@
 activation checkpointing do not change the update, freezing holds, kill-and-resume is exact,
 checkpoints rotate, and the run folder has its metrics and report."""
 
-import json
 import os
 import subprocess
 import sys

@@ -24,7 +24,7 @@ from vlmforge.train import checkpoint as ckpt
 from vlmforge.train.metrics import MetricsLogger
 from vlmforge.train.objectives import token_weights, weighted_token_ce
 from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
-from vlmforge.train.parallel import Placement, autocast_context, place_model
+from vlmforge.train.parallel import autocast_context, place_model
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "position_ids", "seq_ids", "v2pe_delta")
 # Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
