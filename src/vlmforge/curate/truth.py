@@ -76,6 +76,8 @@ def filter_metrics(truth: dict, shards, table, keep: np.ndarray, valid: np.ndarr
         "clean_kept_frac": _rate(int((clean & keep).sum()), int(clean.sum())),
         # of everything this filter removed (valid samples), the share that was a mismatch
         "precision": _rate(removed_mis, int(dropped.sum())),
+        # of everything removed, the share that was any injected fault (empty caption, grayscale, ...)
+        "precision_any_fault": _rate(int((dropped & (kinds != "clean")).sum()), int(dropped.sum())),
         "removed_by_fault": dict(Counter(kinds[dropped].tolist())),
         "corrupt_by_fault": dict(Counter(kinds[~valid].tolist())),
     }
