@@ -9,10 +9,11 @@ then measures in one run:
                  cosine, write parquet sidecar; reader work in the main process
   score (w=N)    the same with N DataLoader reader workers
 
-The model is a tiny random CLIP (the filter-network architecture) unless ``--model DIR`` names a
-CLIP/SigLIP folder.
+The model is a random CLIP: ``--size tiny`` (the filter-network architecture, 64 px) or
+``--size base`` (ViT-B/32 geometry, 224 px), unless ``--model DIR`` names a CLIP/SigLIP folder.
 
     python bench/bench_curate.py --images 512 --batch-size 64 --workers 2
+    python bench/bench_curate.py --images 256 --size base
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def make_shards(out: Path, n: int, per_shard: int, w: int, h: int) -> None:
             sw.write(sw.next_key(), synthetic_jpeg(i, w, h), cap, {"uid": f"{i:032x}"})
 
 
-def tiny_model(out: Path) -> Path:
+def random_model(out: Path, size: str) -> Path:
     from vlmforge.config.curate import TrainFilterConfig
     from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
     from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
@@ -60,6 +61,9 @@ def tiny_model(out: Path) -> Path:
     tok = load_tokenizer(out / "tok")
     add_eos_postprocessor(tok)
     tf = TrainFilterConfig()
+    if size == "base":  # CLIP ViT-B/32 geometry (random weights): a realistic forward cost
+        tf = TrainFilterConfig(image_size=224, patch_size=32, hidden_size=768, num_layers=12, num_heads=12,
+                               embed_dim=512, max_text_len=77)
     model = build_model(tf, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -77,9 +81,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in", dest="inputs", default=None, help="existing shards (default: synthesise)")
-    ap.add_argument("--model", default=None, help="CLIP/SigLIP folder (default: tiny random CLIP)")
+    ap.add_argument("--model", default=None, help="CLIP/SigLIP folder (default: a random CLIP of --size)")
+    ap.add_argument("--size", dest="model_size", choices=["tiny", "base"], default="tiny",
+                    help="random model: tiny (filter network, 64 px) or base (ViT-B/32 geometry, 224 px)")
     ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--size", default="256x192")
+    ap.add_argument("--image-size", default="256x192", help="synthetic JPEG size WxH")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
@@ -87,12 +93,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_curate_"))
     if args.inputs is None:
-        w, h = (int(v) for v in args.size.split("x"))
+        w, h = (int(v) for v in args.image_size.split("x"))
         make_shards(tmp / "shards", args.images, max(1, args.images // 4), w, h)
         shards = list_shards(tmp / "shards")
     else:
         shards = list_shards(args.inputs)
-    model_dir = args.model or str(tiny_model(tmp / "model"))
+    model_dir = args.model or str(random_model(tmp / "model", args.model_size))
     scorer = load_scorer("clip", ScoreConfig(model=model_dir, device=args.device))
     dev = scorer.device
 
@@ -124,7 +130,7 @@ def main() -> None:
         rows.append((f"curate score, {workers} reader workers", n / (time.perf_counter() - t0)))
 
     print(f"\n{n} images in {len(shards)} shards, batch {args.batch_size}, device {dev}, model "
-          f"{scorer.info()['model_class']} ({'tiny random' if args.model is None else args.model})")
+          f"{scorer.info()['model_class']} ({args.model_size + ' random' if args.model is None else args.model})")
     print(f"{'':40s} {'images/s':>10s} {'vs bare':>8s}")
     for name, ips in rows:
         print(f"{name:40s} {ips:10.1f} {ips / bare:8.2f}")
