@@ -113,6 +113,8 @@ def dedup_metrics(truth: dict, table, keep: np.ndarray, reason: list, valid: np.
     sources = set((getattr(truth, "dup_of", {}) or {}).values())
     clean_removed = [k for k, kd, kp, v in zip(keys, kinds, keep, valid) if v and not kp and kd == "clean" and k not in sources]
     return {
+        "exact": exact,  # per kind: injected, removed, groups, groups_with_one_copy_left, redundant_copies_left
+        "near": near,
         "exact_duplicates_injected": exact["injected"],
         "exact_duplicates_removed": exact["removed"],
         "exact_duplicate_groups_with_one_copy_left": f"{exact['groups_with_one_copy_left']}/{exact['groups']}",
