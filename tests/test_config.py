@@ -1,9 +1,10 @@
 """Recipes: schema validation, overrides, base chains, and error messages that name key and file."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from vlmforge.cli import main
 from vlmforge.config import ConfigError, load_recipe, save_resolved
@@ -45,11 +46,18 @@ def test_override_converts_type_and_rejects_bad_values(tmp_path):
         load_recipe(None, ["synth.image_size"])
 
 
+@dataclass
+class NeedsData:
+    data: str = MISSING
+    seed: int = 0
+
+
 def test_missing_required_value_is_reported(tmp_path):
-    r = write(tmp_path / "r.yaml", "name: ???\n")
-    with pytest.raises(ConfigError, match="missing required value.*name") as e:
-        load_recipe(r)
+    r = write(tmp_path / "r.yaml", "seed: 3\n")
+    with pytest.raises(ConfigError, match="missing required value.*data") as e:
+        load_recipe(r, schema=NeedsData)
     assert str(r) in str(e.value)
+    assert load_recipe(r, ["data=x"], schema=NeedsData).data == "x"
 
 
 def test_base_chain_merges_in_order_and_detects_cycles(tmp_path):

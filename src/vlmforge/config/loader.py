@@ -86,9 +86,10 @@ def load_recipe(
     recipe: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
     require_complete: bool = True,
+    schema: type = Recipe,
 ) -> DictConfig:
     """Schema defaults <- recipe chain (base first) <- ``--set key=value`` overrides."""
-    cfg: DictConfig = OmegaConf.structured(Recipe)
+    cfg: DictConfig = OmegaConf.structured(schema)
     sources = ["defaults"]
     if recipe is not None:
         for path, layer in _load_file_chain(resolve_recipe_path(recipe)):

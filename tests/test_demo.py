@@ -1,0 +1,51 @@
+"""`vlmforge demo --size tiny`: the whole pipeline end to end, in-process, as CI runs it."""
+
+import json
+
+import pytest
+
+from vlmforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
+def test_every_stage_wrote_its_folder_config_and_manifest(demo_dir):
+    for stage in ("world", "curate/filter", "curate/scores", "curate/filtered", "curate/curated", "packed",
+                  "sft_index", "runs/pretrain", "runs/sft", "eval/init", "eval/pretrain", "eval/sft"):
+        folder = demo_dir / stage
+        assert folder.is_dir(), stage
+    for stage in ("world", "curate/filtered", "curate/curated", "packed", "sft_index", "runs/pretrain", "runs/sft",
+                  "eval/sft"):
+        assert (demo_dir / stage / "manifest.json").is_file(), stage
+        assert (demo_dir / stage / "config.yaml").is_file(), stage
+
+
+def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
+    summary = json.loads((demo_dir / "demo_summary.json").read_text())
+    rows = summary["scores"]
+    assert {r["benchmark"] for r in rows} == {"synth-mcq", "synth-vqa", "synth-pope"}
+    for r in rows:
+        assert r["chance"] is not None
+        for phase in ("before training", "after pretraining", "after SFT"):
+            assert isinstance(r[phase], float) and 0.0 <= r[phase] <= 1.0
+    html = (demo_dir / "report.html").read_text()
+    assert "after SFT" in html and "chance" in html and "plots/scores.png" in html
+    assert (demo_dir / "plots" / "scores.png").stat().st_size > 1000
+    assert (demo_dir / "runs" / "sft" / "plots" / "loss.png").is_file()
+    # the report says what was trained, so a reader knows the vision tower's status
+    assert "Vision tower" in html
+
+
+def test_sft_started_from_the_pretrained_weights(demo_dir):
+    manifest = json.loads((demo_dir / "runs" / "sft" / "manifest.json").read_text())
+    assert manifest["inputs"]["init_from"].endswith("pretrain/final")
+
+
+def test_demo_refuses_to_overwrite_without_flag(demo_dir, capsys):
+    assert main(["demo", "--size", "tiny", "--out", str(demo_dir)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
