@@ -14,8 +14,8 @@ from pathlib import Path
 from vlmforge.cli import UserError, main
 from vlmforge.demo.sizes import SIZES, DemoSize
 
-PRETRAIN_RECIPE = "tiny/pretrain"
-SFT_RECIPE = "tiny/sft"
+PRETRAIN_RECIPE = "demo/pretrain"
+SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
 
 
@@ -56,13 +56,13 @@ def _sets(**kv) -> list[str]:
     return [a for k, v in kv.items() for a in ("--set", f"{k.replace('__', '.')}={v}")]
 
 
-def _save_initial_checkpoint(tok_dir: Path, out: Path, seed: int) -> None:
+def _save_initial_checkpoint(tok_dir: Path, vision_dir: Path, out: Path, seed: int) -> None:
     """The randomly initialised model that pretraining starts from, saved so it can be evaluated."""
     from vlmforge.config import load_recipe
     from vlmforge.data.tokenizer import load_tokenizer
     from vlmforge.model import build_vlm, save_vlm
 
-    cfg = load_recipe(PRETRAIN_RECIPE, [f"tokenizer.path={tok_dir}", f"seed={seed}"])
+    cfg = load_recipe(PRETRAIN_RECIPE, [f"tokenizer.path={tok_dir}", f"seed={seed}", f"model.vision.pretrained={vision_dir}"])
     tok = load_tokenizer(str(tok_dir))
     model = build_vlm(cfg.model, tok, seed=seed)
     save_vlm(model, tok, cfg, out)
@@ -89,26 +89,29 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
 
     shards = str(world / "captions")
     faults = str(world / "captions" / "faults.jsonl")
+    cur = out_dir / "curate"
+    # The filter network learns image-text matching contrastively on the trusted set (the crawl
+    # minus its known-bad pairs); it scores the crawl and its vision half initialises the VLM's tower.
+    log.run("curate: train filter network", [
+        "curate", "train-filter", "--in", shards, "--exclude-faults", faults,
+        "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}"])
     if curate:
-        cur = out_dir / "curate"
-        # The trusted set for the filter network: the crawl minus its known-bad pairs.
-        log.run("curate: train filter network", [
-            "curate", "train-filter", "--in", shards, "--exclude-faults", faults,
-            "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}"])
         log.run("curate: score", ["curate", "score", "--scorer", "dfn", "--model", str(cur / "filter"),
                                   "--in", shards, "--out", str(cur / "scores")])
         log.run("curate: filter", ["curate", "filter", "--in", shards, "--scores", f"dfn={cur / 'scores'}",
                                    "--keep", "dfn>=calibrated", "--ground-truth", faults, "--out", str(cur / "filtered")])
-        log.run("curate: dedup", ["curate", "dedup", "--in", str(cur / "filtered"), "--ground-truth", faults,
-                                  "--out", str(cur / "curated")])
+        # exact duplicates only: the world repeats scenes on purpose, so perceptual near-dup removal
+        # would also drop legitimate pairs (measured in the curation notes)
+        log.run("curate: dedup", ["curate", "dedup", "--in", str(cur / "filtered"), "--near", "none",
+                                  "--ground-truth", faults, "--out", str(cur / "curated")])
         shards = str(cur / "curated")
 
-    common = _sets(seed=seed, tokenizer__path=tok)
+    common = _sets(seed=seed, tokenizer__path=tok, model__vision__pretrained=cur / "filter")
     log.run("pack", ["pack", "--recipe", PRETRAIN_RECIPE, "--in", shards, "--out", str(out_dir / "packed"),
                      "--tokenizer", str(tok), "--no-progress", *common])
 
-    _save_initial_checkpoint(tok, runs / "init", seed)
-    eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world)]
+    _save_initial_checkpoint(tok, cur / "filter", runs / "init", seed)
+    eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", "12"]
     if s.eval_limit:
         eval_args += ["--limit", str(s.eval_limit)]
     log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])

@@ -97,10 +97,13 @@ def _what_was_trained(out_dir: Path) -> str:
     vision = "trained (unfrozen) in both stages" if not m.vision.frozen and not pre.model.vision.frozen else (
         "frozen" if m.vision.frozen and pre.model.vision.frozen else
         f"frozen in pretraining: {pre.model.vision.frozen}, in SFT: {m.vision.frozen}")
+    origin = (f"initialised from the vision half of the filter network that curation trained "
+              f"contrastively on the trusted captions ({m.vision.pretrained})" if m.vision.pretrained
+              else "randomly initialised (no pretrained weights exist offline)")
     return (
-        f"Vision tower: {m.vision.preset}, randomly initialised (no pretrained weights exist offline), {vision}. "
+        f"Vision tower: {m.vision.preset}, {origin}, {vision}. "
         f"Projector: {m.projector.kind}, pool size {pre.model.projector.pool_size} in pretraining "
-        f"({'full grid' if m.projector.pool_size is None else m.projector.pool_size} in SFT). "
+        f"({'full grid' if m.projector.pool_size is None else m.projector.pool_size} in SFT), randomly initialised. "
         f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "
         f"Attention over packs: {m.attention}; positions: {m.positions}."
     )
