@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vlmforge.config import load_recipe
-    from vlmforge.data.images import load_pixel_values
+    from vlmforge.images import load_pixel_values
     from vlmforge.data.packed_dataset import build_pretrain_loader
     from vlmforge.data.packer import pack_shards
     from vlmforge.data.tokenizer import train_tokenizer

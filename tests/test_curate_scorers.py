@@ -173,10 +173,10 @@ def test_mlm_expected_value_matches_reference(tiny_vlm):
         candidate_ids, expected_scores, expected_scores_reference, judge_messages,
     )
     from vlmforge.model.generate import prompt_ids
-    from vlmforge.model.imageproc import preprocess_images
+    from vlmforge.images import preprocess_batch
 
     _, model, tok = tiny_vlm
-    pv = preprocess_images([Image.new("RGB", (20, 20), (200, 0, 0))], model.preprocess_spec())
+    pv = preprocess_batch([Image.new("RGB", (20, 20), (200, 0, 0))], model.preprocess_spec())
     ids = prompt_ids(model, tok, judge_messages("a red circle", "image_text_matching"), 1)
     cands = candidate_ids(tok)
     assert len(cands) == 101 and all(c[-1] == tok.convert_tokens_to_ids("<|im_end|>") for c in cands)

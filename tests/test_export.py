@@ -11,7 +11,7 @@ from PIL import Image
 from vlmforge.data.tokenizer import load_tokenizer
 from vlmforge.model.export import ExportRefused, export_llava
 from vlmforge.model.generate import prompt_ids
-from vlmforge.model.imageproc import preprocess_images
+from vlmforge.images import preprocess_batch
 
 MSGS = [{"role": "user", "content": "<image>What is in the picture?"}]
 
@@ -43,7 +43,7 @@ def test_exported_llava_matches_our_logits(tok, tmp_path, overrides):
     inputs = proc(images=[image], text=[text], return_tensors="pt")
     # the processor expands <image> and preprocesses exactly as we do
     assert inputs["input_ids"][0].tolist() == prompt_ids(model, tok, MSGS, 1)
-    ours_pv = preprocess_images([image], model.preprocess_spec())
+    ours_pv = preprocess_batch([image], model.preprocess_spec())
     assert (ours_pv - inputs["pixel_values"]).abs().max() <= 1e-5
     with torch.no_grad():
         theirs = hf(**inputs).logits

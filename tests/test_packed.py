@@ -240,7 +240,7 @@ def test_visual_token_mismatch_is_an_error(packed):
 def test_image_preprocessing_matches_transformers_siglip():
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from vlmforge.data.images import load_pixel_values
+    from vlmforge.images import load_pixel_values
 
     ref = SiglipImageProcessorPil(size={"height": 64, "width": 64})
     spec = dict(size=64, mean=[0.5] * 3, std=[0.5] * 3, rescale=1 / 255)
@@ -252,7 +252,7 @@ def test_image_preprocessing_matches_transformers_siglip():
 
 
 def test_pixel_values_match_pack_images_in_order(packed):
-    from vlmforge.data.images import load_pixel_values
+    from vlmforge.images import load_pixel_values
 
     folder, _, _ = packed
     ds = PackedDataset(folder, visual_tokens=16)

@@ -87,7 +87,7 @@ class PackedDataset:
     def __getitem__(self, i: int) -> list[dict[str, Any]]:
         import torch
 
-        from vlmforge.data.images import preprocess_batch
+        from vlmforge.images import preprocess_batch
         from vlmforge.shards import ImageDecodeError, decode_image
 
         r, j = self._locate(int(i))

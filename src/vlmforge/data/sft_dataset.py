@@ -41,7 +41,7 @@ IGNORE = -100
 
 def _load_pixels(path: str, spec: dict):
     """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image)."""
-    from vlmforge.data.images import preprocess
+    from vlmforge.images import preprocess
     from vlmforge.shards import ImageDecodeError, decode_image
 
     try:

@@ -135,7 +135,7 @@ def generate(
     return_ids: bool = False,
 ):
     """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i."""
-    from vlmforge.model.imageproc import preprocess_images
+    from vlmforge.images import preprocess_batch
 
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -153,7 +153,7 @@ def generate(
     flat = [im for ims in images for im in ims]
     pv = None
     if flat:
-        pv = preprocess_images(flat, model.preprocess_spec()).to(dev)
+        pv = preprocess_batch(flat, model.preprocess_spec()).to(dev)
     was_training = model.training
     model.eval()
     try:

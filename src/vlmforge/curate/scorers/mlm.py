@@ -183,12 +183,12 @@ class MLMJudgeScorer:
     @torch.no_grad()
     def score(self, batch: dict) -> dict:
         from vlmforge.model.generate import generate, prompt_ids
-        from vlmforge.model.imageproc import preprocess_images
+        from vlmforge.images import preprocess_batch
 
         images, captions = batch["images"], batch["captions"]
         n = len(captions)
         cols: dict[str, list] = {}
-        pv = preprocess_images(images, self.model.preprocess_spec()).to(self.device)
+        pv = preprocess_batch(images, self.model.preprocess_spec()).to(self.device)
         for m in self.metrics:
             prompts = [judge_messages(c, m) for c in captions]
             answers = generate(self.model, self.tokenizer, prompts, [[im] for im in images],
