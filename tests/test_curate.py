@@ -141,6 +141,21 @@ def test_dedup_exact_and_near(tmp_path, world):
     assert all(len(list(iter_raw_samples(t))) == 10 for t in list_shards(out)[:-1])
 
 
+def test_ground_truth_follows_samples_through_a_chain_of_stages(tmp_path, world):
+    """dedup after a filter: output keys are new, but ground truth is matched by the original key."""
+    n = world["n"]
+    write_scores(world, tmp_path / "s", lambda i: 1.0)  # keep everything valid
+    assert main(["curate", "filter", "--in", str(world["dir"]), "--scores", f"s={tmp_path / 's'}",
+                 "--keep", "s>=0.5", "--samples-per-shard", "7", "--out", str(tmp_path / "kept")]) == 0
+    assert n > 7 and any(s.key != s.meta["origin_key"] for s in out_samples(tmp_path / "kept"))
+    out = tmp_path / "dedup"
+    assert main(["curate", "dedup", "--in", str(tmp_path / "kept"), "--out", str(out),
+                 "--ground-truth", str(world["dir"] / "faults.jsonl")]) == 0
+    gt = manifest(out)["ground_truth"]
+    assert gt["exact_duplicates_removed"] == gt["exact_duplicates_injected"] == 3
+    assert gt["clean_removed"] == 0
+
+
 def test_phash_band_search_matches_brute_force():
     from vlmforge.curate.dedup import phash_pairs
 

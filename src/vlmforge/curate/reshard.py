@@ -73,7 +73,8 @@ class Job:
 
 # -- 1. inspect -----------------------------------------------------------------------------
 def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn]):
-    """One row per sample of the tar: index, pos, key, uid, error (+ extra columns)."""
+    """One row per sample of the tar: index, pos, key, origin_key, uid, error (+ extra columns).
+    ``origin_key`` is the sample's key in the first shards of a curation chain (ground truth is keyed by it)."""
     import pyarrow as pa
 
     from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
@@ -87,15 +88,16 @@ def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn])
                 image = decode_image(s.image_bytes)
             except ImageDecodeError as e:
                 err = f"image: {e}"
-        row = {"in_index": index, "pos": pos, "key": s.key, "uid": _uid(s.meta), "error": err}
+        origin = s.meta.get("origin_key") if isinstance(s.meta, dict) else None
+        row = {"in_index": index, "pos": pos, "key": s.key, "origin_key": origin or s.key, "uid": _uid(s.meta), "error": err}
         if extra is not None and err is None:
             row.update(extra(s, image))
         rows.append(row)
-    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["in_index", "pos", "key", "uid", "error"]
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["in_index", "pos", "key", "origin_key", "uid", "error"]
     table = pa.table({c: [r.get(c) for r in rows] for c in cols})
     # Fixed types for the core columns (an all-null column would otherwise have type null).
     for c, t in (("in_index", pa.int64()), ("pos", pa.int64()), ("key", pa.string()),
-                 ("uid", pa.string()), ("error", pa.string())):
+                 ("origin_key", pa.string()), ("uid", pa.string()), ("error", pa.string())):
         table = table.set_column(table.schema.get_field_index(c), c, table.column(c).cast(t))
     return table
 
@@ -225,6 +227,7 @@ def write_output_shard(job: Job, j: int, rows: dict) -> dict:
                 raise RuntimeError(f"{job.shards[int(i)]}: sample #{p} vanished since the inspect pass")
             meta = {k: v for k, v in s.meta.items() if k not in ("key", "caption", "sha256")}
             meta["source_key"] = s.key
+            meta.setdefault("origin_key", s.key)  # copied from the input's meta along a chain of stages
             meta["source_shard"] = job.shards[int(i)]
             if job.sources is not None:
                 meta["source"] = job.sources[int(i)]

@@ -52,6 +52,12 @@ def load_truth(path: str | os.PathLike) -> Truth:
     return out
 
 
+def _truth_keys(table) -> list:
+    """Keys as the fault file knows them: a resharded sample keeps its first key as ``origin_key``."""
+    col = "origin_key" if "origin_key" in table.column_names else "key"
+    return table.column(col).to_pylist()
+
+
 def _kinds(truth: dict, keys: list) -> np.ndarray:
     return np.array([truth.get(k, "clean") for k in keys], dtype=object)
 
@@ -62,7 +68,7 @@ def _rate(num: int, den: int):
 
 def filter_metrics(truth: dict, shards, table, keep: np.ndarray, valid: np.ndarray) -> dict:
     """Mismatch detection among decodable samples: recall (mismatched removed), clean kept, precision."""
-    kinds = _kinds(truth, table.column("key").to_pylist())
+    kinds = _kinds(truth, _truth_keys(table))
     mis = np.isin(kinds, MISMATCH) & valid
     clean = (kinds == "clean") & valid
     dropped = valid & ~keep
@@ -104,7 +110,7 @@ def _group_stats(truth, kinds_wanted, keys: list, keep: np.ndarray, valid: np.nd
 
 
 def dedup_metrics(truth: dict, table, keep: np.ndarray, reason: list, valid: np.ndarray) -> dict:
-    keys = table.column("key").to_pylist()
+    keys = _truth_keys(table)
     kinds = _kinds(truth, keys)
     reasons = np.array([r or "" for r in reason], dtype=object)
     exact = _group_stats(truth, EXACT_DUP, keys, keep, valid)
