@@ -311,3 +311,26 @@ def test_cli(tmp_path, capsys):
     assert main(argv + ["--overwrite"]) == 0
     assert main(["synth", "--out", str(tmp_path / "x"), "--set", "synth.shapes=[blob,circle]"]) == 2
     assert main(["synth", "--out", str(tmp_path / "y"), "--set", "synth.faults.mismatch_frac=0.9"]) == 2
+
+
+def test_sft_turn_mix_is_configurable(tmp_path):
+    """synth.sft_turn_weights / sft_short_answer_frac shape the SFT mix; bad values fail before writing."""
+    base = SMALL[:8] + ["synth.num_sft=60", "synth.sft_multi_turn_frac=1.0", "synth.sft_max_turns=4"]
+    w = tmp_path / "mcq_only"
+    generate_world(_small(*base[8:], "synth.sft_turn_weights.mcq=1.0"), w)
+    recs = json.loads((w / "sft/llava.json").read_text())
+    assert {c for r in recs for c in r["categories"]} == {"mcq"}
+    assert all(re.fullmatch("[ABCD]", c["value"]) for r in recs for c in r["conversations"] if c["from"] == "gpt")
+
+    def answers(frac):
+        d = tmp_path / f"short{frac}"
+        generate_world(_small(*base[8:], "synth.sft_turn_weights.color=1.0", f"synth.sft_short_answer_frac={frac}"), d)
+        recs = json.loads((d / "sft/llava.json").read_text())
+        return [c["value"] for r in recs for c in r["conversations"] if c["from"] == "gpt"]
+
+    assert all(len(a.split()) == 1 for a in answers(1.0))  # "Red"
+    assert all(len(a.split()) > 2 for a in answers(0.0))  # "The circle is red."
+    for bad in ("synth.sft_turn_weights.jokes=1.0", "synth.sft_turn_weights.mcq=-1.0", "synth.sft_short_answer_frac=1.5"):
+        out = tmp_path / "bad"
+        assert main(["synth", "--out", str(out), "--quiet", "--set", bad]) == 2
+        assert not out.exists() or not any(out.iterdir())

@@ -45,6 +45,11 @@ class SynthConfig:
     num_sft: int = 2000  # LLaVA conversations
     sft_multi_turn_frac: float = 0.5
     sft_max_turns: int = 4
+    # Relative frequency of each turn kind in the SFT conversations (see synth.instructions);
+    # empty = the built-in mix. Kinds: color shape count position existence size describe mcq.
+    sft_turn_weights: dict[str, float] = field(default_factory=dict)
+    # Share of question turns answered in a word (LLaVA-1.5's short-answer prompt) vs a sentence.
+    sft_short_answer_frac: float = 0.5
     num_mcq: int = 200
     num_vqa: int = 200
     num_pope_images: int = 100  # each gives pope_per_image yes + pope_per_image no questions

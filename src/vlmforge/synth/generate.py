@@ -120,7 +120,8 @@ def _sft(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
         rid = f"sft-{i:06d}"
         multi = rng.random() < cfg.sft_multi_turn_frac
         turns = int(rng.integers(2, max(2, cfg.sft_max_turns) + 1)) if multi else 1
-        rec = instructions.conversation(rid, images.save(rid, scene), scene, rng, world, turns)
+        rec = instructions.conversation(rid, images.save(rid, scene), scene, rng, world, turns,
+                                        cfg.sft_turn_weights, cfg.sft_short_answer_frac)
         cats.update(rec["categories"])
         records.append(rec)
     path = out / "sft" / "llava.json"
@@ -229,6 +230,10 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
         raise UserError("synth.samples_per_shard must be >= 1 and synth.image_size >= 8")
+    if not 0.0 <= s.sft_short_answer_frac <= 1.0:
+        raise UserError("synth.sft_short_answer_frac must be between 0 and 1")
+    s.sft_turn_weights = {k: float(v) for k, v in dict(s.sft_turn_weights or {}).items()}
+    instructions.check_turn_weights(s.sft_turn_weights)  # before anything is written
     world = SceneSampler.from_config(s)
 
     out = Path(out_dir)

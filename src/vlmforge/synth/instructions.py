@@ -50,7 +50,8 @@ DESCRIBE_SHORT = [
 DESCRIBE_POSITIONS = ["List the shapes in the image and where they are.", "Where are the shapes in this image?"]
 
 
-def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler) -> tuple[str, str, str]:
+def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler,
+         short_frac: float = 0.5) -> tuple[str, str, str]:
     """(category, human text, gpt text) for one exchange."""
     if kind == "describe":
         r = rng.random()
@@ -65,9 +66,20 @@ def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler)
         options, letter = mcq(qa, rng)
         return "mcq", format_mcq_prompt(qa.question, options, MCQ_SUFFIX), letter
     qa = ask(kind, scene, rng, world)
-    if rng.random() < 0.5:
+    if rng.random() < short_frac:
         return qa.category, f"{qa.question}\n{SHORT_ANSWER_SUFFIX}", qa.short
     return qa.category, qa.question, qa.long
+
+
+def check_turn_weights(weights: dict) -> None:
+    """Config check for synth.sft_turn_weights (empty = the built-in mix)."""
+    from vlmforge.config import ConfigError
+
+    bad = [k for k in weights if k not in TURN_WEIGHTS]
+    if bad:
+        raise ConfigError(f"synth.sft_turn_weights: unknown turn kinds {bad}; choose from {list(TURN_WEIGHTS)}")
+    if weights and (any(float(v) < 0 for v in weights.values()) or sum(float(v) for v in weights.values()) <= 0):
+        raise ConfigError("synth.sft_turn_weights: weights must be >= 0 with a positive sum")
 
 
 def _options_of(category: str, world: SceneSampler) -> list:
@@ -86,9 +98,12 @@ def conversation(
     rng: np.random.Generator,
     world: SceneSampler,
     num_turns: int,
+    turn_weights: dict[str, float] | None = None,
+    short_answer_frac: float = 0.5,
 ) -> dict:
-    kinds = list(TURN_WEIGHTS)
-    p = np.array([TURN_WEIGHTS[k] for k in kinds])
+    weights = turn_weights or TURN_WEIGHTS
+    kinds = list(weights)
+    p = np.array([weights[k] for k in kinds], dtype=float)
     convs: list[dict] = []
     categories: list[str] = []
     asked: set[str] = set()
@@ -96,7 +111,7 @@ def conversation(
     while len(categories) < num_turns and tries < 10 * num_turns:
         tries += 1
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
-        cat, human, gpt = turn(kind, scene, rng, world)
+        cat, human, gpt = turn(kind, scene, rng, world, short_answer_frac)
         if human in asked:  # no repeated question within a conversation
             continue
         asked.add(human)
