@@ -315,16 +315,16 @@ def test_cli(tmp_path, capsys):
 
 def test_sft_turn_mix_is_configurable(tmp_path):
     """synth.sft_turn_weights / sft_short_answer_frac shape the SFT mix; bad values fail before writing."""
-    base = SMALL[:8] + ["synth.num_sft=60", "synth.sft_multi_turn_frac=1.0", "synth.sft_max_turns=4"]
+    multi = ["synth.num_sft=60", "synth.sft_multi_turn_frac=1.0", "synth.sft_max_turns=4"]
     w = tmp_path / "mcq_only"
-    generate_world(_small(*base[8:], "synth.sft_turn_weights.mcq=1.0"), w)
+    generate_world(_small(*multi, "synth.sft_turn_weights.mcq=1.0"), w)
     recs = json.loads((w / "sft/llava.json").read_text())
     assert {c for r in recs for c in r["categories"]} == {"mcq"}
     assert all(re.fullmatch("[ABCD]", c["value"]) for r in recs for c in r["conversations"] if c["from"] == "gpt")
 
     def answers(frac):
         d = tmp_path / f"short{frac}"
-        generate_world(_small(*base[8:], "synth.sft_turn_weights.color=1.0", f"synth.sft_short_answer_frac={frac}"), d)
+        generate_world(_small(*multi, "synth.sft_turn_weights.color=1.0", f"synth.sft_short_answer_frac={frac}"), d)
         recs = json.loads((d / "sft/llava.json").read_text())
         return [c["value"] for r in recs for c in r["conversations"] if c["from"] == "gpt"]
 
