@@ -219,3 +219,28 @@ def test_save_pretrained_round_trip(tok, tmp_path):
     assert len(tok2) == len(tok) and tok2.pad_token_id == tok.pad_token_id
     assert tok2.convert_tokens_to_ids(IMAGE_TOKEN) == tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert encode_conversation(tok2, CONV) == encode_conversation(tok, CONV)
+
+
+def test_world_folder_covers_the_instruction_prompts(tmp_path):
+    """`--corpus WORLD` also reads the world's SFT turns, so the prompt suffixes the model is
+    trained and evaluated with are about a token per word, not dozens of pieces."""
+    from vlmforge.cli import main
+    from vlmforge.synth.language import MCQ_SUFFIX
+
+    world = tmp_path / "world"
+    (world / "text").mkdir(parents=True)
+    (world / "text" / "corpus.txt").write_text("\n".join(shape_sentences(300, seed=1)) + "\n")
+    sft = [{"id": str(i), "image": "x.jpg", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat color is the circle?\nA. red\nB. blue\n{MCQ_SUFFIX}"},
+        {"from": "gpt", "value": "A"}]} for i in range(50)]
+    only_text = tmp_path / "only_text"
+    assert main(["tokenizer", "train", "--corpus", str(world / "text" / "corpus.txt"), "--out", str(only_text)]) == 0
+    (world / "sft").mkdir()
+    (world / "sft" / "llava.json").write_text(json.dumps(sft))
+    assert main(["tokenizer", "train", "--corpus", str(world), "--out", str(tmp_path / "tok")]) == 0
+    man = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert man["counts"]["lines"] == 300 + 50 * 5 and any(p.endswith("llava.json") for p in man["inputs"])
+    n_with = len(load_tokenizer(tmp_path / "tok").encode(MCQ_SUFFIX, add_special_tokens=False))
+    n_without = len(load_tokenizer(only_text).encode(MCQ_SUFFIX, add_special_tokens=False))
+    assert n_with <= 13 and n_without >= 2 * n_with  # about one token per word vs word pieces
+    assert "<image>" not in (tmp_path / "tok" / "tokenizer.json").read_text().split('"merges"')[1]

@@ -1,7 +1,9 @@
 """Train or inspect tokenizers.
 
   vlmforge tokenizer train --corpus world/text/corpus.txt --out runs/tok [--vocab-size 1024]
-  vlmforge tokenizer train --corpus world --out runs/tok       (a synth world folder: its text/corpus.txt)
+  vlmforge tokenizer train --corpus world --out runs/tok
+      (a synth world folder: its text/corpus.txt plus the turns of its sft/llava.json, so the
+      instruction prompts the model is trained and evaluated with are whole tokens, not letters)
       Trains a byte-level BPE offline (tokenizers library) on text files (one sentence per line),
       with special tokens <|endoftext|> <|im_start|> <|im_end|> <image> and a Qwen-shaped chat
       template whose assistant turns are marked for loss masking. The folder is a standard
@@ -27,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     t.add_argument(
         "--corpus", nargs="+", required=True, metavar="FILE",
-        help="UTF-8 text files, one text per line (a synthetic-world folder means its text/corpus.txt)",
+        help="UTF-8 text files, one text per line (a synthetic-world folder means its text/corpus.txt "
+        "and the turns of its sft/llava.json)",
     )
     t.add_argument("--out", required=True, help="output folder (transformers tokenizer folder)")
     t.add_argument("--vocab-size", type=int, default=None, help="default: recipe tokenizer.vocab_size")
@@ -36,6 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i = sub.add_parser("info", help="print a tokenizer's special tokens and an example chat with its loss mask")
     i.add_argument("path", help="tokenizer folder or hub id")
     i.add_argument("--trust-remote-code", action="store_true")
+
+
+def _turn_lines(path) -> list[str]:
+    """The text lines of a LLaVA json's turns, without the <image> markers."""
+    import json
+
+    from vlmforge.data.tokenizer import IMAGE_TOKEN
+
+    from vlmforge.cli import UserError
+
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read SFT conversations {path}: {e}") from e
+    return [line for r in records for turn in r.get("conversations", [])
+            for line in str(turn.get("value", "")).replace(IMAGE_TOKEN, "").splitlines() if line.strip()]
 
 
 def _train(args) -> int:
@@ -52,22 +71,29 @@ def _train(args) -> int:
         cfg.tokenizer.vocab_size = args.vocab_size
     if args.min_frequency is not None:
         cfg.tokenizer.min_frequency = args.min_frequency
-    corpus = [str(Path(p) / "text" / "corpus.txt") if Path(p).is_dir() else p for p in args.corpus]
+    corpus, conversations = [], []
+    for p in map(Path, args.corpus):
+        if p.is_dir():  # a synthetic world
+            corpus.append(p / "text" / "corpus.txt")
+            if (p / "sft" / "llava.json").is_file():
+                conversations.append(p / "sft" / "llava.json")
+        else:
+            corpus.append(p)
     for p in corpus:
-        if not Path(p).is_file():
+        if not p.is_file():
             raise UserError(f"corpus file not found: {p}")
     if cfg.tokenizer.vocab_size < 300:
         raise UserError(f"vocab size {cfg.tokenizer.vocab_size} is too small: byte-level BPE needs >= 300 (256 bytes + specials)")
-    lines = list(read_corpus(corpus))
+    lines = list(read_corpus(corpus)) + [line for p in conversations for line in _turn_lines(p)]
     if not lines:
-        raise UserError(f"corpus is empty: {' '.join(corpus)}")
+        raise UserError(f"corpus is empty: {' '.join(map(str, corpus))}")
     tok = train_tokenizer(lines, args.out, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     save_resolved(cfg, args.out)
     info = describe(tok)
     write_manifest(
         args.out,
         "tokenizer",
-        inputs=[str(Path(p).resolve()) for p in corpus],
+        inputs=[str(p.resolve()) for p in corpus + conversations],
         config=cfg,
         counts={"lines": len(lines), "vocab": info["len"]},
         tokenizer=info,
