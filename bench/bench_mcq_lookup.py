@@ -13,11 +13,12 @@ the option-lookup skill (find the option that matches, copy its letter) from see
     python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer [--preset small-qwen2]
 
 Measured on this 2-core CPU (accuracy per 200 steps, chance 0.25):
-- small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3: 0.241-0.259 through step 1200 (235 s);
+- small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3: 0.241-0.259 through step 1200 (235 s),
+  and 0.245-0.255 per 500 steps through step 4000 (826 s, `--steps 4000 --every 500`);
   an equivalent earlier run with lr 6e-3: chance through step 800;
 - 8 heads instead of 4: 0.242-0.257 through step 600 (158 s);
 - 256 wide, 8 heads: 0.238-0.256 through step 600 (427 s).
-The demo's whole SFT stage is ~450 steps, so its MCQ score sits at chance however well it sees.
+The demo's whole SFT stage is ~700 steps, so its MCQ score sits at chance however well it sees.
 """
 
 from __future__ import annotations
