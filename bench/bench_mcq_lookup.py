@@ -43,10 +43,9 @@ def example(rng: random.Random) -> tuple[str, str]:
 
 
 def main() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from vlmforge.config import load_recipe
     from vlmforge.data.tokenizer import load_tokenizer
-    from vlmforge.model.presets import preset_dict
+    from vlmforge.model.build import build_llm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a vlmforge tokenizer folder (e.g. demo_out/tokenizer)")
@@ -57,9 +56,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100)
     args = ap.parse_args()
     tok = load_tokenizer(args.tokenizer)
-    d = dict(preset_dict(args.preset), vocab_size=len(tok))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    model = build_llm(load_recipe(None, [f"model.llm.preset={args.preset}"]).model, vocab_size=len(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rng, t0, hits, seen = random.Random(0), time.perf_counter(), 0, 0
     print(f"{args.preset}, batch {args.batch_size}, lr {args.lr}: letter accuracy (chance 0.25)")
