@@ -10,6 +10,7 @@ Examples:
   vlmforge demo                          # default size: minutes on a laptop CPU
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
+  vlmforge demo --set synth.image_size=72 --sft-set train.epochs=8   # change any stage's config
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-curate", action="store_true", help="pack the raw caption shards without curation")
     p.add_argument("--overwrite", action="store_true", help="remove an existing --out first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed to every stage (repeatable), e.g. synth.image_size=72")
+    p.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the pretraining stage only, e.g. train.lr=1e-3")
+    p.add_argument("--sft-set", dest="sft_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the SFT stage only, e.g. train.epochs=8")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,5 +47,8 @@ def run(args: argparse.Namespace) -> int:
         curate=not args.no_curate,
         overwrite=args.overwrite,
         threads=args.threads,
+        overrides=args.overrides,
+        pretrain_overrides=args.pretrain_overrides,
+        sft_overrides=args.sft_overrides,
     )
     return 0
