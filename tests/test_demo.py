@@ -10,7 +10,9 @@ from vlmforge.cli import main
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--size", "tiny", "--out", str(out), "--threads", "1"]) == 0
+    # overrides: one for every stage, one per training stage (checked below)
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--threads", "1", "--set", "synth.num_text=250",
+                 "--pretrain-set", "train.lr=0.0015", "--sft-set", "train.lr=0.0025"]) == 0
     return out
 
 
@@ -28,7 +30,7 @@ def test_every_stage_wrote_its_folder_config_and_manifest(demo_dir):
 def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
     summary = json.loads((demo_dir / "demo_summary.json").read_text())
     rows = summary["scores"]
-    assert {r["benchmark"] for r in rows} == {"synth-mcq", "synth-vqa", "synth-pope"}
+    assert {r["benchmark"] for r in rows} == {"synth-mcq", "synth-mcq@likelihood", "synth-vqa", "synth-pope"}
     for r in rows:
         assert r["chance"] is not None
         for phase in ("before training", "after pretraining", "after SFT"):
@@ -44,6 +46,16 @@ def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
 def test_sft_started_from_the_pretrained_weights(demo_dir):
     manifest = json.loads((demo_dir / "runs" / "sft" / "manifest.json").read_text())
     assert manifest["inputs"]["init_from"].endswith("pretrain/final")
+
+
+def test_overrides_reach_their_stages(demo_dir):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(demo_dir / "world" / "config.yaml").synth.num_text == 250
+    assert len((demo_dir / "world" / "text" / "corpus.txt").read_text().splitlines()) == 250
+    assert OmegaConf.load(demo_dir / "runs" / "pretrain" / "config.yaml").train.lr == 0.0015
+    sft = OmegaConf.load(demo_dir / "runs" / "sft" / "config.yaml")
+    assert sft.train.lr == 0.0025 and sft.synth.num_text == 250
 
 
 def test_demo_refuses_to_overwrite_without_flag(demo_dir, capsys):

@@ -355,3 +355,33 @@ def test_builtin_tasks_on_a_real_synth_world(tmp_path):
     res = evaluate(tasks=tasks, generate_fn=answer, progress=False)
     assert {name: r["metrics"][r["primary"]] for name, r in res.items()} == {"synth-mcq": 1.0, "synth-vqa": 1.0, "synth-pope": 1.0}
     assert {"f1/random", "f1/popular", "f1/adversarial"} <= set(res["synth-pope"]["metrics"])
+
+
+def test_likelihood_protocol_ranks_option_texts_without_listing_them(world, tmp_path):
+    """SEED-Bench style: the question is asked open (no options in the prompt), the option text
+    the ranker scores highest is the answer; results land under NAME@likelihood next to the
+    generate protocol's."""
+    seen = []
+
+    def rank(prompts, images, candidates):  # prefers the image's colour, then the first option
+        seen.extend(p[-1]["content"] for p in prompts)
+        return [[1.0 if c == _color_of(ims[-1]) else -float(j) for j, c in enumerate(cs)]
+                for ims, cs in zip(images, candidates)]
+
+    out = tmp_path / "out"
+    res = evaluate(tasks="synth-mcq", synth_dir=world, generate_fn=FakeModel("always_a"), rank_fn=rank,
+                   mc_protocols=["generate", "likelihood"], progress=False, out_dir=out)
+    assert res["synth-mcq"]["metrics"]["circular_accuracy"] == 0.0  # always "A"
+    lik = res["synth-mcq@likelihood"]
+    assert lik["metrics"]["circular_accuracy"] == 1.0 and lik["protocol"] == "likelihood"
+    assert seen and all("A." not in p and p.endswith("Answer the question using a single word or phrase.") for p in seen)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    ranked = [p for p in preds if p.get("protocol") == "likelihood"]
+    assert len(ranked) == 32 and set(ranked[0]["option_logprobs"]) == {"A", "B", "C", "D"}
+    # a ranker that always prefers the first listed option is right exactly when A is the answer
+    res = evaluate(tasks="synth-mcq", synth_dir=world, rank_fn=lambda p, i, cs: [[-float(j) for j in range(len(c))] for c in cs],
+                   generate_fn=FakeModel(), mc_protocols=["likelihood"], progress=False)
+    assert set(res) == {"synth-mcq@likelihood"}
+    assert res["synth-mcq@likelihood"]["metrics"]["accuracy_all_rotations"] == 0.25
+    with pytest.raises(TaskError, match="protocols"):
+        evaluate(tasks="synth-mcq", synth_dir=world, generate_fn=FakeModel(), mc_protocols=["vibes"], progress=False)

@@ -56,3 +56,31 @@ def test_marker_count_mismatch_names_prompt(tok):
     model = tiny_model(tok, "model.projector.pool_size=2")
     with pytest.raises(ValueError, match="prompt 2: 0 <image> marker"):
         generate(model, tok, PROMPTS, IMAGES[:2] + [[IMAGES[0][0]]], max_new_tokens=2)
+
+
+def test_continuation_logprobs_match_one_row_at_a_time(tok):
+    """Batched, right-padded scoring of several candidates equals scoring each alone by hand."""
+    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.images import preprocess_batch
+    from vlmforge.model.generate import prompt_ids
+    from vlmforge.model.score import continuation_logprobs
+
+    model = tiny_model(tok, "model.projector.pool_size=2", spread=0.3)
+    cands = [["red", "a blue square", "no"], ["yes", "green"], ["circle"]]
+    got = continuation_logprobs(model, tok, PROMPTS, IMAGES, cands, any_first_case=False)
+    end = tok.convert_tokens_to_ids(IM_END)
+    for i, (messages, ims) in enumerate(zip(PROMPTS, IMAGES)):
+        head = prompt_ids(model, tok, messages, len(ims), i)
+        pv = preprocess_batch(ims, model.preprocess_spec()) if ims else None
+        for c, score in zip(cands[i], got[i]):
+            tail = tok(c, add_special_tokens=False)["input_ids"] + [end]
+            ids = torch.tensor([head + tail])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids, pv), -1)[0]
+            want = sum(float(logp[len(head) + j - 1, t]) for j, t in enumerate(tail))
+            assert score == pytest.approx(want, abs=1e-4)
+    assert len({round(s, 3) for s in got[0]}) == 3  # a non-degenerate comparison
+    # any first-letter case: the probability of "red" or "Red"
+    both = continuation_logprobs(model, tok, PROMPTS[:1], IMAGES[:1], [["red"]])[0][0]
+    lower, upper = continuation_logprobs(model, tok, PROMPTS[:1], IMAGES[:1], [["red", "Red"]], any_first_case=False)[0]
+    assert both == pytest.approx(float(torch.logsumexp(torch.tensor([lower, upper]), 0)), abs=1e-5)

@@ -17,3 +17,6 @@ class EvalConfig:
     shots: list[int] = field(default_factory=lambda: [0])  # e.g. [0, 8]: the 0-shot vs 8-shot table
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # k-shot demonstration draws (mean, std)
     strict: bool = True  # bad rows / undecodable images: error (True) or skip and count (False)
+    # Multiple choice: generate (parse the letter of the reply) and/or likelihood (rank the option
+    # texts by the model's likelihood, SEED-Bench style; results under NAME@likelihood).
+    mc_protocols: list[str] = field(default_factory=lambda: ["generate"])

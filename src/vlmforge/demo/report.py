@@ -49,12 +49,12 @@ def score_table(out_dir: Path) -> list[dict]:
 
 
 def _scores_text(rows: list[dict]) -> str:
-    head = f"{'benchmark':<14} {'metric':<18} {'chance':>7} " + " ".join(f"{label:>18}" for label, _ in PHASES)
+    head = f"{'benchmark':<21} {'metric':<18} {'chance':>7} " + " ".join(f"{label:>18}" for label, _ in PHASES)
     lines = [head]
     for r in rows:
         cells = " ".join(f"{'-' if r[label] is None else format(r[label], '.3f'):>18}" for label, _ in PHASES)
         chance = "-" if r["chance"] is None else f"{r['chance']:.3f}"
-        lines.append(f"{r['benchmark']:<14} {r['metric']:<18} {chance:>7} {cells}")
+        lines.append(f"{r['benchmark']:<21} {r['metric']:<18} {chance:>7} {cells}")
     return "\n".join(lines) + "\n"
 
 

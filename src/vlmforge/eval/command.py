@@ -18,6 +18,7 @@ Examples:
   vlmforge eval --ckpt runs/sft/final --tasks synth --synth-dir runs/world
   vlmforge eval --ckpt C --tasks mmb=mmbench:MMBench_DEV_EN.tsv,vqa:textvqa_val.jsonl --limit 200
   vlmforge eval --ckpt C --tasks synth-vqa --synth-dir W --shots 0,8 --seeds 0,1,2
+  vlmforge eval --ckpt C --tasks synth-mcq --synth-dir W --mc-protocol generate,likelihood
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--shots", type=_int_list, help="shot counts, e.g. 0,8 (k-shot: interleaved demonstrations)")
     parser.add_argument("--seeds", type=_int_list, help="demonstration draws for k > 0, e.g. 0,1,2 (mean and std)")
+    parser.add_argument("--mc-protocol", dest="mc_protocols", type=lambda t: [x for x in t.split(",") if x.strip()],
+                        help="multiple choice: generate (parse the letter, default), likelihood (rank option texts "
+                             "by likelihood, SEED-Bench style; reported as NAME@likelihood), or generate,likelihood")
     parser.add_argument("--no-strict", dest="strict", action="store_const", const=False,
                         help="skip and count bad rows / undecodable images instead of stopping")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(recipe, args.overrides)
     ev = cfg.eval
     for flag, key in [("tasks", "tasks"), ("synth_dir", "synth_dir"), ("limit", "limit"), ("batch_size", "batch_size"),
-                      ("max_new_tokens", "max_new_tokens"), ("shots", "shots"), ("seeds", "seeds"), ("strict", "strict")]:
+                      ("max_new_tokens", "max_new_tokens"), ("shots", "shots"), ("seeds", "seeds"), ("strict", "strict"),
+                      ("mc_protocols", "mc_protocols")]:
         value = getattr(args, flag)
         if value is not None:
             ev[key] = [t for t in value.split(",") if t.strip()] if flag == "tasks" else value
@@ -79,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit must be positive")
     if ev.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    from vlmforge.eval.runner import MC_PROTOCOLS
+
+    if not ev.mc_protocols or any(p not in MC_PROTOCOLS for p in ev.mc_protocols):
+        raise UserError(f"--mc-protocol takes a comma list of {', '.join(MC_PROTOCOLS)}; got {list(ev.mc_protocols)}")
 
     from vlmforge.eval.runner import evaluate, summary_table
     from vlmforge.eval.tasks import TaskError, load_task, parse_task_specs
@@ -99,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = evaluate(
             model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, out_dir=out, config=cfg,
+            shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, mc_protocols=list(ev.mc_protocols),
+            out_dir=out, config=cfg,
             info={"ckpt": str(ckpt)},
         )
     except TaskError as e:

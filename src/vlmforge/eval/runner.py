@@ -31,6 +31,10 @@ from vlmforge.eval.scorers.base import Scored, count_unresolved
 from vlmforge.eval.tasks import Task, TaskError, load_task, parse_task_specs
 
 GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
+# (prompts, images, candidate answers per prompt) -> one log-likelihood per candidate
+RankFn = Callable[[list[list[dict]], list[list[Any]], list[list[str]]], list[list[float]]]
+MC_PROTOCOLS = ("generate", "likelihood")
+LIKELIHOOD_KINDS = ("mcq", "mmbench")
 
 
 class ImageLoadError(ValueError):
@@ -42,6 +46,13 @@ def model_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> GenerateFn:
     from vlmforge.model.generate import generate
 
     return functools.partial(generate, model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def model_rank_fn(model, tokenizer) -> RankFn:
+    """Candidate answers scored by summed log-likelihood (``vlmforge.model.score``)."""
+    from vlmforge.model.score import continuation_logprobs
+
+    return functools.partial(continuation_logprobs, model, tokenizer)
 
 
 def _load_images(refs, item_id: str) -> list:
@@ -59,15 +70,20 @@ def run_task_once(
     batch_size: int = 8,
     strict: bool = True,
     progress: bool = True,
+    rank_fn: RankFn | None = None,
 ) -> tuple[list[Scored], list[dict], dict[str, int]]:
-    """One pass over a task: (scored records, prediction rows, dropped-item counts)."""
+    """One pass over a task: (scored records, prediction rows, dropped-item counts).
+
+    With ``rank_fn`` (the likelihood protocol, multiple choice at 0 shots) the query is asked as an
+    open question (no option list, short-answer suffix) and the option text the model finds most
+    likely is its answer; otherwise ``generate_fn``'s text is parsed by the task's scorer."""
     from tqdm.auto import tqdm
 
     pool = DemoPool(task.support_items if task.support_items is not None else task.items) if shots > 0 else None
     requests = []
     for item in task.items:
         demos = pool.sample(item, shots, seed) if pool else []
-        messages, refs = build_messages(task.kind, task.scorer, item, demos)
+        messages, refs = build_messages("vqa" if rank_fn else task.kind, task.scorer, item, demos)
         requests.append((item, demos, messages, refs))
 
     records: list[Scored] = []
@@ -88,19 +104,32 @@ def run_task_once(
             batch.append(req)
         if not batch:
             continue
-        outputs = generate_fn([req[2] for req in batch], images)
+        if rank_fn is None:
+            outputs = generate_fn([req[2] for req in batch], images)
+            ranked = [None] * len(batch)
+        else:
+            ranked = rank_fn([req[2] for req in batch], images, [list(req[0].options.values()) for req in batch])
+            outputs = [list(req[0].options.values())[max(range(len(lp)), key=lp.__getitem__)]
+                       for req, lp in zip(batch, ranked)]
         if len(outputs) != len(batch):
             raise RuntimeError(f"generate returned {len(outputs)} outputs for {len(batch)} prompts")
-        for (item, demos, messages, refs), text in zip(batch, outputs):
-            rec = task.scorer.score_prediction(text, item)
+        for (item, demos, messages, refs), text, lps in zip(batch, outputs, ranked):
+            if lps is None:
+                rec = task.scorer.score_prediction(text, item)
+            else:  # the chosen option is known exactly: no text parsing
+                letter = list(item.options)[list(item.options.values()).index(text)]
+                rec = Scored(item=item, prediction=text, extracted=letter, score=float(task.scorer.score(letter, item)))
             records.append(rec)
-            rows.append({
+            row = {
                 "task": task.name, "shots": shots, "seed": seed if shots else None, "id": item.id,
                 "prompt": messages[-1]["content"], "demos": [d.id for d in demos], "n_images": len(refs),
                 "prediction": text, "extracted": rec.extracted,
                 "answer": item.answers if item.answers is not None else item.answer,
                 "score": rec.score, "correct": rec.score == 1.0,
-            })
+            }
+            if lps is not None:
+                row["option_logprobs"] = dict(zip(item.options, lps))
+            rows.append(row)
     return records, rows, dropped
 
 
@@ -119,15 +148,17 @@ def evaluate_task(
     batch_size: int = 8,
     strict: bool = True,
     progress: bool = True,
+    rank_fn: RankFn | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Metrics of one task at one shot count (mean/std over seeds when k > 0), and prediction rows."""
+    """Metrics of one task at one shot count (mean/std over seeds when k > 0), and prediction rows.
+    ``rank_fn``: the likelihood protocol (see ``run_task_once``)."""
     run_seeds = list(seeds) if shots > 0 else [0]
     if shots > 0 and not run_seeds:
         raise ValueError("k-shot evaluation needs at least one seed")
     per_seed, all_rows, unresolved, dropped = [], [], [], {}
     n_scored = 0
     for seed in run_seeds:
-        records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress)
+        records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress, rank_fn)
         per_seed.append(task.scorer.aggregate(records))
         unresolved.append(count_unresolved(records))
         all_rows += rows
@@ -137,6 +168,7 @@ def evaluate_task(
     result = {
         "kind": task.kind,
         "path": task.path,
+        "protocol": "likelihood" if rank_fn else "generate",
         "shots": shots,
         "primary": task.scorer.primary,
         "chance": task.scorer.chance(task.items),
@@ -156,9 +188,11 @@ def evaluate_task(
     return result, all_rows
 
 
-def result_key(task_name: str, shots: int) -> str:
-    """``name`` for the 0-shot (or only) run, ``name@{k}shot`` for the others."""
-    return task_name if shots == 0 else f"{task_name}@{shots}shot"
+def result_key(task_name: str, shots: int, protocol: str = "generate") -> str:
+    """``name`` for the 0-shot (or only) run, ``name@{k}shot`` for the others; ``@likelihood``
+    appended for multiple choice ranked by likelihood."""
+    key = task_name if shots == 0 else f"{task_name}@{shots}shot"
+    return key if protocol == "generate" else f"{key}@{protocol}"
 
 
 def evaluate(
@@ -167,6 +201,8 @@ def evaluate(
     tasks: str | Sequence = (),
     *,
     generate_fn: GenerateFn | None = None,
+    rank_fn: RankFn | None = None,
+    mc_protocols: Sequence[str] = ("generate",),
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 16,
@@ -182,13 +218,23 @@ def evaluate(
     """Evaluate on tasks; return ``{task_key: {metrics, chance, counts, primary, ...}}``.
 
     ``tasks``: a ``--tasks`` string, or a list of spec strings / TaskSpecs / loaded Tasks.
+    ``mc_protocols``: for multiple-choice tasks (mcq, mmbench), ``generate`` (parse the letter from
+    the generated reply) and/or ``likelihood`` (rank the option texts by the model's likelihood,
+    SEED-Bench style, 0-shot only; results under ``name@likelihood``). Other tasks always generate.
     ``out_dir``: when given, write ``results.json``, ``predictions.jsonl`` (and ``config.yaml``
     when ``config`` is a recipe) and ``manifest.json``.
     """
+    bad = [p for p in mc_protocols if p not in MC_PROTOCOLS]
+    if bad or not mc_protocols:
+        raise TaskError(f"multiple-choice protocols must be among {list(MC_PROTOCOLS)}, got {list(mc_protocols)}")
     if generate_fn is None:
         if model is None or tokenizer is None:
             raise ValueError("evaluate needs a model and tokenizer, or a generate_fn")
         generate_fn = model_generate_fn(model, tokenizer, max_new_tokens)
+    if "likelihood" in mc_protocols and rank_fn is None:
+        if model is None or tokenizer is None:
+            raise ValueError("the likelihood protocol needs a model and tokenizer, or a rank_fn")
+        rank_fn = model_rank_fn(model, tokenizer)
     loaded = []
     for entry in [tasks] if isinstance(tasks, str) else list(tasks):
         if isinstance(entry, Task):
@@ -215,13 +261,18 @@ def evaluate(
     predictions: list[dict] = []
     for task in loaded:
         for k in shots:
-            res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress)
-            results[result_key(task.name, k)] = res
-            predictions += rows
+            if "generate" in mc_protocols or task.kind not in LIKELIHOOD_KINDS:
+                res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress)
+                results[result_key(task.name, k)] = res
+                predictions += rows
+        if "likelihood" in mc_protocols and task.kind in LIKELIHOOD_KINDS:
+            res, rows = evaluate_task(task, generate_fn, 0, seeds, batch_size, strict, progress, rank_fn)
+            results[result_key(task.name, 0, "likelihood")] = res
+            predictions += [dict(r, protocol="likelihood") for r in rows]
 
     if out_dir is not None:
         settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                    "shots": shots, "seeds": list(seeds), "strict": strict}
+                    "shots": shots, "seeds": list(seeds), "strict": strict, "mc_protocols": list(mc_protocols)}
         write_outputs(out_dir, results, predictions, settings, config, info or {}, time.time() - started)
     return results
 

@@ -1,0 +1,83 @@
+"""Log-likelihood of answer continuations after a chat prompt (multiple choice by likelihood).
+
+SEED-Bench's official protocol and lm-evaluation-harness's ``multiple_choice`` tasks rank the
+candidate answers by the model's likelihood instead of parsing generated text, so a model that
+never learned to answer with an option letter (a base model, or our tiny from-scratch demo LM) is
+still measured on what it knows. Each candidate is scored as the assistant's whole answer:
+its tokens plus the end-of-turn token, so a candidate that is a prefix of another ("red" vs
+"red square") gets no free advantage. With ``any_first_case`` a candidate's score is the
+probability of it with its first letter in either case (log-sum-exp of "blue" and "Blue"): the
+case is not part of the answer (VQA scoring lowercases too), but short answers are capitalised in
+LLaVA-style training data, so scoring only the lowercase form would measure style, not knowledge.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model, tokenizer, prompts: list[list[dict]], images: list[list], candidates: Sequence[Sequence[str]],
+    any_first_case: bool = True,
+) -> list[list[float]]:
+    """Summed log-probability of each candidate answer after each prompt (generation prompt added).
+
+    ``candidates[i]`` are the answers to score for prompt i; the prompt's images are encoded once per
+    candidate row (rows are right-padded into one batch).
+    """
+    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.images import preprocess_batch
+    from vlmforge.model.generate import prompt_ids
+
+    if not (len(prompts) == len(images) == len(candidates)):
+        raise ValueError(f"{len(prompts)} prompts, {len(images)} image lists, {len(candidates)} candidate lists")
+    if any_first_case:
+        variants = [[sorted({c, c[:1].lower() + c[1:], c[:1].upper() + c[1:]}) for c in cands] for cands in candidates]
+        flat = continuation_logprobs(model, tokenizer, prompts, images,
+                                     [[v for vs in per for v in vs] for per in variants], any_first_case=False)
+        out = []
+        for per, scores in zip(variants, flat):
+            k, row = 0, []
+            for vs in per:
+                row.append(float(torch.logsumexp(torch.tensor(scores[k : k + len(vs)]), 0)))
+                k += len(vs)
+            out.append(row)
+        return out
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    rows, spans, row_images = [], [], []
+    for i, (messages, ims, cands) in enumerate(zip(prompts, images, candidates)):
+        head = prompt_ids(model, tokenizer, messages, len(ims), i)
+        for c in cands:
+            tail = tokenizer(c, add_special_tokens=False)["input_ids"] + [end]
+            rows.append(head + tail)
+            spans.append((len(head), len(head) + len(tail)))
+            row_images.extend(ims)
+    if not rows:
+        return [[] for _ in prompts]
+    dev = next(model.parameters()).device
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)
+    seq_ids = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        seq_ids[r, : len(row)] = 0
+    ids, seq_ids = ids.to(dev), seq_ids.to(dev)
+    pv = preprocess_batch(row_images, model.preprocess_spec()).to(dev) if row_images else None
+    was_training = model.training
+    model.eval()
+    try:
+        logp = torch.log_softmax(model(ids, pv, seq_ids=seq_ids).float(), dim=-1)
+    finally:
+        model.train(was_training)
+    scores = []
+    for r, (a, b) in enumerate(spans):
+        targets = ids[r, a:b]
+        scores.append(float(logp[r, a - 1 : b - 1].gather(-1, targets[:, None]).sum()))
+    out, k = [], 0
+    for cands in candidates:
+        out.append(scores[k : k + len(cands)])
+        k += len(cands)
+    return out
