@@ -1,24 +1,26 @@
 """Can the demo's language model learn to answer multiple choice with a letter? (demo diagnosis)
 
-Text only, the answer stated in the prompt itself:
+Text only, the answer stated in the prompt itself, so only the option lookup is tested:
 
-    The star is red. What color is the star?
-    A. blue / B. red / C. green / D. yellow   (one option per line, MMBench-style suffix)
-    -> "B"
+    mmbench layout (letter BEFORE its option, as every MCQ benchmark writes it):
+        The star is red. What color is the star?
+        A. blue / B. red / C. green / D. yellow   (one option per line, MMBench suffix)  -> "B"
+    forward layout (control: the same tokens with each letter AFTER its option):
+        ... . blue / A / . red / B / . green / C / . yellow / D ...                       -> "B"
 
-The LM preset is trained from random weights on fresh batches of such prompts (loss on the
-letter only) and its letter accuracy is printed as it trains, next to chance (0.25). This isolates
-the option-lookup skill (find the option that matches, copy its letter) from seeing.
+For each layout the LM preset is trained from random weights on fresh batches (loss on the
+letter only); letter accuracy is printed as it trains, next to chance (0.25), and the final
+accuracies side by side. The forward layout is classic induction (find the earlier copy of a token,
+copy what FOLLOWED it); the benchmark layout needs the token that PRECEDED the match, a circuit a
+small transformer trained from scratch finds far later.
 
-    python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer [--preset small-qwen2]
+    python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer [--preset small-qwen2] [--steps 600]
 
-Measured on this 2-core CPU (accuracy per 200 steps, chance 0.25):
-- small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3: 0.241-0.259 through step 1200 (235 s),
-  and 0.245-0.255 per 500 steps through step 4000 (826 s, `--steps 4000 --every 500`);
-  an equivalent earlier run with lr 6e-3: chance through step 800;
-- 8 heads instead of 4: 0.242-0.257 through step 600 (158 s);
-- 256 wide, 8 heads: 0.238-0.256 through step 600 (427 s).
-The demo's whole SFT stage is ~700 steps, so its MCQ score sits at chance however well it sees.
+Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3, batch 32:
+- mmbench layout: 0.241-0.259 per 200 steps through step 1200 (235 s), and 0.245-0.255 per
+  500 steps through step 4000 (826 s); 8 heads, or 256 wide with 8 heads: chance through step 600.
+- side by side (`--steps 600`): see the README's "what limits the demo".
+The demo's whole SFT stage is ~700 steps, so its letter answers sit at chance however well it sees.
 """
 
 from __future__ import annotations
@@ -34,53 +36,70 @@ SHAPES = ["circle", "square", "triangle", "star"]
 SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
-def example(rng: random.Random) -> tuple[str, str]:
+def example(rng: random.Random, layout: str) -> tuple[str, str]:
     shape, color = rng.choice(SHAPES), rng.choice(COLORS)
     options = COLORS[:]
     rng.shuffle(options)
-    lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+    if layout == "mmbench":
+        lines = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+    else:
+        # same tokens as the mmbench lines ("A" "." " red" "\n"), the letter moved after its option
+        lines = "\n".join(f". {o}\n{'ABCD'[i]}" for i, o in enumerate(options))
     return f"The {shape} is {color}. What color is the {shape}?\n{lines}\n{SUFFIX}\n", "ABCD"[options.index(color)]
 
 
-def main() -> None:
+def train_lookup(tok, args, layout: str) -> float:
+    """Train a fresh LM on one layout; returns the letter accuracy over the last `--every` steps."""
     from vlmforge.config import load_recipe
-    from vlmforge.data.tokenizer import load_tokenizer
     from vlmforge.model.build import build_llm
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", required=True, help="a vlmforge tokenizer folder (e.g. demo_out/tokenizer)")
-    ap.add_argument("--preset", default="small-qwen2")
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--every", type=int, default=100)
-    args = ap.parse_args()
-    tok = load_tokenizer(args.tokenizer)
     torch.manual_seed(0)
     model = build_llm(load_recipe(None, [f"model.llm.preset={args.preset}"]).model, vocab_size=len(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    rng, t0, hits, seen = random.Random(0), time.perf_counter(), 0, 0
-    print(f"{args.preset}, batch {args.batch_size}, lr {args.lr}: letter accuracy (chance 0.25)")
+    rng, t0, hits, seen, last_acc = random.Random(0), time.perf_counter(), 0, 0, float("nan")
+    print(f"{layout} layout - {args.preset}, batch {args.batch_size}, lr {args.lr}: letter accuracy (chance 0.25)")
     for step in range(1, args.steps + 1):
         enc = [tok(p + letter, add_special_tokens=False)["input_ids"] for p, letter in
-               (example(rng) for _ in range(args.batch_size))]
+               (example(rng, layout) for _ in range(args.batch_size))]
         n = max(map(len, enc))
         ids = torch.tensor([e + [tok.pad_token_id or 0] * (n - len(e)) for e in enc])
         labels = torch.full_like(ids, -100)
         last = torch.tensor([len(e) - 1 for e in enc])
-        labels[torch.arange(len(enc)), last] = ids[torch.arange(len(enc)), last]
+        rows = torch.arange(len(enc))
+        labels[rows, last] = ids[rows, last]
         out = model(input_ids=ids, labels=labels)
         # accuracy of this batch's letters, predicted before the update (a fresh, unseen batch)
-        pred = out.logits[torch.arange(len(enc)), last - 1].argmax(-1)
-        hits += (pred == ids[torch.arange(len(enc)), last]).sum().item()
+        pred = out.logits[rows, last - 1].argmax(-1)
+        hits += (pred == ids[rows, last]).sum().item()
         seen += len(enc)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         if step % args.every == 0:
-            print(f"  step {step:5d}  loss {out.loss.item():.3f}  accuracy {hits / seen:.3f}  "
+            last_acc = hits / seen
+            print(f"  step {step:5d}  loss {out.loss.item():.3f}  accuracy {last_acc:.3f}  "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
             hits = seen = 0
+    return last_acc
+
+
+def main() -> None:
+    from vlmforge.data.tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokenizer", required=True, help="a vlmforge tokenizer folder (e.g. demo_out/tokenizer)")
+    ap.add_argument("--preset", default="small-qwen2")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--layouts", default="forward,mmbench", help="comma list of forward, mmbench")
+    args = ap.parse_args()
+    tok = load_tokenizer(args.tokenizer)
+    final = {layout: train_lookup(tok, args, layout) for layout in args.layouts.split(",")}
+    print(f"\nletter accuracy over the last {args.every} of {args.steps} steps (chance 0.25):")
+    for layout, acc in final.items():
+        print(f"  {layout:<8} {acc:.3f}  ({acc / 0.25:.1f}x chance)")
 
 
 if __name__ == "__main__":
