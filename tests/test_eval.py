@@ -377,11 +377,14 @@ def test_likelihood_protocol_ranks_option_texts_without_listing_them(world, tmp_
     assert seen and all("A." not in p and p.endswith("Answer the question using a single word or phrase.") for p in seen)
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     ranked = [p for p in preds if p.get("protocol") == "likelihood"]
-    assert len(ranked) == 32 and set(ranked[0]["option_logprobs"]) == {"A", "B", "C", "D"}
+    # each question once: the rotations of a prompt without options would all rank alike
+    assert len(ranked) == 8 and set(ranked[0]["option_logprobs"]) == {"A", "B", "C", "D"}
+    assert lik["chance"]["circular_accuracy"] == 0.25
     # a ranker that always prefers the first listed option is right exactly when A is the answer
     res = evaluate(tasks="synth-mcq", synth_dir=world, rank_fn=lambda p, i, cs: [[-float(j) for j in range(len(c))] for c in cs],
                    generate_fn=FakeModel(), mc_protocols=["likelihood"], progress=False)
     assert set(res) == {"synth-mcq@likelihood"}
-    assert res["synth-mcq@likelihood"]["metrics"]["accuracy_all_rotations"] == 0.25
+    answers = [json.loads(line)["answer"] for line in (world / "eval" / "mcq.jsonl").read_text().splitlines()]
+    assert res["synth-mcq@likelihood"]["metrics"]["accuracy"] == answers.count("A") / len(answers)
     with pytest.raises(TaskError, match="protocols"):
         evaluate(tasks="synth-mcq", synth_dir=world, generate_fn=FakeModel(), mc_protocols=["vibes"], progress=False)

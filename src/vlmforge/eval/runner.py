@@ -17,6 +17,7 @@ reports the mean and the sample standard deviation over seeds. Greedy decoding t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -266,7 +267,10 @@ def evaluate(
                 results[result_key(task.name, k)] = res
                 predictions += rows
         if "likelihood" in mc_protocols and task.kind in LIKELIHOOD_KINDS:
-            res, rows = evaluate_task(task, generate_fn, 0, seeds, batch_size, strict, progress, rank_fn)
+            # The options are not in the prompt, so CircularEval's rotations would all rank alike:
+            # score each question once (its circular accuracy is then its plain accuracy).
+            once = dataclasses.replace(task, items=[it for it in task.items if it.meta.get("rotation", 0) == 0])
+            res, rows = evaluate_task(once, generate_fn, 0, seeds, batch_size, strict, progress, rank_fn)
             results[result_key(task.name, 0, "likelihood")] = res
             predictions += [dict(r, protocol="likelihood") for r in rows]
 
