@@ -73,13 +73,15 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
              pretrain_overrides: list[str] | None = None, sft_overrides: list[str] | None = None) -> Path:
     """``overrides`` (KEY=VALUE) go to every stage after the demo's own settings, so e.g.
     ``synth.image_size=72`` or ``model.projector.kind=pixel_shuffle_mlp`` change the whole run;
-    ``pretrain_overrides`` / ``sft_overrides`` only reach that training stage (and its eval)."""
+    ``pretrain_overrides`` / ``sft_overrides`` only reach that training stage (pretraining's also
+    reach the packer and the initial model)."""
     import torch
 
     s = SIZES[size]
-    user = [a for kv in overrides or [] for a in ("--set", kv)]
-    pre_user = user + [a for kv in pretrain_overrides or [] for a in ("--set", kv)]
-    sft_user = user + [a for kv in sft_overrides or [] for a in ("--set", kv)]
+    pretrain_kv = [*(overrides or []), *(pretrain_overrides or [])]
+    every_sets = [a for kv in overrides or [] for a in ("--set", kv)]
+    pretrain_sets = [a for kv in pretrain_kv for a in ("--set", kv)]
+    sft_sets = every_sets + [a for kv in sft_overrides or [] for a in ("--set", kv)]
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -91,8 +93,8 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     runs, evals = out_dir / "runs", out_dir / "eval"
     log = StageLog()
 
-    log.run("synth", ["synth", "--out", str(world), "--seed", str(seed), "--quiet", *_synth_overrides(s), *user])
-    log.run("tokenizer", ["tokenizer", "train", "--corpus", str(world), "--out", str(tok), *user])
+    log.run("synth", ["synth", "--out", str(world), "--seed", str(seed), "--quiet", *_synth_overrides(s), *every_sets])
+    log.run("tokenizer", ["tokenizer", "train", "--corpus", str(world), "--out", str(tok), *every_sets])
 
     shards = str(world / "captions")
     faults = str(world / "captions" / "faults.jsonl")
@@ -101,41 +103,41 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     # minus its known-bad pairs); it scores the crawl and its vision half initialises the VLM's tower.
     log.run("curate: train filter network", [
         "curate", "train-filter", "--in", shards, "--exclude-faults", faults,
-        "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}", *user])
+        "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}", *every_sets])
     if curate:
         log.run("curate: score", ["curate", "score", "--scorer", "dfn", "--model", str(cur / "filter"),
-                                  "--in", shards, "--out", str(cur / "scores"), *user])
+                                  "--in", shards, "--out", str(cur / "scores"), *every_sets])
         log.run("curate: filter", ["curate", "filter", "--in", shards, "--scores", f"dfn={cur / 'scores'}",
-                                   "--keep", "dfn>=calibrated", "--ground-truth", faults, "--out", str(cur / "filtered"), *user])
+                                   "--keep", "dfn>=calibrated", "--ground-truth", faults, "--out", str(cur / "filtered"), *every_sets])
         # exact duplicates only: the world repeats scenes on purpose, so perceptual near-dup removal
         # would also drop legitimate pairs (measured in the curation notes)
         log.run("curate: dedup", ["curate", "dedup", "--in", str(cur / "filtered"), "--near", "none",
-                                  "--ground-truth", faults, "--out", str(cur / "curated"), *user])
+                                  "--ground-truth", faults, "--out", str(cur / "curated"), *every_sets])
         shards = str(cur / "curated")
 
     common = _sets(seed=seed, tokenizer__path=tok, model__vision__pretrained=cur / "filter")
     log.run("pack", ["pack", "--recipe", PRETRAIN_RECIPE, "--in", shards, "--out", str(out_dir / "packed"),
-                     "--tokenizer", str(tok), "--no-progress", *common, *pre_user])
+                     "--tokenizer", str(tok), "--no-progress", *common, *pretrain_sets])
 
-    _save_initial_checkpoint(tok, cur / "filter", runs / "init", seed, pre_user[1::2])
+    _save_initial_checkpoint(tok, cur / "filter", runs / "init", seed, pretrain_kv)
     eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", "12",
-                 "--mc-protocol", "generate,likelihood", *user]
+                 "--mc-protocol", "generate,likelihood", *every_sets]
     if s.eval_limit:
         eval_args += ["--limit", str(s.eval_limit)]
     log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])
 
     log.run("pretrain", ["train", "--recipe", PRETRAIN_RECIPE, *common, *_sets(
         train__data_path=out_dir / "packed", train__init_from=runs / "init",
-        train__run_dir=runs / "pretrain", train__epochs=s.pretrain_epochs), *pre_user])
+        train__run_dir=runs / "pretrain", train__epochs=s.pretrain_epochs), *pretrain_sets])
     log.run("eval after pretraining", ["eval", "--ckpt", str(runs / "pretrain" / "final"), *eval_args,
                                        "--out", str(evals / "pretrain")])
 
     log.run("sft index", ["sft-index", "--recipe", SFT_RECIPE, "--input", str(world / "sft" / "llava.json"),
                           "--image-root", str(world / "sft"), "--tokenizer", str(tok),
-                          "--out", str(out_dir / "sft_index"), *common, *sft_user])
+                          "--out", str(out_dir / "sft_index"), *common, *sft_sets])
     log.run("sft", ["train", "--recipe", SFT_RECIPE, *common, *_sets(
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
-        train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_user])
+        train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_sets])
     log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *eval_args, "--out", str(evals / "sft")])
 
     from vlmforge.demo.report import write_demo_report

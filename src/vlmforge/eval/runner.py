@@ -105,21 +105,21 @@ def run_task_once(
             batch.append(req)
         if not batch:
             continue
+        ranked: list = [None] * len(batch)
         if rank_fn is None:
             outputs = generate_fn([req[2] for req in batch], images)
-            ranked = [None] * len(batch)
         else:
             ranked = rank_fn([req[2] for req in batch], images, [list(req[0].options.values()) for req in batch])
-            outputs = [list(req[0].options.values())[max(range(len(lp)), key=lp.__getitem__)]
-                       for req, lp in zip(batch, ranked)]
+            outputs = [max(zip(lp, req[0].options), key=lambda pair: pair[0])[1] for req, lp in zip(batch, ranked)]
         if len(outputs) != len(batch):
             raise RuntimeError(f"generate returned {len(outputs)} outputs for {len(batch)} prompts")
-        for (item, demos, messages, refs), text, lps in zip(batch, outputs, ranked):
+        for (item, demos, messages, refs), out, lps in zip(batch, outputs, ranked):
             if lps is None:
+                text = out
                 rec = task.scorer.score_prediction(text, item)
-            else:  # the chosen option is known exactly: no text parsing
-                letter = list(item.options)[list(item.options.values()).index(text)]
-                rec = Scored(item=item, prediction=text, extracted=letter, score=float(task.scorer.score(letter, item)))
+            else:  # ``out`` is the chosen letter, known exactly: no text parsing
+                text = item.options[out]
+                rec = Scored(item=item, prediction=text, extracted=out, score=float(task.scorer.score(out, item)))
             records.append(rec)
             row = {
                 "task": task.name, "shots": shots, "seed": seed if shots else None, "id": item.id,
