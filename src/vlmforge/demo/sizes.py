@@ -27,7 +27,7 @@ SIZES: dict[str, DemoSize] = {
     "small": DemoSize(captions=800, sft=800, mcq=100, vqa=100, pope_images=25, text_lines=1500,
                       pretrain_epochs=4, sft_epochs=2, filter_epochs=4),
     "default": DemoSize(captions=2000, sft=3000, mcq=100, vqa=200, pope_images=50, text_lines=3000,
-                        pretrain_epochs=8, sft_epochs=5, filter_epochs=8),
+                        pretrain_epochs=8, sft_epochs=4, filter_epochs=8),
     "large": DemoSize(captions=8000, sft=10000, mcq=400, vqa=400, pope_images=100, text_lines=6000,
                       pretrain_epochs=6, sft_epochs=6, filter_epochs=10),
 }
