@@ -69,13 +69,16 @@ def continuation_logprobs(
     was_training = model.training
     model.eval()
     try:
-        logp = torch.log_softmax(model(ids, pv, seq_ids=seq_ids).float(), dim=-1)
+        hidden = model(ids, pv, seq_ids=seq_ids, output="hidden")
     finally:
         model.train(was_training)
+    # Vocabulary logits only where an answer token is predicted: [rows, width, vocab] would not fit
+    # in memory for a real LM (151k-token vocabulary).
+    head = model.llm.get_output_embeddings()
     scores = []
     for r, (a, b) in enumerate(spans):
-        targets = ids[r, a:b]
-        scores.append(float(logp[r, a - 1 : b - 1].gather(-1, targets[:, None]).sum()))
+        logp = torch.log_softmax(head(hidden[r, a - 1 : b - 1]).float(), dim=-1)
+        scores.append(float(logp.gather(-1, ids[r, a:b, None]).sum()))
     out, k = [], 0
     for cands in candidates:
         out.append(scores[k : k + len(cands)])
