@@ -222,8 +222,9 @@ def test_save_pretrained_round_trip(tok, tmp_path):
 
 
 def test_world_folder_covers_the_instruction_prompts(tmp_path):
-    """`--corpus WORLD` also reads the world's SFT turns, so the prompt suffixes the model is
-    trained and evaluated with are about a token per word, not dozens of pieces."""
+    """`--corpus WORLD` also reads the world's SFT turns and the chat template's words, so the
+    prompt suffixes and the template around every turn are about a token per word, not dozens of
+    pieces."""
     from vlmforge.cli import main
     from vlmforge.synth.language import MCQ_SUFFIX
 
@@ -239,8 +240,13 @@ def test_world_folder_covers_the_instruction_prompts(tmp_path):
     (world / "sft" / "llava.json").write_text(json.dumps(sft))
     assert main(["tokenizer", "train", "--corpus", str(world), "--out", str(tmp_path / "tok")]) == 0
     man = json.loads((tmp_path / "tok" / "manifest.json").read_text())
-    assert man["counts"]["lines"] == 300 + 50 * 5 and any(p.endswith("llava.json") for p in man["inputs"])
+    # per conversation: "system", the system prompt, a role word per turn, the turns' 5 lines
+    assert man["counts"]["lines"] == 300 + 50 * (2 + 2 + 5) and any(p.endswith("llava.json") for p in man["inputs"])
     n_with = len(load_tokenizer(tmp_path / "tok").encode(MCQ_SUFFIX, add_special_tokens=False))
     n_without = len(load_tokenizer(only_text).encode(MCQ_SUFFIX, add_special_tokens=False))
     assert n_with <= 13 and n_without >= 2 * n_with  # about one token per word vs word pieces
     assert "<image>" not in (tmp_path / "tok" / "tokenizer.json").read_text().split('"merges"')[1]
+    scaffold = load_tokenizer(tmp_path / "tok").apply_chat_template(
+        [{"role": "user", "content": "red"}, {"role": "assistant", "content": "A"}], tokenize=False)
+    pieces = [len(load_tokenizer(t).encode(scaffold, add_special_tokens=False)) for t in (tmp_path / "tok", only_text)]
+    assert pieces[0] <= 26 and pieces[1] >= 2 * pieces[0], pieces  # 24 vs 51 measured

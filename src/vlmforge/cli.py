@@ -20,6 +20,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("synth", "vlmforge.synth.command"),
     ("tokenizer", "vlmforge.data.tokenizer_command"),
     ("curate", "vlmforge.curate.command"),
+    ("vision-pretrain", "vlmforge.vision.command"),
     ("pack", "vlmforge.data.pack_command"),
     ("sft-index", "vlmforge.data.sft_index_command"),
     ("model-info", "vlmforge.model.info_command"),

@@ -12,6 +12,7 @@ from vlmforge.config.sft import SFTDataConfig
 from vlmforge.config.synth import SynthConfig
 from vlmforge.config.tokenizer import TokenizerConfig
 from vlmforge.config.train import TrainConfig
+from vlmforge.config.vision import VisionPretrainConfig
 
 
 @dataclass
@@ -27,3 +28,4 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)

@@ -56,4 +56,7 @@ class SynthConfig:
     pope_per_image: int = 2
     num_preference: int = 500
     num_text: int = 3000  # lines of the text corpus
+    # Labelled object images (vision/objects.jsonl: shape, colour, size and grid cell of every
+    # object), a detection-style set for pretraining a vision tower (`vlmforge vision-pretrain`).
+    num_vision: int = 2000
     faults: FaultConfig = field(default_factory=FaultConfig)

@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _turn_lines(path) -> list[str]:
-    """The text lines of a LLaVA json's turns, without the <image> markers."""
+    """The text lines of a LLaVA json's turns (no <image> markers) and the chat template's words."""
     import json
 
-    from vlmforge.data.tokenizer import IMAGE_TOKEN
+    from vlmforge.data.tokenizer import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 
     from vlmforge.cli import UserError
 
@@ -53,8 +53,16 @@ def _turn_lines(path) -> list[str]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read SFT conversations {path}: {e}") from e
-    return [line for r in records for turn in r.get("conversations", [])
-            for line in str(turn.get("value", "")).replace(IMAGE_TOKEN, "").splitlines() if line.strip()]
+    roles = {"human": "user", "gpt": "assistant"}
+    lines = []
+    for r in records:
+        # The chat template's own words (system prompt, role names) occur once per conversation or
+        # turn in everything the model reads: training on them makes them a few tokens, not ~40 bytes.
+        lines += ["system", DEFAULT_SYSTEM_PROMPT]
+        for turn in r.get("conversations", []):
+            lines.append(roles.get(turn.get("from"), str(turn.get("from", ""))))
+            lines += [line for line in str(turn.get("value", "")).replace(IMAGE_TOKEN, "").splitlines() if line.strip()]
+    return lines
 
 
 def _train(args) -> int:

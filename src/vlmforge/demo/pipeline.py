@@ -17,6 +17,8 @@ from vlmforge.demo.sizes import SIZES, DemoSize
 PRETRAIN_RECIPE = "demo/pretrain"
 SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
+DEMO_TURN_WEIGHTS = {"color": 0.12, "shape": 0.12, "count": 0.14, "position": 0.12, "existence": 0.2,
+                     "size": 0.03, "describe": 0.05, "mcq": 0.22}
 
 
 @dataclass
@@ -47,6 +49,9 @@ def _synth_overrides(s: DemoSize) -> list[str]:
         "synth.num_vqa": s.vqa,
         "synth.num_pope_images": s.pope_images,
         "synth.num_text": s.text_lines,
+        "synth.num_vision": s.vision_images,
+        # one 24 px patch per cell of the world's 3x3 grid (vision_pretrain's default tower)
+        "synth.image_size": 72,
         "synth.num_preference": 0 if s.captions < 500 else 100,
     }
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
@@ -96,11 +101,18 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("synth", ["synth", "--out", str(world), "--seed", str(seed), "--quiet", *_synth_overrides(s), *every_sets])
     log.run("tokenizer", ["tokenizer", "train", "--corpus", str(world), "--out", str(tok), *every_sets])
 
+    # The VLM's vision tower: trained on the world's labelled objects, then frozen (the demo's
+    # stand-in for a pretrained SigLIP; the report says so).
+    vision = out_dir / "vision"
+    log.run("vision-pretrain", ["vision-pretrain", "--data", str(world / "vision"), "--out", str(vision),
+                                "--epochs", str(s.vision_epochs), "--no-progress", "--set", f"seed={seed}",
+                                "--set", f"vision_pretrain.seed={seed}", *every_sets])
+
     shards = str(world / "captions")
     faults = str(world / "captions" / "faults.jsonl")
     cur = out_dir / "curate"
     # The filter network learns image-text matching contrastively on the trusted set (the crawl
-    # minus its known-bad pairs); it scores the crawl and its vision half initialises the VLM's tower.
+    # minus its known-bad pairs) and scores the crawl.
     log.run("curate: train filter network", [
         "curate", "train-filter", "--in", shards, "--exclude-faults", faults,
         "--out", str(cur / "filter"), "--epochs", str(s.filter_epochs), "--set", f"seed={seed}", *every_sets])
@@ -115,11 +127,11 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
                                   "--ground-truth", faults, "--out", str(cur / "curated"), *every_sets])
         shards = str(cur / "curated")
 
-    common = _sets(seed=seed, tokenizer__path=tok, model__vision__pretrained=cur / "filter")
+    common = _sets(seed=seed, tokenizer__path=tok, model__vision__pretrained=vision)
     log.run("pack", ["pack", "--recipe", PRETRAIN_RECIPE, "--in", shards, "--out", str(out_dir / "packed"),
                      "--tokenizer", str(tok), "--no-progress", *common, *pretrain_sets])
 
-    _save_initial_checkpoint(tok, cur / "filter", runs / "init", seed, pretrain_kv)
+    _save_initial_checkpoint(tok, vision, runs / "init", seed, pretrain_kv)
     eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", "12",
                  "--mc-protocol", "generate,likelihood", *every_sets]
     if s.eval_limit:

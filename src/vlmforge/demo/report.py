@@ -88,6 +88,11 @@ def _score_plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _vision_accuracy(folder) -> str:
+    acc = _read_json(Path(folder) / "manifest.json").get("holdout_accuracy") or {}
+    return "held-out accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()) if acc else "accuracy not recorded"
+
+
 def _what_was_trained(out_dir: Path) -> str:
     from vlmforge.config import load_recipe
 
@@ -97,11 +102,12 @@ def _what_was_trained(out_dir: Path) -> str:
     vision = "trained (unfrozen) in both stages" if not m.vision.frozen and not pre.model.vision.frozen else (
         "frozen" if m.vision.frozen and pre.model.vision.frozen else
         f"frozen in pretraining: {pre.model.vision.frozen}, in SFT: {m.vision.frozen}")
-    origin = (f"initialised from the vision half of the filter network that curation trained "
-              f"contrastively on the trusted captions ({m.vision.pretrained})" if m.vision.pretrained
+    origin = (f"pretrained by `vlmforge vision-pretrain` on the world's labelled objects (shape, colour "
+              f"and size of the object in each cell of the 3x3 grid; {_vision_accuracy(m.vision.pretrained)}), "
+              f"loaded from {m.vision.pretrained}" if m.vision.pretrained
               else "randomly initialised (no pretrained weights exist offline)")
     return (
-        f"Vision tower: {m.vision.preset}, {origin}, {vision}. "
+        f"Vision tower: {origin}; {vision} in the VLM. "
         f"Projector: {m.projector.kind}, pool size {pre.model.projector.pool_size} in pretraining "
         f"({'full grid' if m.projector.pool_size is None else m.projector.pool_size} in SFT), randomly initialised. "
         f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "

@@ -14,6 +14,8 @@ colours, two sizes and the cells of a 3x3 grid. From one seed it writes:
   DIR/eval/{mcq,vqa,pope}.jsonl     held-out benchmarks on unseen images (eval/images/)
   DIR/preference/pairs.jsonl        {prompt, image, chosen, rejected} pairs (preference/images/)
   DIR/text/corpus.txt               text-only corpus about the same world, one document per line
+  DIR/vision/objects.jsonl          labelled images ({id, image, objects: [{shape, color, size,
+                                    position}]}) for `vlmforge vision-pretrain` (vision/images/)
   DIR/config.yaml, DIR/manifest.json
 
 Image paths in json/jsonl files are relative to the folder of the file naming them. Faults

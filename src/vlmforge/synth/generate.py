@@ -24,8 +24,8 @@ from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.render import encode_jpeg, render_scene
 from vlmforge.synth.world import SceneSampler
 
-OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text")
-STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8}
+OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text", "vision")
+STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8, "vision": 9}
 URL_BASE = "https://synth.vlmforge.invalid/img"
 
 
@@ -194,6 +194,18 @@ def _preference(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
     return {"pairs": _write_jsonl(out / "preference" / "pairs.jsonl", rows)}
 
 
+def _vision(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+    """Images with every object's attributes: ground truth a vision tower can be pretrained on."""
+    rng = _rng(cfg.seed, "vision")
+    images = _Images(out / "vision", cfg)
+    rows = []
+    for i in tqdm(range(cfg.num_vision), desc="synth vision", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = f"vis-{i:06d}"
+        rows.append({"id": rid, "image": images.save(rid, scene), **scene.to_dict()})
+    return {"images": _write_jsonl(out / "vision" / "objects.jsonl", rows)}
+
+
 def _text(cfg, world: SceneSampler, out: Path) -> dict:
     lines = corpus.corpus_lines(cfg.num_text, _rng(cfg.seed, "text"), world)
     (out / "text").mkdir(parents=True, exist_ok=True)
@@ -225,7 +237,8 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
 
     recipe = _as_recipe(cfg)
     s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
-    for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text"):
+    for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text",
+                 "num_vision"):
         if getattr(s, name) < 0:
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
@@ -251,6 +264,7 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
         summary["eval"] = _eval(s, world, tmp, popularity, progress)
         summary["preference"] = _preference(s, world, tmp, progress)
         summary["text"] = _text(s, world, tmp)
+        summary["vision"] = _vision(s, world, tmp, progress)
         for name in (*OUTPUT_DIRS, "manifest.json", "config.yaml"):
             p = out / name
             if p.is_dir():
@@ -280,6 +294,7 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
             "eval_scenes": "eval/scenes.jsonl",
             "preference": "preference/pairs.jsonl",
             "text": "text/corpus.txt",
+            "vision": "vision/objects.jsonl",
         },
     )
     return summary

@@ -1,0 +1,1 @@
+"""Vision pretraining: train a small vision tower on labelled objects before a VLM uses it."""

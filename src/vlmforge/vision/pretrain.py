@@ -1,0 +1,260 @@
+"""Pretrain a vision tower on object labels: for every cell of a grid laid over the image, predict
+each attribute of the object there (or "none").
+
+The tower is a standard transformers ``CLIPVisionModel`` / ``SiglipVisionModel``; the heads read
+its patch features at ``feature_layer`` (what the VLM will read), average-pooled onto the label
+grid. The output folder is an ordinary ``save_pretrained`` folder, so a VLM takes it with
+``model.vision.pretrained=<folder>``. The heads are only a training device and are not saved.
+
+Why this exists: with no pretrained SigLIP offline, a tiny tower must learn to see from the world
+itself. Contrastive image-caption training (the filter network) keeps colour and position but
+drops shape, because the captions in a batch can be told apart without it; direct labels teach
+all attributes in seconds (measured: held-out shape accuracy 0.99 after ~15 s on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NONE = "none"  # label of an empty cell
+_LOCATION_KEYS = ("position", "cell")
+
+
+def _cell_of(obj: dict, grid: int, where: str) -> int:
+    from vlmforge.cli import UserError
+    from vlmforge.synth.world import CELL_NAMES
+
+    if "cell" in obj:
+        r, c = obj["cell"]
+    elif grid == 3 and obj.get("position") in CELL_NAMES.values():
+        r, c = next(rc for rc, name in CELL_NAMES.items() if name == obj["position"])
+    else:
+        raise UserError(f"{where}: object {obj} needs a 'cell': [row, col] or a 3x3 'position' name")
+    if not (0 <= r < grid and 0 <= c < grid):
+        raise UserError(f"{where}: cell {[r, c]} is outside the {grid}x{grid} label grid")
+    return r * grid + c
+
+
+def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], dict]:
+    """(PIL images, per-image {cell: object} lists, counts) from an objects.jsonl (or its folder).
+    Unreadable images are skipped and counted; a malformed row is an error naming file and line."""
+    from PIL import Image
+
+    from vlmforge.cli import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "objects.jsonl"
+    if not path.is_file():
+        raise UserError(f"labelled objects file not found: {path} (a `vlmforge synth` world has vision/objects.jsonl)")
+    images, labels = [], []
+    counts = {"rows": 0, "unreadable_image": 0}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+                image_path, objects = path.parent / row["image"], list(row["objects"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{where}: expected {{image, objects: [...]}} ({e})") from e
+            counts["rows"] += 1
+            try:
+                with Image.open(image_path) as im:
+                    images.append(im.convert("RGB"))
+            except OSError:
+                counts["unreadable_image"] += 1
+                continue
+            cells: dict[int, dict] = {}
+            for obj in objects:
+                cells[_cell_of(obj, grid, where)] = {k: str(v) for k, v in obj.items() if k not in _LOCATION_KEYS}
+            labels.append([cells.get(i, {}) for i in range(grid * grid)])
+    return images, labels, counts
+
+
+def label_vocab(labels: list[list[dict]]) -> dict[str, list[str]]:
+    """Attribute -> class names ("none" first, then the values seen, sorted)."""
+    values: dict[str, set] = {}
+    for cells in labels:
+        for obj in cells:
+            for k, v in obj.items():
+                values.setdefault(k, set()).add(v)
+    return {k: [NONE, *sorted(v)] for k, v in sorted(values.items())}
+
+
+def label_tensor(labels: list[list[dict]], vocab: dict[str, list[str]]) -> torch.Tensor:
+    """[N, cells, attributes] class indices (0 = none)."""
+    index = {k: {v: i for i, v in enumerate(names)} for k, names in vocab.items()}
+    return torch.tensor([[[index[k][obj.get(k, NONE)] for k in vocab] for obj in cells] for cells in labels],
+                        dtype=torch.long)
+
+
+def build_tower(vp):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    from vlmforge.cli import UserError
+
+    if vp.init:
+        from vlmforge.model.vision import build_vision_tower
+
+        class _V:  # the model.vision fields build_vision_tower reads
+            pretrained, preset = vp.init, None
+        return build_vision_tower(_V())
+    common = dict(hidden_size=vp.hidden_size, intermediate_size=4 * vp.hidden_size, num_hidden_layers=vp.num_layers,
+                  num_attention_heads=vp.num_heads, image_size=vp.image_size, patch_size=vp.patch_size, num_channels=3)
+    if vp.image_size % vp.patch_size:
+        raise UserError(f"vision_pretrain.image_size {vp.image_size} is not a multiple of patch_size {vp.patch_size}")
+    if vp.arch == "clip":
+        cfg = CLIPVisionConfig(**common)
+        cfg._attn_implementation = "sdpa"
+        return CLIPVisionModel(cfg)
+    if vp.arch == "siglip":
+        cfg = SiglipVisionConfig(**common, vision_use_head=False)
+        cfg._attn_implementation = "sdpa"
+        return SiglipVisionModel(cfg)
+    raise UserError(f"vision_pretrain.arch must be clip or siglip, got {vp.arch!r}")
+
+
+class CellHeads(nn.Module):
+    """Patch features -> per-cell logits for every attribute."""
+
+    def __init__(self, dim: int, vocab: dict[str, list[str]], grid: int):
+        super().__init__()
+        self.grid = grid
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, len(names)) for k, names in vocab.items()})
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, p, d = patches.shape
+        side = math.isqrt(p)
+        x = patches.transpose(1, 2).reshape(n, d, side, side)
+        cells = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # [N, cells, D]
+        return {k: head(cells) for k, head in self.heads.items()}
+
+
+def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
+    """Per attribute: accuracy on occupied cells; plus 'empty': cells correctly called empty/occupied."""
+    from vlmforge.model.vision import patch_features
+
+    tower.eval()
+    hits = {k: 0 for k in heads.heads}
+    occupied = int((y[..., 0] > 0).sum())
+    empty_ok = 0
+    with torch.inference_mode():
+        for s in range(0, len(pix), bs):
+            out = heads(patch_features(tower, pix[s : s + bs], feature_layer))
+            yy = y[s : s + bs]
+            occ = yy[..., 0] > 0  # the first attribute is set on every object
+            for j, k in enumerate(heads.heads):
+                hits[k] += int(((out[k].argmax(-1) == yy[..., j]) & occ).sum())
+            first = next(iter(heads.heads))
+            empty_ok += int(((out[first].argmax(-1) == 0) == ~occ).sum())
+    tower.train()
+    acc = {k: v / max(1, occupied) for k, v in hits.items()}
+    acc["empty"] = empty_ok / max(1, y.shape[0] * y.shape[1])
+    return acc
+
+
+def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=print, progress: bool = True) -> dict:
+    """Train, keep the epoch with the best held-out mean accuracy, save the tower; returns its accuracy."""
+    from tqdm import tqdm
+
+    from vlmforge.cli import UserError
+    from vlmforge.files import write_json, write_manifest
+    from vlmforge.images import preprocess_batch
+    from vlmforge.model.geometry import CLIP_MEAN_STD, SIGLIP_MEAN_STD
+    from vlmforge.model.vision import patch_features
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(vp.seed)
+    t0 = time.time()
+    images, labels, counts = read_objects(data, vp.grid)
+    if len(images) < 8:
+        raise UserError(f"only {len(images)} readable labelled images in {data}; need at least 8")
+    vocab = label_vocab(labels)
+    y = label_tensor(labels, vocab)
+    tower = build_tower(vp)
+    is_clip = tower.config.model_type.startswith("clip")
+    mean, std = CLIP_MEAN_STD if is_clip else SIGLIP_MEAN_STD
+    spec = dict(size=tower.config.image_size, mean=list(mean), std=list(std), rescale=1 / 255)
+    pix = preprocess_batch(images, spec)
+    del images
+    heads = CellHeads(tower.config.hidden_size, vocab, vp.grid)
+
+    g = torch.Generator().manual_seed(vp.seed)
+    order = torch.randperm(len(pix), generator=g)
+    n_hold = max(4, int(len(order) * vp.holdout_frac))
+    hold, train = order[:n_hold], order[n_hold:]
+    params = [p for p in [*tower.parameters(), *heads.parameters()] if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": vp.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=vp.lr)
+    steps_per_epoch = max(1, len(train) // vp.batch_size)
+    total = steps_per_epoch * vp.epochs
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    history, best = [], None
+    bar = tqdm(total=total, desc="vision-pretrain", unit="step", disable=not progress)
+    for epoch in range(vp.epochs):
+        perm = train[torch.randperm(len(train), generator=g)]
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * vp.batch_size : (b + 1) * vp.batch_size]
+            logits = heads(patch_features(tower, pix[idx], vp.feature_layer))
+            loss = sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), y[idx][..., j].flatten())
+                       for j, k in enumerate(vocab))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+        acc = _accuracy(tower, heads, pix[hold], y[hold], vp.feature_layer)
+        rec = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), **{f"holdout_{k}": v for k, v in acc.items()}}
+        history.append(rec)
+        score = sum(acc.values()) / len(acc)
+        if best is None or score > best[0]:
+            best = (score, epoch + 1, {k: v.detach().clone() for k, v in tower.state_dict().items()}, acc)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", **{k: f"{v:.2f}" for k, v in acc.items()})
+    bar.close()
+    tower.load_state_dict(best[2])
+    accuracy = best[3]
+    log("vision-pretrain: held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+        + f" (epoch {best[1]} of {vp.epochs})")
+    tower.save_pretrained(out, safe_serialization=True)
+    _save_image_processor(out, spec, is_clip)
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    write_json(out / "labels.json", {"grid": vp.grid, "vocab": vocab})
+    if config is not None:
+        from vlmforge.config import save_resolved
+
+        save_resolved(config, out)
+    write_manifest(out, "vision_pretrain", inputs=str(data), config=config,
+                   counts={**counts, "images": len(pix), "train": len(train), "holdout": n_hold},
+                   dropped={"unreadable_image": counts["unreadable_image"]},
+                   holdout_accuracy=accuracy, best_epoch=best[1], history=history,
+                   seconds=round(time.time() - t0, 1), model_class=type(tower).__name__)
+    return accuracy
+
+
+def _save_image_processor(out: Path, spec: dict, is_clip: bool) -> None:
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    size = spec["size"]
+    if is_clip:
+        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  image_mean=spec["mean"], image_std=spec["std"])
+    else:
+        proc = SiglipImageProcessor(size={"height": size, "width": size}, image_mean=spec["mean"], image_std=spec["std"])
+    proc.save_pretrained(out)

@@ -1,0 +1,88 @@
+"""`vlmforge vision-pretrain`: a tiny tower learns the world's labelled objects and becomes a VLM's tower."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlmforge.cli import UserError, main
+from vlmforge.config import load_recipe
+from vlmforge.synth.generate import generate_world
+
+WORLD = ["synth.image_size=72", "synth.num_captions=20", "synth.samples_per_shard=20", "synth.num_sft=4",
+         "synth.num_mcq=4", "synth.num_vqa=5", "synth.num_pope_images=2", "synth.num_preference=0",
+         "synth.num_text=10", "synth.num_vision=400"]
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    generate_world(load_recipe(None, WORLD), root / "world")
+    out = root / "tower"
+    assert main(["vision-pretrain", "--data", str(root / "world" / "vision"), "--out", str(out), "--epochs", "10",
+                 "--no-progress", "--set", "vision_pretrain.batch_size=32"]) == 0
+    return root, out
+
+
+def test_synth_writes_labelled_objects(tower):
+    root, _ = tower
+    rows = [json.loads(line) for line in (root / "world" / "vision" / "objects.jsonl").read_text().splitlines()]
+    assert len(rows) == 400
+    assert all((root / "world" / "vision" / r["image"]).is_file() and 1 <= len(r["objects"]) <= 4 for r in rows)
+    assert set(rows[0]["objects"][0]) == {"shape", "color", "size", "position"}
+
+
+def test_tower_learns_every_attribute_on_held_out_images(tower):
+    _, out = tower
+    man = json.loads((out / "manifest.json").read_text())
+    acc = man["holdout_accuracy"]
+    # chance on occupied cells: 1/5 shape, 1/7 colour, 1/3 size (each with "none")
+    assert acc["color"] >= 0.8 and acc["shape"] >= 0.5 and acc["size"] >= 0.6 and acc["empty"] >= 0.9, acc
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["holdout_shape"] < acc["shape"]  # it learned during training, not by accident of init
+    assert json.loads((out / "labels.json").read_text())["vocab"]["shape"][0] == "none"
+
+
+def test_vlm_takes_the_tower_one_token_per_cell(tower):
+    from vlmforge.data.tokenizer import train_tokenizer
+    from vlmforge.model import build_vlm
+    from vlmforge.model.vision import patch_features
+    from transformers import CLIPVisionModel
+
+    root, out = tower
+    tok = train_tokenizer(["a red circle in the top left corner"] * 20, root / "tok", vocab_size=300)
+    cfg = load_recipe("demo/sft", [f"model.vision.pretrained={out}"])
+    model = build_vlm(cfg.model, tok, seed=0)
+    assert model.tokens_per_image == 9
+    saved = CLIPVisionModel.from_pretrained(out)
+    pix = torch.randn(2, 3, 72, 72)
+    with torch.no_grad():
+        ours = patch_features(model.vision, pix, cfg.model.vision.feature_layer)
+        ref = patch_features(saved, pix, -1)
+    assert torch.equal(ours, ref)
+    assert not any(p.requires_grad for p in model.vision.parameters())  # the demo keeps it frozen
+
+
+def test_bad_rows_name_file_and_line_and_unreadable_images_are_counted(tmp_path):
+    from PIL import Image
+
+    from vlmforge.vision.pretrain import read_objects
+
+    Image.new("RGB", (72, 72), "white").save(tmp_path / "ok.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    good = {"image": "ok.jpg", "objects": [{"shape": "circle", "color": "red", "position": "center"}]}
+    (tmp_path / "objects.jsonl").write_text(
+        json.dumps(good) + "\n" + json.dumps({**good, "image": "broken.jpg"}) + "\n")
+    images, labels, counts = read_objects(tmp_path, grid=3)
+    assert counts == {"rows": 2, "unreadable_image": 1} and len(images) == 1
+    assert labels[0][4] == {"shape": "circle", "color": "red"} and labels[0][0] == {}
+    with open(tmp_path / "objects.jsonl", "a") as f:
+        f.write(json.dumps({"objects": []}) + "\n")
+    with pytest.raises(UserError, match=r"objects\.jsonl:3"):
+        read_objects(tmp_path, grid=3)
+    with open(tmp_path / "objects.jsonl", "w") as f:
+        f.write(json.dumps({**good, "objects": [{"shape": "circle", "position": "upstairs"}]}) + "\n")
+    with pytest.raises(UserError, match=r"objects\.jsonl:1.*position"):
+        read_objects(tmp_path, grid=3)
