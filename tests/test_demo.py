@@ -17,11 +17,11 @@ def demo_dir(tmp_path_factory):
 
 
 def test_every_stage_wrote_its_folder_config_and_manifest(demo_dir):
-    for stage in ("world", "curate/filter", "curate/scores", "curate/filtered", "curate/curated", "packed",
+    for stage in ("world", "vision", "curate/filter", "curate/scores", "curate/filtered", "curate/curated", "packed",
                   "sft_index", "runs/pretrain", "runs/sft", "eval/init", "eval/pretrain", "eval/sft"):
         folder = demo_dir / stage
         assert folder.is_dir(), stage
-    for stage in ("world", "curate/filtered", "curate/curated", "packed", "sft_index", "runs/pretrain", "runs/sft",
+    for stage in ("world", "vision", "curate/filtered", "curate/curated", "packed", "sft_index", "runs/pretrain", "runs/sft",
                   "eval/sft"):
         assert (demo_dir / stage / "manifest.json").is_file(), stage
         assert (demo_dir / stage / "config.yaml").is_file(), stage
@@ -40,7 +40,17 @@ def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
     assert (demo_dir / "plots" / "scores.png").stat().st_size > 1000
     assert (demo_dir / "runs" / "sft" / "plots" / "loss.png").is_file()
     # the report says what was trained, so a reader knows the vision tower's status
-    assert "Vision tower" in html
+    assert "Vision tower: pretrained by `vlmforge vision-pretrain`" in html and "frozen in the VLM" in html
+
+
+def test_the_vlm_sees_through_the_pretrained_frozen_tower(demo_dir):
+    from omegaconf import OmegaConf
+
+    for stage in ("pretrain", "sft"):
+        cfg = OmegaConf.load(demo_dir / "runs" / stage / "config.yaml")
+        assert cfg.model.vision.pretrained == str(demo_dir / "vision") and cfg.model.vision.frozen
+    assert "--data" in next(r["command"] for r in json.loads((demo_dir / "demo_summary.json").read_text())["stages"]
+                            if r["stage"] == "vision-pretrain")
 
 
 def test_sft_started_from_the_pretrained_weights(demo_dir):

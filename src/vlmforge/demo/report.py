@@ -88,6 +88,10 @@ def _score_plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _pool(pool_size) -> str:
+    return "the full patch grid" if pool_size is None else f"pooled to {pool_size}x{pool_size}"
+
+
 def _vision_accuracy(folder) -> str:
     acc = _read_json(Path(folder) / "manifest.json").get("holdout_accuracy") or {}
     return "held-out accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()) if acc else "accuracy not recorded"
@@ -108,8 +112,8 @@ def _what_was_trained(out_dir: Path) -> str:
               else "randomly initialised (no pretrained weights exist offline)")
     return (
         f"Vision tower: {origin}; {vision} in the VLM. "
-        f"Projector: {m.projector.kind}, pool size {pre.model.projector.pool_size} in pretraining "
-        f"({'full grid' if m.projector.pool_size is None else m.projector.pool_size} in SFT), randomly initialised. "
+        f"Projector: {m.projector.kind}, {_pool(pre.model.projector.pool_size)} in pretraining and "
+        f"{_pool(m.projector.pool_size)} in SFT, randomly initialised. "
         f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "
         f"Attention over packs: {m.attention}; positions: {m.positions}."
     )
