@@ -13,11 +13,15 @@ Greedy answers on 400 held-out questions are scored by exact match, per category
 
     python bench/bench_qa_binding.py --tokenizer demo_out/tokenizer [--steps 1000] [--max-objects 4]
 
-Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers), lr 3e-3, batch 32, 1 000 steps:
-colour only: colour 1.00 by step 250 (1 object per image) and 0.57-0.62 (1-4 objects);
-full mix, 1-4 objects, 1 500 steps (4 min): colour 0.17, shape 0.79, position 0.47, count 0.42,
-existence 0.49 (chance), multiple choice 0.06-0.25 (at or below chance). The demo's SFT is ~1 000
-steps of a similar batch: its limit is the LM learning to bind words to visual tokens, not sight.
+Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers), lr 3e-3, batch 32, defaults
+(1 000 steps each, 1-4 objects; 8 min 38 s while other jobs shared the CPU):
+colour only: colour 0.73. Full mix: colour 0.17, shape 0.55, position 0.13, count 0.42,
+existence 0.49 (chance), multiple choice 0.12-0.38 (one rotation, chance 0.25).
+With one object per image (a throwaway variant of this script, 500 steps) the full mix reads
+shape 1.00 but answers every colour question "orange" (0.22) at lr 3e-3, and colour 1.00 at lr 1e-3;
+existence stays at chance either way. (The demo at lr 1e-3 was not better: VQA 0.37.)
+The demo's SFT is ~1 000 steps of a similar batch: its limit is the LM learning to bind words to
+visual tokens, not sight.
 """
 
 from __future__ import annotations

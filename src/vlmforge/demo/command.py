@@ -1,7 +1,8 @@
 """Run the whole pipeline on the built-in synthetic world and show that the model learned.
 
-synth -> tokenizer -> curate (train a filter network, score, filter, dedup) -> pack ->
-pretrain -> SFT -> eval (before training, after pretraining, after SFT) -> report.
+synth -> tokenizer -> vision-pretrain (the VLM's frozen vision tower, on labelled objects) ->
+curate (train a filter network, score, filter, dedup) -> pack -> pretrain -> SFT ->
+eval (before training, after pretraining, after SFT) -> report.
 
 Everything lands in --out: one folder per stage (each with its config.yaml and manifest.json)
 and report.html with loss curves and every benchmark score next to chance level.
@@ -10,7 +11,7 @@ Examples:
   vlmforge demo                          # default size: minutes on a laptop CPU
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
-  vlmforge demo --set synth.image_size=72 --sft-set train.epochs=8   # change any stage's config
+  vlmforge demo --pretrain-set train.epochs=4 --sft-set train.epochs=8   # change any stage's config
 """
 
 from __future__ import annotations
