@@ -101,12 +101,12 @@ def build_tower(vp):
 
     from vlmforge.cli import UserError
 
-    if vp.init:
-        from vlmforge.model.vision import build_vision_tower
+    if vp.init:  # a vision tower folder, or a whole CLIP / SigLIP model folder (its vision half)
+        from transformers import AutoConfig
 
-        class _V:  # the model.vision fields build_vision_tower reads
-            pretrained, preset = vp.init, None
-        return build_vision_tower(_V())
+        siglip = AutoConfig.from_pretrained(vp.init).model_type.startswith("siglip")
+        cls = SiglipVisionModel if siglip else CLIPVisionModel
+        return cls.from_pretrained(vp.init, attn_implementation="sdpa", dtype=torch.float32)
     common = dict(hidden_size=vp.hidden_size, intermediate_size=4 * vp.hidden_size, num_hidden_layers=vp.num_layers,
                   num_attention_heads=vp.num_heads, image_size=vp.image_size, patch_size=vp.patch_size, num_channels=3)
     if vp.image_size % vp.patch_size:
@@ -171,6 +171,8 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
     from vlmforge.model.geometry import CLIP_MEAN_STD, SIGLIP_MEAN_STD
     from vlmforge.model.vision import patch_features
 
+    if vp.epochs < 1 or vp.batch_size < 1:
+        raise UserError("vision_pretrain.epochs and vision_pretrain.batch_size must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(vp.seed)
