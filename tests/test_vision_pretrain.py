@@ -86,3 +86,15 @@ def test_bad_rows_name_file_and_line_and_unreadable_images_are_counted(tmp_path)
         f.write(json.dumps({**good, "objects": [{"shape": "circle", "position": "upstairs"}]}) + "\n")
     with pytest.raises(UserError, match=r"objects\.jsonl:1.*position"):
         read_objects(tmp_path, grid=3)
+
+
+def test_init_starts_from_the_given_tower(tower, tmp_path):
+    from safetensors.torch import load_file
+
+    root, out = tower
+    again = tmp_path / "again"
+    # lr 0: training cannot move the weights, so the saved tower is exactly the one it started from
+    assert main(["vision-pretrain", "--data", str(root / "world" / "vision"), "--out", str(again), "--epochs", "1",
+                 "--no-progress", "--set", f"vision_pretrain.init={out}", "--set", "vision_pretrain.lr=0"]) == 0
+    before, after = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
