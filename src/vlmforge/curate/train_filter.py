@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmforge.model.geometry import build_image_processor
+
 
 def read_trusted(shards: list[str], exclude: set, max_samples: int | None = None):
     """(images PIL, captions, counts) of decodable, non-excluded samples."""
@@ -87,19 +89,6 @@ def build_model(tf, tokenizer):
     from vlmforge.cli import UserError
 
     raise UserError(f"curate.train_filter.arch must be siglip or clip, got {tf.arch!r}")
-
-
-def build_image_processor(arch: str, size: int):
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
-    from vlmforge.model.geometry import CLIP_MEAN_STD, SIGLIP_MEAN_STD
-
-    if arch == "siglip":
-        mean, std = SIGLIP_MEAN_STD
-        return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
-    mean, std = CLIP_MEAN_STD
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=mean, image_std=std)
 
 
 def _pair_scores(model, pixel_values, text, bs=256) -> tuple[np.ndarray, np.ndarray]:

@@ -53,8 +53,24 @@ def visual_tokens_per_image(model_cfg) -> int:
     return tokens_for_grid(model_cfg.projector.kind, patch_grid(model_cfg), model_cfg.projector.pool_size)
 
 
+def preprocess_spec_for(model_type: str, size: int) -> dict:
+    """Resize to size x size, multiply by `rescale`, normalise with mean/std (per channel, RGB):
+    CLIP's statistics for CLIP towers, SigLIP's (0.5) otherwise."""
+    mean, std = CLIP_MEAN_STD if model_type.startswith("clip") else SIGLIP_MEAN_STD
+    return dict(size=int(size), mean=list(mean), std=list(std), rescale=1 / 255)
+
+
 def image_preprocess_spec(model_cfg) -> dict:
-    """Resize to size x size, multiply by `rescale`, normalise with mean/std (per channel, RGB)."""
-    d = vision_config_dict(model_cfg.vision)
-    mean, std = CLIP_MEAN_STD if d.get("model_type", "").startswith("clip") else SIGLIP_MEAN_STD
-    return dict(size=image_size(model_cfg), mean=list(mean), std=list(std), rescale=1 / 255)
+    return preprocess_spec_for(vision_config_dict(model_cfg.vision).get("model_type", ""), image_size(model_cfg))
+
+
+def build_image_processor(arch: str, size: int):
+    """The transformers image processor saved next to a CLIP / SigLIP model we train (same statistics)."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    if arch == "siglip":
+        mean, std = SIGLIP_MEAN_STD
+        return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    mean, std = CLIP_MEAN_STD
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=mean, image_std=std)

@@ -64,10 +64,9 @@ class VisionLanguageModel(nn.Module):
 
     def preprocess_spec(self) -> dict:
         """Image preprocessing for this tower (same as geometry.image_preprocess_spec)."""
-        from vlmforge.model.geometry import CLIP_MEAN_STD, SIGLIP_MEAN_STD
+        from vlmforge.model.geometry import preprocess_spec_for
 
-        mean, std = CLIP_MEAN_STD if self.vision.config.model_type.startswith("clip") else SIGLIP_MEAN_STD
-        return dict(size=self.image_size, mean=list(mean), std=list(std), rescale=1 / 255)
+        return preprocess_spec_for(self.vision.config.model_type, self.image_size)
 
     def apply_run_settings(self, model_cfg) -> None:
         """Settings a stage may change on a loaded checkpoint: attention, positions, V2PE delta,
