@@ -21,7 +21,7 @@ def tower(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
     generate_world(load_recipe(None, WORLD), root / "world")
     out = root / "tower"
-    assert main(["vision-pretrain", "--data", str(root / "world" / "vision"), "--out", str(out), "--epochs", "10",
+    assert main(["vision-pretrain", "--data", str(root / "world" / "vision"), "--out", str(out), "--epochs", "30",
                  "--no-progress", "--set", "vision_pretrain.batch_size=32"]) == 0
     return root, out
 
@@ -43,6 +43,30 @@ def test_tower_learns_every_attribute_on_held_out_images(tower):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["holdout_shape"] < acc["shape"]  # it learned during training, not by accident of init
     assert json.loads((out / "labels.json").read_text())["vocab"]["shape"][0] == "none"
+
+
+def test_features_keep_where_each_cell_is(tower):
+    """A fresh linear probe on the saved tower's features names the cell of each occupied cell (as a
+    pretrained ViT's patch features would); the VLM needs this for "where is ..." questions."""
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    from vlmforge.model.vision import patch_features
+    from vlmforge.vision.pretrain import read_objects
+
+    root, out = tower
+    assert json.loads((out / "manifest.json").read_text())["holdout_accuracy"]["position"] >= 0.8  # chance 1/9
+    images, labels, _ = read_objects(root / "world" / "vision", grid=3)
+    tower_model = CLIPVisionModel.from_pretrained(out).eval()
+    pix = AutoImageProcessor.from_pretrained(out)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = patch_features(tower_model, pix, -1)  # [N, 9, D], one patch per cell
+    occupied = torch.tensor([[bool(c) for c in cells] for cells in labels])
+    x, cell = feats[occupied], torch.arange(9).expand_as(occupied)[occupied]
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    split = len(x) * 3 // 4  # probe fitted on the first images' cells, scored on the rest
+    w = torch.linalg.lstsq(x[:split], torch.nn.functional.one_hot(cell[:split], 9).float()).solution
+    probe = (x[split:] @ w).argmax(1)
+    assert (probe == cell[split:]).float().mean() >= 0.8  # chance 1/9
 
 
 def test_vlm_takes_the_tower_one_token_per_cell(tower):

@@ -17,8 +17,13 @@ from vlmforge.demo.sizes import SIZES, DemoSize
 PRETRAIN_RECIPE = "demo/pretrain"
 SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
-DEMO_TURN_WEIGHTS = {"color": 0.12, "shape": 0.12, "count": 0.14, "position": 0.12, "existence": 0.2,
-                     "size": 0.03, "describe": 0.05, "mcq": 0.22}
+# The demo's SFT data: every image gets 2-8 questions (LLaVA-665k groups an image's VQA questions
+# into one conversation the same way), nearly all with short answers, weighted towards the skills
+# the benchmarks test. The from-scratch LM learns each skill only after a plateau of ~20k answers
+# (measured with bench/bench_qa_binding.py), so answers per token is what this mix buys.
+DEMO_SFT_DATA = {"sft_multi_turn_frac": 1.0, "sft_max_turns": 8, "sft_short_answer_frac": 0.9}
+DEMO_TURN_WEIGHTS = {"color": 0.15, "shape": 0.15, "count": 0.12, "position": 0.15, "existence": 0.22,
+                     "size": 0.02, "describe": 0.02, "mcq": 0.17}
 
 
 @dataclass
@@ -53,6 +58,8 @@ def _synth_overrides(s: DemoSize) -> list[str]:
         # one 24 px patch per cell of the world's 3x3 grid (vision_pretrain's default tower)
         "synth.image_size": 72,
         "synth.num_preference": 0 if s.captions < 500 else 100,
+        **{f"synth.{k}": v for k, v in DEMO_SFT_DATA.items()},
+        **{f"synth.sft_turn_weights.{k}": v for k, v in DEMO_TURN_WEIGHTS.items()},
     }
     return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
 

@@ -92,9 +92,14 @@ def _pool(pool_size) -> str:
     return "the full patch grid" if pool_size is None else f"pooled to {pool_size}x{pool_size}"
 
 
-def _vision_accuracy(folder) -> str:
+def _vision_targets(folder) -> str:
+    """What vision-pretrain taught the tower, with its held-out accuracy (from its manifest)."""
     acc = _read_json(Path(folder) / "manifest.json").get("holdout_accuracy") or {}
-    return "held-out accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()) if acc else "accuracy not recorded"
+    what = "shape, colour and size of the object in each cell of the 3x3 grid"
+    if "position" in acc:
+        what += ", and which cell each patch is"
+    return what + "; " + ("held-out accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+                          if acc else "accuracy not recorded")
 
 
 def _what_was_trained(out_dir: Path) -> str:
@@ -106,8 +111,8 @@ def _what_was_trained(out_dir: Path) -> str:
     vision = "trained (unfrozen) in both stages" if not m.vision.frozen and not pre.model.vision.frozen else (
         "frozen" if m.vision.frozen and pre.model.vision.frozen else
         f"frozen in pretraining: {pre.model.vision.frozen}, in SFT: {m.vision.frozen}")
-    origin = (f"pretrained by `vlmforge vision-pretrain` on the world's labelled objects (shape, colour "
-              f"and size of the object in each cell of the 3x3 grid; {_vision_accuracy(m.vision.pretrained)}), "
+    origin = (f"pretrained by `vlmforge vision-pretrain` on the world's labelled objects "
+              f"({_vision_targets(m.vision.pretrained)}), "
               f"loaded from {m.vision.pretrained}" if m.vision.pretrained
               else "randomly initialised (no pretrained weights exist offline)")
     return (

@@ -123,19 +123,27 @@ def build_tower(vp):
 
 
 class CellHeads(nn.Module):
-    """Patch features -> per-cell logits for every attribute."""
+    """Patch features -> per-cell logits for every attribute, and (``where``) for the cell's own index.
 
-    def __init__(self, dim: int, vocab: dict[str, list[str]], grid: int):
+    The attribute heads are shared by all cells, so nothing in them needs the features to say where
+    a cell is, and training wears the position embedding's trace away (measured: a linear probe
+    found the cell of an occupied cell 14% of the time, chance 11%). A pretrained ViT's patch
+    features do carry their position, and the VLM needs it for "where" questions: the ``where``
+    head keeps it."""
+
+    def __init__(self, dim: int, vocab: dict[str, list[str]], grid: int, where: bool = True):
         super().__init__()
         self.grid = grid
         self.heads = nn.ModuleDict({k: nn.Linear(dim, len(names)) for k, names in vocab.items()})
+        self.where = nn.Linear(dim, grid * grid) if where else None
 
-    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, patches: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         n, p, d = patches.shape
         side = math.isqrt(p)
         x = patches.transpose(1, 2).reshape(n, d, side, side)
         cells = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # [N, cells, D]
-        return {k: head(cells) for k, head in self.heads.items()}
+        where = self.where(cells) if self.where is not None else None
+        return {k: head(cells) for k, head in self.heads.items()}, where
 
 
 def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
@@ -145,11 +153,14 @@ def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
     tower.eval()
     hits = {k: 0 for k in heads.heads}
     occupied = int((y[..., 0] > 0).sum())
-    empty_ok = 0
+    empty_ok = where_ok = 0
+    cell_ids = torch.arange(y.shape[1])
     with torch.inference_mode():
         for s in range(0, len(pix), bs):
-            out = heads(patch_features(tower, pix[s : s + bs], feature_layer))
+            out, where = heads(patch_features(tower, pix[s : s + bs], feature_layer))
             yy = y[s : s + bs]
+            if where is not None:
+                where_ok += int((where.argmax(-1) == cell_ids).sum())
             occ = yy[..., 0] > 0  # the first attribute is set on every object
             for j, k in enumerate(heads.heads):
                 hits[k] += int(((out[k].argmax(-1) == yy[..., j]) & occ).sum())
@@ -158,6 +169,8 @@ def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
     tower.train()
     acc = {k: v / max(1, occupied) for k, v in hits.items()}
     acc["empty"] = empty_ok / max(1, y.shape[0] * y.shape[1])
+    if heads.where is not None:
+        acc["position"] = where_ok / max(1, y.shape[0] * y.shape[1])
     return acc
 
 
@@ -186,7 +199,8 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
     spec = preprocess_spec_for(tower.config.model_type, tower.config.image_size)  # as the VLM will see images
     pix = preprocess_batch(images, spec)
     del images
-    heads = CellHeads(tower.config.hidden_size, vocab, vp.grid)
+    heads = CellHeads(tower.config.hidden_size, vocab, vp.grid, where=vp.position_head)
+    cell_ids = torch.arange(vp.grid * vp.grid)
 
     g = torch.Generator().manual_seed(vp.seed)
     order = torch.randperm(len(pix), generator=g)
@@ -209,9 +223,11 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
         losses = []
         for b in range(steps_per_epoch):
             idx = perm[b * vp.batch_size : (b + 1) * vp.batch_size]
-            logits = heads(patch_features(tower, pix[idx], vp.feature_layer))
+            logits, where = heads(patch_features(tower, pix[idx], vp.feature_layer))
             loss = sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), y[idx][..., j].flatten())
                        for j, k in enumerate(vocab))
+            if where is not None:
+                loss = loss + nn.functional.cross_entropy(where.flatten(0, 1), cell_ids.repeat(len(idx)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
