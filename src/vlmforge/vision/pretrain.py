@@ -1,5 +1,5 @@
 """Pretrain a vision tower on object labels: for every cell of a grid laid over the image, predict
-each attribute of the object there (or "none").
+each attribute of the object there (or "none"), and which cell it is (``position_head``).
 
 The tower is a standard transformers ``CLIPVisionModel`` / ``SiglipVisionModel``; the heads read
 its patch features at ``feature_layer`` (what the VLM will read), average-pooled onto the label
