@@ -71,3 +71,16 @@ def test_overrides_reach_their_stages(demo_dir):
 def test_demo_refuses_to_overwrite_without_flag(demo_dir, capsys):
     assert main(["demo", "--size", "tiny", "--out", str(demo_dir)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_world_gets_the_demos_sft_mix(demo_dir):
+    """The demo's SFT data settings reach synth (they once sat unused in the pipeline module)."""
+    from omegaconf import OmegaConf
+
+    from vlmforge.demo.pipeline import DEMO_SFT_DATA, DEMO_TURN_WEIGHTS
+
+    synth = OmegaConf.load(demo_dir / "world" / "config.yaml").synth
+    assert dict(synth.sft_turn_weights) == pytest.approx(DEMO_TURN_WEIGHTS)
+    assert {k: synth[k] for k in DEMO_SFT_DATA} == DEMO_SFT_DATA
+    records = json.loads((demo_dir / "world" / "sft" / "llava.json").read_text())
+    assert all(len(r["conversations"]) >= 4 for r in records)  # every image gets 2+ questions
