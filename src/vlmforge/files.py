@@ -1,4 +1,4 @@
-"""Small file helpers every stage uses: atomic writes and the stage manifest."""
+"""Small file helpers every stage uses: numbered line reading, atomic writes and the stage manifest."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from vlmforge import __version__
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """("FILE:LINE", text) for every non-blank line, so a reader's errors can name the exact line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{n}", line
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -31,24 +31,22 @@ class Truth(dict):
 def load_truth(path: str | os.PathLike) -> Truth:
     """key -> fault kind (and ``.dup_of``)."""
     from vlmforge.cli import UserError
+    from vlmforge.files import numbered_lines
 
     out = Truth()
     out.dup_of = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not JSON: {e}") from None
-            key = rec.get("key")
-            kind = rec.get("fault") or rec.get("kind") or rec.get("type")
-            if key is None or kind is None:
-                raise UserError(f"{path}:{n}: a fault record needs 'key' and 'fault' (got {sorted(rec)})")
-            out[str(key)] = str(kind)
-            if rec.get("duplicate_of_key") is not None:
-                out.dup_of[str(key)] = str(rec["duplicate_of_key"])
+    for where, line in numbered_lines(path):
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where}: not JSON: {e}") from None
+        key = rec.get("key")
+        kind = rec.get("fault") or rec.get("kind") or rec.get("type")
+        if key is None or kind is None:
+            raise UserError(f"{where}: a fault record needs 'key' and 'fault' (got {sorted(rec)})")
+        out[str(key)] = str(kind)
+        if rec.get("duplicate_of_key") is not None:
+            out.dup_of[str(key)] = str(rec["duplicate_of_key"])
     return out
 
 

@@ -243,17 +243,15 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, RowError(f"invalid JSON ({e.msg})")
-                continue
-            yield where, row if isinstance(row, dict) else RowError("expected a JSON object")
+    from vlmforge.files import numbered_lines
+
+    for where, line in numbered_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, RowError(f"invalid JSON ({e.msg})")
+            continue
+        yield where, row if isinstance(row, dict) else RowError("expected a JSON object")
 
 
 def _read_parquet(path: Path):

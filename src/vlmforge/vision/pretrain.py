@@ -47,6 +47,7 @@ def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], d
     from PIL import Image
 
     from vlmforge.cli import UserError
+    from vlmforge.files import numbered_lines
 
     path = Path(path)
     if path.is_dir():
@@ -55,27 +56,23 @@ def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], d
         raise UserError(f"labelled objects file not found: {path} (a `vlmforge synth` world has vision/objects.jsonl)")
     images, labels = [], []
     counts = {"rows": 0, "unreadable_image": 0}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-                image_path, objects = path.parent / row["image"], list(row["objects"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{where}: expected {{image, objects: [...]}} ({e})") from e
-            counts["rows"] += 1
-            try:
-                with Image.open(image_path) as im:
-                    images.append(im.convert("RGB"))
-            except OSError:
-                counts["unreadable_image"] += 1
-                continue
-            cells: dict[int, dict] = {}
-            for obj in objects:
-                cells[_cell_of(obj, grid, where)] = {k: str(v) for k, v in obj.items() if k not in _LOCATION_KEYS}
-            labels.append([cells.get(i, {}) for i in range(grid * grid)])
+    for where, line in numbered_lines(path):
+        try:
+            row = json.loads(line)
+            image_path, objects = path.parent / row["image"], list(row["objects"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{where}: expected {{image, objects: [...]}} ({e})") from e
+        counts["rows"] += 1
+        try:
+            with Image.open(image_path) as im:
+                images.append(im.convert("RGB"))
+        except OSError:
+            counts["unreadable_image"] += 1
+            continue
+        cells: dict[int, dict] = {}
+        for obj in objects:
+            cells[_cell_of(obj, grid, where)] = {k: str(v) for k, v in obj.items() if k not in _LOCATION_KEYS}
+        labels.append([cells.get(i, {}) for i in range(grid * grid)])
     return images, labels, counts
 
 
