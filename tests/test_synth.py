@@ -334,3 +334,15 @@ def test_sft_turn_mix_is_configurable(tmp_path):
         out = tmp_path / "bad"
         assert main(["synth", "--out", str(out), "--quiet", "--set", bad]) == 2
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_caption_mix_is_configurable(tmp_path):
+    """synth.caption_mix picks the caption styles; unknown styles and bad weights fail before writing."""
+    w = tmp_path / "dense"
+    generate_world(_small("synth.caption_mix.dense=1.0"), w)
+    captions = [s.caption for shard in list_shards(str(w / "captions")) for s in iter_raw_samples(shard) if s.caption]
+    assert captions and all(re.match(r"There (is one shape|are \w+ shapes) in the image\. ", t) for t in captions)
+    for bad in ("synth.caption_mix.poems=1.0", "synth.caption_mix.dense=-1.0"):
+        out = tmp_path / "bad"
+        assert main(["synth", "--out", str(out), "--quiet", "--set", bad]) == 2
+        assert not out.exists() or not any(out.iterdir())

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vlmforge.synth.language import NUMBER_WORDS, caption, detailed_caption
+from vlmforge.synth.language import NUMBER_WORDS, caption, dense_caption, detailed_caption
 from vlmforge.synth.preference import perturb_scene
 from vlmforge.synth.questions import CATEGORIES, ask, mcq, vqa_answers
 from vlmforge.synth.render import render_scene
@@ -58,7 +58,7 @@ def _resolve(subject: str, objs):
     subject = subject.removeprefix("the shape ").removeprefix("the ")
     if subject in PHRASE_TO_POS:
         found = [o for o in objs if o.position == PHRASE_TO_POS[subject]]
-    elif subject.endswith(" object"):
+    elif subject.endswith((" object", " shape")):
         found = [o for o in objs if o.color == subject.split()[0]]
     elif " " in subject:
         found = [o for o in objs if o.name == subject]
@@ -139,6 +139,60 @@ def test_detailed_caption_counts_and_positions(scenes):
         assert f"shows {NUMBER_WORDS[n]} shape" in text
         for o in scene.objects:
             assert o.phrase in text
+
+
+def _fact_is_true(fact: str, scene) -> bool:
+    """Check one sentence of a dense caption against the scene, parsing it independently."""
+    f, objs = fact.lower().rstrip("."), scene.objects
+    words = {w: i for i, w in enumerate(NUMBER_WORDS)}
+    if m := re.fullmatch(r"there (?:is|are) (\w+) shapes? in the image", f):
+        return words[m.group(1)] == len(objs)
+    if m := re.fullmatch(r"there (?:is|are) (\w+) (?:(\w+) shapes?|(\w+))", f):
+        color, noun = m.group(2), m.group(3)
+        shape = PLURAL_TO_SHAPE.get(noun, noun) if noun else None
+        return words[m.group(1)] == sum((color is None or o.color == color) and (shape is None or o.shape == shape)
+                                        for o in objs)
+    if m := re.fullmatch(r"(.+) there is an? (small|large) (\w+) (\w+)", f):
+        o = _resolve(m.group(1), objs)
+        return (o.size, o.color, o.shape) == m.groups()[1:]
+    m = re.fullmatch(r"(the .+?) is (?:an? )?(.+)", f)
+    assert m, fact
+    o, value = _resolve(m.group(1), objs), m.group(2)
+    return value in (o.color, o.shape, o.size, CELL_PHRASES[o.cell])
+
+
+def test_dense_captions_state_only_true_facts_about_unambiguous_subjects(scenes):
+    """Every fact names exactly one object (_resolve asserts it) and states a true attribute;
+    the facts look objects up in every direction (by shape, colour and place)."""
+    rng = np.random.default_rng(11)
+    subjects = set()
+    for scene in scenes:
+        text = dense_caption(scene, rng)
+        facts = text.split(". ")
+        assert facts[0].startswith("There") and text.endswith(".") and len(facts) >= 1 + 2 * len(scene.objects)
+        for fact in facts:
+            assert _fact_is_true(fact, scene), (fact, scene.to_dict())
+            if m := re.fullmatch(r"The (.+?) is .+", fact.rstrip(".")):
+                subjects.add(_subject_kind(m.group(1)))
+    assert subjects == {"place", "colour", "name", "shape"}
+    obj = scenes[0].objects[0]
+    two_red_circles = replace(scenes[0], objects=(replace(obj, shape="circle", color="red", cell=(0, 0)),
+                                                  replace(obj, shape="circle", color="red", cell=(2, 2))))
+    for _ in range(20):  # "the circle", "the red shape" and "the red circle" are ambiguous here
+        text = dense_caption(two_red_circles, rng)
+        assert "The circle" not in text and "The red" not in text, text
+        assert all(_fact_is_true(fact, two_red_circles) for fact in text.split(". ")), text
+
+
+def _subject_kind(subject: str) -> str:
+    """What a fact looks its object up by: 'shape in the top left corner' -> place,
+    'red shape' / 'red object' -> colour, 'red circle' -> name, 'circle' -> shape."""
+    words = subject.split()
+    if words[0] == "shape":
+        return "place"
+    if len(words) == 2:
+        return "colour" if words[1] in ("shape", "object") else "name"
+    return "shape"
 
 
 def test_perturbed_scene_differs_visibly(scenes):

@@ -41,6 +41,9 @@ class SynthConfig:
     repeat_prob: float = 0.3  # chance a new object copies an earlier one's shape or colour (counting practice)
     # How many of each output.
     num_captions: int = 2000
+    # Relative weight of each caption style (synth.language.CAPTION_STYLES: short, positional,
+    # detailed, dense); empty = the web-like mix of short, positional and detailed captions.
+    caption_mix: dict[str, float] = field(default_factory=dict)
     samples_per_shard: int = 500
     num_sft: int = 2000  # LLaVA conversations
     sft_multi_turn_frac: float = 0.5

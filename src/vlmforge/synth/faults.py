@@ -103,9 +103,10 @@ def apply_faults(
     rng: np.random.Generator,
     quality: int,
     supersample: int = 4,
+    caption_mix: dict[str, float] | None = None,
 ) -> list[OutSample]:
     """Turn clean samples into the shard contents; fault details refer to other slots by index
-    (``*_index``), replaced by keys when written."""
+    (``*_index``), replaced by keys when written. Re-captioned re-uploads use ``caption_mix``."""
     n = len(clean)
     clean_slots = np.array([i for i in range(n) if i not in plan])
     if plan and len(clean_slots) == 0:
@@ -133,7 +134,7 @@ def apply_faults(
                 q = max(40, quality - int(rng.integers(10, 26)))
                 im = src.image.resize((small, small), Image.Resampling.BILINEAR)
                 data = encode_jpeg(im.resize((side, side), Image.Resampling.BILINEAR), quality=q)
-                cap = src.caption if rng.random() < 0.5 else make_caption(src.scene, rng)
+                cap = src.caption if rng.random() < 0.5 else make_caption(src.scene, rng, caption_mix)
             f = {"fault": kind, "duplicate_of_index": j}
             if kind == "near_duplicate":
                 f["transform"] = f"resize {small}px and back, jpeg quality {q}"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
 from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
-from vlmforge.synth.language import caption as make_caption
+from vlmforge.synth.language import caption as make_caption, check_caption_mix
 from vlmforge.synth.render import encode_jpeg, render_scene
 from vlmforge.synth.world import SceneSampler
 
@@ -72,11 +72,12 @@ def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict
     for _ in tqdm(range(n), desc="synth captions", disable=not progress, leave=False):
         scene = world.sample(rng)
         im = render_scene(scene, cfg.image_size, cfg.supersample)
-        clean.append(faults.CleanSample(scene, im, encode_jpeg(im, cfg.jpeg_quality), make_caption(scene, rng)))
+        text = make_caption(scene, rng, cfg.caption_mix)
+        clean.append(faults.CleanSample(scene, im, encode_jpeg(im, cfg.jpeg_quality), text))
         popularity.update(o.name for o in scene.objects)
     frng = _rng(cfg.seed, "faults")
     plan = faults.plan_faults(n, cfg.faults, frng)
-    samples = faults.apply_faults(clean, plan, frng, cfg.jpeg_quality, cfg.supersample)
+    samples = faults.apply_faults(clean, plan, frng, cfg.jpeg_quality, cfg.supersample, cfg.caption_mix)
 
     keys = [sequential_key(i, spp) for i in range(n)]
     folder = out / "captions"
@@ -247,6 +248,8 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
         raise UserError("synth.sft_short_answer_frac must be between 0 and 1")
     s.sft_turn_weights = {k: float(v) for k, v in dict(s.sft_turn_weights or {}).items()}
     instructions.check_turn_weights(s.sft_turn_weights)  # before anything is written
+    s.caption_mix = {k: float(v) for k, v in dict(s.caption_mix or {}).items()}
+    check_caption_mix(s.caption_mix)
     world = SceneSampler.from_config(s)
 
     out = Path(out_dir)

@@ -152,14 +152,74 @@ def detailed_caption(scene: Scene, rng: np.random.Generator | None = None) -> st
     return " ".join(sents)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A web-style caption: short, positional or detailed, chosen at random."""
-    r = rng.random()
-    if r < 0.4:
-        return short_caption(scene, rng)
-    if r < 0.85:
-        return positional_caption(scene, rng)
-    return detailed_caption(scene, rng)
+def _object_facts(o: Obj, scene: Scene) -> list[str]:
+    """Sentences that each state one attribute of ``o`` given others, in every direction
+    (shape -> colour, colour -> shape, object -> place, place -> object), so that predicting the
+    stated attribute needs the image. Only subjects that pick out this object are used."""
+    where, place = o.phrase, capitalize(o.phrase)
+    facts = [f"The shape {where} is {o.color}.", f"The shape {where} is {with_article(o.shape)}.",
+             f"{place} there is {with_article(obj_phrase(o))}."]
+    if scene.count(shape=o.shape) == 1:
+        facts += [f"The {o.shape} is {o.color}.", f"The {o.shape} is {where}.", f"The {o.shape} is {o.size}."]
+    if scene.count(color=o.color) == 1:
+        facts += [f"The {o.color} shape is {with_article(o.shape)}.", f"The {o.color} object is {where}."]
+    if scene.count(o.shape, o.color) == 1:
+        facts += [f"The {o.color} {o.shape} is {where}.", f"The {o.color} {o.shape} is {o.size}."]
+    return facts
+
+
+def _count_facts(scene: Scene) -> list[str]:
+    out = []
+    for s in dict.fromkeys(o.shape for o in scene.objects):
+        out.append(count_sentence(scene.count(shape=s), s, SHAPE_PLURALS[s]))
+    for c in dict.fromkeys(o.color for o in scene.objects):
+        out.append(count_sentence(scene.count(color=c), f"{c} shape", f"{c} shapes"))
+    return out
+
+
+def dense_caption(scene: Scene, rng: np.random.Generator, per_object: int = 2) -> str:
+    """A dense description (ShareGPT4V-style detail): the number of shapes, then ``per_object``
+    facts about each object and the counts per shape and colour, in random order. Each fact names
+    an object by one attribute and states another, so next-token prediction on these captions
+    exercises looking an object up in the image by colour, shape or place, which short web
+    captions ("a red circle ...", always colour before shape) never do."""
+    n = len(scene.objects)
+    sents = [f"There {'is one shape' if n == 1 else f'are {number_word(n)} shapes'} in the image."]
+    facts = []
+    for o in scene.objects:
+        options = _object_facts(o, scene)
+        facts += [options[i] for i in rng.choice(len(options), size=min(per_object, len(options)), replace=False)]
+    counts = _count_facts(scene)
+    facts += [counts[i] for i in rng.choice(len(counts), size=min(2, len(counts)), replace=False)]
+    order = rng.permutation(len(facts))
+    return " ".join(sents + [facts[i] for i in order])
+
+
+CAPTION_STYLES = {"short": short_caption, "positional": positional_caption, "detailed": detailed_caption,
+                  "dense": dense_caption}
+DEFAULT_CAPTION_MIX = {"short": 0.4, "positional": 0.45, "detailed": 0.15}
+
+
+def check_caption_mix(mix: dict[str, float]) -> None:
+    """Config check for synth.caption_mix (empty = DEFAULT_CAPTION_MIX)."""
+    from vlmforge.config import ConfigError
+
+    bad = [k for k in mix if k not in CAPTION_STYLES]
+    if bad:
+        raise ConfigError(f"synth.caption_mix: unknown caption styles {bad}; choose from {list(CAPTION_STYLES)}")
+    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
+        raise ConfigError("synth.caption_mix: weights must be >= 0 with a positive sum")
+
+
+def caption(scene: Scene, rng: np.random.Generator, mix: dict[str, float] | None = None) -> str:
+    """A caption in one of CAPTION_STYLES, drawn with the weights in ``mix``."""
+    mix = mix or DEFAULT_CAPTION_MIX
+    r, acc = rng.random() * sum(mix.values()), 0.0
+    for style, weight in mix.items():
+        acc += weight
+        if r < acc:
+            return CAPTION_STYLES[style](scene, rng)
+    return CAPTION_STYLES[style](scene, rng)
 
 
 def count_sentence(n: int, singular: str, plural_: str) -> str:
