@@ -131,10 +131,14 @@ def evaluate(model, tok, samples, max_new: int = 6) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def run(tok, args, categories: list[str]) -> dict[str, float]:
-    torch.manual_seed(0)
+def run(tok, args, categories: list[str], qk_init_std: float | None = None) -> dict[str, float]:
+    from vlmforge.model.build import init_query_key_
+
+    torch.manual_seed(args.seed)
     world = SymbolicWorld(tok, args.max_objects, categories)
     model = SymbolicVLM(tok, args.preset, world.world)
+    if qk_init_std is not None:
+        init_query_key_(model.lm, qk_init_std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = 50
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -167,12 +171,25 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--only", default=None, metavar="CATS",
                     help="train one mix instead of the two defaults, e.g. --only color or --only existence")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation seed (the data stream is fixed)")
+    ap.add_argument("--qk-init-std", type=float, default=None, metavar="STD",
+                    help="train the mix twice side by side: preset init vs W_Q, W_K drawn with this std "
+                         "(model.llm.qk_init_std)")
     args = ap.parse_args()
     from vlmforge.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     header = (f"\nexact-match accuracy after {args.steps} steps of {args.batch} (perfect visual tokens, "
               f"1-{args.max_objects} objects; /nK = questions about images with K objects):")
+    if args.qk_init_std is not None:
+        cats = (args.only or "color").split(",")
+        base, wide = run(tok, args, cats), run(tok, args, cats, args.qk_init_std)
+        print(header)
+        print(f"  {'+'.join(cats)}, preset init:        " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()))
+        print(f"  {'+'.join(cats)}, qk init std {args.qk_init_std:<6g}: " + ", ".join(f"{k} {v:.2f}" for k, v in wide.items()))
+        for c in (c for c in cats if c in base):
+            print(f"  {c}: qk init std {args.qk_init_std:g} / preset init: {wide[c] / max(base[c], 1e-9):.2f}")
+        return
     if args.only:
         cats = args.only.split(",")
         res = run(tok, args, cats)

@@ -271,6 +271,29 @@ def test_pretrained_folders_load_through_from_pretrained(tok, tmp_path):
     assert torch.equal(model(**batch), loaded(**batch))
 
 
+def test_qk_init_std_redraws_only_query_and_key_weights(tok, tmp_path):
+    """model.llm.qk_init_std changes the random LM's W_Q and W_K (to that std) and nothing else;
+    a pretrained LM refuses it (its weights are not an initialisation to change)."""
+    from vlmforge.config import load_recipe
+    from vlmforge.model import build_vlm
+
+    base = tiny_model(tok, seed=3).llm.state_dict()
+    wide = tiny_model(tok, "model.llm.qk_init_std=0.5", seed=3).llm.state_dict()
+    qk = [k for k in base if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(qk) == 2 * tiny_model(tok).llm.config.num_hidden_layers
+    for k in base:
+        if k in qk:
+            assert wide[k].std().item() == pytest.approx(0.5, rel=0.1) and base[k].std().item() < 0.1
+        else:
+            assert torch.equal(base[k], wide[k]), k
+    tiny_model(tok, seed=1).llm.save_pretrained(tmp_path / "llm")
+    cfg = load_recipe(None, [f"model.llm.pretrained={tmp_path / 'llm'}", "model.llm.qk_init_std=0.1"])
+    with pytest.raises(ConfigError, match="qk_init_std only applies"):
+        build_vlm(cfg.model, tok)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        tiny_model(tok, "model.llm.qk_init_std=0")
+
+
 def test_tower_from_a_full_siglip_checkpoint_gives_hidden_states_minus_2(tmp_path):
     """google/siglip-* checkpoints are full SigLIP (text + vision): the tower loads from them, and our
     features equal transformers' hidden_states[feature_layer] (before post_layernorm)."""

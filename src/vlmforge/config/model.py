@@ -26,6 +26,10 @@ class LLMConfig:
     pretrained: Optional[str] = None
     preset: str = "tiny-qwen2"
     frozen: bool = False
+    # Random init only: std of the attention query/key projections (None = the preset's
+    # initializer_range). Larger Q/K weights shorten the plateau before a from-scratch LM learns to
+    # look things up by content (measured in bench/bench_qa_binding.py and the demo).
+    qk_init_std: Optional[float] = None
 
 
 @dataclass

@@ -32,6 +32,9 @@ def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
     impl = _llm_attn_implementation(model_cfg)
     trc = bool(model_cfg.trust_remote_code)
     if model_cfg.llm.pretrained:
+        if model_cfg.llm.qk_init_std is not None:
+            raise ConfigError("model.llm.qk_init_std only applies to a randomly initialised LM (preset), "
+                              f"not to pretrained {model_cfg.llm.pretrained!r}")
         llm = AutoModelForCausalLM.from_pretrained(
             model_cfg.llm.pretrained, trust_remote_code=trc, attn_implementation=impl, dtype=torch.float32
         )
@@ -41,7 +44,26 @@ def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
     cfg = llm_config(model_cfg.llm, trust_remote_code=trc)
     if vocab_size is not None:
         cfg.vocab_size = vocab_size
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, trust_remote_code=trc, dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, trust_remote_code=trc, dtype=torch.float32)
+    if model_cfg.llm.qk_init_std is not None:
+        init_query_key_(llm, float(model_cfg.llm.qk_init_std))
+    return llm
+
+
+def init_query_key_(llm: nn.Module, std: float) -> int:
+    """Re-draw every attention layer's query and key projection weights from N(0, std^2); returns
+    how many projections were set. Attention logits are bilinear in W_Q and W_K, so with small
+    weights a content lookup gets almost no gradient until both grow: the loss sits on a plateau
+    (the saddle of a product of small matrices) whose length shrinks as the initial scale grows."""
+    if std <= 0:
+        raise ConfigError(f"model.llm.qk_init_std must be > 0, got {std}")
+    projections = [m for name, m in llm.named_modules() if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj")]
+    if not projections:
+        raise ConfigError(f"model.llm.qk_init_std: no q_proj/k_proj modules in {type(llm).__name__}")
+    with torch.no_grad():
+        for proj in projections:
+            proj.weight.normal_(0.0, std)
+    return len(projections)
 
 
 def build_vlm(
