@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
 from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
-from vlmforge.synth.language import caption as make_caption, check_caption_mix
+from vlmforge.synth.language import CAPTION_STYLES, caption as make_caption
 from vlmforge.synth.render import encode_jpeg, render_scene
 from vlmforge.synth.world import SceneSampler
 
@@ -62,6 +62,19 @@ class _Images:
         rel = f"images/{name}.jpg"
         (self.folder / rel).write_bytes(encode_jpeg(render_scene(scene, self.size, self.ss), self.q))
         return rel
+
+
+def _checked_mix(setting: str, weights, choices) -> dict[str, float]:
+    """Relative weights by name (empty = the built-in mix): known names, >= 0, positive sum."""
+    from vlmforge.config import ConfigError
+
+    mix = {k: float(v) for k, v in dict(weights or {}).items()}
+    bad = [k for k in mix if k not in choices]
+    if bad:
+        raise ConfigError(f"{setting}: unknown names {bad}; choose from {list(choices)}")
+    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
+        raise ConfigError(f"{setting}: weights must be >= 0 with a positive sum")
+    return mix
 
 
 def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict, Counter]:
@@ -246,10 +259,9 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
         raise UserError("synth.samples_per_shard must be >= 1 and synth.image_size >= 8")
     if not 0.0 <= s.sft_short_answer_frac <= 1.0:
         raise UserError("synth.sft_short_answer_frac must be between 0 and 1")
-    s.sft_turn_weights = {k: float(v) for k, v in dict(s.sft_turn_weights or {}).items()}
-    instructions.check_turn_weights(s.sft_turn_weights)  # before anything is written
-    s.caption_mix = {k: float(v) for k, v in dict(s.caption_mix or {}).items()}
-    check_caption_mix(s.caption_mix)
+    # before anything is written
+    s.sft_turn_weights = _checked_mix("synth.sft_turn_weights", s.sft_turn_weights, instructions.TURN_WEIGHTS)
+    s.caption_mix = _checked_mix("synth.caption_mix", s.caption_mix, CAPTION_STYLES)
     world = SceneSampler.from_config(s)
 
     out = Path(out_dir)

@@ -71,17 +71,6 @@ def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler,
     return qa.category, qa.question, qa.long
 
 
-def check_turn_weights(weights: dict[str, float]) -> None:
-    """Config check for synth.sft_turn_weights (empty = the built-in mix)."""
-    from vlmforge.config import ConfigError
-
-    bad = [k for k in weights if k not in TURN_WEIGHTS]
-    if bad:
-        raise ConfigError(f"synth.sft_turn_weights: unknown turn kinds {bad}; choose from {list(TURN_WEIGHTS)}")
-    if weights and (min(weights.values()) < 0 or sum(weights.values()) <= 0):
-        raise ConfigError("synth.sft_turn_weights: weights must be >= 0 with a positive sum")
-
-
 def _options_of(category: str, world: SceneSampler) -> list:
     return {
         "color": world.colors,

@@ -200,17 +200,6 @@ CAPTION_STYLES = {"short": short_caption, "positional": positional_caption, "det
 DEFAULT_CAPTION_MIX = {"short": 0.4, "positional": 0.45, "detailed": 0.15}
 
 
-def check_caption_mix(mix: dict[str, float]) -> None:
-    """Config check for synth.caption_mix (empty = DEFAULT_CAPTION_MIX)."""
-    from vlmforge.config import ConfigError
-
-    bad = [k for k in mix if k not in CAPTION_STYLES]
-    if bad:
-        raise ConfigError(f"synth.caption_mix: unknown caption styles {bad}; choose from {list(CAPTION_STYLES)}")
-    if mix and (min(mix.values()) < 0 or sum(mix.values()) <= 0):
-        raise ConfigError("synth.caption_mix: weights must be >= 0 with a positive sum")
-
-
 def caption(scene: Scene, rng: np.random.Generator, mix: dict[str, float] | None = None) -> str:
     """A caption in one of CAPTION_STYLES, drawn with the weights in ``mix``."""
     mix = mix or DEFAULT_CAPTION_MIX
