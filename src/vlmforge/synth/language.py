@@ -182,7 +182,8 @@ def dense_caption(scene: Scene, rng: np.random.Generator, per_object: int = 2) -
     facts about each object and the counts per shape and colour, in random order. Each fact names
     an object by one attribute and states another, so next-token prediction on these captions
     exercises looking an object up in the image by colour, shape or place, which short web
-    captions ("a red circle ...", always colour before shape) never do."""
+    captions ("a red circle ...", always colour before shape) never do. (The demo measured no
+    gain from them; see the README.)"""
     n = len(scene.objects)
     sents = [f"There {'is one shape' if n == 1 else f'are {number_word(n)} shapes'} in the image."]
     facts = []
@@ -208,7 +209,7 @@ def caption(scene: Scene, rng: np.random.Generator, mix: dict[str, float] | None
         acc += weight
         if r < acc:
             return CAPTION_STYLES[style](scene, rng)
-    return CAPTION_STYLES[style](scene, rng)
+    return CAPTION_STYLES[style](scene, rng)  # r rounded up to the sum: the last style
 
 
 def count_sentence(n: int, singular: str, plural_: str) -> str:
