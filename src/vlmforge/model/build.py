@@ -50,9 +50,8 @@ def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
     return llm
 
 
-def init_query_key_(llm: nn.Module, std: float) -> int:
-    """Re-draw every attention layer's query and key projection weights from N(0, std^2); returns
-    how many projections were set. Attention logits are bilinear in W_Q and W_K, so with small
+def init_query_key_(llm: nn.Module, std: float) -> None:
+    """Re-draw every attention layer's query and key projection weights from N(0, std^2). Attention logits are bilinear in W_Q and W_K, so with small
     weights a content lookup gets almost no gradient until both grow: the loss sits on a plateau
     (the saddle of a product of small matrices) whose length shrinks as the initial scale grows."""
     if std <= 0:
@@ -63,7 +62,6 @@ def init_query_key_(llm: nn.Module, std: float) -> int:
     with torch.no_grad():
         for proj in projections:
             proj.weight.normal_(0.0, std)
-    return len(projections)
 
 
 def build_vlm(
