@@ -51,9 +51,10 @@ def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
 
 
 def init_query_key_(llm: nn.Module, std: float) -> None:
-    """Re-draw every attention layer's query and key projection weights from N(0, std^2). Attention logits are bilinear in W_Q and W_K, so with small
-    weights a content lookup gets almost no gradient until both grow: the loss sits on a plateau
-    (the saddle of a product of small matrices) whose length shrinks as the initial scale grows."""
+    """Re-draw every attention layer's query and key projection weights from N(0, std^2).
+    Attention logits are bilinear in W_Q and W_K, so with small weights a content lookup gets
+    almost no gradient until both grow: the loss sits on a plateau (the saddle of a product of
+    small matrices) whose length shrinks as the initial scale grows."""
     if std <= 0:
         raise ConfigError(f"model.llm.qk_init_std must be > 0, got {std}")
     projections = [m for name, m in llm.named_modules() if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj")]
