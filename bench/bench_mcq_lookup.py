@@ -49,16 +49,22 @@ def example(rng: random.Random, layout: str) -> tuple[str, str]:
     return f"The {shape} is {color}. What color is the {shape}?\n{lines}\n{SUFFIX}\n", "ABCD"[options.index(color)]
 
 
-def train_lookup(tok, args, layout: str) -> float:
-    """Train a fresh LM on one layout; returns the letter accuracy over the last `--every` steps."""
+def train_lookup(tok, args, layout: str, optimizer: str = "adamw") -> float:
+    """Train a fresh LM on one layout with vlmforge's optimizer (``train.optimizer``); returns the
+    letter accuracy over the last `--every` steps."""
     from vlmforge.config import load_recipe
+    from vlmforge.config.train import TrainConfig
     from vlmforge.model.build import build_llm
+    from vlmforge.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    model = build_llm(load_recipe(None, [f"model.llm.preset={args.preset}"]).model, vocab_size=len(tok))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    model = torch.nn.Module()
+    model.llm = build_llm(load_recipe(None, [f"model.llm.preset={args.preset}"]).model, vocab_size=len(tok))
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=args.lr, muon_lr=args.muon_lr, weight_decay=0.01))
+    model = model.llm
     rng, t0, hits, seen, last_acc = random.Random(0), time.perf_counter(), 0, 0, float("nan")
-    print(f"{layout} layout - {args.preset}, batch {args.batch_size}, lr {args.lr}: letter accuracy (chance 0.25)")
+    print(f"{layout} layout - {args.preset}, batch {args.batch_size}, {optimizer} (lr {args.lr}"
+          f"{f', muon lr {args.muon_lr}' if optimizer == 'muon' else ''}): letter accuracy (chance 0.25)")
     for step in range(1, args.steps + 1):
         enc = [tok(p + letter, add_special_tokens=False)["input_ids"] for p, letter in
                (example(rng, layout) for _ in range(args.batch_size))]
@@ -95,12 +101,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--layouts", default="forward,mmbench", help="comma list of forward, mmbench")
+    ap.add_argument("--optimizers", default="adamw", help="comma list of adamw, muon (train.optimizer), side by side")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="train.muon_lr")
     args = ap.parse_args()
     tok = load_tokenizer(args.tokenizer)
-    final = {layout: train_lookup(tok, args, layout) for layout in args.layouts.split(",")}
+    optimizers = args.optimizers.split(",")
+    final = {(layout, o): train_lookup(tok, args, layout, o) for layout in args.layouts.split(",") for o in optimizers}
     print(f"\nletter accuracy over the last {args.every} of {args.steps} steps (chance 0.25):")
-    for layout, acc in final.items():
-        print(f"  {layout:<8} {acc:.3f}  ({acc / 0.25:.1f}x chance)")
+    for (layout, o), acc in final.items():
+        print(f"  {layout:<8} {o:<6} {acc:.3f}  ({acc / 0.25:.1f}x chance)")
+    if set(optimizers) >= {"adamw", "muon"}:
+        for layout in args.layouts.split(","):
+            print(f"  {layout}: muon / adamw: {final[(layout, 'muon')] / max(final[(layout, 'adamw')], 1e-9):.2f}")
 
 
 if __name__ == "__main__":

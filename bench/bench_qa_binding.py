@@ -88,18 +88,22 @@ class SymbolicVLM(nn.Module):
         from vlmforge.config import load_recipe
         from vlmforge.model.build import build_llm
 
-        self.lm = build_llm(load_recipe(None, [f"model.llm.preset={preset}"]).model, vocab_size=len(tok))
-        d = self.lm.config.hidden_size
-        self.attrs = nn.ModuleList([nn.Embedding(len(world.shapes) + 1, d), nn.Embedding(len(world.colors) + 1, d),
-                                    nn.Embedding(len(SIZES) + 1, d)])
-        self.cell = nn.Parameter(torch.randn(9, d) * 0.02)
+        self.llm = build_llm(load_recipe(None, [f"model.llm.preset={preset}"]).model, vocab_size=len(tok))
+        d = self.llm.config.hidden_size
+        # named "projector" so that train.optim groups it like the VLM's (all embedding tables: AdamW)
+        self.projector = nn.Module()
+        self.projector.attrs = nn.ModuleList([nn.Embedding(len(world.shapes) + 1, d), nn.Embedding(len(world.colors) + 1, d),
+                                              nn.Embedding(len(SIZES) + 1, d)])
+        self.projector.cell = nn.Embedding(9, d)
+        with torch.no_grad():
+            self.projector.cell.weight.mul_(0.02)
         self.image_id = tok.convert_tokens_to_ids("<image>")
 
     def embed(self, ids: list[int], cells: np.ndarray) -> torch.Tensor:
         k = ids.index(self.image_id)
-        text = self.lm.get_input_embeddings()(torch.tensor(ids))
+        text = self.llm.get_input_embeddings()(torch.tensor(ids))
         c = torch.from_numpy(cells)
-        vis = sum(e(c[:, j]) for j, e in enumerate(self.attrs)) + self.cell
+        vis = sum(e(c[:, j]) for j, e in enumerate(self.projector.attrs)) + self.projector.cell.weight
         return torch.cat([text[:k], vis, text[k + 1 :]])
 
 
@@ -114,7 +118,7 @@ def batch_loss(model, tok, samples) -> torch.Tensor:
     emb = torch.stack([nn.functional.pad(r, (0, 0, 0, n - len(r))) for r in rows])
     lab = torch.stack([nn.functional.pad(l, (0, n - len(l)), value=-100) for l in labels])
     mask = torch.arange(n)[None] < torch.tensor([len(r) for r in rows])[:, None]
-    return model.lm(inputs_embeds=emb, attention_mask=mask.long(), labels=lab).loss
+    return model.llm(inputs_embeds=emb, attention_mask=mask.long(), labels=lab).loss
 
 
 @torch.no_grad()
@@ -126,11 +130,11 @@ def evaluate(model, tok, samples, max_new: int = 6) -> dict[str, float]:
         emb = model.embed(tok(s["prompt"], add_special_tokens=False).input_ids, s["cells"])[None]
         out = []
         for _ in range(max_new):
-            t = int(model.lm(inputs_embeds=emb).logits[0, -1].argmax())
+            t = int(model.llm(inputs_embeds=emb).logits[0, -1].argmax())
             if t == end:
                 break
             out.append(t)
-            emb = torch.cat([emb, model.lm.get_input_embeddings()(torch.tensor([[t]]))], 1)
+            emb = torch.cat([emb, model.llm.get_input_embeddings()(torch.tensor([[t]]))], 1)
         ok = tok.decode(out).strip().lower() == s["answer"].lower()
         hits.setdefault(s["category"], []).append(ok)
         hits.setdefault(f"{s['category']}/n{s['objects']}", []).append(ok)  # by number of objects
@@ -138,19 +142,25 @@ def evaluate(model, tok, samples, max_new: int = 6) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
 
-def run(tok, args, categories: list[str], qk_init_std: float | None = None) -> dict[str, float]:
+def run(tok, args, categories: list[str], qk_init_std: float | None = None,
+        optimizer: str | None = None) -> dict[str, float]:
+    """Train a fresh model on ``categories`` with vlmforge's optimizer (``train.optimizer``)."""
+    from vlmforge.config.train import TrainConfig
     from vlmforge.model.build import init_query_key_
+    from vlmforge.train.optim import build_optimizer, torch_optimizers
 
     torch.manual_seed(args.seed)
     world = SymbolicWorld(tok, args.max_objects, categories)
     model = SymbolicVLM(tok, args.preset, world.world)
     if qk_init_std is not None:
-        init_query_key_(model.lm, qk_init_std)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+        init_query_key_(model.llm, qk_init_std)
+    tcfg = TrainConfig(optimizer=optimizer or args.optimizer, lr=args.lr, muon_lr=args.muon_lr, weight_decay=0.01)
+    opt = build_optimizer(model, tcfg)
     warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps)))
-    rng, held_out = np.random.default_rng(0), [world.sample(np.random.default_rng(123)) for _ in range(1)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(
+        o, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps)))
+        for o in torch_optimizers(opt)]
+    rng = np.random.default_rng(0)
     erng = np.random.default_rng(123)
     held_out = [world.sample(erng) for _ in range(args.eval_questions)]
     t0 = time.perf_counter()
@@ -160,9 +170,10 @@ def run(tok, args, categories: list[str], qk_init_std: float | None = None) -> d
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
+        for sched in scheds:
+            sched.step()
         if step % args.every == 0 or step == args.steps:
-            print(f"  [{'+'.join(categories)}] step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(f"  [{'+'.join(categories)}, {tcfg.optimizer}] step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     return evaluate(model, tok, held_out)
 
 
@@ -182,12 +193,25 @@ def main() -> None:
     ap.add_argument("--qk-init-std", type=float, default=None, metavar="STD",
                     help="train the mix twice side by side: preset init vs W_Q, W_K drawn with this std "
                          "(model.llm.qk_init_std)")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="train.optimizer for every run")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="train.muon_lr")
+    ap.add_argument("--compare-optimizers", action="store_true",
+                    help="train the mix (--only, default the full mix) with AdamW and with Muon, side by side")
     args = ap.parse_args()
     from vlmforge.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     header = (f"\nexact-match accuracy after {args.steps} steps of {args.batch} (perfect visual tokens, "
               f"1-{args.max_objects} objects; /nK = questions about images with K objects):")
+    if args.compare_optimizers:
+        cats = (args.only or "color,shape,count,position,existence,mcq").split(",")
+        arms = {name: run(tok, args, cats, args.qk_init_std, name) for name in ("adamw", "muon")}
+        print(header)
+        for name, res in arms.items():
+            print(f"  {name:6s} " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if "/n" not in k))
+        for k in (k for k in arms["adamw"] if "/n" not in k):
+            print(f"  {k}: muon / adamw: {arms['muon'][k] / max(arms['adamw'][k], 1e-9):.2f}")
+        return
     if args.qk_init_std is not None:
         cats = (args.only or "color").split(",")
         base, wide = run(tok, args, cats), run(tok, args, cats, args.qk_init_std)

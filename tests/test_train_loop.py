@@ -89,11 +89,13 @@ def _worker(root, steps, extra=(), env_extra=None):
     )
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_and_resume_is_bit_identical(tmp_path, capsys, optimizer):
     """A process SIGKILLed after step 5 (checkpoint at 4) and the same run started again give the
     per-step losses of an uninterrupted run, bit for bit. (train_worker.py builds exactly what
-    _fit builds: same recipe, model seed, data and thread count.)"""
-    steps, extra = 7, ["train.checkpoint_every=2"]
+    _fit builds: same recipe, model seed, data and thread count.) With Muon the checkpoint holds
+    both optimizers' state and both schedules."""
+    steps, extra = 7, ["train.checkpoint_every=2", f"train.optimizer={optimizer}"]
     killed = _worker(tmp_path / "run", steps, extra, {KILL_ENV: "5"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "sample")] == [1, 2, 3, 4, 5]

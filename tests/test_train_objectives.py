@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlmforge.train.objectives import token_weights, weighted_token_ce
-from vlmforge.train.optim import build_scheduler, lr_factor, param_groups
+from vlmforge.train.optim import OptimizerChain, build_optimizer, build_scheduler, lr_factor, param_groups
 
 # Row 0 packs two samples (A: positions 0-2, B: 3-6) and one pad; row 1 holds one sample (C) and pads.
 LABELS = torch.tensor(
@@ -117,3 +117,60 @@ def test_param_groups_lrs_decay_and_frozen():
     opt.step()
     sched.step()
     assert [g["lr"] for g in opt.param_groups][0] == pytest.approx(1e-3)
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding, one hidden matrix, a norm and a tied head, under the VLM's component names."""
+
+    def __init__(self):
+        super().__init__()
+        self.projector = torch.nn.Linear(4, 8)
+        self.llm = torch.nn.ModuleDict({"embed": torch.nn.Embedding(16, 8), "mix": torch.nn.Linear(8, 8),
+                                        "norm": torch.nn.LayerNorm(8)})
+
+
+def _muon_cfg(**kw):
+    from types import SimpleNamespace
+
+    base = dict(optimizer="muon", lr=1e-3, projector_lr=5e-4, vision_lr=None, muon_lr=0.02, muon_momentum=0.95,
+                weight_decay=0.0, no_decay_bias_and_norm=True, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                lr_schedule="cosine", warmup_ratio=0.0, warmup_steps=0, min_lr_ratio=0.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_muon_takes_the_matrices_adamw_the_rest():
+    m = _TinyLM()
+    opt = build_optimizer(m, _muon_cfg())
+    assert isinstance(opt, OptimizerChain)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {id(m.projector.weight), id(m.llm["mix"].weight)}  # the embedding table stays with AdamW
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == {id(p) for p in m.parameters()}
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["llm_muon"] == 0.02 and lrs["projector_muon"] == pytest.approx(0.01)  # projector at half the lr
+    assert lrs["llm_no_decay"] == 1e-3
+
+    # the matrix's first update is Muon's: the momentum orthogonalised, so all its singular values
+    # are about equal (Newton-Schulz lands them in ~[0.5, 1.5]), while the gradient's spread widely
+    w = m.llm["mix"].weight
+    before = w.detach().clone()
+    grad = torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])) @ torch.linalg.qr(torch.randn(8, 8))[0]
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    w.grad = grad
+    sched = build_scheduler(opt, _muon_cfg(), total_steps=10)
+    opt.step()
+    sched.step()
+    sv = torch.linalg.svdvals(before - w.detach())
+    assert sv.max() / sv.min() < 4  # the gradient's ratio is 160
+    assert len(sched.get_last_lr()) == len(opt.param_groups)
+    assert torch.equal(m.llm["embed"].weight.grad, torch.zeros(16, 8))
+
+
+def test_unknown_optimizer_rejected():
+    from vlmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adamw or muon"):
+        build_optimizer(_TinyLM(), _muon_cfg(optimizer="sgd"))

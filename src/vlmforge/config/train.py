@@ -42,8 +42,13 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides `epochs`
 
-    # --- optimizer (AdamW) ---
-    lr: float = 1e-4  # LLM learning rate
+    # --- optimizer ---
+    # adamw | muon (Muon on the weight matrices inside the network, AdamW on embeddings, head,
+    # biases and norms; one process, or FSDP shards, see README)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # the LLM matrices' Muon lr (other components scale it like their AdamW lr)
+    muon_momentum: float = 0.95
+    lr: float = 1e-4  # LLM learning rate (AdamW)
     projector_lr: Optional[float] = None  # None = lr
     vision_lr: Optional[float] = None  # None = lr
     weight_decay: float = 0.0

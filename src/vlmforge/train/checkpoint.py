@@ -31,6 +31,7 @@ from torch import nn
 
 from vlmforge import dist as vdist
 from vlmforge.files import atomic_write_text, write_json
+from vlmforge.train.optim import torch_optimizers
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -108,7 +109,7 @@ def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
     """Model and optimizer state as one flat {name: tensor} dict (FQN keys, DTensors when sharded)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, torch_optimizers(optimizer))
     aliases = tied_aliases(model)
     flat = {f"model.{k}": v for k, v in msd.items() if k not in aliases}
     for fqn, st in osd["state"].items():
@@ -216,7 +217,7 @@ def load_checkpoint(
     with _quiet_single_process():
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(ckpt)))
     msd, osd = _unflatten(flat, osd, tied_aliases(model))
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    set_state_dict(model, torch_optimizers(optimizer), model_state_dict=msd, optim_state_dict=osd)
     scheduler.load_state_dict(trainer_state["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr

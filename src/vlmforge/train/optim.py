@@ -1,5 +1,11 @@
-"""AdamW parameter groups (one learning rate per component, no decay on biases and norms) and
-the learning-rate schedule (linear warmup, then cosine / linear decay or constant)."""
+"""Optimizers and the learning-rate schedule.
+
+- AdamW parameter groups: one learning rate per component, no decay on biases and norms.
+- ``train.optimizer=muon``: torch's Muon (orthogonalised momentum) for the weight matrices inside
+  the network, AdamW for embeddings, the output head, biases and norms (Muon's authors' split).
+  The two are stepped as one (``OptimizerChain``), each with its own schedule (``SchedulerChain``).
+- The schedule: linear warmup, then cosine / linear decay or constant.
+"""
 
 from __future__ import annotations
 
@@ -46,13 +52,32 @@ def component_lrs(tcfg) -> dict[str, float]:
     }
 
 
-def param_groups(model: nn.Module, tcfg) -> list[dict]:
+def embedding_tables(model: nn.Module) -> set[int]:
+    """ids of the input embedding and output head weights (tied or not): Muon leaves them to AdamW."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in model.modules():
+        if hasattr(m, "get_output_embeddings") and callable(m.get_output_embeddings):
+            head = m.get_output_embeddings()
+            if head is not None:
+                ids.add(id(head.weight))
+    return ids
+
+
+def muon_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The trainable weight matrices Muon updates: 2-D, not an embedding table or output head."""
+    tables = embedding_tables(model)
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and id(p) not in tables]
+
+
+def param_groups(model: nn.Module, tcfg, exclude: set[int] = frozenset()) -> list[dict]:
     """Trainable parameters only (frozen ones stay out of the optimizer), grouped by
-    (component, decay). Each group carries a ``name`` used for logging its lr."""
+    (component, decay). Each group carries a ``name`` used for logging its lr. Parameters whose
+    id is in ``exclude`` (Muon's) are left out."""
     lrs = component_lrs(tcfg)
     buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         no_decay = bool(tcfg.no_decay_bias_and_norm) and is_no_decay(name, p)
         buckets.setdefault((component_of(name), no_decay), []).append(p)
@@ -70,17 +95,95 @@ def param_groups(model: nn.Module, tcfg) -> list[dict]:
                         "weight_decay": 0.0 if no_decay else float(tcfg.weight_decay),
                     }
                 )
-    if not groups:
+    if not groups and not exclude:
         raise ValueError("nothing to train: every parameter is frozen (see train.trainable)")
     return groups
 
 
-def build_optimizer(model: nn.Module, tcfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, tcfg),
-        betas=(float(tcfg.adam_beta1), float(tcfg.adam_beta2)),
-        eps=float(tcfg.adam_eps),
-    )
+def muon_groups(model: nn.Module, tcfg) -> list[dict]:
+    """Muon's matrices, one group per component (each scaled like its AdamW lr: a component at
+    half the LLM's lr gets half of train.muon_lr)."""
+    lrs = component_lrs(tcfg)
+    llm_lr = lrs["llm"] or 1.0
+    by_comp: dict[str, list[torch.Tensor]] = {}
+    for name, p in muon_params(model):
+        by_comp.setdefault(component_of(name), []).append(p)
+    return [
+        {"params": by_comp[c], "name": f"{c}_muon", "component": c,
+         "lr": float(tcfg.muon_lr) * lrs[c] / llm_lr, "weight_decay": float(tcfg.weight_decay)}
+        for c in COMPONENTS if c in by_comp
+    ]
+
+
+class OptimizerChain:
+    """Several torch optimizers over disjoint parameters, used as one: ``param_groups`` lists all
+    groups, ``step`` / ``zero_grad`` reach each. ``optimizers`` is what distributed checkpointing
+    (``get_state_dict``) takes."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+class SchedulerChain:
+    """One LambdaLR per optimizer of an ``OptimizerChain``; ``get_last_lr`` follows ``param_groups``."""
+
+    def __init__(self, schedulers: list):
+        self.schedulers = list(schedulers)
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for s in self.schedulers for lr in s.get_last_lr()]
+
+    def state_dict(self) -> dict:
+        return {"chain": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, st in zip(self.schedulers, state["chain"], strict=True):
+            s.load_state_dict(st)
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind ``optimizer`` (a chain or a plain one)."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def build_optimizer(model: nn.Module, tcfg):
+    """AdamW, or (``train.optimizer=muon``) an ``OptimizerChain`` of Muon and AdamW."""
+    kind = str(tcfg.optimizer)
+    adamw = lambda groups: torch.optim.AdamW(  # noqa: E731
+        groups, betas=(float(tcfg.adam_beta1), float(tcfg.adam_beta2)), eps=float(tcfg.adam_eps))
+    if kind == "adamw":
+        return adamw(param_groups(model, tcfg))
+    if kind != "muon":
+        from vlmforge.config import ConfigError
+
+        raise ConfigError(f"train.optimizer must be adamw or muon, got {kind!r}")
+    matrices = muon_groups(model, tcfg)
+    rest = param_groups(model, tcfg, exclude={id(p) for g in matrices for p in g["params"]})
+    if not matrices and not rest:
+        raise ValueError("nothing to train: every parameter is frozen (see train.trainable)")
+    parts = []
+    if matrices:
+        parts.append(torch.optim.Muon(matrices, lr=float(tcfg.muon_lr), momentum=float(tcfg.muon_momentum),
+                                      weight_decay=float(tcfg.weight_decay)))
+    if rest:
+        parts.append(adamw(rest))
+    return OptimizerChain(parts)
 
 
 def warmup_steps(tcfg, total_steps: int) -> int:
@@ -108,8 +211,9 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, tcfg, total_steps: int):
-    """A LambdaLR (its state_dict is plain numbers, saved as json in checkpoints)."""
+def build_scheduler(optimizer, tcfg, total_steps: int):
+    """A LambdaLR (its state_dict is plain numbers, saved as json in checkpoints); a
+    ``SchedulerChain`` of them, same schedule, for an ``OptimizerChain``."""
     warm = warmup_steps(tcfg, total_steps)
     schedule, min_ratio = str(tcfg.lr_schedule), float(tcfg.min_lr_ratio)
     lr_factor(0, total_steps, warm, schedule, min_ratio)  # validates the schedule name now
@@ -117,9 +221,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg, total_steps: int):
     def fn(step: int) -> float:
         return lr_factor(step, total_steps, warm, schedule, min_ratio)
 
+    if isinstance(optimizer, OptimizerChain):
+        return SchedulerChain([torch.optim.lr_scheduler.LambdaLR(o, fn) for o in optimizer.optimizers])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """lr per component (decay / no-decay groups of one component share it)."""
-    return {f"lr/{g['component']}": float(g["lr"]) for g in optimizer.param_groups}
+def current_lrs(optimizer) -> dict[str, float]:
+    """lr per component (decay / no-decay groups of one component share it; Muon's are logged
+    apart, as lr/<component>_muon)."""
+    return {f"lr/{g['name'].removesuffix('_no_decay')}": float(g["lr"]) for g in optimizer.param_groups}
