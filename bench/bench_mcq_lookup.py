@@ -22,6 +22,11 @@ Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3,
   so the obstacle is the two-step lookup (which word answers the question, then where that word
   is among the options), not the letter's place.
 The demo's whole SFT stage is ~700 steps, so its letter answers sit at chance however well it sees.
+
+With Muon (`--optimizers adamw,muon`, train.optimizer, both side by side; `--layouts mmbench
+--steps 600`, 3 min 20 s): AdamW 0.238, Muon 0.933 (3.9x): Muon learns the lookup by step 200-300.
+
+    python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer --layouts mmbench --optimizers adamw,muon
 """
 
 from __future__ import annotations
