@@ -41,6 +41,8 @@ def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
     assert (demo_dir / "runs" / "sft" / "plots" / "loss.png").is_file()
     # the report says what was trained, so a reader knows the vision tower's status
     assert "Vision tower: pretrained by `vlmforge vision-pretrain`" in html and "frozen in the VLM" in html
+    # ... and how: the demo recipes train with Muon, at the SFT override's AdamW lr
+    assert "pretraining Muon (lr 0.02)" in html and "SFT Muon (lr 0.005) on weight matrices, AdamW (lr 0.0025)" in html
 
 
 def test_the_vlm_sees_through_the_pretrained_frozen_tower(demo_dir):

@@ -336,6 +336,28 @@ def test_sft_turn_mix_is_configurable(tmp_path):
         assert not out.exists() or not any(out.iterdir())
 
 
+def test_text_only_sft_conversations_describe_the_scene_in_words(tmp_path):
+    """synth.sft_text_only_frac: that share of conversations has no image (no file, no <image>); the
+    first turn describes the scene and the answers are the scene's; bad fractions fail."""
+    multi = ["synth.num_sft=80", "synth.sft_multi_turn_frac=1.0", "synth.sft_max_turns=4"]
+    w = tmp_path / "half"
+    manifest = generate_world(_small(*multi, "synth.sft_text_only_frac=0.5"), w)
+    recs = json.loads((w / "sft/llava.json").read_text())
+    text = [r for r in recs if "image" not in r]
+    assert 20 <= len(text) <= 60 and manifest["sft"]["text_only"] == len(text)
+    assert len(list((w / "sft/images").iterdir())) == len(recs) - len(text)
+    for r in text:
+        turns = [c["value"] for c in r["conversations"]]
+        assert not any("<image>" in t for t in turns)
+        assert re.match(r"The image shows (one shape|\w+ shapes) on a light background\.", turns[0])
+    # grounded: every short colour answer names a colour the description states
+    colour_turns = [(r["conversations"][0]["value"], r["conversations"][i + 1]["value"]) for r in text
+                    for i in range(0, len(r["conversations"]), 2)
+                    if r["categories"][i // 2] == "color" and "single word" in r["conversations"][i]["value"]]
+    assert colour_turns and all(a.lower() in d for d, a in colour_turns)
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--quiet", "--set", "synth.sft_text_only_frac=1.5"]) == 2
+
+
 def test_caption_mix_is_configurable(tmp_path):
     """synth.caption_mix picks the caption styles; unknown styles and bad weights fail before writing."""
     w = tmp_path / "dense"

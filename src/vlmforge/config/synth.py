@@ -53,6 +53,10 @@ class SynthConfig:
     sft_turn_weights: dict[str, float] = field(default_factory=dict)
     # Share of question turns answered in a word (LLaVA-1.5's short-answer prompt) vs a sentence.
     sft_short_answer_frac: float = 0.5
+    # Share of SFT conversations without an image: the scene is described in words and the same
+    # questions (multiple choice included) are answered from the text, as LLaVA-665k mixes in
+    # text-only conversations. 0 keeps every conversation (and the random stream) as before.
+    sft_text_only_frac: float = 0.0
     num_mcq: int = 200
     num_vqa: int = 200
     num_pope_images: int = 100  # each gives pope_per_image yes + pope_per_image no questions

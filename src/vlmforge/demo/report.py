@@ -120,8 +120,15 @@ def _what_was_trained(out_dir: Path) -> str:
         f"Projector: {m.projector.kind}, {_pool(pre.model.projector.pool_size)} in pretraining and "
         f"{_pool(m.projector.pool_size)} in SFT, randomly initialised. "
         f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "
-        f"Attention over packs: {m.attention}; positions: {m.positions}."
+        f"Attention over packs: {m.attention}; positions: {m.positions}. "
+        f"Optimizer: pretraining {_optimizer(pre.train)}; SFT {_optimizer(cfg.train)}."
     )
+
+
+def _optimizer(tcfg) -> str:
+    if tcfg.optimizer == "muon":
+        return f"Muon (lr {tcfg.muon_lr:g}) on weight matrices, AdamW (lr {tcfg.lr:g}) on the rest"
+    return f"AdamW (lr {tcfg.lr:g})"
 
 
 def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated: bool) -> Path:

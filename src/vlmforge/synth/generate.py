@@ -128,19 +128,23 @@ def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict
 def _sft(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
     rng = _rng(cfg.seed, "sft")
     images = _Images(out / "sft", cfg)
-    records, cats = [], Counter()
+    records, cats, text_only_n = [], Counter(), 0
     for i in tqdm(range(cfg.num_sft), desc="synth sft", disable=not progress, leave=False):
         scene = world.sample(rng)
         rid = f"sft-{i:06d}"
         multi = rng.random() < cfg.sft_multi_turn_frac
         turns = int(rng.integers(2, max(2, cfg.sft_max_turns) + 1)) if multi else 1
-        rec = instructions.conversation(rid, images.save(rid, scene), scene, rng, world, turns,
-                                        cfg.sft_turn_weights, cfg.sft_short_answer_frac)
+        # drawn only when asked for, so that worlds without text-only conversations stay as they were
+        text_only = cfg.sft_text_only_frac > 0 and rng.random() < cfg.sft_text_only_frac
+        rec = instructions.conversation(rid, None if text_only else images.save(rid, scene), scene, rng, world,
+                                        turns, cfg.sft_turn_weights, cfg.sft_short_answer_frac)
+        text_only_n += text_only
         cats.update(rec["categories"])
         records.append(rec)
     path = out / "sft" / "llava.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return {"conversations": len(records), "turns": sum(cats.values()), "turn_categories": dict(sorted(cats.items()))}
+    return {"conversations": len(records), "text_only": text_only_n, "turns": sum(cats.values()),
+            "turn_categories": dict(sorted(cats.items()))}
 
 
 def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bool) -> dict:
@@ -257,8 +261,9 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
         raise UserError("synth.samples_per_shard must be >= 1 and synth.image_size >= 8")
-    if not 0.0 <= s.sft_short_answer_frac <= 1.0:
-        raise UserError("synth.sft_short_answer_frac must be between 0 and 1")
+    for name in ("sft_short_answer_frac", "sft_text_only_frac"):
+        if not 0.0 <= getattr(s, name) <= 1.0:
+            raise UserError(f"synth.{name} must be between 0 and 1")
     # before anything is written
     s.sft_turn_weights = _checked_mix("synth.sft_turn_weights", s.sft_turn_weights, instructions.TURN_WEIGHTS)
     s.caption_mix = _checked_mix("synth.caption_mix", s.caption_mix, CAPTION_STYLES)

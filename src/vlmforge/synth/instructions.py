@@ -1,7 +1,8 @@
 """Instruction conversations in LLaVA's json format.
 
 Record: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` with
-``<image>`` on its own line at the start of the first human turn. Short answers are asked with
+``<image>`` on its own line at the start of the first human turn. A text-only record has no
+``image``; its first human turn starts with the scene described in words instead. Short answers are asked with
 LLaVA-1.5's "single word or phrase" suffix and multiple choice with its letter suffix, the same
 prompts the evaluation sets use.
 """
@@ -82,7 +83,7 @@ def _options_of(category: str, world: SceneSampler) -> list:
 
 def conversation(
     record_id: str,
-    image: str,
+    image: str | None,
     scene: Scene,
     rng: np.random.Generator,
     world: SceneSampler,
@@ -90,6 +91,10 @@ def conversation(
     turn_weights: dict[str, float] | None = None,
     short_answer_frac: float = 0.5,
 ) -> dict:
+    """Questions about ``scene`` with grounded answers. ``image=None``: a text-only conversation
+    whose first turn describes the scene (``detailed_caption``: every object's colour, shape, size
+    and place) before the first question."""
+    lead = f"{IMAGE_TOKEN}\n" if image is not None else f"{detailed_caption(scene, rng)}\n"
     weights = turn_weights or TURN_WEIGHTS
     kinds = list(weights)
     p = np.array([weights[k] for k in kinds], dtype=float)
@@ -105,7 +110,10 @@ def conversation(
             continue
         asked.add(human)
         if not convs:
-            human = f"{IMAGE_TOKEN}\n{human}"
+            human = lead + human
         convs += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
         categories.append(cat)
-    return {"id": record_id, "image": image, "conversations": convs, "categories": categories}
+    record = {"id": record_id, "image": image, "conversations": convs, "categories": categories}
+    if image is None:
+        del record["image"]
+    return record
