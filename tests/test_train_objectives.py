@@ -179,7 +179,7 @@ def test_unknown_optimizer_rejected():
 def test_muon_matches_torch_muon():
     """Ours runs Newton-Schulz in fp32 off the GPU, torch's in bf16: the same update to bf16
     precision, over several steps of momentum and weight decay (a tall, a wide and a square matrix)."""
-    from vlmforge.train.optim import Muon
+    from vlmforge.train.muon import Muon
 
     torch.manual_seed(0)
     ref = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in [(24, 8), (8, 24), (16, 16)]]

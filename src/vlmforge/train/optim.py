@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
 - AdamW parameter groups: one learning rate per component, no decay on biases and norms.
-- ``train.optimizer=muon``: Muon (torch's, orthogonalised momentum) for the weight matrices inside
+- ``train.optimizer=muon``: Muon (``train.muon``) for the weight matrices inside
   the network, AdamW for embeddings, the output head, biases and norms (Muon's authors' split).
   The two are stepped as one (``OptimizerChain``), each with its own schedule (``SchedulerChain``).
 - The schedule: linear warmup, then cosine / linear decay or constant.
@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
+
+from vlmforge.train.muon import Muon
 
 COMPONENTS = ("vision", "projector", "llm")
 # First attribute name of a parameter -> component (the VLM names its parts vision / projector / llm;
@@ -115,45 +118,6 @@ def muon_groups(model: nn.Module, tcfg) -> list[dict]:
     ]
 
 
-def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration (singular values of ``g`` pushed to ~1), in bf16 on
-    GPUs as torch does, in fp32 elsewhere: a CPU without bf16 matrix units emulates bf16 at ~4x
-    the fp32 cost (measured on this project's 2-core CPU: 12.8 vs 3.0 ms for 384 x 128)."""
-    a, b, c = coefficients
-    x = g.to(torch.bfloat16 if g.device.type == "cuda" else torch.float32)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(g.dtype)
-
-
-class Muon(torch.optim.Muon):
-    """torch's Muon (its groups, state and checks) with ``orthogonalise`` as the iteration.
-    The lr is scaled by sqrt(max(1, rows / cols)), torch's default ("original") adjustment."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, bufs = [], [], []
-            self._init_group(group, params, grads, bufs)
-            lr, beta = float(group["lr"]), group["momentum"]
-            for p, g, buf in zip(params, grads, bufs):
-                buf.lerp_(g, 1 - beta)
-                update = g.lerp(buf, beta) if group["nesterov"] else buf
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-        return loss
-
-
 class OptimizerChain:
     """Several torch optimizers over disjoint parameters, used as one: ``param_groups`` lists all
     groups, ``step`` / ``zero_grad`` reach each. ``optimizers`` is what distributed checkpointing
@@ -219,7 +183,7 @@ def build_optimizer(model: nn.Module, tcfg):
     parts = []
     if matrices:
         parts.append(Muon(matrices, lr=float(tcfg.muon_lr), momentum=float(tcfg.muon_momentum),
-                                      weight_decay=float(tcfg.weight_decay)))
+                          weight_decay=float(tcfg.weight_decay)))
     if rest:
         parts.append(adamw(rest))
     return OptimizerChain(parts)
