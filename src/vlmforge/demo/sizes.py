@@ -30,7 +30,7 @@ SIZES: dict[str, DemoSize] = {
                       pretrain_epochs=4, sft_epochs=2, filter_epochs=4,
                       vision_images=1000, vision_epochs=20),
     "default": DemoSize(captions=2000, sft=8000, mcq=100, vqa=200, pope_images=50, text_lines=3000,
-                        pretrain_epochs=8, sft_epochs=2.5, filter_epochs=8,
+                        pretrain_epochs=8, sft_epochs=2.25, filter_epochs=8,
                         vision_images=2000, vision_epochs=25),
     "large": DemoSize(captions=8000, sft=16000, mcq=400, vqa=400, pope_images=100, text_lines=6000,
                       pretrain_epochs=6, sft_epochs=2, filter_epochs=10,
