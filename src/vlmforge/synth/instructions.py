@@ -2,9 +2,9 @@
 
 Record: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` with
 ``<image>`` on its own line at the start of the first human turn. A text-only record has no
-``image``; its first human turn starts with the scene described in words instead. Short answers are asked with
-LLaVA-1.5's "single word or phrase" suffix and multiple choice with its letter suffix, the same
-prompts the evaluation sets use.
+``image``; its first human turn starts with the scene described in words instead. Short answers
+are asked with LLaVA-1.5's "single word or phrase" suffix and multiple choice with its letter
+suffix, the same prompts the evaluation sets use.
 """
 
 from __future__ import annotations
@@ -113,7 +113,5 @@ def conversation(
             human = lead + human
         convs += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
         categories.append(cat)
-    record = {"id": record_id, "image": image, "conversations": convs, "categories": categories}
-    if image is None:
-        del record["image"]
-    return record
+    where = {"image": image} if image is not None else {}
+    return {"id": record_id, **where, "conversations": convs, "categories": categories}
