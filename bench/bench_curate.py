@@ -42,7 +42,7 @@ def make_shards(out: Path, n: int, per_shard: int, w: int, h: int) -> None:
 def random_model(out: Path, size: str) -> Path:
     from vlmforge.config.curate import TrainFilterConfig
     from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
-    from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
 
     words = "a the red blue green small large dog cat tree house car person street sky water".split()
     rng = random.Random(0)

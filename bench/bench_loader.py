@@ -43,8 +43,8 @@ def main() -> None:
     from vlmforge.images import load_pixel_values
     from vlmforge.data.packed_dataset import build_pretrain_loader
     from vlmforge.data.packer import pack_shards
-    from vlmforge.data.tokenizer import train_tokenizer
-    from vlmforge.model.geometry import image_preprocess_spec
+    from vlmforge.text.tokenization import train_tokenizer
+    from vlmforge.arch.geometry import image_preprocess_spec
     from vlmforge.shards import ShardWriter, decode_image
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None

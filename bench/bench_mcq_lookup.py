@@ -96,7 +96,7 @@ def train_lookup(tok, args, layout: str, optimizer: str = "adamw") -> float:
 
 
 def main() -> None:
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a vlmforge tokenizer folder (e.g. demo_out/tokenizer)")

@@ -76,7 +76,7 @@ def pack_stage(n: int, seed: int = 0) -> None:
 
     from vlmforge.config import load_recipe
     from vlmforge.data.packer import pack_shards
-    from vlmforge.data.tokenizer import train_tokenizer
+    from vlmforge.text.tokenization import train_tokenizer
     from vlmforge.shards import ShardWriter
 
     rng = np.random.default_rng(seed)

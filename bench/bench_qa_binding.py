@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--compare-optimizers", action="store_true",
                     help="train the mix (--only, default the full mix) with AdamW and with Muon, side by side")
     args = ap.parse_args()
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     header = (f"\nexact-match accuracy after {args.steps} steps of {args.batch} (perfect visual tokens, "

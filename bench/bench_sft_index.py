@@ -147,7 +147,7 @@ def child_build(src: str, out: str, workers: int, lengths: str, tokenizer: str |
     from vlmforge.data.sft_index import build_index
 
     if tokenizer:  # load it (and import transformers) before the clock starts
-        from vlmforge.data.tokenizer import load_tokenizer
+        from vlmforge.text.tokenization import load_tokenizer
 
         sft_index._TOKENIZERS[tokenizer] = load_tokenizer(tokenizer)
     t = time.perf_counter()
@@ -231,7 +231,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from fixtures_tokenizer import shape_sentences
 
-        from vlmforge.data.tokenizer import train_tokenizer
+        from vlmforge.text.tokenization import train_tokenizer
 
         tok = str(d / "tok")
         if not (d / "tok" / "tokenizer.json").exists():

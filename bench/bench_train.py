@@ -70,7 +70,7 @@ def run_trainer(cfg, model, loader, steps, run_dir):
     import torch
 
     from vlmforge.train.loop import Trainer
-    from vlmforge.train.metrics import read_metrics
+    from vlmforge.files import read_metrics
 
     Trainer(cfg.train, model, loader, steps, run_dir, torch.device("cpu")).fit()
     return read_metrics(run_dir)
@@ -114,7 +114,7 @@ def main() -> None:
     from vlmforge.data.collate import collate_packs
     from vlmforge.data.packed_dataset import build_pretrain_loader, dataset_from_recipe
     from vlmforge.data.packer import pack_shards
-    from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
     from vlmforge.model.build import build_vlm
     from vlmforge.shards import ShardWriter
 

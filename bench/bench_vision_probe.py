@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-from vlmforge.model.geometry import CLIP_MEAN_STD
+from vlmforge.arch.geometry import CLIP_MEAN_STD
 from vlmforge.synth.render import render_scene
 from vlmforge.synth.world import SceneSampler
 

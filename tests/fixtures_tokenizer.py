@@ -47,7 +47,7 @@ def shape_sentences(n: int = 400, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     """Folder of a trained tiny tokenizer (vocab 512, special tokens + chat template with generation markers)."""
-    from vlmforge.data.tokenizer import train_tokenizer
+    from vlmforge.text.tokenization import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     train_tokenizer(shape_sentences(), out, vocab_size=512, min_frequency=2)

@@ -7,7 +7,8 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 
 from vlmforge.cli import main
-from vlmforge.config import ConfigError, load_recipe, save_resolved
+from vlmforge.config import load_recipe, save_resolved
+from vlmforge.errors import ConfigError
 from vlmforge.config.loader import BUILTIN_DIR
 
 

@@ -25,7 +25,7 @@ def world(tmp_path_factory):
 def tiny_contrastive(arch: str, tok_dir: str, out: Path) -> Path:
     from vlmforge.config.curate import TrainFilterConfig
     from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
 
     tf = TrainFilterConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                            embed_dim=16, max_text_len=16)
@@ -154,7 +154,7 @@ def test_parse_score():
 def tiny_vlm(tmp_path_factory):
     from fixtures_tokenizer import shape_sentences
     from vlmforge.config import load_recipe
-    from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
     from vlmforge.model import build_vlm, save_vlm
 
     d = tmp_path_factory.mktemp("vlm")

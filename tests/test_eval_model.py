@@ -14,7 +14,7 @@ from vlmforge.cli import main
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir):  # noqa: F811
     from vlmforge.config import load_recipe
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
     from vlmforge.model import build_vlm, save_vlm
 
     tok = load_tokenizer(tiny_tokenizer_dir)

@@ -8,7 +8,7 @@ from fixtures_model import tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
-from vlmforge.data.tokenizer import load_tokenizer
+from vlmforge.text.tokenization import load_tokenizer
 from vlmforge.model.export import ExportRefused, export_llava
 from vlmforge.model.generate import prompt_ids
 from vlmforge.images import preprocess_batch

@@ -8,7 +8,7 @@ from fixtures_model import tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
-from vlmforge.data.tokenizer import load_tokenizer
+from vlmforge.text.tokenization import load_tokenizer
 from vlmforge.model.generate import generate
 
 PROMPTS = [
@@ -60,7 +60,7 @@ def test_marker_count_mismatch_names_prompt(tok):
 
 def test_continuation_logprobs_match_one_row_at_a_time(tok):
     """Batched, right-padded scoring of several candidates equals scoring each alone by hand."""
-    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.arch.tokens import IM_END
     from vlmforge.images import preprocess_batch
     from vlmforge.model.generate import prompt_ids
     from vlmforge.model.score import continuation_logprobs

@@ -7,9 +7,9 @@ import torch
 from fixtures_model import packed_batch, tiny_cfg, tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 
-from vlmforge.config import ConfigError
-from vlmforge.data.tokenizer import load_tokenizer
-from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+from vlmforge.errors import ConfigError
+from vlmforge.text.tokenization import load_tokenizer
+from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
 from vlmforge.model.projector import AvgPoolMLPProjector, PixelShuffleMLPProjector, pixel_shuffle
 from vlmforge.model.vlm import ImageTokenMismatch
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlmforge.cli import main
 from vlmforge.config import load_recipe
-from vlmforge.data.tokenizer import load_tokenizer
+from vlmforge.text.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")

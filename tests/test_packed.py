@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
-from vlmforge.cli import UserError, main
+from vlmforge.cli import main
+from vlmforge.errors import UserError
 from vlmforge.config import load_recipe
 from vlmforge.data.packed_dataset import PackedDataError, PackedDataset, PackedLoader
 from vlmforge.data.packed_shards import PackedShardReader, list_packed_shards
@@ -296,7 +297,7 @@ class _TrainerLike:
 
 
 def test_loader_from_recipe_resumes_in_trainer_loop_across_epoch_boundary(packed, tiny_tokenizer_dir):
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
 
     folder, _, _ = packed
     cfg = load_recipe(None, OVERRIDES + [f"train.data_path={folder}", "train.micro_batch_size=2"])

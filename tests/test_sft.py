@@ -14,7 +14,8 @@ from vlmforge.config.sft import SFTDataConfig
 from vlmforge.data.collate import collate_packs
 from vlmforge.data.sft_dataset import IGNORE, SFTDataset, SFTLoader, epoch_plan
 from vlmforge.data.sft_index import SFTDataError, build_index, open_index, scan_records
-from vlmforge.data.tokenizer import IM_END, load_tokenizer
+from vlmforge.arch.tokens import IM_END
+from vlmforge.text.tokenization import load_tokenizer
 
 VT = 4  # visual tokens per image in these tests
 SPEC = dict(size=8, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], rescale=1 / 255)
@@ -367,7 +368,7 @@ def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):
 
     from vlmforge.config import load_recipe
     from vlmforge.data.sft_dataset import build_sft_loader
-    from vlmforge.model.geometry import visual_tokens_per_image
+    from vlmforge.arch.geometry import visual_tokens_per_image
 
     d, recs = world
     recipe = load_recipe(None)

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlmforge.cli import UserError
+from vlmforge.errors import UserError
 from vlmforge.shards import (
     STANDARD_FIELDS,
     ImageDecodeError,

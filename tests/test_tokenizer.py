@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
 
-from vlmforge.data.tokenizer import (
+from vlmforge.text.tokenization import (
     CHAT_TEMPLATE,
     EOS,
     IM_END,
@@ -204,7 +204,7 @@ def test_cli_train_and_info(tmp_path, capsys):
 
 
 def test_batched_lengths_match_encode_conversation(tok):
-    from vlmforge.data.tokenizer import conversation_lengths
+    from vlmforge.text.tokenization import conversation_lengths
 
     convs = [CONV, CONV[:2], [{"role": "system", "content": "Be brief."}] + CONV[2:]]
     want = [len(encode_conversation(tok, c)[0]) for c in convs]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_worker
-from vlmforge.train.metrics import read_metrics
+from vlmforge.files import read_metrics
 
 HERE = Path(__file__).parent
 REDUCTIONS = ["token", "sample", "square"]

@@ -12,7 +12,7 @@ import torch
 
 from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
 from vlmforge.train.loop import KILL_ENV, Trainer
-from vlmforge.train.metrics import read_metrics
+from vlmforge.files import read_metrics
 
 HERE = Path(__file__).parent
 

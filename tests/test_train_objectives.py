@@ -170,7 +170,7 @@ def test_muon_takes_the_matrices_adamw_the_rest():
 
 
 def test_unknown_optimizer_rejected():
-    from vlmforge.config import ConfigError
+    from vlmforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="adamw or muon"):
         build_optimizer(_TinyLM(), _muon_cfg(optimizer="sgd"))

@@ -63,7 +63,7 @@ def test_pretrain_then_sft_loads_exactly_the_saved_weights(data, tmp_path):
     from safetensors.torch import load_file
 
     from vlmforge.config import load_recipe
-    from vlmforge.train.metrics import read_metrics
+    from vlmforge.files import read_metrics
     from vlmforge.train.stages import build_model
 
     pre = tmp_path / "pre"

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from vlmforge.cli import UserError, main
+from vlmforge.cli import main
+from vlmforge.errors import UserError
 from vlmforge.config import load_recipe
 from vlmforge.synth.generate import generate_world
 
@@ -70,7 +71,7 @@ def test_features_keep_where_each_cell_is(tower):
 
 
 def test_vlm_takes_the_tower_one_token_per_cell(tower):
-    from vlmforge.data.tokenizer import train_tokenizer
+    from vlmforge.text.tokenization import train_tokenizer
     from vlmforge.model import build_vlm
     from vlmforge.model.vision import patch_features
     from transformers import CLIPVisionModel

@@ -14,11 +14,12 @@ import sys
 from typing import Sequence
 
 from vlmforge import __version__
+from vlmforge.errors import ConfigError, UserError
 
 # (command, module). Order is the order shown in --help: the data flows top to bottom.
 COMMANDS: list[tuple[str, str]] = [
     ("synth", "vlmforge.synth.command"),
-    ("tokenizer", "vlmforge.data.tokenizer_command"),
+    ("tokenizer", "vlmforge.text.command"),
     ("curate", "vlmforge.curate.command"),
     ("vision-pretrain", "vlmforge.vision.command"),
     ("pack", "vlmforge.data.pack_command"),
@@ -31,10 +32,6 @@ COMMANDS: list[tuple[str, str]] = [
     ("demo", "vlmforge.demo.command"),
     ("recipes", "vlmforge.config.command"),
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vlmforge.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not getattr(args, "_run", None):

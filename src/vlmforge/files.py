@@ -11,6 +11,9 @@ from typing import Any, Iterator
 
 from vlmforge import __version__
 
+# A run folder's per-step log, one json object per optimizer step (written by the trainer).
+METRICS_FILE = "metrics.jsonl"
+
 
 def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
     """("FILE:LINE", text) for every non-blank line, so a reader's errors can name the exact line."""
@@ -69,3 +72,19 @@ def write_manifest(
     path = Path(out_dir) / "manifest.json"
     write_json(path, manifest)
     return path
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run folder's metrics.jsonl ([] when there is none yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    return rows

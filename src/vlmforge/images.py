@@ -2,7 +2,7 @@
 
 Same steps as ``SiglipImageProcessor`` (PIL backend): convert to RGB, resize to size x size with
 PIL bicubic on the uint8 image, rescale by 1/255, normalise with mean/std, channels first.
-The spec comes from :func:`vlmforge.model.geometry.image_preprocess_spec` (size, mean, std, rescale).
+The spec comes from :func:`vlmforge.arch.geometry.image_preprocess_spec` (size, mean, std, rescale).
 Decoding (and RGB conversion of grayscale/CMYK/RGBA) is :func:`vlmforge.shards.decode_image`.
 """
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlmforge.cli import UserError
+from vlmforge.errors import UserError
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

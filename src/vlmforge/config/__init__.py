@@ -4,7 +4,6 @@ Each stage owns one section schema (``config/<section>.py``); ``Recipe`` compose
 """
 
 from vlmforge.config.loader import (
-    ConfigError,
     load_recipe,
     recipe_from_dict,
     resolve_recipe_path,
@@ -14,7 +13,6 @@ from vlmforge.config.loader import (
 from vlmforge.config.recipe import Recipe
 
 __all__ = [
-    "ConfigError",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",

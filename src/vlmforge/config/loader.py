@@ -18,10 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlmforge.config.recipe import Recipe
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and its source."""
+from vlmforge.errors import ConfigError
 
 
 BUILTIN_DIR = Path(str(resources.files("vlmforge") / "recipes"))

@@ -1,4 +1,4 @@
-"""Tokenizer section (owned by vlmforge.data.tokenizer)."""
+"""Tokenizer section (owned by vlmforge.text.tokenization)."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def _config(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.dist import init_distributed
 
     if not getattr(args, "curate_command", None):
@@ -209,7 +209,7 @@ def _filter(args, cfg) -> int:
 
 def _dedup(args, cfg) -> int:
     from vlmforge.curate import reshard
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.curate.dedup import embeddings_from_scores, make_decide, make_extra
     from vlmforge.curate.truth import load_truth
 
@@ -247,7 +247,7 @@ def _dedup(args, cfg) -> int:
 
 
 def _mix(args, cfg) -> int:
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.curate import reshard
     from vlmforge.curate.mix import make_decide, parse_source
 

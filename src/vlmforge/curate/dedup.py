@@ -114,7 +114,7 @@ def embeddings_from_scores(score_dir: str, shards: list[str]):
     ``image_embedding``, written by ``curate score --set curate.score.save_embeddings=true``)."""
     from pathlib import Path
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.curate.io import read_parquet, shard_stem
 
     def load(table, rows: np.ndarray) -> np.ndarray:
@@ -144,7 +144,7 @@ def embeddings_from_scores(score_dir: str, shards: list[str]):
 def make_decide(exact: list[str], near_method: str, phash_max_distance: int, embeddings=None,
                 min_cosine: float = 0.95, block: int = 4096, truth=None, shards=None):
     """Global decision: exact kinds in the given order, then near-duplicates among the survivors."""
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     for k in exact:
         if k not in EXACT_KINDS:

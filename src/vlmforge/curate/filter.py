@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from vlmforge.cli import UserError
+from vlmforge.errors import UserError
 from vlmforge.curate.io import read_parquet, shard_stem
 from vlmforge.curate.reshard import DecideResult
 

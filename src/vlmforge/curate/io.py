@@ -70,7 +70,7 @@ def remove_temp_leftovers(folder: str | os.PathLike) -> int:
 
 def check_same_inputs(work_dir: Path, inputs: list, what: str) -> None:
     """A resumed run must see the same inputs as the killed one; refuse to mix two runs in one folder."""
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.files import write_json
 
     path = work_dir / "inputs.json"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmforge.cli import UserError
+from vlmforge.errors import UserError
 from vlmforge.curate.reshard import DecideResult
 
 

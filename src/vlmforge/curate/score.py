@@ -101,7 +101,7 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
     import torch.utils.data as tud
 
     from vlmforge import dist
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.files import write_manifest
 
     out = Path(out_dir)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmforge.model.geometry import build_image_processor
+from vlmforge.arch.geometry import build_image_processor
 
 
 def read_trusted(shards: list[str], exclude: set, max_samples: int | None = None):
@@ -86,7 +86,7 @@ def build_model(tf, tokenizer):
         return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     if tf.arch == "clip":
         return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=tf.embed_dim))
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     raise UserError(f"curate.train_filter.arch must be siglip or clip, got {tf.arch!r}")
 
@@ -112,7 +112,7 @@ def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, dev
                  config=None, log=print) -> dict:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.curate.scorers import resolve_device
     from vlmforge.curate.scorers.clip import is_siglip, text_inputs
     from vlmforge.files import write_json, write_manifest
@@ -137,7 +137,7 @@ def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, dev
         tokenizer = AutoTokenizer.from_pretrained(tf.init)
         max_len = int(model.config.text_config.max_position_embeddings)
     else:
-        from vlmforge.data.tokenizer import load_tokenizer, train_tokenizer
+        from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
 
         if tf.tokenizer:
             tokenizer = load_tokenizer(tf.tokenizer)

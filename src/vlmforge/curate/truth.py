@@ -30,7 +30,7 @@ class Truth(dict):
 
 def load_truth(path: str | os.PathLike) -> Truth:
     """key -> fault kind (and ``.dup_of``)."""
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.files import numbered_lines
 
     out = Truth()

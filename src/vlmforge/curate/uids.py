@@ -39,7 +39,7 @@ def save_uids(uids: Iterable[str], path: str | os.PathLike) -> None:
 
 def load_uids(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` (memory-mapped) or raw record file; checks dtype and sortedness."""
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     path = str(path)
     if not os.path.isfile(path):

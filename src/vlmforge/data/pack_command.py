@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.clitools import recipe_from_args
     from vlmforge.data.packer import pack_shards
 

@@ -256,7 +256,7 @@ class PackedLoader:
 
 
 def _check_tokenizer(tok, ds: PackedDataset) -> None:
-    from vlmforge.data.tokenizer import IM_END, IMAGE_TOKEN
+    from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 
     for name, token, packed in (("image", IMAGE_TOKEN, ds.image_token_id), ("separator", IM_END, ds.sep_id)):
         tid = tok.convert_tokens_to_ids(token)
@@ -269,8 +269,8 @@ def _check_tokenizer(tok, ds: PackedDataset) -> None:
 
 def dataset_from_recipe(cfg, data_path: str | None = None) -> PackedDataset:
     """The packed dataset of ``data_path`` (default train.data_path), checked against the recipe's model."""
-    from vlmforge.config import ConfigError
-    from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+    from vlmforge.errors import ConfigError
+    from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
 
     path = data_path or cfg.train.data_path
     if not path:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from vlmforge.cli import UserError
+from vlmforge.errors import UserError
 from vlmforge.data.packed_shards import INDEX_SUFFIX, PackedShardWriter
 from vlmforge.data.packing import lower_bound, plan_packs
 
@@ -123,10 +123,13 @@ def pack_shards(
     """Run the pack stage; returns the manifest dict (also written to ``out_dir/manifest.json``)."""
     from tqdm import tqdm
 
-    from vlmforge.config import ConfigError, save_resolved
-    from vlmforge.data.tokenizer import EOS, IM_END, IMAGE_TOKEN, load_tokenizer
+    from vlmforge.config import save_resolved
+
+    from vlmforge.errors import ConfigError
+    from vlmforge.arch.tokens import EOS, IM_END, IMAGE_TOKEN
+    from vlmforge.text.tokenization import load_tokenizer
     from vlmforge.files import write_manifest
-    from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+    from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
     from vlmforge.shards import iter_raw_samples, list_shards
 
     pc = cfg.pack

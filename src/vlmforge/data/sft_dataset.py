@@ -78,7 +78,7 @@ class SFTDataset:
         image_root: str | os.PathLike | None = None,
         max_len: int | None = None,
     ):
-        from vlmforge.data.tokenizer import image_token_id
+        from vlmforge.text.tokenization import image_token_id
 
         self.index = index if isinstance(index, SFTIndex) else open_index(index)
         self.tok = tokenizer
@@ -97,7 +97,7 @@ class SFTDataset:
 
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O."""
-        from vlmforge.data.tokenizer import encode_conversation
+        from vlmforge.text.tokenization import encode_conversation
 
         msgs, images = self.index.messages(i)
         ids, mask = encode_conversation(self.tok, msgs)
@@ -125,7 +125,7 @@ class SFTDataset:
         pixel_values = None
         if images:
             if self.image_spec is None:
-                raise ValueError("this SFT data has images: pass image_spec (vlmforge.model.geometry.image_preprocess_spec)")
+                raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
             import torch
 
             try:
@@ -386,7 +386,7 @@ def build_sft_loader(
 ) -> SFTLoader:
     """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
     ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``."""
-    from vlmforge.model.geometry import image_preprocess_spec, visual_tokens_per_image
+    from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
 
     sft = sft_cfg if sft_cfg is not None else recipe.sft
     if not sft.index:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from vlmforge.arch.tokens import IMAGE_TOKEN
 
 
 ARRAYS = {
@@ -48,7 +49,6 @@ ARRAYS = {
     "text_tokens": np.uint32,
     "mm_length": np.uint32,
 }
-IMAGE_TOKEN = "<image>"  # same string as vlmforge.data.tokenizer.IMAGE_TOKEN (kept import-light)
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 EXAMPLES_PER_REASON = 5
 INDEX_VERSION = 1
@@ -255,7 +255,7 @@ class LengthModel:
 
     def tok(self):
         if self._tok is None:
-            from vlmforge.data.tokenizer import load_tokenizer
+            from vlmforge.text.tokenization import load_tokenizer
 
             if self.tokenizer not in _TOKENIZERS:  # once per process, not once per job
                 _TOKENIZERS[self.tokenizer] = load_tokenizer(self.tokenizer)
@@ -263,7 +263,7 @@ class LengthModel:
         return self._tok
 
     def exact(self, msgs: list[dict]) -> int:
-        from vlmforge.data.tokenizer import encode_conversation
+        from vlmforge.text.tokenization import encode_conversation
 
         return len(encode_conversation(self.tok(), msgs)[0])
 
@@ -284,7 +284,7 @@ class LengthModel:
         if not samples:
             return
         tok = self.tok()
-        from vlmforge.data.tokenizer import encode_conversation
+        from vlmforge.text.tokenization import encode_conversation
 
         sys_len = len(encode_conversation(tok, [{"role": "assistant", "content": ""}])[0])
         one_turn = len(
@@ -385,7 +385,7 @@ def _count_exact(lm: "LengthModel", pending: list, ok, text_tok, bad) -> None:
     tokenizer/template rejects is counted as bad, never fatal."""
     if not pending:
         return
-    from vlmforge.data.tokenizer import conversation_lengths
+    from vlmforge.text.tokenization import conversation_lengths
 
     try:
         counts = conversation_lengths(lm.tok(), [m for _, m in pending])
@@ -432,7 +432,7 @@ def build_index(
 
     ``lengths``: ``exact`` (needs ``tokenizer``) or ``estimate`` (calibrated on the first records
     when ``tokenizer`` is given). ``visual_tokens``: tokens each image becomes
-    (``vlmforge.model.geometry.visual_tokens_per_image``). Returns the manifest dict.
+    (``vlmforge.arch.geometry.visual_tokens_per_image``). Returns the manifest dict.
     """
     from tqdm import tqdm
 

@@ -53,7 +53,7 @@ def _sft_section(cfg):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.clitools import recipe_from_args
     from vlmforge.config import save_resolved
     from vlmforge.data.sft_index import SFTDataError, build_index
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     visual_tokens = args.visual_tokens
     if visual_tokens is None:
         try:
-            from vlmforge.model.geometry import visual_tokens_per_image
+            from vlmforge.arch.geometry import visual_tokens_per_image
 
             visual_tokens = visual_tokens_per_image(cfg.model)
         except ImportError:  # pragma: no cover

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.cli import UserError, main
+from vlmforge.cli import main
+from vlmforge.errors import UserError
 from vlmforge.demo.sizes import SIZES, DemoSize
 
 PRETRAIN_RECIPE = "demo/pretrain"
@@ -74,7 +75,7 @@ def _sets(**kv) -> list[str]:
 def _save_initial_checkpoint(tok_dir: Path, vision_dir: Path, out: Path, seed: int, overrides: list[str]) -> None:
     """The randomly initialised model that pretraining starts from, saved so it can be evaluated."""
     from vlmforge.config import load_recipe
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
     from vlmforge.model import build_vlm, save_vlm
 
     cfg = load_recipe(PRETRAIN_RECIPE, [f"tokenizer.path={tok_dir}", f"seed={seed}", f"model.vision.pretrained={vision_dir}", *overrides])

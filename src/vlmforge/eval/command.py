@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.config import load_recipe
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

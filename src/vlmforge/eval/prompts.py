@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmforge.data.tokenizer import IMAGE_TOKEN
+from vlmforge.arch.tokens import IMAGE_TOKEN
 
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."

@@ -7,9 +7,9 @@ import contextlib
 import torch
 from torch import nn
 
-from vlmforge.config import ConfigError
+from vlmforge.errors import ConfigError
 from vlmforge.model.attention import flash_available
-from vlmforge.model.presets import llm_config
+from vlmforge.arch.presets import llm_config
 from vlmforge.model.projector import build_projector
 from vlmforge.model.vision import build_vision_tower
 from vlmforge.model.vlm import VisionLanguageModel
@@ -82,7 +82,7 @@ def build_vlm(
     """
     vocab = len(tokenizer) if tokenizer is not None and resize_vocab else None
     if tokenizer is not None and image_token_id is None:
-        from vlmforge.data.tokenizer import image_token_id as _image_id
+        from vlmforge.text.tokenization import image_token_id as _image_id
 
         image_token_id = _image_id(tokenizer)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()

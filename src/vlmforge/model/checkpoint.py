@@ -14,7 +14,9 @@ from typing import Iterable
 
 import torch
 
-from vlmforge.config import ConfigError, load_recipe, save_resolved
+from vlmforge.config import load_recipe, save_resolved
+
+from vlmforge.errors import ConfigError
 
 WEIGHTS = "model.safetensors"
 VISION_CONFIG = "vision_config.json"
@@ -66,7 +68,7 @@ def load_vlm(ckpt_dir: str | os.PathLike, overrides: Iterable[str] = (), device:
     (e.g. model.projector.pool_size=null to run a pooled checkpoint at full resolution)."""
     from safetensors.torch import load_model
 
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
     from vlmforge.model.build import build_vlm
 
     ckpt = Path(ckpt_dir)

@@ -97,7 +97,7 @@ def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtyp
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.initialization import no_init_weights
 
-    from vlmforge.data.tokenizer import IMAGE_TOKEN
+    from vlmforge.arch.tokens import IMAGE_TOKEN
 
     check_exportable(model)
     config = llava_config(model)

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.config import save_resolved
     from vlmforge.files import write_manifest
     from vlmforge.model.checkpoint import load_vlm

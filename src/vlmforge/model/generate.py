@@ -17,7 +17,7 @@ from vlmforge.model import attention as attn
 
 def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index: int = 0) -> list[int]:
     """Chat template with the generation prompt; each `<image>` expanded to the model's visual tokens."""
-    from vlmforge.data.tokenizer import encode_conversation
+    from vlmforge.text.tokenization import encode_conversation
 
     ids, _ = encode_conversation(tokenizer, messages, add_generation_prompt=True)
     marks = sum(1 for i in ids if i == model.image_token_id)
@@ -30,7 +30,7 @@ def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index:
 
 
 def _stop_ids(tokenizer) -> set[int]:
-    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.arch.tokens import IM_END
 
     stops = {tokenizer.convert_tokens_to_ids(IM_END)}
     if tokenizer.eos_token_id is not None:

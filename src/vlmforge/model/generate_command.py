@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmforge.cli import UserError
-    from vlmforge.data.tokenizer import IMAGE_TOKEN
+    from vlmforge.errors import UserError
+    from vlmforge.arch.tokens import IMAGE_TOKEN
     from vlmforge.model.checkpoint import load_vlm
     from vlmforge.model.generate import generate
     from vlmforge.shards import ImageDecodeError, decode_image

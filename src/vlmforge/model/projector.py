@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmforge.config import ConfigError
+from vlmforge.errors import ConfigError
 
 
 def _square_grid(x: torch.Tensor) -> int:

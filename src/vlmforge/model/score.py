@@ -28,7 +28,7 @@ def continuation_logprobs(
     ``candidates[i]`` are the answers to score for prompt i; the prompt's images are encoded once per
     candidate row (rows are right-padded into one batch).
     """
-    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.arch.tokens import IM_END
     from vlmforge.images import preprocess_batch
     from vlmforge.model.generate import prompt_ids
 

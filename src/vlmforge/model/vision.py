@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmforge.config import ConfigError
-from vlmforge.model.presets import vision_config
+from vlmforge.errors import ConfigError
+from vlmforge.arch.presets import vision_config
 
 
 def build_vision_tower(vision_cfg, trust_remote_code: bool = False) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 
 from vlmforge.model import attention as attn
 from vlmforge.model import positions as pos
-from vlmforge.model.geometry import tokens_for_grid
+from vlmforge.arch.geometry import tokens_for_grid
 from vlmforge.model.vision import encoder_layers, inner, layers_used, patch_features
 
 
@@ -64,7 +64,7 @@ class VisionLanguageModel(nn.Module):
 
     def preprocess_spec(self) -> dict:
         """Image preprocessing for this tower (same as geometry.image_preprocess_spec)."""
-        from vlmforge.model.geometry import preprocess_spec_for
+        from vlmforge.arch.geometry import preprocess_spec_for
 
         return preprocess_spec_for(self.vision.config.model_type, self.image_size)
 

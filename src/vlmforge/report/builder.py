@@ -93,9 +93,8 @@ def build_report(
     title: str | None = None,
 ) -> Path:
     """Write ``<run_dir>/plots/*.png`` and ``<run_dir>/report.html``; returns the HTML path."""
-    from vlmforge.files import atomic_write_text
+    from vlmforge.files import atomic_write_text, read_metrics
     from vlmforge.report.plots import training_plots
-    from vlmforge.train.metrics import read_metrics
 
     run = Path(run_dir)
     rows = read_metrics(run)

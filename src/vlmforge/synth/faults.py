@@ -57,7 +57,7 @@ class OutSample:
 
 def plan_faults(n: int, fcfg, rng: np.random.Generator) -> dict[int, str]:
     """slot index -> fault type, disjoint, sizes round(frac * n)."""
-    from vlmforge.config import ConfigError
+    from vlmforge.errors import ConfigError
 
     sizes = {}
     for t in FAULT_TYPES:

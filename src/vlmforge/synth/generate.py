@@ -66,7 +66,7 @@ class _Images:
 
 def _checked_mix(setting: str, weights, choices) -> dict[str, float]:
     """Relative weights by name (empty = the built-in mix): known names, >= 0, positive sum."""
-    from vlmforge.config import ConfigError
+    from vlmforge.errors import ConfigError
 
     mix = {k: float(v) for k, v in dict(weights or {}).items()}
     bad = [k for k in mix if k not in choices]
@@ -186,7 +186,7 @@ def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bo
                 break
             scene = world.sample(rng)
         else:
-            from vlmforge.config import ConfigError
+            from vlmforge.errors import ConfigError
 
             raise ConfigError(f"synth.pope_per_image={k} needs scenes with >= {k} objects (max_objects)")
         rid = f"pope-{i:05d}"
@@ -249,7 +249,7 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
 
     ``cfg``: a recipe (DictConfig with ``synth``), its ``synth`` section, or a SynthConfig.
     """
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.config import save_resolved
     from vlmforge.files import write_manifest
 

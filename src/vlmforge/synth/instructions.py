@@ -19,10 +19,9 @@ from vlmforge.synth.language import (
     positional_caption,
     short_caption,
 )
+from vlmforge.arch.tokens import IMAGE_TOKEN
 from vlmforge.synth.questions import ask, format_mcq_prompt, mcq
 from vlmforge.synth.world import Scene, SceneSampler
-
-IMAGE_TOKEN = "<image>"
 
 # Turn kinds and how often they are drawn.
 TURN_WEIGHTS = {

@@ -102,7 +102,7 @@ class Scene:
 
 
 def check_vocabulary(shapes, colors, min_objects: int, max_objects: int) -> None:
-    from vlmforge.config import ConfigError
+    from vlmforge.errors import ConfigError
 
     bad = [s for s in shapes if s not in SHAPES]
     if bad:

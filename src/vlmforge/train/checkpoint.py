@@ -205,7 +205,7 @@ def load_checkpoint(
     trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
     if trainer_state.get("world_size") != vdist.world_size():
         # the tensors reshard fine, but each rank's data-loader position belongs to one rank layout
-        from vlmforge.config import ConfigError
+        from vlmforge.errors import ConfigError
 
         raise ConfigError(
             f"{ckpt} was written by {trainer_state.get('world_size')} process(es); "

@@ -173,7 +173,7 @@ def build_optimizer(model: nn.Module, tcfg):
     if kind == "adamw":
         return adamw(param_groups(model, tcfg))
     if kind != "muon":
-        from vlmforge.config import ConfigError
+        from vlmforge.errors import ConfigError
 
         raise ConfigError(f"train.optimizer must be adamw or muon, got {kind!r}")
     matrices = muon_groups(model, tcfg)

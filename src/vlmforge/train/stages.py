@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmforge.config import ConfigError
+from vlmforge.errors import ConfigError
 
 STAGES = ("pretrain", "sft")
 ARCH_KEYS = (
@@ -155,7 +155,7 @@ def build_model(cfg, seed: int):
         _check_same_architecture(cfg, ckpt_cfg, ckpt)
         model.apply_run_settings(cfg.model)  # this stage's pool size, freezing, attention, positions
         return model, tok
-    from vlmforge.data.tokenizer import load_tokenizer
+    from vlmforge.text.tokenization import load_tokenizer
 
     path = pretrain_tokenizer(cfg) if t.stage == "pretrain" else cfg.tokenizer.path
     if not path:

@@ -27,7 +27,7 @@ _LOCATION_KEYS = ("position", "cell")
 
 
 def _cell_of(obj: dict, grid: int, where: str) -> int:
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.synth.world import CELL_NAMES
 
     if "cell" in obj:
@@ -46,7 +46,7 @@ def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], d
     Unreadable images are skipped and counted; a malformed row is an error naming file and line."""
     from PIL import Image
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.files import numbered_lines
 
     path = Path(path)
@@ -96,7 +96,7 @@ def label_tensor(labels: list[list[dict]], vocab: dict[str, list[str]]) -> torch
 def build_tower(vp):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     if vp.init:  # a vision tower folder, or a whole CLIP / SigLIP model folder (its vision half)
         from transformers import AutoConfig
@@ -175,10 +175,10 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
     """Train, keep the epoch with the best held-out mean accuracy, save the tower; returns its accuracy."""
     from tqdm import tqdm
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.files import write_json, write_manifest
     from vlmforge.images import preprocess_batch
-    from vlmforge.model.geometry import build_image_processor, preprocess_spec_for
+    from vlmforge.arch.geometry import build_image_processor, preprocess_spec_for
     from vlmforge.model.vision import patch_features
 
     if vp.epochs < 1 or vp.batch_size < 1:

@@ -11,7 +11,7 @@ SCORERS = ("clip", "dfn", "mlm")
 
 
 def load_scorer(name: str, score_cfg):
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     if not score_cfg.model:
         raise UserError(f"scorer {name!r} needs a model: --model DIR (or --set curate.score.model=...)")

@@ -39,7 +39,7 @@ def text_inputs(tokenizer, captions: list[str], siglip: bool, max_len: int) -> d
 def load_contrastive(path: str, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
 
     try:
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)

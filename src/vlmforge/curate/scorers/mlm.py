@@ -57,7 +57,7 @@ _NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.]?\d)")
 
 
 def judge_messages(caption: str, metric: str) -> list[dict]:
-    from vlmforge.data.tokenizer import IMAGE_TOKEN
+    from vlmforge.arch.tokens import IMAGE_TOKEN
 
     return [{"role": "user", "content": f"{IMAGE_TOKEN}\nText Caption: {caption}\n\n{METRIC_PROMPTS[metric]}"}]
 
@@ -73,7 +73,7 @@ def parse_score(text: str) -> float | None:
 
 def candidate_ids(tokenizer) -> list[list[int]]:
     """Token ids of each answer "0".."100" followed by the end-of-turn token."""
-    from vlmforge.data.tokenizer import IM_END
+    from vlmforge.arch.tokens import IM_END
 
     end = tokenizer.convert_tokens_to_ids(IM_END)
     return [tokenizer.encode(str(n), add_special_tokens=False) + [end] for n in SCORE_VALUES]
@@ -153,7 +153,7 @@ def expected_scores_reference(model, prompt: list[int], pixel_values: torch.Tens
 class MLMJudgeScorer:
     def __init__(self, ckpt: str, device: str = "auto", metrics: list[str] | None = None,
                  max_new_tokens: int = 8, score_from: str = "ev", model=None, tokenizer=None):
-        from vlmforge.cli import UserError
+        from vlmforge.errors import UserError
 
         self.name = "mlm"
         self.model_path = ckpt

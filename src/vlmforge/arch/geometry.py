@@ -7,8 +7,8 @@ vision tower expects.
 
 from __future__ import annotations
 
-from vlmforge.config import ConfigError
-from vlmforge.model.presets import vision_config_dict
+from vlmforge.errors import ConfigError
+from vlmforge.arch.presets import vision_config_dict
 
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vlmforge.config import ConfigError
+from vlmforge.errors import ConfigError
 
 CONFIG_DIR = Path(str(resources.files("vlmforge") / "assets" / "configs"))
 VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")

@@ -45,9 +45,11 @@ def _turn_lines(path) -> list[str]:
     """The text lines of a LLaVA json's turns (no <image> markers) and the chat template's words."""
     import json
 
-    from vlmforge.data.tokenizer import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+    from vlmforge.arch.tokens import IMAGE_TOKEN
 
-    from vlmforge.cli import UserError
+    from vlmforge.text.tokenization import DEFAULT_SYSTEM_PROMPT
+
+    from vlmforge.errors import UserError
 
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
@@ -68,10 +70,10 @@ def _turn_lines(path) -> list[str]:
 def _train(args) -> int:
     from pathlib import Path
 
-    from vlmforge.cli import UserError
+    from vlmforge.errors import UserError
     from vlmforge.clitools import recipe_from_args
     from vlmforge.config import save_resolved
-    from vlmforge.data.tokenizer import describe, read_corpus, train_tokenizer
+    from vlmforge.text.tokenization import describe, read_corpus, train_tokenizer
     from vlmforge.files import write_manifest
 
     cfg = recipe_from_args(args)
@@ -111,12 +113,13 @@ def _train(args) -> int:
 
 
 def _info(args) -> int:
-    from vlmforge.data.tokenizer import IMAGE_TOKEN, describe, encode_conversation, load_tokenizer
+    from vlmforge.arch.tokens import IMAGE_TOKEN
+    from vlmforge.text.tokenization import describe, encode_conversation, load_tokenizer
 
     try:
         tok = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
     except ValueError as e:
-        from vlmforge.cli import UserError
+        from vlmforge.errors import UserError
 
         raise UserError(str(e)) from None
     for k, v in describe(tok).items():

@@ -18,14 +18,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from vlmforge.arch.tokens import EOS, IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKENS
+
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-EOS = "<|endoftext|>"
-# Order fixes the ids of a trained tokenizer: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, <image>=3.
-SPECIAL_TOKENS = [EOS, IM_START, IM_END, IMAGE_TOKEN]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2.5's shape (default system prompt when none is given), with generation markers around

@@ -1,0 +1,1 @@
+"""Text: tokenizers (train offline, load any transformers tokenizer) and chat encoding with a loss mask."""
