@@ -17,14 +17,10 @@ from PIL import Image
 
 from vlmforge.eval import evaluate
 from vlmforge.eval.fewshot import DemoPool, build_messages
+from vlmforge.eval.items import TaskError
 from vlmforge.eval.runner import headline, summary_table
-from vlmforge.eval.tasks import (
-    TaskError,
-    TaskSpec,
-    load_items,
-    load_task,
-    parse_task_specs,
-)
+from vlmforge.eval.specs import TaskSpec, parse_task_specs
+from vlmforge.eval.tasks import load_items, load_task
 
 COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 NAMES = list(COLORS)

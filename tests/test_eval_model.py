@@ -14,8 +14,9 @@ from vlmforge.cli import main
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir):  # noqa: F811
     from vlmforge.config import load_recipe
+    from vlmforge.model.build import build_vlm
+    from vlmforge.model.saving import save_vlm
     from vlmforge.text.tokenization import load_tokenizer
-    from vlmforge.model import build_vlm, save_vlm
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     cfg = load_recipe(None)  # tiny-siglip + tiny-qwen2 presets
@@ -58,7 +59,7 @@ def test_eval_errors_are_user_errors(tiny_ckpt, tmp_path, capsys):
 
 def test_batching_does_not_change_greedy_answers(tiny_ckpt, tmp_path):
     from vlmforge.eval import evaluate
-    from vlmforge.model import load_vlm
+    from vlmforge.model.saving import load_vlm
 
     world = make_world(tmp_path / "world", n=3)
     model, tok, _ = load_vlm(tiny_ckpt)

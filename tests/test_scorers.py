@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from vlmforge.eval.scorers import make_scorer
-from vlmforge.eval.scorers.base import Scored
-from vlmforge.eval.scorers.math import MathScorer, extract_number
-from vlmforge.eval.scorers.mcq import extract_option, rotate_options
-from vlmforge.eval.scorers.pope import extract_yes_no, pope_metrics
-from vlmforge.eval.scorers.vqa import most_common_answer, normalize_answer, vqa_accuracy
-from vlmforge.eval.tasks import EvalItem, expand_circular
+from vlmforge.eval.answers import normalize_answer
+from vlmforge.eval.choices import extract_option
+from vlmforge.eval.items import EvalItem
+from vlmforge.eval.kind import Scored
+from vlmforge.eval.kinds import get_kind as make_scorer
+from vlmforge.eval.kinds.math import MathKind as MathScorer
+from vlmforge.eval.kinds.math import extract_number
+from vlmforge.eval.kinds.mmbench import expand_circular, rotate_options
+from vlmforge.eval.kinds.pope import extract_yes_no, pope_metrics
+from vlmforge.eval.kinds.vqa import most_common_answer, vqa_accuracy
 
 # ------------------------------------------------------------------------------------ VQA
 

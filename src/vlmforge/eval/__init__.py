@@ -1,4 +1,4 @@
-"""Evaluation: tasks (jsonl / parquet / VLMEvalKit TSV), rule-based scorers, k-shot, runner.
+"""Evaluation: tasks (jsonl / parquet / VLMEvalKit TSV), one module per kind (``kinds/``), k-shot, runner.
 
 ``evaluate(model, tokenizer, tasks, ...)`` is the Python entry point (see ``runner``);
 ``vlmforge eval`` the command. Names are imported lazily so that ``vlmforge --help`` stays fast.
@@ -10,8 +10,8 @@ import importlib
 
 _EXPORTS = {
     "evaluate": "runner", "evaluate_task": "runner", "headline": "runner", "summary_table": "runner",
-    "EvalItem": "tasks", "ImageRef": "tasks", "Task": "tasks", "TaskError": "tasks", "TaskSpec": "tasks",
-    "load_task": "tasks", "parse_task_specs": "tasks",
+    "EvalItem": "items", "ImageRef": "items", "TaskError": "items", "Task": "tasks", "load_task": "tasks",
+    "TaskSpec": "specs", "parse_task_specs": "specs", "KINDS": "kinds", "get_kind": "kinds",
 }
 __all__ = sorted(_EXPORTS)
 

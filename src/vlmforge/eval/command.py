@@ -26,6 +26,10 @@ from __future__ import annotations
 import argparse
 
 HELP = "evaluate a checkpoint on MCQ / VQA / POPE / math tasks (results.json + predictions.jsonl)"
+# eval section key -> the flag that sets it
+FLAGS = {"tasks": "--tasks", "synth_dir": "--synth-dir", "limit": "--limit", "batch_size": "--batch-size",
+         "max_new_tokens": "--max-new-tokens", "shots": "--shots", "seeds": "--seeds", "strict": "--no-strict",
+         "mc_protocols": "--mc-protocol"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from vlmforge.errors import UserError
+    from omegaconf.errors import ValidationError
+
     from vlmforge.config import load_recipe
+    from vlmforge.errors import UserError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("vlmforge eval runs in one process (one device); start it without torchrun")
@@ -72,25 +78,26 @@ def run(args: argparse.Namespace) -> int:
     recipe = args.recipe or (str(ckpt / "config.yaml") if (ckpt / "config.yaml").is_file() else None)
     cfg = load_recipe(recipe, args.overrides)
     ev = cfg.eval
-    for flag, key in [("tasks", "tasks"), ("synth_dir", "synth_dir"), ("limit", "limit"), ("batch_size", "batch_size"),
-                      ("max_new_tokens", "max_new_tokens"), ("shots", "shots"), ("seeds", "seeds"), ("strict", "strict"),
-                      ("mc_protocols", "mc_protocols")]:
-        value = getattr(args, flag)
+    for key, option in FLAGS.items():
+        value = getattr(args, key)
         if value is not None:
-            ev[key] = [t for t in value.split(",") if t.strip()] if flag == "tasks" else value
+            try:  # the eval section is typed: a value outside a field's choices is refused here
+                ev[key] = [t for t in value.split(",") if t.strip()] if key == "tasks" else value
+            except ValidationError as e:
+                raise UserError(f"{option}: {str(e).splitlines()[0]}") from None
     if not ev.tasks:
         raise UserError("no tasks: give --tasks (or eval.tasks in the recipe)")
     if ev.limit is not None and ev.limit <= 0:
         raise UserError("--limit must be positive")
     if ev.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    from vlmforge.eval.runner import MC_PROTOCOLS
+    from vlmforge.eval.items import TaskError
+    from vlmforge.eval.runner import MC_PROTOCOLS, evaluate, summary_table
 
-    if not ev.mc_protocols or any(p not in MC_PROTOCOLS for p in ev.mc_protocols):
-        raise UserError(f"--mc-protocol takes a comma list of {', '.join(MC_PROTOCOLS)}; got {list(ev.mc_protocols)}")
-
-    from vlmforge.eval.runner import evaluate, summary_table
-    from vlmforge.eval.tasks import TaskError, load_task, parse_task_specs
+    if not ev.mc_protocols:
+        raise UserError(f"--mc-protocol takes a comma list of {', '.join(MC_PROTOCOLS)}; got none")
+    from vlmforge.eval.specs import parse_task_specs
+    from vlmforge.eval.tasks import load_task
 
     try:  # load (and validate) every task before the model, so data errors show up at once
         tasks = [load_task(s, limit=ev.limit, strict=ev.strict) for s in parse_task_specs(list(ev.tasks), ev.synth_dir)]
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vlmforge.model import load_vlm
+    from vlmforge.model.saving import load_vlm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).

@@ -14,6 +14,11 @@ import random
 from vlmforge.eval.prompts import user_turn
 
 
+def _question_keys(item) -> set[str]:
+    """Besides its images, what a demonstration must not share with the query: id, CircularEval group."""
+    return {"id:" + item.id} | ({"group:" + item.group} if item.group is not None else set())
+
+
 class DemoPool:
     """The support set, with image identities computed once (base64 images hash once, not per query)."""
 
@@ -26,10 +31,10 @@ class DemoPool:
         """Fail before any generation if some query cannot get k demonstrations."""
         by_key: dict[str, set[int]] = {}
         for i, (it, keys) in enumerate(zip(self.items, self.keys)):
-            for key in keys | {"id:" + it.id} | ({"group:" + it.group} if it.group is not None else set()):
+            for key in keys | _question_keys(it):
                 by_key.setdefault(key, set()).add(i)
         for q in queries:
-            keys = {ref.key() for ref in q.images} | {"id:" + q.id} | ({"group:" + q.group} if q.group is not None else set())
+            keys = {ref.key() for ref in q.images} | _question_keys(q)
             excluded = set().union(*(by_key.get(key, set()) for key in keys))
             if len(self.items) - len(excluded) < k:
                 raise ValueError(
@@ -52,13 +57,16 @@ class DemoPool:
         return random.Random(f"{seed}:{query.id}").sample(candidates, k)
 
 
-def build_messages(kind: str, scorer, query, demos: list) -> tuple[list[dict], list]:
-    """Chat messages and the matching image refs (demonstrations first, then the query)."""
+def build_messages(kind: str, scorer, query, demos: list, likelihood: bool = False) -> tuple[list[dict], list]:
+    """Chat messages and the matching image refs (demonstrations first, then the query).
+
+    ``kind`` names the prompt format, ``scorer`` (that kind's ``Kind``) answers the demonstrations;
+    ``likelihood``: every question asked as the likelihood protocol asks it (no option list)."""
     messages, images = [], []
     for demo in demos:
-        messages.append(user_turn(kind, demo))
+        messages.append(user_turn(kind, demo, likelihood))
         messages.append({"role": "assistant", "content": scorer.demo_answer(demo)})
         images.extend(demo.images)
-    messages.append(user_turn(kind, query))
+    messages.append(user_turn(kind, query, likelihood))
     images.extend(query.images)
     return messages, images

@@ -1,6 +1,6 @@
 """Run tasks through a model (or any generate function), score, and write results.
 
-Python API (also what ``vlmforge eval`` and ``vlmforge demo`` use)::
+Python API (what ``vlmforge eval`` runs, and through it ``vlmforge demo``)::
 
     from vlmforge.eval import evaluate
     results = evaluate(model, tokenizer, "synth-mcq,synth-vqa,synth-pope", synth_dir="runs/world",
@@ -27,15 +27,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+
+from vlmforge.config import save_resolved
 from vlmforge.eval.fewshot import DemoPool, build_messages
-from vlmforge.eval.scorers.base import Scored, count_unresolved
-from vlmforge.eval.tasks import Task, TaskError, load_task, parse_task_specs
+from vlmforge.eval.items import TaskError
+from vlmforge.eval.kind import Scored, count_unresolved
+from vlmforge.eval.specs import parse_task_specs
+from vlmforge.eval.tasks import Task, load_task
+from vlmforge.files import atomic_write_text, write_json, write_manifest
+from vlmforge.model.decoding import generate
+from vlmforge.model.likelihood import continuation_logprobs
 
 GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
 # (prompts, images, candidate answers per prompt) -> one log-likelihood per candidate
 RankFn = Callable[[list[list[dict]], list[list[Any]], list[list[str]]], list[list[float]]]
 MC_PROTOCOLS = ("generate", "likelihood")
-LIKELIHOOD_KINDS = ("mcq", "mmbench")
 
 
 class ImageLoadError(ValueError):
@@ -43,16 +50,12 @@ class ImageLoadError(ValueError):
 
 
 def model_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> GenerateFn:
-    """Greedy generation with a vlmforge model (``vlmforge.model.generate.generate``)."""
-    from vlmforge.model.generate import generate
-
+    """Greedy generation with a vlmforge model (``vlmforge.model.decoding.generate``)."""
     return functools.partial(generate, model, tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 def model_rank_fn(model, tokenizer) -> RankFn:
-    """Candidate answers scored by summed log-likelihood (``vlmforge.model.score``)."""
-    from vlmforge.model.score import continuation_logprobs
-
+    """Candidate answers scored by summed log-likelihood (``vlmforge.model.likelihood``)."""
     return functools.partial(continuation_logprobs, model, tokenizer)
 
 
@@ -78,13 +81,11 @@ def run_task_once(
     With ``rank_fn`` (the likelihood protocol, multiple choice at 0 shots) the query is asked as an
     open question (no option list, short-answer suffix) and the option text the model finds most
     likely is its answer; otherwise ``generate_fn``'s text is parsed by the task's scorer."""
-    from tqdm.auto import tqdm
-
     pool = DemoPool(task.support_items if task.support_items is not None else task.items) if shots > 0 else None
     requests = []
     for item in task.items:
         demos = pool.sample(item, shots, seed) if pool else []
-        messages, refs = build_messages("vqa" if rank_fn else task.kind, task.scorer, item, demos)
+        messages, refs = build_messages(task.kind, task.scorer, item, demos, likelihood=rank_fn is not None)
         requests.append((item, demos, messages, refs))
 
     records: list[Scored] = []
@@ -219,7 +220,7 @@ def evaluate(
     """Evaluate on tasks; return ``{task_key: {metrics, chance, counts, primary, ...}}``.
 
     ``tasks``: a ``--tasks`` string, or a list of spec strings / TaskSpecs / loaded Tasks.
-    ``mc_protocols``: for multiple-choice tasks (mcq, mmbench), ``generate`` (parse the letter from
+    ``mc_protocols``: for kinds that support likelihood ranking (multiple choice), ``generate`` (parse the letter from
     the generated reply) and/or ``likelihood`` (rank the option texts by the model's likelihood,
     SEED-Bench style, 0-shot only; results under ``name@likelihood``). Other tasks always generate.
     ``out_dir``: when given, write ``results.json``, ``predictions.jsonl`` (and ``config.yaml``
@@ -261,12 +262,13 @@ def evaluate(
     results: dict[str, dict] = {}
     predictions: list[dict] = []
     for task in loaded:
+        by_likelihood = "likelihood" in mc_protocols and task.scorer.supports_likelihood
         for k in shots:
-            if "generate" in mc_protocols or task.kind not in LIKELIHOOD_KINDS:
+            if "generate" in mc_protocols or not task.scorer.supports_likelihood:
                 res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress)
                 results[result_key(task.name, k)] = res
                 predictions += rows
-        if "likelihood" in mc_protocols and task.kind in LIKELIHOOD_KINDS:
+        if by_likelihood:
             # The options are not in the prompt, so CircularEval's rotations would all rank alike:
             # score each question once (its circular accuracy is then its plain accuracy).
             once = dataclasses.replace(task, items=[it for it in task.items if it.meta.get("rotation", 0) == 0])
@@ -288,9 +290,6 @@ def _jsonable(value):
 
 
 def write_outputs(out_dir, results: dict, predictions: list[dict], settings: dict, config, info: dict, seconds: float) -> None:
-    from vlmforge.config import save_resolved
-    from vlmforge.files import atomic_write_text, write_json, write_manifest
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {**info, "settings": settings, "seconds": round(seconds, 2), "tasks": results})

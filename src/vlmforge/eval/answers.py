@@ -1,6 +1,6 @@
-"""Open-ended VQA accuracy as the official VQA evaluation (VQAv2 ``vqaEval.py``) computes it.
+"""Answer normalisation as the official VQA evaluation (VQAv2 ``vqaEval.py``) does it.
 
-Answers are normalised the way the official script does it:
+Used by the open-answer kinds (vqa, and math's text answers and choice texts):
 
 1. newlines/tabs -> spaces, strip;
 2. punctuation: each mark in ``PUNCT`` is deleted when it touches a space (or the text has a
@@ -9,24 +9,11 @@ Answers are normalised the way the official script does it:
 3. digits/articles: lower-case, split on whitespace, number words zero..ten -> digits
    (``none`` -> 0), drop ``a``/``an``/``the``, then map missing-apostrophe contractions
    (``dont`` -> ``don't``).
-
-Accuracy for one question with human answers h_1..h_n (n = 10 in VQAv2/TextVQA/VizWiz/OK-VQA):
-for each i, acc_i = min(1, #{j != i : h_j == prediction} / 3); the score is the mean of acc_i
-over the n leave-one-out subsets. With a single reference answer (GQA style) the score is exact
-match after normalisation (the leave-one-out formula would give 0 for every prediction).
-
-One deliberate difference, switchable with ``official_skip_unanimous=True``: the official script
-normalises only when the humans disagree (``len(set(answers)) > 1``), relying on pre-normalised
-annotations; we always normalise both sides so that raw annotations (our own jsonl files, TSVs)
-score the same way.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-
-from vlmforge.eval.scorers.base import Scorer, mean_accuracy
 
 # Data tables from the official evaluation (VQA API, vqaEval.py).
 CONTRACTIONS = {
@@ -94,66 +81,10 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(text: str) -> str:
     """The official normalisation: punctuation, then number words/articles/contractions."""
-    return process_digit_article(process_punctuation(_clean(text)))
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str], official_skip_unanimous: bool = False) -> float:
-    """min(#matching humans / 3, 1) averaged over the n leave-one-out subsets of the n answers."""
-    if not answers:
-        raise ValueError("vqa_accuracy needs at least one reference answer")
-    gts = [_clean(a) for a in answers]
-    pred = _clean(prediction)
-    if not (official_skip_unanimous and len(set(gts)) <= 1):
-        gts = [normalize_answer(a) for a in gts]
-        pred = normalize_answer(pred)
-    pred = pred.lower()
-    matches = [g.lower() == pred for g in gts]
-    if len(gts) == 1:
-        return float(matches[0])
-    total = sum(matches)
-    # Leaving out answer i removes one match exactly when answer i itself matches.
-    accs = [min(1.0, (total - m) / 3.0) for m in matches]
-    return sum(accs) / len(accs)
-
-
-def most_common_answer(answers: Sequence[str]) -> str:
-    """The answer most humans gave (after normalisation); ties -> first seen. Used for k-shot demos."""
-    counts: dict[str, int] = {}
-    first: dict[str, str] = {}
-    for a in answers:
-        key = normalize_answer(a)
-        counts[key] = counts.get(key, 0) + 1
-        first.setdefault(key, a.strip())
-    best = max(counts, key=lambda k: counts[k])  # max keeps the first maximal key (insertion order)
-    return first[best]
-
-
-class VQAScorer(Scorer):
-    kind = "vqa"
-    primary = "vqa_accuracy"
-
-    def __init__(self, official_skip_unanimous: bool = False):
-        self.official_skip_unanimous = official_skip_unanimous
-
-    def extract(self, prediction, item):
-        # Short-answer prompts: the first line is the answer; an empty reply is unresolved.
-        text = (prediction or "").strip().split("\n", 1)[0].strip()
-        return text or None
-
-    def score(self, extracted, item):
-        return vqa_accuracy(extracted, item.answers, self.official_skip_unanimous)
-
-    def aggregate(self, records):
-        return mean_accuracy(records, "vqa_accuracy")
-
-    def chance(self, items):
-        return {"vqa_accuracy": 0.0}  # guessing a free-form answer essentially never matches
-
-    def demo_answer(self, item):
-        return item.answer if item.answer else most_common_answer(item.answers)
+    return process_digit_article(process_punctuation(clean_text(text)))

@@ -1,5 +1,8 @@
 """POPE (object hallucination): yes/no extraction; accuracy, precision, recall, F1 (yes = positive), yes-ratio.
 
+Row: ``{id, image, question, answer: "yes"|"no", object?, category? or sampling?}``; metrics are
+also reported per ``category`` (the negative-sampling split: random / popular / adversarial).
+
 Extraction reads the first sentence: ``yes`` if it says yes and has no negation, ``no`` if it says
 no/not (as the LLaVA POPE script does), otherwise unresolved. An unresolved reply is wrong for
 accuracy and is not a "yes" prediction (so it lowers recall on positive questions, never precision);
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import re
 
-from vlmforge.eval.scorers.base import Scored, Scorer
+from vlmforge.eval.items import RowError, common_item, require
+from vlmforge.eval.kind import Kind, Scored
+from vlmforge.eval.prompt_parts import open_question
 
 _NEG = {"no", "not", "none", "nope", "isn't", "aren't", "doesn't", "don't", "cannot", "can't"}
 _POS = {"yes", "yeah", "yep", "true", "correct"}
@@ -47,9 +52,22 @@ def pope_metrics(pred: list[str | None], gold: list[str]) -> dict[str, float]:
     }
 
 
-class POPEScorer(Scorer):
-    kind = "pope"
+class POPEKind(Kind):
+    name = "pope"
     primary = "f1"
+
+    def parse_row(self, row, image_root, where):
+        item = common_item(row, image_root, where)
+        if "category" not in item.meta and "sampling" in item.meta:
+            item.meta["category"] = item.meta["sampling"]  # POPE reports per negative-sampling split
+        ans = str(require(row, "answer")).strip().lower()
+        if ans not in ("yes", "no"):
+            raise RowError(f"POPE answer must be yes or no, got {ans!r}")
+        item.answer = ans
+        return item
+
+    def build_prompt(self, item):
+        return open_question(item)
 
     def extract(self, prediction, item):
         return extract_yes_no(prediction)
@@ -70,3 +88,6 @@ class POPEScorer(Scorer):
         p = sum(it.answer == "yes" for it in items) / len(items) if items else 0.5
         # Uniform guessing has expected accuracy 0.5; always answering yes gets F1 = 2p / (1 + p).
         return {"accuracy": 0.5, "f1": 2 * p / (1 + p) if p else 0.0}
+
+
+KIND = POPEKind

@@ -1,7 +1,8 @@
 """MathVista style: multiple choice or a number, compared at the task's precision.
 
-Item fields (see tasks.py): ``meta.question_type`` multi_choice | free_form, ``options`` for
-choices, ``answer`` (the choice text or the number as text), ``meta.answer_type``
+Row: ``{id, image, question, answer, question_type?: multi_choice|free_form, choices?: [..],
+answer_type?: integer|float|text, precision?: int, unit?}``. Item fields: ``meta.question_type``
+multi_choice | free_form, ``options`` for choices, ``answer`` (the choice text or the number as text), ``meta.answer_type``
 integer | float | text, ``meta.precision`` (decimal places for floats; default: the number of
 decimals written in the reference answer).
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import re
 
-from vlmforge.eval.scorers.base import Scorer
-from vlmforge.eval.scorers.mcq import extract_option
-from vlmforge.eval.scorers.vqa import normalize_answer
+from vlmforge.eval.answers import normalize_answer
+from vlmforge.eval.choices import extract_option, lettered
+from vlmforge.eval.items import RowError, common_item, literal, require
+from vlmforge.eval.kind import Kind
+from vlmforge.eval.prompt_parts import INTEGER_SUFFIX, SHORT_SUFFIX, float_suffix, multiple_choice, with_hint
 
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _NUMBER = re.compile(rf"(?<![\w.]){_NUM}")
@@ -55,11 +58,57 @@ def numbers_equal(pred: float, gold: str, answer_type: str, precision: int | Non
     return round(pred, digits) == round(ref, digits)
 
 
-class MathScorer(Scorer):
-    kind = "math"
+def guess_answer_type(answer: str) -> str:
+    try:
+        value = float(answer.replace(",", ""))
+    except ValueError:
+        return "text"
+    return "integer" if value == int(value) and "." not in answer else "float"
+
+
+def _is_choice(item) -> bool:
+    return item.meta.get("question_type") == "multi_choice" and bool(item.options)
+
+
+class MathKind(Kind):
+    name = "math"
+
+    def parse_row(self, row, image_root, where):
+        item = common_item(row, image_root, where)
+        item.answer = str(require(row, "answer")).strip()
+        choices = literal(row.get("choices"))
+        if isinstance(choices, list) and choices:
+            item.options = lettered(choices)
+        qtype = row.get("question_type") or ("multi_choice" if item.options else "free_form")
+        if qtype not in ("multi_choice", "free_form"):
+            raise RowError(f"question_type must be multi_choice or free_form, got {qtype!r}")
+        if qtype == "multi_choice" and not item.options:
+            raise RowError("a multi_choice math question needs 'choices'")
+        atype = row.get("answer_type") or guess_answer_type(item.answer)
+        if atype not in ("integer", "float", "text", "list"):
+            raise RowError(f"answer_type must be integer, float or text, got {atype!r}")
+        if atype in ("integer", "float") and qtype == "free_form":
+            try:
+                float(item.answer.replace(",", ""))
+            except ValueError:
+                raise RowError(f"answer {item.answer!r} is not a number but answer_type is {atype}") from None
+        item.meta.update(question_type=qtype, answer_type=atype)
+        if row.get("precision") is not None:
+            item.meta["precision"] = int(float(row["precision"]))
+        return item
+
+    def build_prompt(self, item):
+        if _is_choice(item):
+            return multiple_choice(item)
+        atype = item.meta.get("answer_type")
+        if atype == "integer":
+            return f"{with_hint(item)}\n{INTEGER_SUFFIX}"
+        if atype == "float":
+            return f"{with_hint(item)}\n{float_suffix(item.meta.get('precision'))}"
+        return f"{with_hint(item)}\n{SHORT_SUFFIX}"
 
     def extract(self, prediction, item):
-        if item.meta.get("question_type") == "multi_choice" and item.options:
+        if _is_choice(item):
             letter = extract_option(prediction, item.options)
             return None if letter is None else item.options[letter]
         if item.meta.get("answer_type") in ("integer", "float"):
@@ -69,7 +118,7 @@ class MathScorer(Scorer):
 
     def score(self, extracted, item):
         gold = str(item.answer)
-        if item.meta.get("question_type") == "multi_choice" and item.options:
+        if _is_choice(item):
             return float(normalize_answer(str(extracted)) == normalize_answer(gold))
         answer_type = item.meta.get("answer_type")
         if answer_type in ("integer", "float"):
@@ -79,12 +128,15 @@ class MathScorer(Scorer):
     def chance(self, items) -> dict[str, float]:
         if not items:
             return {"accuracy": 0.0}
-        per = [1.0 / len(it.options) if it.meta.get("question_type") == "multi_choice" and it.options else 0.0 for it in items]
+        per = [1.0 / len(it.options) if _is_choice(it) else 0.0 for it in items]
         return {"accuracy": sum(per) / len(per)}
 
     def demo_answer(self, item) -> str:
-        if item.meta.get("question_type") == "multi_choice" and item.options:
+        if _is_choice(item):
             for letter, text in item.options.items():
                 if normalize_answer(text) == normalize_answer(str(item.answer)):
                     return letter
         return str(item.answer)
+
+
+KIND = MathKind

@@ -1,31 +1,61 @@
-"""What every scorer provides, and the record a scored prediction becomes."""
+"""What every evaluation kind provides, and the record a scored prediction becomes.
+
+A kind is one module in ``vlmforge/eval/kinds/`` whose ``KIND`` is a ``Kind`` subclass: it turns a
+file row into an ``EvalItem`` (``parse_row``), asks it (``build_prompt``), reads and scores the
+reply (``extract``, ``score``), and turns records into metrics and chance levels (``aggregate``,
+``chance``). Scoring is rule-based (no external judge).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from vlmforge.eval.items import EvalItem
+from vlmforge.eval.prompt_parts import open_question
 
 
 @dataclass
 class Scored:
     """One prediction after scoring. ``extracted`` is None when no answer could be read from it."""
 
-    item: Any  # vlmforge.eval.tasks.EvalItem
+    item: Any  # vlmforge.eval.items.EvalItem
     prediction: str
     extracted: Any
     score: float  # 1.0 right / 0.0 wrong; VQA accuracy may be fractional
 
 
-class Scorer:
-    """Rule-based scorer for one task kind (no external judge).
+class Kind:
+    """The rules of one task kind: rows -> items -> prompts -> scores -> metrics.
 
     ``extract`` reads the answer from a free-text prediction (None = unresolved, scored wrong and
     counted); ``score`` compares it with the item's reference; ``aggregate`` turns records into
     metrics; ``chance`` gives the score of guessing, for "before/after vs chance" reports.
     """
 
-    kind: str = ""
+    name: str = ""  # what task specs call the kind (``KIND:PATH``)
+    aliases: tuple[str, ...] = ()  # other names for the same kind
     primary: str = "accuracy"  # the headline metric in results.json
+    # Multiple choice whose option texts can be ranked by the model's likelihood (``likelihood``
+    # protocol): items have ``options`` and are asked as open questions (``likelihood_prompt``).
+    supports_likelihood: bool = False
+
+    def parse_row(self, row: dict, image_root: Path, where: str) -> EvalItem:
+        """Validate one row and build its item; raises ``RowError`` naming what is wrong."""
+        raise NotImplementedError
+
+    def prepare(self, items: list[EvalItem]) -> list[EvalItem]:
+        """The items as asked, after ``--limit`` (e.g. CircularEval adds the rotations)."""
+        return items
+
+    def build_prompt(self, item: EvalItem) -> str:
+        """The text of one query (no image markers): question, options, answer-format instruction."""
+        raise NotImplementedError
+
+    def likelihood_prompt(self, item: EvalItem) -> str:
+        """The query when the option texts are ranked by likelihood: no option list."""
+        return open_question(item)
 
     def extract(self, prediction: str, item) -> Any:
         raise NotImplementedError
