@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
-from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
 from vlmforge.cli import main
-from vlmforge.errors import UserError
 from vlmforge.config import load_recipe
-from vlmforge.data.packed_dataset import PackedDataError, PackedDataset, PackedLoader
-from vlmforge.data.packed_shards import PackedShardReader, list_packed_shards
-from vlmforge.data.packer import pack_shards
+from vlmforge.data.pretrain.loader import PackedDataError, PackedDataset, PackedLoader
+from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
+from vlmforge.data.pretrain.plan import pack_shards
+from vlmforge.errors import UserError
 from vlmforge.shards import ShardWriter
 
 N_SAMPLES = 90
@@ -337,7 +337,7 @@ def test_damaged_tar_is_counted_not_fatal(caption_shards, tiny_tokenizer_dir, tm
 
 
 def test_reader_file_lru_alternating_shards(packed, monkeypatch):
-    from vlmforge.data import packed_shards
+    from vlmforge.data.pretrain import packed_shards
 
     folder, _, _ = packed
     ds = PackedDataset(folder, visual_tokens=16)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlmforge.data.collate import IGNORE_INDEX, caption_sample, collate_packs, text_sample
-from vlmforge.data.packing import fill_stats, first_fit_decreasing, lower_bound, plan_packs
+from vlmforge.data.collate import IGNORE_INDEX, collate_packs
+from vlmforge.data.packer import fill_stats, first_fit_decreasing, lower_bound, plan_packs
+from vlmforge.data.pretrain.loader import caption_sample, text_sample
 
 
 def caption_lengths(n, seed=0):

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 from fixtures_tokenizer import COLOURS, SHAPES, tiny_tokenizer_dir  # noqa: F401
 
-from vlmforge.config.sft import SFTDataConfig
-from vlmforge.data.collate import collate_packs
-from vlmforge.data.sft_dataset import IGNORE, SFTDataset, SFTLoader, epoch_plan
-from vlmforge.data.sft_index import SFTDataError, build_index, open_index, scan_records
 from vlmforge.arch.tokens import IM_END
+from vlmforge.config.sft import SFTDataConfig
+from vlmforge.data.collate import IGNORE_INDEX as IGNORE
+from vlmforge.data.collate import collate_packs
+from vlmforge.data.sft.build import build_index
+from vlmforge.data.sft.index import open_index
+from vlmforge.data.sft.loader import SFTLoader, epoch_plan
+from vlmforge.data.sft.records import SFTDataError
+from vlmforge.data.sft.samples import SFTDataset
+from vlmforge.data.sft.scan import scan_records
 from vlmforge.text.tokenization import load_tokenizer
 
 VT = 4  # visual tokens per image in these tests
@@ -101,11 +106,11 @@ def test_index_returns_same_record_as_plain_json(world, tmp_path, name):
 
 def test_json_array_scan_is_chunk_independent(world, monkeypatch):
     """The vectorised array scanner carries string/escape/depth state across chunk borders."""
-    from vlmforge.data import sft_index
+    from vlmforge.data.sft import scan
 
     d, recs = world
     ref = scan_records(str(d / "data.json"))
-    monkeypatch.setattr(sft_index, "_JSON_CHUNK", 29)
+    monkeypatch.setattr(scan, "_JSON_CHUNK", 29)
     small = scan_records(str(d / "data.json"))
     for a, b in zip(ref, small):
         assert (a == b).all()
@@ -209,10 +214,13 @@ def test_estimated_lengths_are_close_and_parallel_build_matches(world, tmp_path,
 
 
 def _cfg(**kw):
-    c = SFTDataConfig(max_len=128, batch_size=3, pack_window=50)
+    c = SFTDataConfig(max_len=128, pack_window=50)
     for k, v in kw.items():
         setattr(c, k, v)
     return c
+
+
+BATCH = 3  # rows per batch in these tests (the trainer passes train.micro_batch_size)
 
 
 def _unpack(tok, batch):
@@ -233,7 +241,7 @@ def _unpack(tok, batch):
 
 def test_packed_epoch_covers_every_conversation_once(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=3, rank=0, world_size=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), batch_size=BATCH, seed=3, rank=0, world_size=1)
     seen, n_img = [], 0
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 128
@@ -248,7 +256,7 @@ def test_packed_epoch_covers_every_conversation_once(exact_index, tok):
 
 def test_images_follow_order_of_appearance(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    recs, row_starts, batch_starts = epoch_plan(ds.lengths(), _cfg(), 0, 0)
+    recs, row_starts, batch_starts = epoch_plan(ds.lengths(), _cfg(), 0, 0, batch_size=BATCH)
     rows = [[ds[int(i)] for i in recs[row_starts[r] : row_starts[r + 1]]] for r in range(batch_starts[0], batch_starts[1])]
     batch = collate_packs(rows, tok.pad_token_id)
     expect = [s["pixel_values"] for row in rows for s in row if s["pixel_values"] is not None]
@@ -264,17 +272,17 @@ def test_deterministic_and_exact_resume(exact_index, tok):
         it = loader.forever()
         return [next(it)["input_ids"] for _ in range(n)]
 
-    ref = take(SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1), 12)  # crosses an epoch boundary
-    again = take(SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1), 12)
+    ref = take(SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1), 12)  # crosses an epoch boundary
+    again = take(SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1), 12)
     assert all((a == b).all() for a, b in zip(ref, again))
-    other = take(SFTLoader(ds, _cfg(), seed=6, rank=0, world_size=1), 3)
+    other = take(SFTLoader(ds, _cfg(), batch_size=BATCH, seed=6, rank=0, world_size=1), 3)
     assert not all(a.shape == b.shape and (a == b).all() for a, b in zip(ref, other))
-    first = SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1)
+    first = SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1)
     it = first.forever()
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip (no pickle)
-    resumed = SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1)
+    resumed = SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1)
     resumed.load_state_dict(state)
     rest = take(resumed, 5)
     assert all((a == b).all() for a, b in zip(ref[7:], rest))
@@ -283,9 +291,9 @@ def test_deterministic_and_exact_resume(exact_index, tok):
 def test_ranks_split_the_batches(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
     cfg = _cfg()
-    one = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=1)]
-    r0 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=0, world_size=2)]
-    r1 = [b["input_ids"] for b in SFTLoader(ds, cfg, seed=1, rank=1, world_size=2)]
+    one = [b["input_ids"] for b in SFTLoader(ds, cfg, batch_size=BATCH, seed=1, rank=0, world_size=1)]
+    r0 = [b["input_ids"] for b in SFTLoader(ds, cfg, batch_size=BATCH, seed=1, rank=0, world_size=2)]
+    r1 = [b["input_ids"] for b in SFTLoader(ds, cfg, batch_size=BATCH, seed=1, rank=1, world_size=2)]
     assert len(r0) == len(r1) == len(one) // 2
     for j in range(len(r0)):
         assert (r0[j] == one[2 * j]).all() and (r1[j] == one[2 * j + 1]).all()
@@ -293,8 +301,8 @@ def test_ranks_split_the_batches(exact_index, tok):
 
 def test_workers_give_the_same_batches(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    a = [b["input_ids"] for b in SFTLoader(ds, _cfg(), seed=2, rank=0, world_size=1)]
-    b = [b["input_ids"] for b in SFTLoader(ds, _cfg(num_workers=2), seed=2, rank=0, world_size=1)]
+    a = [b["input_ids"] for b in SFTLoader(ds, _cfg(), batch_size=BATCH, seed=2, rank=0, world_size=1)]
+    b = [b["input_ids"] for b in SFTLoader(ds, _cfg(num_workers=2), batch_size=BATCH, seed=2, rank=0, world_size=1)]
     assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
 
 
@@ -303,7 +311,7 @@ def test_length_grouped_batches(exact_index, tok):
     cfg = _cfg(batching="length_group", group_factor=4, drop_last=False)
     seen = []
     pads = []
-    for batch in SFTLoader(ds, cfg, seed=0, rank=0, world_size=1):
+    for batch in SFTLoader(ds, cfg, batch_size=BATCH, seed=0, rank=0, world_size=1):
         assert int(batch["seq_ids"].max()) == 0  # one conversation per row
         seen += _unpack(tok, batch)
         pads.append(float((batch["seq_ids"] == -1).float().mean()))
@@ -323,11 +331,11 @@ def test_bad_samples_at_load_time_are_skipped_or_raise(world, tmp_path, tok, tin
     (root / "img" / "3.png").unlink()  # gone after indexing
     (root / "img" / "4.png").write_bytes(b"not a png")
     ds = SFTDataset(tmp_path / "i", tok, image_spec=SPEC)
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), batch_size=BATCH, seed=0, rank=0, world_size=1)
     n = sum(int(b["seq_ids"].max(dim=1).values.add(1).sum()) for b in loader)
     assert loader.skipped.get("missing_image", 0) > 0 and loader.skipped.get("bad_image", 0) > 0
     assert n + loader.skipped["missing_image"] + loader.skipped["bad_image"] == 24
-    strict = SFTLoader(ds, _cfg(strict=True), seed=0, rank=0, world_size=1)
+    strict = SFTLoader(ds, _cfg(strict=True), batch_size=BATCH, seed=0, rank=0, world_size=1)
     with pytest.raises(SFTDataError, match=r"s\.jsonl:\d+: image"):
         list(strict)
 
@@ -336,7 +344,7 @@ def test_too_long_records_are_left_out(exact_index, tok):
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
     lengths = ds.lengths()
     cfg = _cfg(max_len=int(np.median(lengths)), drop_last=False)
-    loader = SFTLoader(ds, cfg, seed=0, rank=0, world_size=1)
+    loader = SFTLoader(ds, cfg, batch_size=BATCH, seed=0, rank=0, world_size=1)
     n = sum(len(_unpack(tok, b)) for b in loader)
     assert loader.skipped["too_long"] == int((lengths > cfg.max_len).sum()) > 0
     assert n == len(ds) - loader.skipped["too_long"]
@@ -366,16 +374,16 @@ def test_cli_sft_index(world, tmp_path, tiny_tokenizer_dir, capsys):  # noqa: F8
 def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):  # noqa: F811
     from omegaconf import OmegaConf
 
-    from vlmforge.config import load_recipe
-    from vlmforge.data.sft_dataset import build_sft_loader
     from vlmforge.arch.geometry import visual_tokens_per_image
+    from vlmforge.config import load_recipe
+    from vlmforge.data.sft.loader import build_sft_loader
 
     d, recs = world
     recipe = load_recipe(None)
     vt = visual_tokens_per_image(recipe.model)
     build_index([d / "data.jsonl"], tmp_path / "i", visual_tokens=vt, image_root=d, tokenizer=tiny_tokenizer_dir, progress=False)
-    sft = OmegaConf.structured(SFTDataConfig(index=str(tmp_path / "i"), max_len=1024, batch_size=2))
-    loader = build_sft_loader(recipe, tok, sft_cfg=sft, rank=0, world_size=1)
+    sft = OmegaConf.structured(SFTDataConfig(index=str(tmp_path / "i"), max_len=1024))
+    loader = build_sft_loader(recipe, tok, batch_size=2, sft_cfg=sft, rank=0, world_size=1)
     batch = next(iter(loader))
     n_img = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == n_img * vt
@@ -398,7 +406,7 @@ def test_estimated_lengths_never_overflow_a_row(world, tmp_path, tok):
                 progress=False)  # no tokenizer: 4 bytes/token, more than this tiny tokenizer gets
     ds = SFTDataset(tmp_path / "e", tok, image_spec=SPEC, max_len=128)
     assert (ds.lengths()[:40] < np.array([ds[i]["input_ids"].size for i in range(40)])).any()
-    loader = SFTLoader(ds, _cfg(drop_last=False), seed=0, rank=0, world_size=1)
+    loader = SFTLoader(ds, _cfg(drop_last=False), batch_size=BATCH, seed=0, rank=0, world_size=1)
     seen = []
     for batch in loader:
         assert batch["input_ids"].shape[1] <= 128
@@ -416,20 +424,20 @@ def test_estimated_lengths_never_overflow_a_row(world, tmp_path, tok):
 def test_epoch_protocol_matches_the_trainer(exact_index, tok):
     """iter() yields the rest of the current epoch; resume = set_epoch + load_state_dict + iter()."""
     ds = SFTDataset(exact_index, tok, image_spec=SPEC)
-    loader = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    loader = SFTLoader(ds, _cfg(), batch_size=BATCH, seed=4, rank=0, world_size=1)
     n = loader.batches_per_epoch(0)
     epoch0 = [b["input_ids"] for b in loader]
     assert len(epoch0) == n and loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch"] == 0
     epoch1 = [b["input_ids"] for b in loader]
     assert len(epoch1) == loader.batches_per_epoch(1)
-    again = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    again = SFTLoader(ds, _cfg(), batch_size=BATCH, seed=4, rank=0, world_size=1)
     it = iter(again)
     next(it), next(it)
     state = again.state_dict()
-    resumed = SFTLoader(ds, _cfg(), seed=4, rank=0, world_size=1)
+    resumed = SFTLoader(ds, _cfg(), batch_size=BATCH, seed=4, rank=0, world_size=1)
     resumed.set_epoch(state["epoch"])
     resumed.load_state_dict(state)
     rest = [b["input_ids"] for b in resumed]
     assert len(rest) == n - 2 and all((a == b).all() for a, b in zip(rest, epoch0[2:]))
     with pytest.raises(SFTDataError, match="seed"):
-        SFTLoader(ds, _cfg(), seed=5, rank=0, world_size=1).load_state_dict(state)
+        SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1).load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Samples -> the training batch contract (see COMMON.md "Training batch").
+"""Samples -> the training batch contract shared by both data paths (pretraining and SFT).
 
 A *sample* is a mapping with
   - ``input_ids``: 1-D ints, each image already expanded into N ``<image>`` ids;
@@ -9,9 +9,6 @@ sets label -100 on the first token of every sample (nothing learns to predict ac
 sample boundary) and on padding, builds position ids (restarting per sample, or continuing
 across the pack) and seq_ids (sample index within the row, -1 on padding), and stacks all
 images of the batch in order of appearance.
-
-``caption_sample`` / ``text_sample`` build pretraining samples in the pack layout
-``<image> x N, caption, <|im_end|>`` and ``text, <|im_end|>``.
 """
 
 from __future__ import annotations
@@ -23,43 +20,6 @@ import torch
 
 IGNORE_INDEX = -100
 POSITION_MODES = ("restart", "continue")
-
-
-def caption_sample(
-    caption_ids: Sequence[int],
-    *,
-    image_token_id: int,
-    num_visual_tokens: int,
-    sep_id: int,
-    supervise_sep: bool = True,
-    pixel_values: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """``<image> x N + caption + <|im_end|>``; labels ignore the visual tokens (and the separator if unsupervised)."""
-    cap = np.asarray(caption_ids, dtype=np.int64)
-    ids = np.concatenate(
-        [np.full(num_visual_tokens, image_token_id, np.int64), cap, np.array([sep_id], np.int64)]
-    )
-    labels = ids.copy()
-    labels[:num_visual_tokens] = IGNORE_INDEX
-    if not supervise_sep:
-        labels[-1] = IGNORE_INDEX
-    out: dict[str, Any] = {"input_ids": ids, "labels": labels}
-    if pixel_values is not None:
-        out["pixel_values"] = pixel_values
-    return out
-
-
-def text_sample(
-    text_ids: Sequence[int], *, sep_id: int, supervise_sep: bool = True, add_sep: bool = True
-) -> dict[str, Any]:
-    """Text-only sample (mixed-in corpus): ``text + <|im_end|>`` (no separator mid-document: add_sep=False)."""
-    ids = np.asarray(text_ids, dtype=np.int64)
-    if add_sep:
-        ids = np.concatenate([ids, np.array([sep_id], np.int64)])
-    labels = ids.copy()
-    if add_sep and not supervise_sep:
-        labels[-1] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels}
 
 
 def sample_length(sample: Mapping[str, Any]) -> int:
@@ -126,8 +86,8 @@ def collate_packs(
 
 def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate [n_i, 3, H, W] tensors. If they are consecutive views covering one buffer
-    (one pack's images, see PackedDataset) that buffer is returned without a copy; otherwise one
-    numpy concatenation (torch.cat of large CPU tensors is several times slower here)."""
+    (one pack's images, see vlmforge.data.pretrain.loader.PackedDataset) that buffer is returned without a copy; otherwise one
+    numpy concatenation (cheaper than torch.cat for large CPU tensors)."""
     base = images[0]._base
     if base is not None and all(im._base is base and im.is_contiguous() for im in images):
         step = images[0][0].numel() * images[0].element_size()

@@ -1,336 +1,266 @@
-"""The pack stage: caption shards -> packed shards + manifest (``vlmforge pack`` runs this).
+"""The bin packer both data paths share: samples into sequences of at most ``max_len`` tokens.
 
-One window of ``pack.window`` raw samples at a time: validate (damaged member, empty caption,
-undecodable image -> skipped and counted by reason, or an error in strict mode), batch-tokenize
-the captions (fast tokenizer), compute multimodal lengths (N visual + caption + separator),
-truncate or drop what exceeds max_len, mix in text-only chunks up to the target ratio, plan the
-packs (:func:`vlmforge.data.packing.plan_packs`) and write one packed shard.
+``plan_packs`` is an exact-fit greedy over *capacity buckets*: sample lengths are small
+integers, so the pool of unpacked samples is kept as a count per length (plus, per length,
+the indices still available). Each pack is filled with the longest samples first, and once
+the remaining room could be closed by one or two samples (room <= 2 x longest available) it
+looks for a sample, or a pair of samples, whose lengths add up to the room *exactly*
+(a vectorised scan over the length buckets). Plain first-fit-decreasing leaves every pack with
+a gap smaller than the shortest sample; closing gaps exactly brings the pack count to the
+lower bound ceil(sum / max_len) or one above.
+
+Cost: O(n) bucket operations plus O(max_len) numpy work per pack, so the time grows linearly
+with the number of samples (no quadratic FFD scan).
+
+``first_fit_decreasing`` is the plain baseline (same as Open-Qwen2VL's packer, vectorised).
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Iterator
-
 import numpy as np
 
-from vlmforge.errors import UserError
-from vlmforge.data.packed_shards import INDEX_SUFFIX, PackedShardWriter
-from vlmforge.data.packing import lower_bound, plan_packs
-
-TOO_LONG = ("truncate", "drop")
+__all__ = ["plan_packs", "first_fit_decreasing", "fill_stats", "lower_bound"]
 
 
-def _error_reason(error: str) -> str:
-    """Map a RawSample.error text to a short manifest reason."""
-    e = error.lower()
-    for needle, reason in (
-        ("damaged tar", "damaged_tar"),
-        ("missing image", "missing_image"),
-        ("missing .txt", "missing_caption"),
-        ("utf-8", "caption_not_utf8"),
-        ("bad .json", "bad_json"),
-    ):
-        if needle in e:
-            return reason
-    return "damaged_sample"
+def _check(lengths: np.ndarray, max_len: int) -> np.ndarray:
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
+    if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    lengths = lengths.astype(np.int64, copy=False)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if lengths.size:
+        bad = np.flatnonzero((lengths < 1) | (lengths > max_len))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{bad.size} sample(s) have a length outside [1, max_len={max_len}] "
+                f"(first: index {i}, length {int(lengths[i])}); truncate or drop them before packing"
+            )
+    return lengths
 
 
-def _check_image(data: bytes) -> str | None:
-    from vlmforge.shards import ImageDecodeError, decode_image
+class _Pool:
+    """Unpacked samples grouped by length: count[s] samples of length s are still available."""
 
-    try:
-        decode_image(data)
-        return None
-    except ImageDecodeError as e:
-        return str(e)
+    def __init__(self, lengths: np.ndarray, max_len: int):
+        order = np.argsort(lengths, kind="stable")
+        sizes = np.arange(max_len + 2)
+        start = np.searchsorted(lengths[order], sizes, side="left")
+        self.count = np.append(np.diff(start), 0).astype(np.int64)  # index s -> samples of length s
+        # Python-list twins for the scalar hot path (numpy scalar indexing is much slower).
+        self.cnt: list[int] = self.count.tolist()
+        self.order: list[int] = order.tolist()
+        self.start: list[int] = start.tolist()
+        self.remaining = int(lengths.size)
+        nz = np.flatnonzero(self.count)
+        self.top = int(nz[-1]) if nz.size else 0  # longest available length (0: empty)
+        self.bot = int(nz[0]) if nz.size else 0  # shortest available length
 
-
-def _check_images(samples: list) -> list[str | None]:
-    return [_check_image(s.image_bytes) for s in samples]
-
-
-def iter_text_chunks(paths: list[str], tok, chunk_len: int, batch: int = 256) -> Iterator[tuple[str, list[int], bool]]:
-    """(key, token ids, ends_document) chunks of a .txt (one document per line) / .jsonl ({"text"}) corpus."""
-
-    def docs() -> Iterator[tuple[str, str]]:
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    line = line.strip()
-                    if not line:
-                        continue
-                    if path.endswith(".jsonl"):
-                        try:
-                            text = json.loads(line)["text"]
-                        except (ValueError, KeyError, TypeError) as e:
-                            raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from None
-                    else:
-                        text = line
-                    if text.strip():
-                        yield f"{os.path.basename(path)}:{n}", text
-
-    buf: list[tuple[str, str]] = []
-
-    def flush():
-        enc = tok([t for _, t in buf], add_special_tokens=False)["input_ids"]
-        for (key, _), ids in zip(buf, enc):
-            for c in range(0, len(ids), chunk_len):
-                yield f"{key}#{c // chunk_len}", ids[c : c + chunk_len], c + chunk_len >= len(ids)
-        buf.clear()
-
-    for item in docs():
-        buf.append(item)
-        if len(buf) >= batch:
-            yield from flush()
-    if buf:
-        yield from flush()
-
-
-def _resolve_corpus(spec: str) -> list[str]:
-    paths = sorted(p for part in spec.split(",") for p in (glob.glob(part.strip()) or [part.strip()]))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UserError(f"pack.text_corpus: file(s) not found: {', '.join(missing)}")
-    return paths
-
-
-class _Stats:
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.counts: Counter = Counter()
-        self.dropped: Counter = Counter()
-        self.sample_lengths: list[np.ndarray] = []
-        self.pack_lengths: list[np.ndarray] = []
-        self.mm_tokens = 0
-        self.text_tokens = 0
-
-
-def pack_shards(
-    cfg,
-    inputs: list[str],
-    out_dir: str | os.PathLike,
-    tokenizer_path: str,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the pack stage; returns the manifest dict (also written to ``out_dir/manifest.json``)."""
-    from tqdm import tqdm
-
-    from vlmforge.config import save_resolved
-
-    from vlmforge.errors import ConfigError
-    from vlmforge.arch.tokens import EOS, IM_END, IMAGE_TOKEN
-    from vlmforge.text.tokenization import load_tokenizer
-    from vlmforge.files import write_manifest
-    from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
-    from vlmforge.shards import iter_raw_samples, list_shards
-
-    pc = cfg.pack
-    max_len, window = int(pc.max_len), int(pc.window)
-    if pc.too_long not in TOO_LONG:
-        raise ConfigError(f"pack.too_long must be one of {TOO_LONG}, got {pc.too_long!r}")
-    if window < 1 or max_len < 2:
-        raise ConfigError("pack.window must be >= 1 and pack.max_len >= 2")
-    n_vis = visual_tokens_per_image(cfg.model)
-    if n_vis + 2 > max_len:
-        raise ConfigError(f"pack.max_len={max_len} cannot hold one image ({n_vis} visual tokens) plus a caption")
-    shards = list_shards(list(inputs))
-    out = Path(out_dir)
-    if out.exists() and any(out.glob(f"*{INDEX_SUFFIX}")):
-        if not overwrite:
-            raise UserError(f"{out} already holds packed shards (use --overwrite to replace them)")
-        for p in list(out.glob("*.tar")) + list(out.glob(f"*{INDEX_SUFFIX}")):
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-    tok = load_tokenizer(tokenizer_path, trust_remote_code=cfg.tokenizer.trust_remote_code)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    sep_id = tok.convert_tokens_to_ids(IM_END)
-    pad_id = tok.convert_tokens_to_ids(EOS)
-    if sep_id is None or sep_id == tok.unk_token_id:
-        raise UserError(f"tokenizer {tokenizer_path} has no {IM_END} token")
-
-    text_chunks = None
-    if pc.text_ratio > 0:
-        if not pc.text_corpus:
-            raise ConfigError("pack.text_ratio > 0 needs pack.text_corpus")
-        chunk = max(1, min(int(pc.text_chunk_len), max_len - 1))
-        text_chunks = iter_text_chunks(_resolve_corpus(pc.text_corpus), tok, chunk)
-    text_exhausted = False
-
-    st = _Stats(max_len)
-    pool = ThreadPoolExecutor(max(1, int(pc.threads))) if pc.check_images else None
-
-    def bad(sample, reason: str, detail: str) -> None:
-        if pc.strict:
-            raise UserError(f"{sample.shard}: sample {sample.key!r}: {reason}: {detail}")
-        st.dropped[reason] += 1
-
-    carry: list[dict] = []  # samples of the last window's emptiest pack, re-planned with the next window
-
-    def flush(raw: list, shard_index: int, last: bool) -> None:
-        nonlocal text_exhausted, carry
-        # 1. validate, in input order (strict mode names the first bad sample)
-        checkable = [s for s in raw if not s.error and s.caption and s.caption.strip()]
-        img_err = {}
-        if pool is not None and checkable:
-            # one task per thread, not per image: per-task overhead dominates for small images
-            k = max(1, -(-len(checkable) // max(1, int(pc.threads))))
-            chunks = [checkable[i : i + k] for i in range(0, len(checkable), k)]
-            for chunk, errs in zip(chunks, pool.map(_check_images, chunks)):
-                img_err.update(zip((id(s) for s in chunk), errs))
-        ok = []
-        for s in raw:
-            if s.error:
-                bad(s, _error_reason(s.error), s.error)
-            elif s.caption is None or not s.caption.strip():
-                bad(s, "empty_caption", "caption is empty")
-            elif img_err.get(id(s)):
-                bad(s, "undecodable_image", img_err[id(s)])
+    def take(self, s: int) -> int:
+        cnt = self.cnt
+        c = cnt[s]
+        cnt[s] = c - 1
+        self.count[s] = c - 1
+        self.remaining -= 1
+        if c == 1:  # bucket emptied: move the top/bottom pointers past empty buckets
+            if self.remaining == 0:
+                self.top = self.bot = 0
             else:
-                ok.append(s)
-        # 2. tokenize + lengths
-        caps = tok([s.caption.strip() for s in ok], add_special_tokens=False)["input_ids"] if ok else []
-        items: list[dict] = []
-        room = max_len - n_vis - 1  # caption tokens that fit beside the image and the separator
-        for s, ids in zip(ok, caps):
-            if not ids:
-                bad(s, "empty_caption", "caption has no tokens")
-                continue
-            truncated = False
-            if len(ids) > room:
-                if pc.too_long == "drop":
-                    bad(s, "too_long", f"{n_vis + len(ids) + 1} tokens > max_len {max_len}")
-                    continue
-                ids, truncated = ids[:room], True
-                st.counts["truncated"] += 1
-            items.append({"key": s.key, "kind": "image", "ids": ids, "image": s.image_bytes,
-                          "sep": True, "truncated": truncated, "len": n_vis + len(ids) + 1})
-        mm = sum(it["len"] for it in items)
-        st.mm_tokens += mm
-        # 3. text-only mixing: keep the running text:multimodal ratio at the target
-        if text_chunks is not None and not text_exhausted:
-            while st.text_tokens < pc.text_ratio * st.mm_tokens:
-                nxt = next(text_chunks, None)
-                if nxt is None:
-                    text_exhausted = True
+                while cnt[self.top] == 0:
+                    self.top -= 1
+                while cnt[self.bot] == 0:
+                    self.bot += 1
+        return self.order[self.start[s] + c - 1]
+
+    def largest_at_most(self, x: int) -> int:
+        """Longest available length <= x (0 if none)."""
+        if x >= self.top:
+            return self.top
+        if x < self.bot:
+            return 0
+        nz = np.flatnonzero(self.count[self.bot : x + 1])
+        return int(self.bot + nz[-1]) if nz.size else 0
+
+    def exact_pair(self, room: int) -> tuple[int, int] | None:
+        """Two available lengths a <= b with a + b == room, preferring the longest b."""
+        lo, hi = max(self.bot, room - self.top), room // 2
+        if lo > hi:
+            return None
+        a = self.count[lo : hi + 1]
+        b = self.count[room - hi : room - lo + 1][::-1]  # b[i] = count[room - (lo + i)]
+        ok = (a > 0) & (b > 0)
+        if room % 2 == 0 and hi == room - hi:  # a == b needs two samples of that length
+            ok[-1] = self.cnt[hi] >= 2
+        nz = np.flatnonzero(ok)
+        if not nz.size:
+            return None
+        s = lo + int(nz[0])
+        return s, room - s
+
+    def closable(self, room: int) -> bool:
+        """Whether some count k of available lengths can span ``room`` (k*bot <= room <= k*top).
+
+        Rooms in the gaps (k*top, (k+1)*bot) can never be filled exactly: steer around them.
+        """
+        if room <= 0 or self.top == 0:
+            return room == 0
+        k = -(-room // self.top)
+        return k * self.bot <= room
+
+    def steer(self, room: int, want: int) -> int:
+        """An available length s, nearest to ``want``, that leaves a closable room (0: none)."""
+        sizes = self.bot + np.flatnonzero(self.count[self.bot : min(self.top, room) + 1])
+        left = room - sizes
+        k = -(-left // self.top)
+        ok = np.flatnonzero(k * self.bot <= left)
+        if not ok.size:
+            return 0
+        return int(sizes[ok[np.argmin(np.abs(sizes[ok] - want))]])
+
+    def pair_sums(self, room: int) -> tuple[int, np.ndarray]:
+        """(offset, has[k]): some two available lengths may sum to offset + k (multiplicity ignored).
+
+        Only lengths that can be part of a triple within ``room`` (<= room - 2 x bot) matter."""
+        hi = max(self.bot, min(self.top, room - 2 * self.bot))
+        ind = (self.count[self.bot : hi + 1] > 0).astype(np.float64)
+        if ind.size <= 512:
+            conv = np.convolve(ind, ind)
+        else:  # wide length range (e.g. SFT): FFT keeps this O(w log w)
+            n = 2 * ind.size - 1
+            nfft = 1 << (n - 1).bit_length()  # power of two: pocketfft is slow on awkward sizes
+            f = np.fft.rfft(ind, nfft)
+            conv = np.fft.irfft(f * f, nfft)[:n]
+        return 2 * self.bot, conv > 0.5
+
+    def exact_triple_first(self, room: int, sums: tuple[int, np.ndarray]) -> int:
+        """A length a such that a + (some pair) == room, preferring the longest a (0: none)."""
+        off, has = sums
+        lo, hi = max(self.bot, room - off - has.size + 1), min(self.top, room - off)
+        if lo > hi:
+            return 0
+        a = self.count[lo : hi + 1] > 0
+        rest = has[room - off - hi : room - off - lo + 1][::-1]  # rest[i] = has[room - (lo+i) - off]
+        nz = np.flatnonzero(a & rest)
+        return lo + int(nz[-1]) if nz.size else 0
+
+
+def plan_packs(lengths: np.ndarray, max_len: int, seed: int = 0, method: str = "auto") -> list[np.ndarray]:
+    """Group sample indices into packs whose lengths sum to at most ``max_len``.
+
+    Every index of ``lengths`` appears in exactly one pack. Lengths must lie in
+    [1, max_len] (truncate or drop longer samples first). Deterministic for a given
+    input and ``seed``. Returns a list of int64 index arrays.
+
+    method: "exact" (exact-fit greedy, for many short samples per pack, e.g. captions),
+    "ffd" (first-fit-decreasing, near-optimal when samples are long relative to max_len),
+    "auto": exact when the mean sample is <= max_len / 8, else ffd; and if exact ends more
+    than 0.2% + 1 pack above the lower bound, ffd is tried too and the smaller plan kept.
+    FFD costs O(n x packs): plan windows of samples, not millions at once.
+    """
+    lengths = _check(lengths, max_len)
+    if lengths.size == 0:
+        return []
+    if method not in ("auto", "exact", "ffd"):
+        raise ValueError(f"unknown packing method {method!r} (auto | exact | ffd)")
+    if method == "ffd" or (method == "auto" and lengths.mean() > max_len / 8):
+        return first_fit_decreasing(lengths, max_len)
+    packs = _exact_fit(lengths, max_len, seed)
+    if method == "auto" and len(packs) > 1.002 * lower_bound(lengths, max_len) + 1:
+        ffd = first_fit_decreasing(lengths, max_len)
+        if len(ffd) < len(packs):
+            return ffd
+    return packs
+
+
+def _exact_fit(lengths: np.ndarray, max_len: int, seed: int) -> list[np.ndarray]:
+    pool = _Pool(lengths, max_len)
+    # Packs are opened with samples in a seeded random order of lengths (not longest-first):
+    # the pool then keeps the whole length spectrum until the end, so exact closing pairs
+    # stay available. Samples of equal length are interchangeable, so the stream only
+    # decides which *length* comes next.
+    stream = lengths[np.random.default_rng(seed).permutation(lengths.size)].tolist()
+    pos = 0
+    half = max_len // 2
+    count = pool.cnt
+    packs: list[np.ndarray] = []
+    while pool.remaining:
+        room, members, sums = max_len, [], None
+        while pool.remaining and room >= pool.bot:
+            # Closing attempts only in the second half of a pack (saves wasted O(width) scans when
+            # samples are long relative to max_len).
+            if room <= 2 * pool.top and room <= half:  # one or two samples could close the pack exactly
+                if count[room] > 0:
+                    members.append(pool.take(room))
                     break
-                key, ids, ends = nxt
-                n = len(ids) + int(ends)
-                items.append({"key": key, "kind": "text", "ids": ids, "image": None,
-                              "sep": ends, "truncated": False, "len": n})
-                st.text_tokens += n
-                st.counts["text_samples"] += 1
-        items = carry + items
-        carry = []
-        if not items:
-            return
-        # 4. plan + write
-        lengths = np.array([it["len"] for it in items], dtype=np.int64)
-        packs = plan_packs(lengths, max_len, seed=int(cfg.seed) + shard_index, method=pc.method)
-        if pc.carry_over and not last and len(packs) > 1:
-            # A window's packing leaves one part-filled pack; its samples join the next window instead.
-            used = [int(lengths[p].sum()) for p in packs]
-            worst = int(np.argmin(used))
-            if used[worst] < 0.99 * max_len:
-                carry = [items[i] for i in packs[worst]]
-                packs = packs[:worst] + packs[worst + 1 :]
-        written = np.concatenate(packs)
-        writer = PackedShardWriter(out, shard_index)
-        try:
-            for p in packs:
-                members = [items[i] for i in p]
-                meta = {
-                    "length": int(lengths[p].sum()),
-                    "visual_tokens": n_vis,
-                    "samples": [
-                        {"key": m["key"], "kind": m["kind"], "n_text": len(m["ids"]),
-                         "images": int(m["image"] is not None), "sep": m["sep"], "truncated": m["truncated"]}
-                        for m in members
-                    ],
-                }
-                tokens = np.fromiter((t for m in members for t in m["ids"]), dtype=np.int32)
-                writer.add_pack(meta, tokens, [m["image"] for m in members if m["image"] is not None])
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        st.sample_lengths.append(lengths[written])
-        st.pack_lengths.append(np.array([lengths[p].sum() for p in packs], dtype=np.int64))
-        st.counts["packs"] += len(packs)
-        st.counts["shards"] += 1
-        st.counts["samples_packed"] += int(written.size)
-        st.counts["image_samples"] += sum(items[i]["kind"] == "image" for i in written)
-
-    raw: list = []
-    shard_index = 0
-    try:
-        with tqdm(desc="pack", unit="sample", disable=not progress) as bar:
-            for tar in shards:
-                for s in iter_raw_samples(tar):
-                    st.counts["samples_read"] += 1
-                    raw.append(s)
-                    bar.update(1)
-                    if len(raw) >= window:
-                        flush(raw, shard_index, last=False)
-                        shard_index += 1
-                        raw = []
-            if raw or carry:
-                flush(raw, shard_index, last=True)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-
-    manifest_extra = _summaries(st, max_len, int(pc.hist_bins))
-    manifest_extra["geometry"] = {
-        "max_len": max_len, "visual_tokens": n_vis, "image_token_id": int(image_id),
-        "sep_id": int(sep_id), "pad_id": int(pad_id), "image_preprocess": image_preprocess_spec(cfg.model),
-        "tokenizer": str(tokenizer_path),
-    }
-    manifest_extra["text_mix"] = {
-        "target_ratio": float(pc.text_ratio),
-        "achieved_ratio": st.text_tokens / st.mm_tokens if st.mm_tokens else 0.0,
-        "text_tokens": st.text_tokens, "multimodal_tokens": st.mm_tokens,
-        "corpus_exhausted": text_exhausted,
-    }
-    counts = {k: int(st.counts[k]) for k in
-              ("samples_read", "samples_packed", "image_samples", "text_samples", "truncated", "packs", "shards")}
-    save_resolved(cfg, out)
-    write_manifest(out, "pack", inputs=shards, config=cfg, counts=counts,
-                   dropped=dict(sorted(st.dropped.items())), **manifest_extra)
-    with open(out / "manifest.json", encoding="utf-8") as f:
-        return json.load(f)
+                pair = pool.exact_pair(room)
+                if pair is not None:
+                    members.append(pool.take(pair[1]))
+                    members.append(pool.take(pair[0]))
+                    break
+            if room <= 3 * pool.top and room <= half:  # three samples: pick the first so a pair closes the rest
+                if sums is None:  # pair sums change little within one pack: compute once
+                    sums = pool.pair_sums(room)
+                a = pool.exact_triple_first(room, sums)
+                if a:
+                    members.append(pool.take(a))
+                    room -= a
+                    continue  # the pair check above now closes it (or the loop goes on)
+            while count[stream[pos]] == 0:  # that length was used up by exact closes
+                pos += 1
+            s = stream[pos]
+            if s <= room and pool.closable(room - s):
+                pos += 1
+            else:  # the stream's length would leave a room no set of samples can fill exactly
+                s = pool.steer(room, s) or pool.largest_at_most(room)
+            members.append(pool.take(s))
+            room -= s
+        packs.append(np.asarray(members, dtype=np.int64))
+    return packs
 
 
-def _summaries(st: _Stats, max_len: int, bins: int) -> dict:
-    lengths = np.concatenate(st.sample_lengths) if st.sample_lengths else np.zeros(0, np.int64)
-    packs = np.concatenate(st.pack_lengths) if st.pack_lengths else np.zeros(0, np.int64)
-    total = int(lengths.sum())
-    fill = {
-        "mean_fill": total / (packs.size * max_len) if packs.size else 0.0,
-        "min_fill": float(packs.min() / max_len) if packs.size else 0.0,
-        "lower_bound_fill": total / (lower_bound(lengths, max_len) * max_len) if total else 0.0,
-        "tokens": total,
-        "padding_tokens": int(packs.size * max_len - total),
-        "samples_per_pack": float(lengths.size / packs.size) if packs.size else 0.0,
-    }
-    edges = np.linspace(0, max_len, bins + 1).round().astype(np.int64)
-    hist = np.histogram(lengths, bins=edges)[0] if lengths.size else np.zeros(bins, np.int64)
-    fill_edges = np.linspace(0.9, 1.0, 11)
-    fill_hist = np.histogram(packs / max_len, bins=fill_edges)[0] if packs.size else np.zeros(10, np.int64)
+def first_fit_decreasing(lengths: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """Plain first-fit-decreasing (the usual packer, e.g. Open-Qwen2VL's); baseline for benchmarks."""
+    lengths = _check(lengths, max_len)
+    order = np.argsort(-lengths, kind="stable")
+    room = np.empty(lengths.size, dtype=np.int64)
+    members: list[list[int]] = []
+    nbins = 0
+    for i in order:
+        s = lengths[i]
+        fits = np.flatnonzero(room[:nbins] >= s[None]) if nbins else ()
+        if len(fits):
+            j = int(fits[0])
+            room[j] -= s
+            members[j].append(int(i))
+        else:
+            room[nbins] = max_len - s
+            members.append([int(i)])
+            nbins += 1
+    return [np.asarray(m, dtype=np.int64) for m in members]
+
+
+def lower_bound(lengths: np.ndarray, max_len: int) -> int:
+    """No packing can use fewer packs than ceil(total / max_len)."""
+    total = int(np.asarray(lengths, dtype=np.int64).sum())
+    return -(-total // max_len)
+
+
+def fill_stats(lengths: np.ndarray, packs: list[np.ndarray], max_len: int) -> dict:
+    """Mean fill = tokens / (packs x max_len); also min fill and the lower-bound fill."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    used = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
+    total = int(used.sum())
+    n = len(packs)
+    lb = lower_bound(lengths, max_len) if lengths.size else 0
     return {
-        "fill": fill,
-        "length_histogram": {"edges": edges.tolist(), "counts": hist.tolist(),
-                             "min": int(lengths.min()) if lengths.size else 0,
-                             "max": int(lengths.max()) if lengths.size else 0,
-                             "mean": float(lengths.mean()) if lengths.size else 0.0},
-        "pack_fill_histogram": {"edges": [round(x, 3) for x in fill_edges.tolist()], "counts": fill_hist.tolist(),
-                                "below_0.9": int((packs < 0.9 * max_len).sum())},
+        "packs": n,
+        "lower_bound_packs": lb,
+        "tokens": total,
+        "mean_fill": total / (n * max_len) if n else 0.0,
+        "lower_bound_fill": total / (lb * max_len) if lb else 0.0,
+        "min_fill": float(used.min() / max_len) if n else 0.0,
+        "samples_per_pack": float(lengths.size / n) if n else 0.0,
     }

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmforge.files import write_json
+
 INDEX_SUFFIX = ".index.json"
 FORMAT_VERSION = 1
 
@@ -86,8 +88,6 @@ class PackedShardWriter:
         return key
 
     def close(self) -> str:
-        from vlmforge.files import write_json
-
         self._tar.close()
         os.replace(self._tmp, self.tar_path)
         write_json(
@@ -103,7 +103,7 @@ class PackedShardWriter:
 
 class PackedShardReader:
     """Random access to the packs of one shard via its index, kept as compact numpy arrays
-    (~16 bytes per image: millions of packs stay light in every DataLoader worker)."""
+    (a few integers per pack and image: millions of packs stay light in every DataLoader worker)."""
 
     def __init__(self, index_path: str | os.PathLike):
         index_path = Path(index_path)

@@ -5,7 +5,7 @@ including shards img2dataset wrote), tokenizes the captions with the recipe's to
 each sample its multimodal length: N visual tokens (from the model section: e.g. 144 with a
 12x12 pooled projector, 729 at full resolution), the caption, and <|im_end|>. Samples are packed,
 one window (pack.window samples) at a time, into sequences of at most pack.max_len tokens with an
-exact-fit packer (>= 99.5% fill on caption data; plain first-fit-decreasing reaches ~98.2%).
+exact-fit packer that closes the gaps first-fit-decreasing leaves.
 
 Output (no pickle): packed shards NNNNN.tar + NNNNN.index.json (token ids as .npy, per-sample
 lengths, each image's original bytes), config.yaml and manifest.json with counts, fill statistics,
@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.errors import UserError
     from vlmforge.clitools import recipe_from_args
-    from vlmforge.data.packer import pack_shards
+    from vlmforge.data.pretrain.plan import pack_shards
+    from vlmforge.errors import UserError
 
     cfg = recipe_from_args(args)
     tok = args.tokenizer or cfg.tokenizer.path

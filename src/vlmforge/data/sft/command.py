@@ -13,8 +13,8 @@ no assistant turn) are skipped and counted per reason with file:line examples in
 
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
-`estimate` is tens of times faster (bytes per token, calibrated on the first records when a
-tokenizer is given); packing then moves a conversation that overflows its pack to an extra row.
+`estimate` is much faster (bytes per token, calibrated on the first records when a tokenizer is
+given); packing then moves a conversation that overflows its pack to an extra row.
 Flags left out fall back to the recipe's `sft` section (sources, image_root, lengths, ...).
 """
 
@@ -40,26 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_args(parser)
 
 
-def _sft_section(cfg):
-    """The recipe's sft section, or the dataclass defaults while the recipe has none."""
-    sft = cfg.get("sft") if hasattr(cfg, "get") else None
-    if sft is None:
-        from omegaconf import OmegaConf
-
-        from vlmforge.config.sft import SFTDataConfig
-
-        sft = OmegaConf.structured(SFTDataConfig)
-    return sft
-
-
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.errors import UserError
+    from vlmforge.arch.geometry import visual_tokens_per_image
     from vlmforge.clitools import recipe_from_args
     from vlmforge.config import save_resolved
-    from vlmforge.data.sft_index import SFTDataError, build_index
+    from vlmforge.data.sft.build import build_index
+    from vlmforge.data.sft.records import SFTDataError
+    from vlmforge.errors import UserError
 
     cfg = recipe_from_args(args)
-    sft = _sft_section(cfg)
+    sft = cfg.sft
     sources = args.input or list(sft.sources)
     if not sources:
         raise UserError("no SFT files: pass --input FILE... (or set sft.sources in the recipe)")
@@ -68,14 +58,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = args.lengths or sft.lengths
     if lengths == "exact" and not tokenizer:
         raise UserError("exact lengths need a tokenizer: pass --tokenizer DIR (or --lengths estimate)")
-    visual_tokens = args.visual_tokens
-    if visual_tokens is None:
-        try:
-            from vlmforge.arch.geometry import visual_tokens_per_image
-
-            visual_tokens = visual_tokens_per_image(cfg.model)
-        except ImportError:  # pragma: no cover
-            raise UserError("pass --visual-tokens N") from None
+    visual_tokens = args.visual_tokens if args.visual_tokens is not None else visual_tokens_per_image(cfg.model)
     try:
         manifest = build_index(
             sources,

@@ -1,5 +1,8 @@
 """Packed shards -> training batches, split across ranks and workers, exactly resumable.
 
+``caption_sample`` / ``text_sample`` build samples in the pack layout ``<image> x N, caption,
+<|im_end|>`` and ``text, <|im_end|>`` (the collator's form, :mod:`vlmforge.data.collate`).
+
 :class:`PackedDataset` is map-style over every pack of a packed folder (each shard's small index
 gives byte offsets, so memory stays light and any pack is one seek away). Item ``i`` is a pack:
 a list of samples in the collator's form, each image expanded into N ``<image>`` ids (N checked
@@ -23,12 +26,21 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
+import torch.utils.data as tud
 
-from vlmforge.data.collate import caption_sample, collate_packs, text_sample
-from vlmforge.data.packed_shards import PackedShardReader, list_packed_shards
+from vlmforge import dist
+from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
+from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
+from vlmforge.config.recipe import Recipe
+from vlmforge.data.collate import IGNORE_INDEX, collate_packs
+from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
+from vlmforge.errors import ConfigError
+from vlmforge.images import preprocess_batch
+from vlmforge.shards import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,49 @@ REMAINDER = ("wrap", "drop")
 
 class PackedDataError(ValueError):
     """A packed folder that does not match the model or is damaged."""
+
+
+# ----------------------------------------------------------------------------- samples (pack layout)
+
+
+def caption_sample(
+    caption_ids: Sequence[int],
+    *,
+    image_token_id: int,
+    num_visual_tokens: int,
+    sep_id: int,
+    supervise_sep: bool = True,
+    pixel_values: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """``<image> x N + caption + <|im_end|>``; labels ignore the visual tokens (and the separator if unsupervised)."""
+    cap = np.asarray(caption_ids, dtype=np.int64)
+    ids = np.concatenate(
+        [np.full(num_visual_tokens, image_token_id, np.int64), cap, np.array([sep_id], np.int64)]
+    )
+    labels = ids.copy()
+    labels[:num_visual_tokens] = IGNORE_INDEX
+    if not supervise_sep:
+        labels[-1] = IGNORE_INDEX
+    out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if pixel_values is not None:
+        out["pixel_values"] = pixel_values
+    return out
+
+
+def text_sample(
+    text_ids: Sequence[int], *, sep_id: int, supervise_sep: bool = True, add_sep: bool = True
+) -> dict[str, Any]:
+    """Text-only sample (mixed-in corpus): ``text + <|im_end|>`` (no separator mid-document: add_sep=False)."""
+    ids = np.asarray(text_ids, dtype=np.int64)
+    if add_sep:
+        ids = np.concatenate([ids, np.array([sep_id], np.int64)])
+    labels = ids.copy()
+    if add_sep and not supervise_sep:
+        labels[-1] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- dataset
 
 
 class PackedDataset:
@@ -85,11 +140,6 @@ class PackedDataset:
         return r, i - int(self.offsets[r])
 
     def __getitem__(self, i: int) -> list[dict[str, Any]]:
-        import torch
-
-        from vlmforge.images import preprocess_batch
-        from vlmforge.shards import ImageDecodeError, decode_image
-
         r, j = self._locate(int(i))
         meta, tokens, images = self.readers[r].read_pack(j)
         kept, decoded, at, img = [], [], 0, 0
@@ -151,7 +201,7 @@ class PackedLoader:
     def __init__(
         self,
         dataset: PackedDataset | str,
-        cfg: Any = None,
+        cfg: Recipe | None = None,
         *,
         tokenizer: Any = None,
         batch_size: int | None = None,
@@ -183,8 +233,6 @@ class PackedLoader:
             _check_tokenizer(tokenizer, dataset)
         batch_size = 1 if batch_size is None else int(batch_size)
         if rank is None or world_size is None:
-            from vlmforge import dist
-
             rank, world_size = dist.rank(), dist.world_size()
         remainder = remainder or "wrap"
         if remainder not in REMAINDER:
@@ -227,8 +275,6 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (empty if it is used up); afterwards the next epoch is current."""
-        import torch.utils.data as tud
-
         plan = self.epoch_plan(self.epoch)[self.batch :]
         dl = tud.DataLoader(
             self.dataset,
@@ -256,9 +302,7 @@ class PackedLoader:
 
 
 def _check_tokenizer(tok, ds: PackedDataset) -> None:
-    from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
-
-    for name, token, packed in (("image", IMAGE_TOKEN, ds.image_token_id), ("separator", IM_END, ds.sep_id)):
+    for _name, token, packed in (("image", IMAGE_TOKEN, ds.image_token_id), ("separator", IM_END, ds.sep_id)):
         tid = tok.convert_tokens_to_ids(token)
         if tid != packed:
             raise PackedDataError(
@@ -267,25 +311,23 @@ def _check_tokenizer(tok, ds: PackedDataset) -> None:
             )
 
 
-def dataset_from_recipe(cfg, data_path: str | None = None) -> PackedDataset:
+def dataset_from_recipe(cfg: Recipe, data_path: str | None = None) -> PackedDataset:
     """The packed dataset of ``data_path`` (default train.data_path), checked against the recipe's model."""
-    from vlmforge.errors import ConfigError
-    from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
-
     path = data_path or cfg.train.data_path
     if not path:
         raise ConfigError("train.data_path: no packed data folder given (run `vlmforge pack` first)")
     d = cfg.data
-    if d.positions not in ("restart", "continue"):
-        raise ConfigError(f"data.positions must be restart or continue, got {d.positions!r}")
-    if d.remainder not in REMAINDER:
-        raise ConfigError(f"data.remainder must be one of {REMAINDER}, got {d.remainder!r}")
     return PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
                          image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict)
 
 
-def build_pretrain_loader(cfg, data_path: str | None = None, *, batch_size: int | None = None,
-                          rank: int | None = None, world_size: int | None = None, tokenizer: Any = None) -> PackedLoader:
-    """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry."""
+def build_pretrain_loader(cfg: Recipe, data_path: str | None = None, *, tokenizer: Any = None,
+                          batch_size: int | None = None, seed: int | None = None, rank: int | None = None,
+                          world_size: int | None = None) -> PackedLoader:
+    """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry.
+
+    Arguments left as None come from the recipe (seed: train.seed, else the recipe seed) and, for
+    rank / world_size, from the running process group.
+    """
     return PackedLoader(dataset_from_recipe(cfg, data_path), cfg, tokenizer=tokenizer, batch_size=batch_size,
-                        rank=rank, world_size=world_size)
+                        seed=seed, rank=rank, world_size=world_size)

@@ -1,0 +1,139 @@
+"""An SFT index on disk and its memory-mapped reader (:class:`SFTIndex`).
+
+Loading a LLaVA file (:mod:`.records`) with ``json.load`` needs tens of bytes of Python objects
+per byte of JSON. Instead ``vlmforge sft-index`` (:mod:`.build`) scans it once and keeps, per
+record, only fixed-width numbers in ``.npy`` files that are opened with ``mmap_mode="r"``:
+
+- ``offsets`` (uint64) / ``nbytes`` (uint32): where the record's JSON lies in its source file,
+- ``file_id`` (uint16) / ``line`` (uint32): which source file and line (for error messages),
+- ``n_images`` (uint16) / ``has_image`` (bool),
+- ``text_tokens`` (uint32): tokens of the chat-formatted text, each ``<image>`` counted once
+  (:mod:`.lengths`: exact or estimated),
+- ``mm_length`` (uint32): ``text_tokens + n_images * (visual_tokens - 1)``, the multimodal length
+  the packer and length grouping use.
+
+Packing plans with ``mm_length``: build the index with exact lengths for packing (an estimated
+length can overflow a pack; the loader then moves the overflowing conversation to an extra row,
+never splitting it). Random access is one ``os.pread`` + ``json.loads`` (:meth:`SFTIndex.record`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vlmforge.data.sft.records import SFTDataError, llava_to_messages
+
+ARRAYS = {
+    "offsets": np.uint64,
+    "nbytes": np.uint32,
+    "file_id": np.uint16,
+    "line": np.uint32,
+    "n_images": np.uint16,
+    "has_image": np.bool_,
+    "text_tokens": np.uint32,
+    "mm_length": np.uint32,
+}
+INDEX_VERSION = 1
+
+
+class SFTIndex:
+    """An opened index: memory-mapped arrays + open source files; ``record(i)`` reads one record.
+
+    Holding it costs a few file descriptors and the pages of the arrays that were touched
+    (a few fixed-width numbers per record), not the JSON.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, check_stale: bool = True):
+        self.dir = Path(index_dir)
+        man_path = self.dir / "manifest.json"
+        if not man_path.is_file():
+            raise SFTDataError(f"{self.dir}: not an SFT index (no manifest.json); build it with `vlmforge sft-index`")
+        self.manifest = json.loads(man_path.read_text())
+        if self.manifest.get("stage") != "sft-index":
+            raise SFTDataError(f"{man_path}: not an SFT index manifest (stage {self.manifest.get('stage')!r})")
+        self.sources = [s["path"] for s in self.manifest["inputs"]]
+        if check_stale:
+            for s in self.manifest["inputs"]:
+                try:
+                    st = os.stat(s["path"])
+                except FileNotFoundError:
+                    raise SFTDataError(f"{self.dir}: source file {s['path']} is gone") from None
+                if st.st_size != s["size"] or st.st_mtime_ns != s["mtime_ns"]:
+                    raise SFTDataError(
+                        f"{self.dir}: index is stale: {s['path']} changed since it was indexed; rebuild it"
+                    )
+        for name in ARRAYS:
+            # A plain ndarray view of the memory map: same pages, but scalar indexing skips
+            # np.memmap's Python-level __getitem__ on every record read.
+            arr = np.load(self.dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            setattr(self, name, arr.view(np.ndarray))
+        self.visual_tokens = int(self.manifest["visual_tokens"])
+        self.image_root = self.manifest.get("image_root")
+        self._fds: list[int | None] = [None] * len(self.sources)
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def __getstate__(self):  # pragma: no cover - DataLoader workers re-open files themselves
+        d = dict(self.__dict__)
+        d["_fds"] = [None] * len(self.sources)
+        return d
+
+    def _fd(self, fid: int) -> int:
+        if self._pid != os.getpid():  # forked worker: do not share file offsets/descriptors
+            self._fds = [None] * len(self.sources)
+            self._pid = os.getpid()
+        fd = self._fds[fid]
+        if fd is None:
+            fd = self._fds[fid] = os.open(self.sources[fid], os.O_RDONLY)
+        return fd
+
+    def raw(self, i: int) -> bytes:
+        """The JSON bytes of record ``i`` (IndexError when out of range)."""
+        fd = self._fds[self.file_id[i]] if self._pid == os.getpid() else None
+        if fd is None:
+            fd = self._fd(int(self.file_id[i]))
+        return os.pread(fd, int(self.nbytes[i]), int(self.offsets[i]))
+
+    def record(self, i: int) -> dict:
+        """The parsed JSON record ``i`` (as ``json.loads`` of its bytes)."""
+        try:
+            return json.loads(self.raw(i))
+        except ValueError as e:
+            raise SFTDataError(f"{self.where(i)}: JSON does not parse: {e}", "json_error") from None
+
+    def messages(self, i: int) -> tuple[list[dict], list[str]]:
+        rec = self.record(i)
+        try:
+            return llava_to_messages(rec)
+        except SFTDataError as e:
+            raise SFTDataError(f"{self.where(i)}: {e}", e.reason) from None
+
+    def where(self, i: int) -> str:
+        return f"{self.sources[int(self.file_id[i])]}:{int(self.line[i])}"
+
+    def mm_lengths(self, visual_tokens: int | None = None) -> np.ndarray:
+        """Multimodal lengths; recomputed (in memory) when ``visual_tokens`` differs from the build's."""
+        if visual_tokens is None or visual_tokens == self.visual_tokens:
+            return self.mm_length
+        return self.text_tokens.astype(np.int64) + self.n_images.astype(np.int64) * (visual_tokens - 1)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._fds = [None] * len(self.sources)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self.record(i)
+
+
+def open_index(index_dir: str | os.PathLike, check_stale: bool = True) -> SFTIndex:
+    return SFTIndex(index_dir, check_stale=check_stale)

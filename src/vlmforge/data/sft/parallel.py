@@ -1,0 +1,142 @@
+"""Parsing the records of an SFT index build in worker processes.
+
+The records are cut into jobs (a range of one file's records each); :func:`parse_range` parses
+one job: JSON, the LLaVA checks, image files present, token lengths. Jobs and results are plain
+numbers, strings and arrays, so they cross process boundaries cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+import numpy as np
+
+from vlmforge.data.sft.lengths import LengthModel
+from vlmforge.data.sft.records import SFTDataError, llava_to_messages
+from vlmforge.text.chat import conversation_lengths
+
+EXACT_BATCH = 512  # records per tokenizer batch call for exact lengths
+
+
+def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check_images: bool,
+              records_per_job: int) -> list[dict]:
+    """One job per ``records_per_job`` records of a file; ``spans``: (file id, path, offsets, nbytes, lines)."""
+    jobs = []
+    for fid, path, offs, nb, ln in spans:
+        for a in range(0, offs.size, records_per_job):
+            b = min(a + records_per_job, offs.size)
+            jobs.append(
+                {
+                    "fid": fid,
+                    "path": path,
+                    "offsets": offs[a:b],
+                    "nbytes": nb[a:b],
+                    "lines": ln[a:b],
+                    "length_model": lm.describe(),
+                    "image_root": str(image_root) if image_root is not None else "",
+                    "check_images": check_images,
+                }
+            )
+    return jobs
+
+
+def parse_jobs(jobs: list[dict], workers: int) -> Iterator[tuple[dict, dict]]:
+    """(job, result) in job order, parsed by ``workers`` processes (in this one if 1 or one job)."""
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            yield from zip(jobs, ex.map(parse_range, jobs))
+    else:
+        for job in jobs:
+            yield job, parse_range(job)
+
+
+def parse_range(job: dict) -> dict:
+    """Parse records [a, b) of one source file; returns per-record arrays and the bad ones.
+
+    Runs in worker processes; everything it gets and returns is plain numbers, strings and arrays.
+    """
+    path, offs, nbytes = job["path"], job["offsets"], job["nbytes"]
+    lm = LengthModel(**job["length_model"])
+    image_root = job["image_root"]
+    check_images = job["check_images"]
+    n = offs.size
+    ok = np.zeros(n, bool)
+    n_img = np.zeros(n, np.uint16)
+    text_tok = np.zeros(n, np.uint32)
+    bad: list[tuple[int, str, str]] = []  # (local index, reason, message)
+    if n == 0:
+        return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "bad": bad}
+    lo, hi = int(offs[0]), int(offs[-1] + nbytes[-1])
+    with open(path, "rb") as f:
+        f.seek(lo)
+        buf = f.read(hi - lo)
+    exists_cache: dict[str, bool] = {}
+    pending: list[tuple[int, list[dict]]] = []
+    for i in range(n):
+        s = int(offs[i]) - lo
+        raw = buf[s : s + int(nbytes[i])]
+        if not raw.strip():
+            bad.append((i, "blank", "blank line"))
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:
+            bad.append((i, "json_error", f"JSON does not parse: {e}"))
+            continue
+        try:
+            msgs, images = llava_to_messages(rec)
+        except SFTDataError as e:
+            bad.append((i, e.reason, str(e)))
+            continue
+        if check_images and images:
+            missing = None
+            for im in images:
+                p = os.path.join(image_root, im)
+                if p not in exists_cache:
+                    exists_cache[p] = os.path.isfile(p)
+                if not exists_cache[p]:
+                    missing = p
+                    break
+            if missing is not None:
+                bad.append((i, "missing_image", f"image file not found: {missing}"))
+                continue
+        if len(images) > 65535:
+            bad.append((i, "too_many_images", f"{len(images)} images"))
+            continue
+        if lm.mode == "exact":
+            pending.append((i, msgs))
+            n_img[i] = len(images)
+            if len(pending) >= EXACT_BATCH:
+                _count_exact(lm, pending, ok, text_tok, bad)
+            continue
+        ok[i] = True
+        n_img[i] = len(images)
+        text_tok[i] = min(lm.estimate(msgs), 2**32 - 1)
+    _count_exact(lm, pending, ok, text_tok, bad)
+    bad.sort(key=lambda b: b[0])
+    return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "bad": bad}
+
+
+def _count_exact(lm: LengthModel, pending: list, ok, text_tok, bad) -> None:
+    """Exact token counts for a batch of parsed records (one Rust batch call); a record the
+    tokenizer/template rejects is counted as bad, never fatal."""
+    if not pending:
+        return
+    try:
+        counts = conversation_lengths(lm.tok(), [m for _, m in pending])
+    except Exception:  # find the culprit(s) one by one
+        counts = []
+        for i, m in pending:
+            try:
+                counts.append(conversation_lengths(lm.tok(), [m])[0])
+            except Exception as e:
+                bad.append((i, "tokenize_error", f"{type(e).__name__}: {e}"))
+                counts.append(None)
+    for (i, _), c in zip(pending, counts):
+        if c is not None:
+            ok[i] = True
+            text_tok[i] = min(c, 2**32 - 1)
+    pending.clear()

@@ -1,0 +1,104 @@
+"""SFT samples: record ``i`` of an SFT index -> ``{"input_ids", "labels", "pixel_values"}``.
+
+The chat template is applied with the loss only on assistant turns (reply + end-of-turn token),
+each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and the first token is
+-100 (nothing learns to predict across a sample boundary). A bad sample raises
+:class:`SFTDataError` with its ``reason``; the loader skips and counts it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmforge.data.collate import IGNORE_INDEX
+from vlmforge.data.sft.index import SFTIndex, open_index
+from vlmforge.data.sft.records import SFTDataError
+from vlmforge.images import preprocess
+from vlmforge.shards import ImageDecodeError, decode_image
+from vlmforge.text.chat import encode_conversation
+from vlmforge.text.tokenization import image_token_id
+
+
+def load_pixels(path: str, spec: dict) -> torch.Tensor:
+    """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SFTDataError(f"image file not found: {path}", "missing_image") from None
+    try:
+        return preprocess(decode_image(data), spec)
+    except ImageDecodeError as e:
+        raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
+
+
+class SFTDataset:
+    """Map-style SFT samples over an index. ``dataset[i]`` raises :class:`SFTDataError` (with
+    ``.reason``) on a bad sample; :class:`SFTLoader` skips and counts those."""
+
+    def __init__(
+        self,
+        index: SFTIndex | str | os.PathLike,
+        tokenizer,
+        *,
+        visual_tokens: int | None = None,
+        image_spec: dict | None = None,
+        image_root: str | os.PathLike | None = None,
+        max_len: int | None = None,
+    ):
+        self.index = index if isinstance(index, SFTIndex) else open_index(index)
+        self.tok = tokenizer
+        self.visual_tokens = int(visual_tokens or self.index.visual_tokens)
+        self.image_spec = image_spec
+        self.image_root = str(image_root) if image_root is not None else (self.index.image_root or "")
+        self.max_len = max_len
+        self.image_id = image_token_id(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lengths(self) -> np.ndarray:
+        """Multimodal length of every record (from the index; exact if it was built exact)."""
+        return self.index.mm_lengths(self.visual_tokens)
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O."""
+        msgs, images = self.index.messages(i)
+        ids, mask = encode_conversation(self.tok, msgs)
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.asarray(mask, dtype=bool)
+        is_img = ids == self.image_id
+        n_img = int(is_img.sum())
+        if n_img != len(images):
+            raise SFTDataError(
+                f"{self.index.where(i)}: {n_img} {self.tok.convert_ids_to_tokens(self.image_id)} token(s) "
+                f"for {len(images)} image(s)",
+                "image_token_mismatch",
+            )
+        labels = np.where(mask & ~is_img, ids, IGNORE_INDEX)
+        if n_img and self.visual_tokens != 1:
+            reps = np.where(is_img, self.visual_tokens, 1)
+            ids, labels = np.repeat(ids, reps), np.repeat(labels, reps)
+        if labels.size:
+            labels[0] = IGNORE_INDEX
+        if self.max_len is not None and ids.size > self.max_len:
+            raise SFTDataError(f"{self.index.where(i)}: {ids.size} tokens > max_len {self.max_len}", "too_long")
+        return ids, labels, images
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, labels, images = self.tokens(i)
+        pixel_values = None
+        if images:
+            if self.image_spec is None:
+                raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
+            try:
+                pixel_values = torch.stack(
+                    [load_pixels(os.path.join(self.image_root, p), self.image_spec) for p in images]
+                )
+            except SFTDataError as e:
+                raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
