@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from fixtures_curate import make_world
+
 from vlmforge.cli import main
 from vlmforge.shards import iter_raw_samples, list_shards
 

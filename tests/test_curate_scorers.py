@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from fixtures_curate import make_world
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
+
 from vlmforge.cli import main
 from vlmforge.shards import decode_image, iter_raw_samples, list_shards
 
@@ -78,7 +78,7 @@ def test_train_filter_and_dfn_scoring(tmp_path, world):
     from transformers import CLIPModel
 
     from vlmforge.config import load_recipe
-    from vlmforge.model.vision import build_vision_tower
+    from vlmforge.model.tower import build_vision_tower
 
     fdir = tmp_path / "dfn"
     assert main(["curate", "train-filter", "--in", str(world["dir"]), "--out", str(fdir), "--epochs", "2",
@@ -153,9 +153,11 @@ def test_parse_score():
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
     from fixtures_tokenizer import shape_sentences
+
     from vlmforge.config import load_recipe
+    from vlmforge.model.build import build_vlm
+    from vlmforge.model.saving import save_vlm
     from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
-    from vlmforge.model import build_vlm, save_vlm
 
     d = tmp_path_factory.mktemp("vlm")
     train_tokenizer(shape_sentences(), d / "tok", vocab_size=512, min_frequency=2)
@@ -170,10 +172,13 @@ def test_mlm_expected_value_matches_reference(tiny_vlm):
     from PIL import Image
 
     from vlmforge.curate.scorers.mlm import (
-        candidate_ids, expected_scores, expected_scores_reference, judge_messages,
+        candidate_ids,
+        expected_scores,
+        expected_scores_reference,
+        judge_messages,
     )
-    from vlmforge.model.generate import prompt_ids
     from vlmforge.images import preprocess_batch
+    from vlmforge.model.decoding import prompt_ids
 
     _, model, tok = tiny_vlm
     pv = preprocess_batch([Image.new("RGB", (20, 20), (200, 0, 0))], model.preprocess_spec())
@@ -188,7 +193,7 @@ def test_mlm_expected_value_matches_reference(tiny_vlm):
 
 
 def test_mlm_scorer_records_unparseable(tmp_path, tiny_vlm, monkeypatch):
-    import vlmforge.model.generate as gen
+    import vlmforge.model.decoding as gen
 
     ckpt, _, _ = tiny_vlm
     world = make_world(tmp_path / "w", n=3, per_shard=3, n_mismatch=0, n_exact=0, n_near=0, n_corrupt=0)

@@ -8,10 +8,10 @@ from fixtures_model import tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
-from vlmforge.text.tokenization import load_tokenizer
-from vlmforge.model.export import ExportRefused, export_llava
-from vlmforge.model.generate import prompt_ids
 from vlmforge.images import preprocess_batch
+from vlmforge.model.decoding import prompt_ids
+from vlmforge.model.export import ExportRefused, export_llava
+from vlmforge.text.tokenization import load_tokenizer
 
 MSGS = [{"role": "user", "content": "<image>What is in the picture?"}]
 

@@ -8,8 +8,8 @@ from fixtures_model import tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
+from vlmforge.model.decoding import generate
 from vlmforge.text.tokenization import load_tokenizer
-from vlmforge.model.generate import generate
 
 PROMPTS = [
     [{"role": "user", "content": "<image>What is in the picture?"}],
@@ -62,8 +62,8 @@ def test_continuation_logprobs_match_one_row_at_a_time(tok):
     """Batched, right-padded scoring of several candidates equals scoring each alone by hand."""
     from vlmforge.arch.tokens import IM_END
     from vlmforge.images import preprocess_batch
-    from vlmforge.model.generate import prompt_ids
-    from vlmforge.model.score import continuation_logprobs
+    from vlmforge.model.decoding import prompt_ids
+    from vlmforge.model.likelihood import continuation_logprobs
 
     model = tiny_model(tok, "model.projector.pool_size=2", spread=0.3)
     cands = [["red", "a blue square", "no"], ["yes", "green"], ["circle"]]

@@ -7,11 +7,12 @@ import torch
 from fixtures_model import packed_batch, tiny_cfg, tiny_model
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 
-from vlmforge.errors import ConfigError
-from vlmforge.text.tokenization import load_tokenizer
 from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
-from vlmforge.model.projector import AvgPoolMLPProjector, PixelShuffleMLPProjector, pixel_shuffle
+from vlmforge.arch.projectors.avgpool_mlp import AvgPoolMLPProjector
+from vlmforge.arch.projectors.pixel_shuffle_mlp import PixelShuffleMLPProjector, pixel_shuffle
+from vlmforge.errors import ConfigError
 from vlmforge.model.vlm import ImageTokenMismatch
+from vlmforge.text.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +230,7 @@ def test_clip_tower(tok):
 
 def test_save_load_roundtrip(tok, tmp_path):
     from vlmforge.config import load_recipe
-    from vlmforge.model import load_vlm, save_vlm
+    from vlmforge.model.saving import load_vlm, save_vlm
 
     cfg = load_recipe(None, ["model.projector.pool_size=4"])
     model = tiny_model(tok, "model.projector.pool_size=4")
@@ -250,7 +251,8 @@ def test_pretrained_folders_load_through_from_pretrained(tok, tmp_path):
     import shutil
 
     from vlmforge.config import load_recipe
-    from vlmforge.model import build_vlm, load_vlm, save_vlm
+    from vlmforge.model.build import build_vlm
+    from vlmforge.model.saving import load_vlm, save_vlm
 
     donor = tiny_model(tok, seed=1)
     donor.vision.save_pretrained(tmp_path / "vision")
@@ -275,7 +277,7 @@ def test_qk_init_std_redraws_only_query_and_key_weights(tok, tmp_path):
     """model.llm.qk_init_std changes the random LM's W_Q and W_K (to that std) and nothing else;
     a pretrained LM refuses it (its weights are not an initialisation to change)."""
     from vlmforge.config import load_recipe
-    from vlmforge.model import build_vlm
+    from vlmforge.model.build import build_vlm
 
     base = tiny_model(tok, seed=3).llm.state_dict()
     wide = tiny_model(tok, "model.llm.qk_init_std=0.5", seed=3).llm.state_dict()
@@ -299,7 +301,7 @@ def test_tower_from_a_full_siglip_checkpoint_gives_hidden_states_minus_2(tmp_pat
     features equal transformers' hidden_states[feature_layer] (before post_layernorm)."""
     from transformers import SiglipConfig, SiglipModel
 
-    from vlmforge.model.vision import build_vision_tower, patch_features
+    from vlmforge.model.tower import build_vision_tower, patch_features
 
     small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     full = SiglipModel(SiglipConfig(vision_config=dict(small, image_size=32, patch_size=8),
@@ -325,3 +327,26 @@ def test_tower_at_another_resolution_interpolates_positions(tok):
     logits = model(**batch, v2pe_delta=0.5)
     for (r, s, e), ref in per_sample_logits(model, batch, layout, v2pe_delta=0.5):
         assert (logits[r, s:e] - ref).abs().max().item() <= 1e-5
+
+
+def test_projector_registry_lists_every_projector_class():
+    """Every projector class in arch/projectors is in PROJECTORS under its `kind`: a new kind that is
+    not registered fails here (and registered kinds answer tokens / from_config / export_refusal)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from torch import nn
+
+    import vlmforge.arch.projectors as projectors
+
+    found = {}
+    for info in pkgutil.iter_modules(projectors.__path__):
+        mod = importlib.import_module(f"{projectors.__name__}.{info.name}")
+        for _, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, nn.Module) and cls.__module__ == mod.__name__:
+                found[cls.__dict__.get("kind", f"<{cls.__name__} has no kind>")] = cls
+    assert found == projectors.PROJECTORS
+    for kind, cls in found.items():
+        assert callable(cls.tokens) and callable(cls.from_config) and callable(cls.export_refusal), kind
+        assert cls.tokens(4, None) >= 1

@@ -16,7 +16,7 @@ from vlmforge.text.tokenization import load_tokenizer
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_tokenizer_dir, tmp_path_factory):  # noqa: F811
-    from vlmforge.model import save_vlm
+    from vlmforge.model.saving import save_vlm
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     cfg = load_recipe("tiny/model")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlmforge.cli import main
-from vlmforge.errors import UserError
 from vlmforge.config import load_recipe
-from vlmforge.synth.generate import generate_world
+from vlmforge.errors import UserError
+from vlmforge.synth.writer import generate_world
 
 WORLD = ["synth.image_size=72", "synth.num_captions=20", "synth.samples_per_shard=20", "synth.num_sft=4",
          "synth.num_mcq=4", "synth.num_vqa=5", "synth.num_pope_images=2", "synth.num_preference=0",
@@ -51,7 +51,7 @@ def test_features_keep_where_each_cell_is(tower):
     pretrained ViT's patch features would); the VLM needs this for "where is ..." questions."""
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    from vlmforge.model.vision import patch_features
+    from vlmforge.model.tower import patch_features
     from vlmforge.vision.pretrain import read_objects
 
     root, out = tower
@@ -71,10 +71,11 @@ def test_features_keep_where_each_cell_is(tower):
 
 
 def test_vlm_takes_the_tower_one_token_per_cell(tower):
-    from vlmforge.text.tokenization import train_tokenizer
-    from vlmforge.model import build_vlm
-    from vlmforge.model.vision import patch_features
     from transformers import CLIPVisionModel
+
+    from vlmforge.model.build import build_vlm
+    from vlmforge.model.tower import patch_features
+    from vlmforge.text.tokenization import train_tokenizer
 
     root, out = tower
     tok = train_tokenizer(["a red circle in the top left corner"] * 20, root / "tok", vocab_size=300)
@@ -123,3 +124,10 @@ def test_init_starts_from_the_given_tower(tower, tmp_path):
                  "--no-progress", "--set", f"vision_pretrain.init={out}", "--set", "vision_pretrain.lr=0"]) == 0
     before, after = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_position_names_agree_with_the_synthetic_world():
+    from vlmforge.synth.world import CELL_NAMES
+    from vlmforge.vision.pretrain import POSITION_NAMES_3X3
+
+    assert POSITION_NAMES_3X3 == CELL_NAMES

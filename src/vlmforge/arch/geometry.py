@@ -7,12 +7,14 @@ vision tower expects.
 
 from __future__ import annotations
 
-from vlmforge.errors import ConfigError
+import transformers
+
 from vlmforge.arch.presets import vision_config_dict
+from vlmforge.arch.projectors import projector_class
+from vlmforge.errors import ConfigError
 
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
-PROJECTORS = ("avgpool_mlp", "pixel_shuffle_mlp", "mlp")
 
 
 def image_size(model_cfg) -> int:
@@ -29,28 +31,10 @@ def patch_grid(model_cfg) -> int:
     return size // patch  # a stride-`patch` conv without padding: 384 px / 14 -> 27 (border pixels unused)
 
 
-def tokens_for_grid(kind: str, grid: int, pool_size: int | None) -> int:
-    if kind == "avgpool_mlp":
-        if pool_size is None:
-            return grid * grid
-        if not 1 <= pool_size <= grid:
-            raise ConfigError(f"model.projector.pool_size={pool_size} must be between 1 and the patch grid ({grid})")
-        return pool_size * pool_size
-    if kind == "pixel_shuffle_mlp":
-        if grid % 2:
-            raise ConfigError(
-                f"pixel_shuffle_mlp merges 2x2 patches and needs an even patch grid; this tower gives "
-                f"{grid}x{grid} (set model.vision.image_size so that image_size / patch_size is even)"
-            )
-        return (grid // 2) ** 2
-    if kind == "mlp":
-        return grid * grid
-    raise ConfigError(f"model.projector.kind {kind!r} is not one of {', '.join(PROJECTORS)}")
-
-
 def visual_tokens_per_image(model_cfg) -> int:
     """Number of `<image>` tokens one image becomes (a run setting: depends on pool_size, not on weights)."""
-    return tokens_for_grid(model_cfg.projector.kind, patch_grid(model_cfg), model_cfg.projector.pool_size)
+    proj = model_cfg.projector
+    return projector_class(proj.kind).tokens(patch_grid(model_cfg), proj.pool_size)
 
 
 def preprocess_spec_for(model_type: str, size: int) -> dict:
@@ -65,12 +49,12 @@ def image_preprocess_spec(model_cfg) -> dict:
 
 
 def build_image_processor(arch: str, size: int):
-    """The transformers image processor saved next to a CLIP / SigLIP model we train (same statistics)."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
+    """The transformers image processor saved next to a CLIP / SigLIP model we train (same statistics).
+    The classes are looked up here, not imported by name: without torchvision transformers warns on
+    that lookup (and falls back to the PIL processors), which should not happen on every import."""
     if arch == "siglip":
         mean, std = SIGLIP_MEAN_STD
-        return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+        return transformers.SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     mean, std = CLIP_MEAN_STD
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=mean, image_std=std)
+    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                           image_mean=mean, image_std=std)

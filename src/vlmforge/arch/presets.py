@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from transformers import CONFIG_MAPPING, AutoConfig, CLIPVisionConfig, SiglipVisionConfig
+
 from vlmforge.errors import ConfigError
 
 CONFIG_DIR = Path(str(resources.files("vlmforge") / "assets" / "configs"))
@@ -59,8 +61,6 @@ def vision_config_dict(vision_cfg) -> dict[str, Any]:
         p = Path(vision_cfg.pretrained)
         if (p / "config.json").is_file():
             return _vision_part(_read_json(p / "config.json"))
-        from transformers import AutoConfig  # hub id (cached) - only when needed
-
         return _vision_part(AutoConfig.from_pretrained(vision_cfg.pretrained).to_dict())
     d = _vision_part(preset_dict(vision_cfg.preset))
     if d.get("model_type") not in VISION_MODEL_TYPES:
@@ -73,8 +73,6 @@ def vision_config_dict(vision_cfg) -> dict[str, Any]:
 
 def vision_config(vision_cfg):
     """transformers config object of the vision tower (SiglipVisionConfig or CLIPVisionConfig)."""
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
     d = dict(vision_config_dict(vision_cfg))
     kind = d.get("model_type", "siglip_vision_model")
     cls = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}.get(kind)
@@ -86,8 +84,6 @@ def vision_config(vision_cfg):
 
 def llm_config(llm_cfg, trust_remote_code: bool = False):
     """transformers config object of the causal LM."""
-    from transformers import AutoConfig, CONFIG_MAPPING
-
     if llm_cfg.pretrained:
         return AutoConfig.from_pretrained(llm_cfg.pretrained, trust_remote_code=trust_remote_code)
     d = dict(preset_dict(llm_cfg.preset))

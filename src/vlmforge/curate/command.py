@@ -108,8 +108,8 @@ def _config(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmforge.errors import UserError
     from vlmforge.dist import init_distributed
+    from vlmforge.errors import UserError
 
     if not getattr(args, "curate_command", None):
         raise UserError("choose a subcommand: score, train-filter, filter, dedup, mix (see --help)")
@@ -209,13 +209,14 @@ def _filter(args, cfg) -> int:
 
 def _dedup(args, cfg) -> int:
     from vlmforge.curate import reshard
-    from vlmforge.errors import UserError
     from vlmforge.curate.dedup import embeddings_from_scores, make_decide, make_extra
+    from vlmforge.config.loader import set_value
     from vlmforge.curate.truth import load_truth
+    from vlmforge.errors import UserError
 
     d = cfg.curate.dedup
     if args.exact is not None:
-        d.exact = [k.strip() for k in args.exact.split(",") if k.strip()]
+        set_value(cfg, "curate.dedup.exact", [k.strip() for k in args.exact.split(",") if k.strip()], "--exact")
     if args.near:
         d.near.method = args.near
     if args.phash_distance is not None:
@@ -247,9 +248,9 @@ def _dedup(args, cfg) -> int:
 
 
 def _mix(args, cfg) -> int:
-    from vlmforge.errors import UserError
     from vlmforge.curate import reshard
     from vlmforge.curate.mix import make_decide, parse_source
+    from vlmforge.errors import UserError
 
     sources = [parse_source(t) for t in args.source]
     names = [s.name for s in sources]

@@ -19,13 +19,17 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from pathlib import Path
 from typing import Optional
 
+import imagehash
 import numpy as np
 
+from vlmforge.curate.io import read_parquet, shard_stem
 from vlmforge.curate.reshard import DecideResult
+from vlmforge.curate.truth import dedup_metrics
+from vlmforge.errors import UserError
 
-EXACT_KINDS = ("uid", "image", "caption", "pair")
 _WS = re.compile(r"\s+")
 _PUNCT_END = re.compile(r"[\s.,;:!?]+$")
 
@@ -38,8 +42,6 @@ def normalize_caption(text: Optional[str]) -> str:
 
 
 def phash64(image) -> int:
-    import imagehash
-
     bits = imagehash.phash(image).hash.flatten()
     return int("".join("1" if b else "0" for b in bits), 2)
 
@@ -112,11 +114,6 @@ def embedding_pairs(emb: np.ndarray, min_cosine: float, block: int = 4096) -> li
 def embeddings_from_scores(score_dir: str, shards: list[str]):
     """Callable(table, rows) -> [len(rows), D] image embeddings from score sidecars (column
     ``image_embedding``, written by ``curate score --set curate.score.save_embeddings=true``)."""
-    from pathlib import Path
-
-    from vlmforge.errors import UserError
-    from vlmforge.curate.io import read_parquet, shard_stem
-
     def load(table, rows: np.ndarray) -> np.ndarray:
         in_index = table.column("in_index").to_numpy()[rows]
         keys = table.column("key").to_numpy(zero_copy_only=False)[rows]
@@ -144,13 +141,6 @@ def embeddings_from_scores(score_dir: str, shards: list[str]):
 def make_decide(exact: list[str], near_method: str, phash_max_distance: int, embeddings=None,
                 min_cosine: float = 0.95, block: int = 4096, truth=None, shards=None):
     """Global decision: exact kinds in the given order, then near-duplicates among the survivors."""
-    from vlmforge.errors import UserError
-
-    for k in exact:
-        if k not in EXACT_KINDS:
-            raise UserError(f"unknown exact dedup key {k!r} (choose from {', '.join(EXACT_KINDS)})")
-    if near_method not in ("phash", "embedding", "none"):
-        raise UserError(f"unknown near-duplicate method {near_method!r} (phash | embedding | none)")
 
     def decide(table, valid: np.ndarray) -> DecideResult:
         n = table.num_rows
@@ -219,8 +209,6 @@ def make_decide(exact: list[str], near_method: str, phash_max_distance: int, emb
             report["near_duplicate_examples"] = groups[:20]
             report["near_duplicate_pairs"] = len(pairs)
         if truth is not None:
-            from vlmforge.curate.truth import dedup_metrics
-
             report["ground_truth"] = dedup_metrics(truth, table, keep, reason, valid)
         return DecideResult(keep=keep, reason=reason, report=report)
 

@@ -23,13 +23,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from vlmforge.errors import UserError
 from vlmforge.curate.io import read_parquet, shard_stem
 from vlmforge.curate.reshard import DecideResult
+from vlmforge.curate.truth import filter_metrics
+from vlmforge.curate.uids import load_uids, uids_in_subset
+from vlmforge.errors import UserError
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _THRESH = re.compile(r"^\s*([A-Za-z0-9_\-]+)(?:\.([A-Za-z0-9_\-]+))?\s*(>=|<=|>|<)\s*(\S+)\s*$")
@@ -122,10 +123,6 @@ def load_score_column(score_dir: str, shards: list[str], in_index: np.ndarray, k
 
 def make_decide(criteria: list[Criterion], combine: str, scores: dict[str, str], shards: list[str], truth=None):
     """The global decision function for reshard.run (see reshard.DecideFn)."""
-    from vlmforge.curate.uids import load_uids, uids_in_subset
-
-    if combine not in ("and", "or"):
-        raise UserError(f"combine must be 'and' or 'or', got {combine!r}")
     for c in criteria:
         if c.kind in ("threshold", "top") and c.name not in scores:
             raise UserError(f"criterion {c.text!r} uses scores {c.name!r} but no --scores {c.name}=DIR was given")
@@ -167,8 +164,6 @@ def make_decide(criteria: list[Criterion], combine: str, scores: dict[str, str],
             label = "none of: " + " | ".join(c.text for c in criteria)
             reason = [None if keep[i] else label for i in range(n)]
         if truth is not None:
-            from vlmforge.curate.truth import filter_metrics
-
             report["ground_truth"] = filter_metrics(truth, shards, table, keep & valid, valid)
         return DecideResult(keep=keep, reason=reason, report=report)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmforge.errors import UserError
 from vlmforge.curate.reshard import DecideResult
+from vlmforge.errors import UserError
 
 
 @dataclass

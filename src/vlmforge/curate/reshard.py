@@ -26,16 +26,23 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pyarrow as pa
+import torch.utils.data as tud
 
+from vlmforge import dist
 from vlmforge.curate.io import (
+    as_iterable_dataset,
     check_same_inputs,
     my_items,
     progress,
     read_parquet,
     remove_temp_leftovers,
+    sample_uid,
     worker_items,
     write_parquet_atomic,
 )
+from vlmforge.files import write_json, write_manifest
+from vlmforge.shards import ImageDecodeError, ShardWriter, decode_image, iter_raw_samples, list_shards
 
 CORRUPT = "corrupt"
 
@@ -75,10 +82,6 @@ class Job:
 def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn]):
     """One row per sample of the tar: index, pos, key, origin_key, uid, error (+ extra columns).
     ``origin_key`` is the sample's key in the first shards of a curation chain (ground truth is keyed by it)."""
-    import pyarrow as pa
-
-    from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
-
     rows: list[dict] = []
     for pos, s in enumerate(iter_raw_samples(path)):
         err = s.error
@@ -89,7 +92,7 @@ def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn])
             except ImageDecodeError as e:
                 err = f"image: {e}"
         origin = s.meta.get("origin_key") if isinstance(s.meta, dict) else None
-        row = {"in_index": index, "pos": pos, "key": s.key, "origin_key": origin or s.key, "uid": _uid(s.meta), "error": err}
+        row = {"in_index": index, "pos": pos, "key": s.key, "origin_key": origin or s.key, "uid": sample_uid(s.meta), "error": err}
         if extra is not None and err is None:
             row.update(extra(s, image))
         rows.append(row)
@@ -100,11 +103,6 @@ def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn])
                  ("origin_key", pa.string()), ("uid", pa.string()), ("error", pa.string())):
         table = table.set_column(table.schema.get_field_index(c), c, table.column(c).cast(t))
     return table
-
-
-def _uid(meta: dict) -> Optional[str]:
-    uid = meta.get("uid") if isinstance(meta, dict) else None
-    return None if uid is None else str(uid)
 
 
 class _InspectDataset:
@@ -120,26 +118,14 @@ class _InspectDataset:
             yield index
 
 
-def _make_iterable(obj):
-    import torch.utils.data as tud
-
-    class _It(tud.IterableDataset):
-        def __iter__(self):
-            return iter(obj)
-
-    return _It()
-
-
 def run_inspect(job: Job, work: Path) -> None:
-    import torch.utils.data as tud
-
     inspect_dir = work / "inspect"
     inspect_dir.mkdir(parents=True, exist_ok=True)
     mine = my_items(list(enumerate(job.shards)))
     todo = [(i, p) for i, p in mine if not (inspect_dir / f"{i:06d}.parquet").exists()]
     if not todo:
         return
-    ds = _make_iterable(_InspectDataset(todo, inspect_dir, job.decode, job.extra))
+    ds = as_iterable_dataset(_InspectDataset(todo, inspect_dir, job.decode, job.extra))
     loader = tud.DataLoader(ds, batch_size=None, num_workers=min(job.num_workers, len(todo)))
     for _ in progress(loader, total=len(todo), desc=f"{job.stage}: inspect"):
         pass
@@ -147,16 +133,12 @@ def run_inspect(job: Job, work: Path) -> None:
 
 # -- 2. decide + plan -----------------------------------------------------------------------
 def load_inspected(work: Path, n_shards: int):
-    import pyarrow as pa
-
     tables = [read_parquet(work / "inspect" / f"{i:06d}.parquet") for i in range(n_shards)]
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def build_plan(job: Job, work: Path) -> dict:
     """Global decision (rank 0): writes plan.parquet (kept rows with out_shard) and decisions.json."""
-    import pyarrow as pa
-
     table = load_inspected(work, len(job.shards))
     n = table.num_rows
     errors = table.column("error").to_pylist()
@@ -195,8 +177,6 @@ def build_plan(job: Job, work: Path) -> dict:
         decisions["per_source"] = {
             s: {"in": int((src == s).sum()), "kept": int((keep & (src == s)).sum())} for s in dict.fromkeys(job.sources)
         }
-    from vlmforge.files import write_json
-
     write_json(work / "decisions.json", decisions)
     return decisions
 
@@ -204,8 +184,6 @@ def build_plan(job: Job, work: Path) -> dict:
 # -- 3. write -------------------------------------------------------------------------------
 def write_output_shard(job: Job, j: int, rows: dict) -> dict:
     """Write output shard j from plan rows {in_index: [...], pos: [...]} (in output order)."""
-    from vlmforge.shards import ShardWriter, iter_raw_samples
-
     in_idx, pos = rows["in_index"], rows["pos"]
     wanted: dict[int, set] = {}
     for i, p in zip(in_idx, pos):
@@ -252,9 +230,6 @@ def _plan_groups(plan) -> dict[int, dict]:
 
 def run(job: Job) -> dict:
     """Run the four steps (each skipped where a finished file exists); returns the manifest dict."""
-    from vlmforge import dist
-    from vlmforge.files import write_manifest
-
     out = Path(job.out_dir)
     work = out / "_work"
     if dist.is_main():
@@ -314,6 +289,4 @@ def run(job: Job) -> dict:
 
 
 def shards_of(paths) -> list[str]:
-    from vlmforge.shards import list_shards
-
     return [os.path.abspath(p) for p in list_shards(paths)]

@@ -14,17 +14,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import torch.utils.data as tud
 
+from vlmforge import dist
 from vlmforge.curate.io import (
+    as_iterable_dataset,
     check_same_inputs,
     my_items,
     progress,
     read_parquet,
     remove_temp_leftovers,
+    sample_uid,
     shard_stem,
     worker_items,
     write_parquet_atomic,
 )
+from vlmforge.errors import UserError
+from vlmforge.files import write_manifest
+from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
 
 
 class _ScoreBatches:
@@ -34,9 +42,6 @@ class _ScoreBatches:
         self.todo, self.scorer, self.batch_size = todo, scorer, batch_size
 
     def __iter__(self):
-        from vlmforge.curate.reshard import _uid
-        from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
-
         for index, path in worker_items(self.todo):
             pos, keys, uids, images, captions, errors = [], [], [], [], [], []
             for p, s in enumerate(iter_raw_samples(path)):
@@ -47,11 +52,11 @@ class _ScoreBatches:
                     except ImageDecodeError as e:
                         err = f"image: {e}"
                 if err is not None:
-                    errors.append((p, s.key, _uid(s.meta), err))
+                    errors.append((p, s.key, sample_uid(s.meta), err))
                     continue
                 pos.append(p)
                 keys.append(s.key)
-                uids.append(_uid(s.meta))
+                uids.append(sample_uid(s.meta))
                 images.append(image)
                 captions.append(s.caption or "")
                 if len(keys) == self.batch_size:
@@ -65,20 +70,8 @@ class _ScoreBatches:
                 "last": last}
 
 
-def _make_iterable(obj):
-    import torch.utils.data as tud
-
-    class _It(tud.IterableDataset):
-        def __iter__(self):
-            return iter(obj)
-
-    return _It()
-
-
 def _sidecar_table(rows: list[dict]):
     """Rows (in input order) -> table with the fixed core columns first."""
-    import pyarrow as pa
-
     rows = sorted(rows, key=lambda r: r["_pos"])
     cols = {
         "key": pa.array([r["key"] for r in rows], pa.string()),
@@ -98,12 +91,6 @@ def _py(v):
 
 def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_workers: int = 0,
                  config=None, settings: dict | None = None) -> dict:
-    import torch.utils.data as tud
-
-    from vlmforge import dist
-    from vlmforge.errors import UserError
-    from vlmforge.files import write_manifest
-
     out = Path(out_dir)
     stems = [shard_stem(p) for p in shards]
     if len(set(stems)) != len(stems):
@@ -117,7 +104,7 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
     todo = [(i, p) for i, p in my_items(list(enumerate(shards))) if not (out / f"{stems[i]}.parquet").exists()]
     t0, n_scored = time.time(), 0
     if todo:
-        ds = _make_iterable(_ScoreBatches(todo, scorer, batch_size))
+        ds = as_iterable_dataset(_ScoreBatches(todo, scorer, batch_size))
         loader = tud.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(todo)))
         pending: dict[int, list] = {}
         bar = progress(range(len(todo)), total=len(todo), desc=f"score ({scorer.info()['scorer']})")

@@ -15,22 +15,38 @@ Trusted pairs are held in memory (preprocessed uint8 images): size the trusted s
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import processors
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    SiglipConfig,
+    SiglipModel,
+)
 
 from vlmforge.arch.geometry import build_image_processor
+from vlmforge.config import save_resolved
+from vlmforge.curate.scorers.base import resolve_device
+from vlmforge.curate.scorers.clip import features, is_siglip, text_inputs
+from vlmforge.errors import UserError
+from vlmforge.files import write_json, write_manifest
+from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
+from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
+from vlmforge.train.optim import adamw_with_decay_split, warmup_cosine_scheduler
 
 
 def read_trusted(shards: list[str], exclude: set, max_samples: int | None = None):
     """(images PIL, captions, counts) of decodable, non-excluded samples."""
-    from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
-
     images, captions = [], []
     counts = {"read": 0, "excluded": 0, "corrupt": 0, "empty_caption": 0}
     for path in shards:
@@ -58,8 +74,6 @@ def read_trusted(shards: list[str], exclude: set, max_samples: int | None = None
 
 def add_eos_postprocessor(tokenizer) -> None:
     """Make the tokenizer append EOS to every text (CLIP pools the first EOS; SigLIP ignores it)."""
-    from tokenizers import processors
-
     eos = tokenizer.eos_token or "<|endoftext|>"
     eos_id = tokenizer.convert_tokens_to_ids(eos)
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -70,8 +84,6 @@ def add_eos_postprocessor(tokenizer) -> None:
 
 
 def build_model(tf, tokenizer):
-    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
-
     vocab = len(tokenizer)
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
@@ -86,15 +98,11 @@ def build_model(tf, tokenizer):
         return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     if tf.arch == "clip":
         return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=tf.embed_dim))
-    from vlmforge.errors import UserError
-
     raise UserError(f"curate.train_filter.arch must be siglip or clip, got {tf.arch!r}")
 
 
 def _pair_scores(model, pixel_values, text, bs=256) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of matched pairs and of pairs with captions rolled by one (mismatched)."""
-    from vlmforge.curate.scorers.clip import features
-
     model.eval()
     imgs, txts = [], []
     with torch.inference_mode():
@@ -110,13 +118,6 @@ def _pair_scores(model, pixel_values, text, bs=256) -> tuple[np.ndarray, np.ndar
 
 def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, device: str = "auto",
                  config=None, log=print) -> dict:
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-    from vlmforge.errors import UserError
-    from vlmforge.curate.scorers import resolve_device
-    from vlmforge.curate.scorers.clip import is_siglip, text_inputs
-    from vlmforge.files import write_json, write_manifest
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -137,8 +138,6 @@ def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, dev
         tokenizer = AutoTokenizer.from_pretrained(tf.init)
         max_len = int(model.config.text_config.max_position_embeddings)
     else:
-        from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
-
         if tf.tokenizer:
             tokenizer = load_tokenizer(tf.tokenizer)
         else:
@@ -157,16 +156,10 @@ def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, dev
 
     # No weight decay on the temperature/bias, norms and biases; the temperature is clamped like
     # CLIP's (scale <= 100): an unclamped one runs away and collapses the embeddings.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tf.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tf.lr)
+    opt = adamw_with_decay_split(model.named_parameters(), tf.lr, tf.weight_decay,
+                                 no_decay=lambda n, p: p.ndim < 2 or "logit" in n)
     steps_per_epoch = max(1, len(train) // tf.batch_size)
-    total = steps_per_epoch * tf.epochs
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
-    )
+    sched = warmup_cosine_scheduler(opt, steps_per_epoch * tf.epochs)
     t0 = time.time()
     history = []
     best = None
@@ -216,12 +209,8 @@ def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, dev
     write_json(out / "calibration.json", calibration)
     tmp_tok = out / "_tokenizer_tmp"
     if tmp_tok.exists():
-        import shutil
-
         shutil.rmtree(tmp_tok)
     if config is not None:
-        from vlmforge.config import save_resolved
-
         save_resolved(config, out)  # config.yaml (the recipe); config.json is the model's
     write_manifest(out, "curate.train_filter", inputs=shards, config=config,
                    counts={**read_counts, "trusted_pairs": len(captions), "train": len(train), "holdout": len(hold)},

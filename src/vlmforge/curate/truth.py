@@ -17,6 +17,9 @@ from collections import Counter
 
 import numpy as np
 
+from vlmforge.errors import UserError
+from vlmforge.files import numbered_lines
+
 MISMATCH = ("mismatch", "mismatched_caption", "caption_mismatch")
 EXACT_DUP = ("exact_duplicate", "exact_dup", "duplicate")
 NEAR_DUP = ("near_duplicate", "near_dup")
@@ -30,9 +33,6 @@ class Truth(dict):
 
 def load_truth(path: str | os.PathLike) -> Truth:
     """key -> fault kind (and ``.dup_of``)."""
-    from vlmforge.errors import UserError
-    from vlmforge.files import numbered_lines
-
     out = Truth()
     out.dup_of = {}
     for where, line in numbered_lines(path):

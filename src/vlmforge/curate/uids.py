@@ -8,10 +8,14 @@ Membership is two ``searchsorted`` calls, so a 100M-uid subset costs 1.6 GB mapp
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Iterable
 
 import numpy as np
+
+from vlmforge.errors import UserError
+from vlmforge.files import atomic_write_bytes
 
 U16 = np.dtype("u8,u8")
 
@@ -29,9 +33,6 @@ def uids_to_array(uids: Iterable[str]) -> np.ndarray:
 
 
 def save_uids(uids: Iterable[str], path: str | os.PathLike) -> None:
-    from vlmforge.files import atomic_write_bytes
-    import io
-
     buf = io.BytesIO()
     np.save(buf, uids_to_array(uids), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
@@ -39,8 +40,6 @@ def save_uids(uids: Iterable[str], path: str | os.PathLike) -> None:
 
 def load_uids(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` (memory-mapped) or raw record file; checks dtype and sortedness."""
-    from vlmforge.errors import UserError
-
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"uid subset file not found: {path}")

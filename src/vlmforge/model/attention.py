@@ -10,6 +10,8 @@ Padding (seq_id -1) sees only itself so that no softmax row is empty (no NaN).
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 MODES = ("causal", "document")
@@ -50,8 +52,6 @@ def key_padding_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype, ca
 
 
 def flash_available(device: torch.device) -> bool:
-    import importlib.util
-
     return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 

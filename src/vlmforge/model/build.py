@@ -6,13 +6,15 @@ import contextlib
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from vlmforge.arch.presets import llm_config
+from vlmforge.arch.projectors import build_projector
 from vlmforge.errors import ConfigError
 from vlmforge.model.attention import flash_available
-from vlmforge.arch.presets import llm_config
-from vlmforge.model.projector import build_projector
-from vlmforge.model.vision import build_vision_tower
+from vlmforge.model.tower import build_vision_tower
 from vlmforge.model.vlm import VisionLanguageModel
+from vlmforge.text.tokenization import image_token_id as tokenizer_image_id
 
 
 def _llm_attn_implementation(model_cfg) -> str:
@@ -27,8 +29,6 @@ def _llm_attn_implementation(model_cfg) -> str:
 def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
     """A transformers causal LM. Random init from a preset: vocab = len(tokenizer) exactly.
     Pretrained: embeddings grow only if the tokenizer is longer (e.g. the added `<image>`)."""
-    from transformers import AutoModelForCausalLM
-
     impl = _llm_attn_implementation(model_cfg)
     trc = bool(model_cfg.trust_remote_code)
     if model_cfg.llm.pretrained:
@@ -82,9 +82,7 @@ def build_vlm(
     """
     vocab = len(tokenizer) if tokenizer is not None and resize_vocab else None
     if tokenizer is not None and image_token_id is None:
-        from vlmforge.text.tokenization import image_token_id as _image_id
-
-        image_token_id = _image_id(tokenizer)
+        image_token_id = tokenizer_image_id(tokenizer)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     dev = torch.device(device) if device is not None else contextlib.nullcontext()
     with rng, dev:

@@ -13,6 +13,16 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipImageProcessorPil,
+)
+from transformers.initialization import no_init_weights
+
+from vlmforge.arch.tokens import IMAGE_TOKEN
 
 
 class ExportRefused(ValueError):
@@ -21,18 +31,9 @@ class ExportRefused(ValueError):
 
 def check_exportable(model) -> None:
     why = []
-    if model.projector_kind == "pixel_shuffle_mlp":
-        why.append(
-            "its projector is pixel_shuffle_mlp (2x2 patch merge + LayerNorm); LLaVA's projector is "
-            "Linear -> GELU -> Linear on every patch"
-        )
-    elif model.projector_kind == "avgpool_mlp" and model.pool_size not in (None, model.patch_grid):
-        why.append(
-            f"its projector pools the {model.patch_grid}x{model.patch_grid} patch grid to "
-            f"{model.pool_size}x{model.pool_size} = {model.tokens_per_image} tokens; LLaVA has no pooling. "
-            "The weights are resolution-independent: export the full-grid model with "
-            "--set model.projector.pool_size=null (fine-tune at full resolution first for best results)"
-        )
+    projector_refusal = model.projector.export_refusal(model.patch_grid)  # each projector kind answers
+    if projector_refusal is not None:
+        why.append(projector_refusal)
     hidden = model.projector.linear_1.out_features if hasattr(model.projector, "linear_1") else None
     if hidden is not None and hidden != model.llm.config.hidden_size:
         why.append(f"its projector hidden width {hidden} differs from the LLM width {model.llm.config.hidden_size}")
@@ -48,8 +49,6 @@ def check_exportable(model) -> None:
 
 
 def llava_config(model):
-    from transformers import LlavaConfig
-
     clip = model.vision.config.model_type == "clip_vision_model"
     text_config = model.llm.config
     return LlavaConfig(
@@ -81,24 +80,15 @@ def image_processor(model):
     spec = model.preprocess_spec()
     s = spec["size"]
     if model.vision.config.model_type == "clip_vision_model":
-        from transformers import CLIPImageProcessorPil as Proc
-
-        return Proc(
+        return CLIPImageProcessorPil(
             size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_center_crop=True,
             image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"],
         )
-    from transformers import SiglipImageProcessorPil as Proc
-
-    return Proc(size={"height": s, "width": s}, image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"])
+    return SiglipImageProcessorPil(size={"height": s, "width": s}, image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"])
 
 
 def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write a folder that `AutoModelForImageTextToText` / `AutoProcessor` load offline."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.initialization import no_init_weights
-
-    from vlmforge.arch.tokens import IMAGE_TOKEN
-
     check_exportable(model)
     config = llava_config(model)
     with no_init_weights():

@@ -31,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vlmforge.errors import UserError
     from vlmforge.config import save_resolved
+    from vlmforge.errors import UserError
     from vlmforge.files import write_manifest
-    from vlmforge.model.checkpoint import load_vlm
     from vlmforge.model.export import ExportRefused, export_llava
+    from vlmforge.model.saving import load_vlm
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

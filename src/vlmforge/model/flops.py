@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+from vlmforge.model.tower import inner, layers_used
+
 FORMULA = (
     "per token: matmul 2N forward + 4N backward (2N if frozen with a trainable input, 0 if nothing before it "
     "trains) + attention 4 * layers * d_attn * context forward (x3 with backward); N = matmul params used"
@@ -41,8 +45,6 @@ def count_parameters(module) -> ComponentCount:
 
 
 def _linear_params(modules) -> int:
-    from torch import nn
-
     n = 0
     for mod in modules:
         for m in mod.modules():
@@ -57,8 +59,6 @@ def _factor(trains: bool, upstream_trains: bool) -> int:
 
 def training_flops(model, context: int) -> dict:
     """FLOPs of one training step: per LLM token, per image (tower + projector), and per visual token."""
-    from vlmforge.model.vision import inner, layers_used
-
     vision_trains = any(p.requires_grad for p in model.vision.parameters())
     proj_trains = any(p.requires_grad for p in model.projector.parameters())
     llm_trains = any(p.requires_grad for p in model.llm.parameters())

@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmforge.errors import UserError
     from vlmforge.arch.tokens import IMAGE_TOKEN
-    from vlmforge.model.checkpoint import load_vlm
-    from vlmforge.model.generate import generate
+    from vlmforge.errors import UserError
+    from vlmforge.model.decoding import generate
+    from vlmforge.model.saving import load_vlm
     from vlmforge.shards import ImageDecodeError, decode_image
 
     images = []

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmforge.arch.geometry import preprocess_spec_for
+from vlmforge.arch.projectors import projector_class
 from vlmforge.model import attention as attn
 from vlmforge.model import positions as pos
-from vlmforge.arch.geometry import tokens_for_grid
-from vlmforge.model.vision import encoder_layers, inner, layers_used, patch_features
+from vlmforge.model.tower import encoder_layers, inner, layers_used, patch_features
 
 
 class ImageTokenMismatch(ValueError):
@@ -35,10 +36,6 @@ class VisionLanguageModel(nn.Module):
         self.v2pe_delta = float(model_cfg.v2pe_delta)
         self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
         self.use_flash = False  # set by build_vlm when flash-attn varlen is chosen
-        if self.attention not in attn.MODES:
-            raise ValueError(f"model.attention {self.attention!r} is not one of {', '.join(attn.MODES)}")
-        if self.positions not in ("restart", "continue", "v2pe"):
-            raise ValueError(f"model.positions {self.positions!r} is not one of restart, continue, v2pe")
         self.tokens_per_image  # noqa: B018 - fail at build time on an impossible geometry (odd grid for pixel shuffle)
         self.apply_freeze(model_cfg)
 
@@ -55,17 +52,15 @@ class VisionLanguageModel(nn.Module):
         """Change the visual tokens per image (avgpool_mlp only): k*k, or None for the full grid."""
         if not hasattr(self.projector, "pool_size"):
             raise ValueError(f"{self.projector_kind} has a fixed number of tokens; pool_size applies to avgpool_mlp")
-        tokens_for_grid(self.projector_kind, self.patch_grid, k)  # validates
+        projector_class(self.projector_kind).tokens(self.patch_grid, k)  # validates
         self.projector.pool_size = k
 
     @property
     def tokens_per_image(self) -> int:
-        return tokens_for_grid(self.projector_kind, self.patch_grid, self.pool_size)
+        return projector_class(self.projector_kind).tokens(self.patch_grid, self.pool_size)
 
     def preprocess_spec(self) -> dict:
         """Image preprocessing for this tower (same as geometry.image_preprocess_spec)."""
-        from vlmforge.arch.geometry import preprocess_spec_for
-
         return preprocess_spec_for(self.vision.config.model_type, self.image_size)
 
     def apply_run_settings(self, model_cfg) -> None:

@@ -5,15 +5,19 @@
   the network, AdamW for embeddings, the output head, biases and norms (Muon's authors' split).
   The two are stepped as one (``OptimizerChain``), each with its own schedule (``SchedulerChain``).
 - The schedule: linear warmup, then cosine / linear decay or constant.
+- For a small stand-alone trainer (``curate train-filter``, ``vision-pretrain``): ``adamw_with_decay_split``
+  (AdamW, one decay and one no-decay group) and ``warmup_cosine_scheduler``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from vlmforge.errors import ConfigError
 from vlmforge.train.muon import Muon
 
 COMPONENTS = ("vision", "projector", "llm")
@@ -173,8 +177,6 @@ def build_optimizer(model: nn.Module, tcfg):
     if kind == "adamw":
         return adamw(param_groups(model, tcfg))
     if kind != "muon":
-        from vlmforge.errors import ConfigError
-
         raise ConfigError(f"train.optimizer must be adamw or muon, got {kind!r}")
     matrices = muon_groups(model, tcfg)
     rest = param_groups(model, tcfg, exclude={id(p) for g in matrices for p in g["params"]})
@@ -219,7 +221,6 @@ def build_scheduler(optimizer, tcfg, total_steps: int):
     ``SchedulerChain`` of them, same schedule, for an ``OptimizerChain``."""
     warm = warmup_steps(tcfg, total_steps)
     schedule, min_ratio = str(tcfg.lr_schedule), float(tcfg.min_lr_ratio)
-    lr_factor(0, total_steps, warm, schedule, min_ratio)  # validates the schedule name now
 
     def fn(step: int) -> float:
         return lr_factor(step, total_steps, warm, schedule, min_ratio)
@@ -233,3 +234,30 @@ def current_lrs(optimizer) -> dict[str, float]:
     """lr per component (decay / no-decay groups of one component share it; Muon's are logged
     apart, as lr/<component>_muon)."""
     return {f"lr/{g['name'].removesuffix('_no_decay')}": float(g["lr"]) for g in optimizer.param_groups}
+
+
+def adamw_with_decay_split(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    lr: float,
+    weight_decay: float,
+    no_decay: Callable[[str, torch.Tensor], bool] = is_no_decay,
+) -> torch.optim.AdamW:
+    """AdamW with two groups, in this order: the parameters that decay, then those ``no_decay``
+    picks (weight decay 0). Every parameter given is trained (filter frozen ones first)."""
+    named = list(named_params)
+    decay = [p for n, p in named if not no_decay(n, p)]
+    rest = [p for n, p in named if no_decay(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup: int) -> float:
+    """The small trainers' multiplier: a linear warmup over ``warmup`` steps times a cosine over
+    the whole run (the cosine starts at step 0, not after the warmup as in ``lr_factor``)."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int | None = None):
+    """LambdaLR of ``warmup_cosine_factor``; the warmup defaults to a twentieth of the run (>= 1 step)."""
+    warm = max(1, total_steps // 20) if warmup is None else warmup
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, total_steps, warm))

@@ -9,7 +9,7 @@ grid. The output folder is an ordinary ``save_pretrained`` folder, so a VLM take
 Why this exists: with no pretrained SigLIP offline, a tiny tower must learn to see from the world
 itself. Contrastive image-caption training (the filter network) keeps colour and position but
 drops shape, because the captions in a batch can be told apart without it; direct labels teach
-all attributes in seconds (measured: held-out shape accuracy 0.98-0.99 after 15-20 s on 2 CPU cores).
+every attribute quickly.
 """
 
 from __future__ import annotations
@@ -20,20 +20,35 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from vlmforge.arch.geometry import build_image_processor, preprocess_spec_for
+from vlmforge.config import save_resolved
+from vlmforge.errors import UserError
+from vlmforge.files import numbered_lines, write_json, write_manifest
+from vlmforge.images import preprocess_batch
+from vlmforge.model.tower import patch_features
+from vlmforge.train.optim import adamw_with_decay_split, warmup_cosine_scheduler
 
 NONE = "none"  # label of an empty cell
 _LOCATION_KEYS = ("position", "cell")
+# Part of the input format: a 3x3 label grid's cells may be named by `position` instead of `cell`
+# (row, col) -> name. `vlmforge synth` writes these names (tests/test_vision_pretrain.py checks they agree).
+POSITION_NAMES_3X3 = {
+    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
+    (1, 0): "left", (1, 1): "center", (1, 2): "right",
+    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+}  # fmt: skip
 
 
 def _cell_of(obj: dict, grid: int, where: str) -> int:
-    from vlmforge.errors import UserError
-    from vlmforge.synth.world import CELL_NAMES
-
     if "cell" in obj:
         r, c = obj["cell"]
-    elif grid == 3 and obj.get("position") in CELL_NAMES.values():
-        r, c = next(rc for rc, name in CELL_NAMES.items() if name == obj["position"])
+    elif grid == 3 and obj.get("position") in POSITION_NAMES_3X3.values():
+        r, c = next(rc for rc, name in POSITION_NAMES_3X3.items() if name == obj["position"])
     else:
         raise UserError(f"{where}: object {obj} needs a 'cell': [row, col] or a 3x3 'position' name")
     if not (0 <= r < grid and 0 <= c < grid):
@@ -44,11 +59,6 @@ def _cell_of(obj: dict, grid: int, where: str) -> int:
 def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], dict]:
     """(PIL images, per-image {cell: object} lists, counts) from an objects.jsonl (or its folder).
     Unreadable images are skipped and counted; a malformed row is an error naming file and line."""
-    from PIL import Image
-
-    from vlmforge.errors import UserError
-    from vlmforge.files import numbered_lines
-
     path = Path(path)
     if path.is_dir():
         path = path / "objects.jsonl"
@@ -94,13 +104,7 @@ def label_tensor(labels: list[list[dict]], vocab: dict[str, list[str]]) -> torch
 
 
 def build_tower(vp):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-    from vlmforge.errors import UserError
-
     if vp.init:  # a vision tower folder, or a whole CLIP / SigLIP model folder (its vision half)
-        from transformers import AutoConfig
-
         siglip = AutoConfig.from_pretrained(vp.init).model_type.startswith("siglip")
         cls = SiglipVisionModel if siglip else CLIPVisionModel
         return cls.from_pretrained(vp.init, attn_implementation="sdpa", dtype=torch.float32)
@@ -123,10 +127,9 @@ class CellHeads(nn.Module):
     """Patch features -> per-cell logits for every attribute, and (``where``) for the cell's own index.
 
     The attribute heads are shared by all cells, so nothing in them needs the features to say where
-    a cell is, and training wears the position embedding's trace away (measured: a linear probe
-    found the cell of an occupied cell 14% of the time, chance 11%). A pretrained ViT's patch
-    features do carry their position, and the VLM needs it for "where" questions: the ``where``
-    head keeps it."""
+    a cell is, and training wears the position embedding's trace away (a linear probe on the
+    features barely beats chance at naming a cell). A pretrained ViT's patch features do carry their
+    position, and the VLM needs it for "where" questions: the ``where`` head keeps it."""
 
     def __init__(self, dim: int, vocab: dict[str, list[str]], grid: int, where: bool = True):
         super().__init__()
@@ -145,8 +148,6 @@ class CellHeads(nn.Module):
 
 def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
     """Per attribute: accuracy on occupied cells; plus 'empty': cells correctly called empty/occupied."""
-    from vlmforge.model.vision import patch_features
-
     tower.eval()
     hits = {k: 0 for k in heads.heads}
     occupied = int((y[..., 0] > 0).sum())
@@ -173,14 +174,6 @@ def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
 
 def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=print, progress: bool = True) -> dict:
     """Train, keep the epoch with the best held-out mean accuracy, save the tower; returns its accuracy."""
-    from tqdm import tqdm
-
-    from vlmforge.errors import UserError
-    from vlmforge.files import write_json, write_manifest
-    from vlmforge.images import preprocess_batch
-    from vlmforge.arch.geometry import build_image_processor, preprocess_spec_for
-    from vlmforge.model.vision import patch_features
-
     if vp.epochs < 1 or vp.batch_size < 1:
         raise UserError("vision_pretrain.epochs and vision_pretrain.batch_size must be >= 1")
     out = Path(out_dir)
@@ -203,16 +196,12 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
     order = torch.randperm(len(pix), generator=g)
     n_hold = max(4, int(len(order) * vp.holdout_frac))
     hold, train = order[:n_hold], order[n_hold:]
-    params = [p for p in [*tower.parameters(), *heads.parameters()] if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": vp.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=vp.lr)
+    named = [(n, p) for n, p in [*tower.named_parameters(), *heads.named_parameters()] if p.requires_grad]
+    params = [p for _, p in named]
+    opt = adamw_with_decay_split(named, vp.lr, vp.weight_decay, no_decay=lambda n, p: p.ndim < 2)
     steps_per_epoch = max(1, len(train) // vp.batch_size)
     total = steps_per_epoch * vp.epochs
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    sched = warmup_cosine_scheduler(opt, total)
     history, best = [], None
     bar = tqdm(total=total, desc="vision-pretrain", unit="step", disable=not progress)
     for epoch in range(vp.epochs):
@@ -251,8 +240,6 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=
         f.writelines(json.dumps(r) + "\n" for r in history)
     write_json(out / "labels.json", {"grid": vp.grid, "vocab": vocab})
     if config is not None:
-        from vlmforge.config import save_resolved
-
         save_resolved(config, out)
     write_manifest(out, "vision_pretrain", inputs=str(data), config=config,
                    counts={**counts, "images": len(pix), "train": len(train), "holdout": n_hold},

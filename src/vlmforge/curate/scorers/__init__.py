@@ -2,36 +2,24 @@
 
 A scorer has ``prepare(images, captions) -> batch`` (runs in DataLoader workers: preprocessing
 only, no model) and ``score(batch) -> dict[column, np.ndarray]`` (runs in the main process;
-``score`` is the column filters use by default). ``info()`` goes into the manifest.
+``score`` is the column filters use by default). ``info()`` goes into the manifest. One module
+per scorer class; its ``names`` are the ``--scorer`` values it answers to and ``from_config``
+builds it from ``curate.score``. The registry below is derived from those classes.
 """
 
 from __future__ import annotations
 
-SCORERS = ("clip", "dfn", "mlm")
+from vlmforge.curate.scorers.clip import ContrastiveScorer
+from vlmforge.curate.scorers.mlm import MLMJudgeScorer
+from vlmforge.errors import UserError
+
+SCORER_CLASSES = {name: cls for cls in (ContrastiveScorer, MLMJudgeScorer) for name in cls.names}
+SCORERS = tuple(SCORER_CLASSES)
 
 
 def load_scorer(name: str, score_cfg):
-    from vlmforge.errors import UserError
-
     if not score_cfg.model:
         raise UserError(f"scorer {name!r} needs a model: --model DIR (or --set curate.score.model=...)")
-    if name in ("clip", "dfn"):
-        from vlmforge.curate.scorers.clip import ContrastiveScorer
-
-        return ContrastiveScorer(score_cfg.model, device=score_cfg.device, dtype=score_cfg.dtype,
-                                 trust_remote_code=score_cfg.trust_remote_code, name=name,
-                                 save_embeddings=score_cfg.save_embeddings)
-    if name == "mlm":
-        from vlmforge.curate.scorers.mlm import MLMJudgeScorer
-
-        return MLMJudgeScorer(score_cfg.model, device=score_cfg.device, metrics=list(score_cfg.mlm_metrics),
-                              max_new_tokens=score_cfg.mlm_max_new_tokens, score_from=score_cfg.mlm_score)
-    raise UserError(f"unknown scorer {name!r} (choose from {', '.join(SCORERS)})")
-
-
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if name not in SCORER_CLASSES:
+        raise UserError(f"unknown scorer {name!r} (choose from {', '.join(SCORERS)})")
+    return SCORER_CLASSES[name].from_config(name, score_cfg)

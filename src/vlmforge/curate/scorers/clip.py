@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from vlmforge.curate.scorers import resolve_device
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from vlmforge.curate.scorers.base import DTYPES, resolve_device
+from vlmforge.errors import UserError
 
 
 def features(out) -> torch.Tensor:
@@ -37,10 +37,6 @@ def text_inputs(tokenizer, captions: list[str], siglip: bool, max_len: int) -> d
 
 
 def load_contrastive(path: str, trust_remote_code: bool = False, dtype=torch.float32):
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-    from vlmforge.errors import UserError
-
     try:
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -54,6 +50,14 @@ def load_contrastive(path: str, trust_remote_code: bool = False, dtype=torch.flo
 
 
 class ContrastiveScorer:
+    names = ("clip", "dfn")  # dfn: a filtering network written by `curate train-filter` (same model class)
+
+    @classmethod
+    def from_config(cls, name: str, score_cfg) -> ContrastiveScorer:
+        return cls(score_cfg.model, device=score_cfg.device, dtype=score_cfg.dtype,
+                   trust_remote_code=score_cfg.trust_remote_code, name=name,
+                   save_embeddings=score_cfg.save_embeddings)
+
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32",
                  trust_remote_code: bool = False, name: str = "clip", save_embeddings: bool = False):
         self.name = name
@@ -61,12 +65,12 @@ class ContrastiveScorer:
         self.model_path = model_path
         self.device = resolve_device(device)
         self.model, self.image_processor, self.tokenizer = load_contrastive(
-            model_path, trust_remote_code, _DTYPES[dtype]
+            model_path, trust_remote_code, DTYPES[dtype]
         )
         self.model.to(self.device)
         self.siglip = is_siglip(self.model)
         self.max_len = int(self.model.config.text_config.max_position_embeddings)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
 
     def info(self) -> dict:
         return {"scorer": self.name, "model": self.model_path, "model_class": type(self.model).__name__,

@@ -26,8 +26,15 @@ import re
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
-from vlmforge.curate.scorers import resolve_device
+from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
+from vlmforge.curate.scorers.base import resolve_device
+from vlmforge.errors import UserError
+from vlmforge.images import preprocess_batch
+from vlmforge.model import attention as attn
+from vlmforge.model import decoding
+from vlmforge.model.saving import load_vlm
 
 # Paraphrases of MLM-Filter's four judging instructions (Wang et al. 2024, "Finetuned Multimodal
 # Language Models are High-Quality Image-Text Data Filters").
@@ -57,8 +64,6 @@ _NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.]?\d)")
 
 
 def judge_messages(caption: str, metric: str) -> list[dict]:
-    from vlmforge.arch.tokens import IMAGE_TOKEN
-
     return [{"role": "user", "content": f"{IMAGE_TOKEN}\nText Caption: {caption}\n\n{METRIC_PROMPTS[metric]}"}]
 
 
@@ -73,8 +78,6 @@ def parse_score(text: str) -> float | None:
 
 def candidate_ids(tokenizer) -> list[list[int]]:
     """Token ids of each answer "0".."100" followed by the end-of-turn token."""
-    from vlmforge.arch.tokens import IM_END
-
     end = tokenizer.convert_tokens_to_ids(IM_END)
     return [tokenizer.encode(str(n), add_special_tokens=False) + [end] for n in SCORE_VALUES]
 
@@ -108,10 +111,6 @@ def expected_scores(model, prompt: list[int], pixel_values: torch.Tensor, cands:
 
     The prompt runs once into a KV cache, which is repeated for the candidates; each candidate then
     costs only its own few tokens."""
-    from transformers import DynamicCache
-
-    from vlmforge.model import attention as attn
-
     dev = pixel_values.device
     n = len(cands)
     ids = torch.tensor([prompt], device=dev)
@@ -151,24 +150,25 @@ def expected_scores_reference(model, prompt: list[int], pixel_values: torch.Tens
 
 
 class MLMJudgeScorer:
+    names = ("mlm",)
+
+    @classmethod
+    def from_config(cls, name: str, score_cfg) -> MLMJudgeScorer:
+        return cls(score_cfg.model, device=score_cfg.device, metrics=list(score_cfg.mlm_metrics),
+                   max_new_tokens=score_cfg.mlm_max_new_tokens, score_from=score_cfg.mlm_score)
+
     def __init__(self, ckpt: str, device: str = "auto", metrics: list[str] | None = None,
                  max_new_tokens: int = 8, score_from: str = "ev", model=None, tokenizer=None):
-        from vlmforge.errors import UserError
-
         self.name = "mlm"
         self.model_path = ckpt
         self.metrics = list(metrics or METRIC_PROMPTS)
         bad = [m for m in self.metrics if m not in METRIC_PROMPTS]
         if bad:
             raise UserError(f"unknown MLM-Filter metric(s) {bad}; choose from {', '.join(METRIC_PROMPTS)}")
-        if score_from not in ("ev", "parsed"):
-            raise UserError(f"curate.score.mlm_score must be ev or parsed, got {score_from!r}")
         self.score_from = score_from
         self.max_new_tokens = max_new_tokens
         self.device = resolve_device(device)
         if model is None:
-            from vlmforge.model import load_vlm
-
             model, tokenizer, _ = load_vlm(ckpt, device=self.device)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cands = candidate_ids(tokenizer)
@@ -182,21 +182,18 @@ class MLMJudgeScorer:
 
     @torch.no_grad()
     def score(self, batch: dict) -> dict:
-        from vlmforge.model.generate import generate, prompt_ids
-        from vlmforge.images import preprocess_batch
-
         images, captions = batch["images"], batch["captions"]
         n = len(captions)
         cols: dict[str, list] = {}
         pv = preprocess_batch(images, self.model.preprocess_spec()).to(self.device)
         for m in self.metrics:
             prompts = [judge_messages(c, m) for c in captions]
-            answers = generate(self.model, self.tokenizer, prompts, [[im] for im in images],
+            answers = decoding.generate(self.model, self.tokenizer, prompts, [[im] for im in images],
                                max_new_tokens=self.max_new_tokens, temperature=0.0)
             parsed = [parse_score(a) for a in answers]
             evs, masses = [], []
             for i in range(n):
-                ids = prompt_ids(self.model, self.tokenizer, prompts[i], 1, i)
+                ids = decoding.prompt_ids(self.model, self.tokenizer, prompts[i], 1, i)
                 ev, mass = expected_scores(self.model, ids, pv[i : i + 1], self.cands)
                 evs.append(ev)
                 masses.append(mass)

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_model, save_model
+from transformers.initialization import no_init_weights
 
 from vlmforge.config import load_recipe, save_resolved
-
 from vlmforge.errors import ConfigError
+from vlmforge.model.build import build_vlm
+from vlmforge.text.tokenization import load_tokenizer
 
 WEIGHTS = "model.safetensors"
 VISION_CONFIG = "vision_config.json"
@@ -25,8 +29,6 @@ LLM_CONFIG = "llm_config.json"
 
 def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
     """Write a checkpoint folder (weights in fp32 or their current dtype, tokenizer, resolved recipe)."""
-    from safetensors.torch import save_model
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (WEIGHTS + ".tmp")
@@ -42,8 +44,6 @@ def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
 def _offline_arch(cfg, ckpt: Path):
     """The recipe as stored, but building from configs only: weights come from model.safetensors,
     so architectures come from the saved config files (or a local `pretrained` folder's config.json)."""
-    from omegaconf import OmegaConf
-
     arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for part, saved in (("vision", VISION_CONFIG), ("llm", LLM_CONFIG)):
         if (ckpt / saved).is_file():
@@ -66,19 +66,12 @@ def _offline_arch(cfg, ckpt: Path):
 def load_vlm(ckpt_dir: str | os.PathLike, overrides: Iterable[str] = (), device: str | torch.device = "cpu"):
     """(model, tokenizer, cfg) from a checkpoint folder; `overrides` are `key=value` recipe settings
     (e.g. model.projector.pool_size=null to run a pooled checkpoint at full resolution)."""
-    from safetensors.torch import load_model
-
-    from vlmforge.text.tokenization import load_tokenizer
-    from vlmforge.model.build import build_vlm
-
     ckpt = Path(ckpt_dir)
     if not (ckpt / WEIGHTS).is_file() or not (ckpt / "config.yaml").is_file():
         raise ConfigError(f"{ckpt} is not a vlmforge checkpoint (needs {WEIGHTS} and config.yaml)")
     cfg = load_recipe(ckpt / "config.yaml", overrides)
     tok = load_tokenizer(ckpt / "tokenizer", trust_remote_code=bool(cfg.model.trust_remote_code))
     arch = _offline_arch(cfg, ckpt)
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():  # every weight comes from the file: skip random init
         model = build_vlm(arch.model, tok, device=device, resize_vocab=False)
     missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=True, device=str(device))

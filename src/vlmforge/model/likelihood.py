@@ -17,6 +17,10 @@ from typing import Sequence
 
 import torch
 
+from vlmforge.arch.tokens import IM_END
+from vlmforge.images import preprocess_batch
+from vlmforge.model.decoding import prompt_ids
+
 
 @torch.no_grad()
 def continuation_logprobs(
@@ -28,10 +32,6 @@ def continuation_logprobs(
     ``candidates[i]`` are the answers to score for prompt i; the prompt's images are encoded once per
     candidate row (rows are right-padded into one batch).
     """
-    from vlmforge.arch.tokens import IM_END
-    from vlmforge.images import preprocess_batch
-    from vlmforge.model.generate import prompt_ids
-
     if not (len(prompts) == len(images) == len(candidates)):
         raise ValueError(f"{len(prompts)} prompts, {len(images)} image lists, {len(candidates)} candidate lists")
     if any_first_case:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import CLIPVisionModel, SiglipVisionModel
 
-from vlmforge.errors import ConfigError
 from vlmforge.arch.presets import vision_config
+from vlmforge.errors import ConfigError
 
 
 def build_vision_tower(vision_cfg, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import CLIPVisionModel, SiglipVisionModel
-
     cfg = vision_config(vision_cfg)
     cls = CLIPVisionModel if cfg.model_type == "clip_vision_model" else SiglipVisionModel
     if vision_cfg.pretrained:

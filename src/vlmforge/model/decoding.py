@@ -11,14 +11,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 
+from vlmforge.arch.tokens import IM_END
+from vlmforge.images import preprocess_batch
 from vlmforge.model import attention as attn
+from vlmforge.model.positions import restart_positions, v2pe_positions
+from vlmforge.text.chat import encode_conversation
 
 
 def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index: int = 0) -> list[int]:
     """Chat template with the generation prompt; each `<image>` expanded to the model's visual tokens."""
-    from vlmforge.text.tokenization import encode_conversation
-
     ids, _ = encode_conversation(tokenizer, messages, add_generation_prompt=True)
     marks = sum(1 for i in ids if i == model.image_token_id)
     if marks != n_images:
@@ -30,8 +33,6 @@ def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index:
 
 
 def _stop_ids(tokenizer) -> set[int]:
-    from vlmforge.arch.tokens import IM_END
-
     stops = {tokenizer.convert_tokens_to_ids(IM_END)}
     if tokenizer.eos_token_id is not None:
         stops.add(int(tokenizer.eos_token_id))
@@ -66,8 +67,6 @@ def generate_ids(
     v2pe_delta: float | None = None,
 ) -> list[list[int]]:
     """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded)."""
-    from transformers import DynamicCache
-
     model.use_sdpa()  # cached decoding uses explicit 4D masks
     b = input_ids.shape[0]
     dev = input_ids.device
@@ -78,11 +77,7 @@ def generate_ids(
 
     def positions(ids, sids):
         if model.positions == "v2pe":
-            from vlmforge.model.positions import v2pe_positions
-
             return v2pe_positions(ids, sids, model.image_token_id, model.tokens_per_image, float(delta))
-        from vlmforge.model.positions import restart_positions
-
         return restart_positions(sids)
 
     lm, head = model.llm.base_model, model.llm.get_output_embeddings()
@@ -135,8 +130,6 @@ def generate(
     return_ids: bool = False,
 ):
     """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i."""
-    from vlmforge.images import preprocess_batch
-
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     if not prompts:
