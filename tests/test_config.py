@@ -8,8 +8,8 @@ from omegaconf import MISSING, OmegaConf
 
 from vlmforge.cli import main
 from vlmforge.config import load_recipe, save_resolved
-from vlmforge.errors import ConfigError
 from vlmforge.config.loader import BUILTIN_DIR
+from vlmforge.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:
@@ -45,6 +45,32 @@ def test_override_converts_type_and_rejects_bad_values(tmp_path):
         load_recipe(None, ["synth.nope=1"])
     with pytest.raises(ConfigError, match="key=value"):
         load_recipe(None, ["synth.image_size"])
+
+
+def test_wrong_choice_names_key_value_allowed_values_and_source(tmp_path):
+    r = write(tmp_path / "r.yaml", "model:\n  projector:\n    kind: linear\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(r)
+    msg = str(e.value)
+    assert str(r) in msg and "model.projector.kind" in msg and "'linear'" in msg
+    assert "avgpool_mlp, pixel_shuffle_mlp, mlp" in msg
+    with pytest.raises(ConfigError) as e:
+        load_recipe("tiny/pretrain", ["train.lr_schedule=step"])
+    msg = str(e.value)
+    assert "--set train.lr_schedule=step" in msg and "'step'" in msg and "cosine, linear, constant" in msg
+    with pytest.raises(ConfigError, match=r"curate.dedup.exact\[1\] must be one of uid, image, caption, pair"):
+        load_recipe(None, ["curate.dedup.exact=[uid,bytes]"])
+    assert load_recipe(None, ["train.lr_schedule=linear"]).train.lr_schedule == "linear"  # a plain str
+
+
+def test_removed_key_says_where_the_setting_went(tmp_path):
+    r = write(tmp_path / "r.yaml", "train:\n  image_root: /data/images\n")
+    with pytest.raises(ConfigError, match="train.image_root .*sft.image_root") as e:
+        load_recipe(r)
+    assert str(r) in str(e.value)
+    # run folders written before the key went away still load
+    old = write(tmp_path / "old.yaml", "train:\n  image_root: null\n  text_mix_ratio: 0.0\n")
+    assert "image_root" not in load_recipe(old).train
 
 
 @dataclass

@@ -5,6 +5,7 @@ Each stage owns one section schema (``config/<section>.py``); ``Recipe`` compose
 
 from vlmforge.config.loader import (
     load_recipe,
+    load_recipe_files,
     recipe_from_dict,
     resolve_recipe_path,
     save_resolved,
@@ -15,6 +16,7 @@ from vlmforge.config.recipe import Recipe
 __all__ = [
     "Recipe",
     "load_recipe",
+    "load_recipe_files",
     "recipe_from_dict",
     "resolve_recipe_path",
     "save_resolved",

@@ -7,24 +7,32 @@ override the matching field (they are shortcuts for ``--set curate.<...>=...``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
+
+from vlmforge.config.train import Device
+
+Scorer = Literal["clip", "dfn", "mlm"]
+# The four judging instructions of MLM-Filter (vlmforge.curate.scorers.mlm.METRIC_PROMPTS).
+MLMMetric = Literal["image_text_matching", "object_detail_fulfillment", "caption_text_quality",
+                    "semantic_understanding"]
+ExactKey = Literal["uid", "image", "caption", "pair"]
 
 
 @dataclass
 class ScoreConfig:
-    scorer: str = "clip"  # clip | dfn | mlm
+    scorer: Scorer = "clip"
     # clip/dfn: transformers CLIPModel / SiglipModel folder or hub id; mlm: a vlmforge checkpoint folder.
     model: Optional[str] = None
     batch_size: int = 64
     num_workers: int = 0  # DataLoader workers that read + decode + preprocess shards
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (model weights during scoring)
+    device: Device = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model weights during scoring
     trust_remote_code: bool = False
     # clip/dfn: also store the L2-normalised image embedding per sample (column image_embedding,
     # float16 values) for embedding near-duplicate search in `curate dedup`.
     save_embeddings: bool = False
     # mlm judge
-    mlm_metrics: List[str] = field(
+    mlm_metrics: List[MLMMetric] = field(
         default_factory=lambda: [
             "image_text_matching",
             "object_detail_fulfillment",
@@ -33,13 +41,14 @@ class ScoreConfig:
         ]
     )
     mlm_max_new_tokens: int = 8
-    # Which value becomes the ``score`` column of an mlm sidecar: ev (expected value) | parsed (greedy text).
-    mlm_score: str = "ev"
+    # Which value becomes the ``score`` column of an mlm sidecar: ev (expected value) or parsed (greedy text).
+    mlm_score: Literal["ev", "parsed"] = "ev"
 
 
 @dataclass
 class TrainFilterConfig:
-    arch: str = "clip"  # clip (softmax contrastive; robust from scratch) | siglip (sigmoid loss, SiglipModel)
+    # clip: softmax contrastive, robust from scratch; siglip: sigmoid loss (SiglipModel)
+    arch: Literal["clip", "siglip"] = "clip"
     init: Optional[str] = None  # start from a CLIP/SigLIP checkpoint folder instead of random weights
     tokenizer: Optional[str] = None  # tokenizer folder for a from-scratch filter (default: train one on the captions)
     tokenizer_vocab_size: int = 1024
@@ -49,9 +58,7 @@ class TrainFilterConfig:
     num_layers: int = 2
     num_heads: int = 4
     embed_dim: int = 64  # clip projection size
-    max_text_len: int = 64  # synthetic-world captions reach ~45 tokens
-    # Measured on the synthetic world (2000 trusted pairs, CPU): 6 epochs, batch 32, lr 1e-3 reach
-    # 96.5% of shuffled held-out pairs rejected at the keep-95% threshold.
+    max_text_len: int = 64  # room for the synthetic world's longest captions
     epochs: int = 6
     batch_size: int = 32
     lr: float = 1.0e-3
@@ -64,7 +71,7 @@ class TrainFilterConfig:
 
 @dataclass
 class NearDupConfig:
-    method: str = "phash"  # phash | embedding | none
+    method: Literal["phash", "embedding", "none"] = "phash"
     # phash: max Hamming distance (of 64 bits) to call two images near-duplicates.
     phash_max_distance: int = 4
     # embedding: min cosine similarity of image embeddings to call near-duplicates; the embeddings come
@@ -77,8 +84,8 @@ class NearDupConfig:
 @dataclass
 class DedupConfig:
     # Exact keys; a later sample equal on any of them to an earlier one is dropped.
-    # uid | image (sha256 of the bytes) | caption (normalised text) | pair (image sha256 + normalised caption)
-    exact: List[str] = field(default_factory=lambda: ["uid", "image"])
+    # uid, image (sha256 of the bytes), caption (normalised text), pair (image sha256 + normalised caption)
+    exact: List[ExactKey] = field(default_factory=lambda: ["uid", "image"])
     near: NearDupConfig = field(default_factory=NearDupConfig)
 
 
@@ -89,7 +96,7 @@ class CurateConfig:
     # filter criteria (see `vlmforge curate filter --help`), e.g. "clip.score>=0.28", "dfn.score:top=0.15",
     # "uids:/path/subset.npy"
     criteria: List[str] = field(default_factory=list)
-    combine: str = "and"  # and | or
+    combine: Literal["and", "or"] = "and"  # how several criteria combine
     # When set, every output sample is checked to decode; undecodable ones are dropped as corrupt.
     check_images: bool = True
     seed: int = 0

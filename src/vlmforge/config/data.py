@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -12,9 +12,9 @@ class PackConfig:
 
     max_len: int = 4096  # tokens per pack (visual tokens + caption + separator, summed over samples)
     window: int = 10000  # samples planned together; one packed output shard per window
-    method: str = "auto"  # auto | exact | ffd (see vlmforge.data.packing.plan_packs)
+    method: Literal["auto", "exact", "ffd"] = "auto"  # see vlmforge.data.packer.plan_packs
     carry_over: bool = True  # the emptiest pack of a window (if < 99% full) is re-planned with the next window
-    too_long: str = "truncate"  # truncate (cut the caption) | drop; both counted in the manifest
+    too_long: Literal["truncate", "drop"] = "truncate"  # cut the caption, or drop; both counted in the manifest
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
     check_images: bool = True  # fully decode every image at pack time (bad ones are skipped and counted)
     threads: int = 2  # threads decoding images for the check (PIL releases the GIL)
@@ -32,10 +32,11 @@ class DataConfig:
 
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True  # seeded per epoch (recipe seed + epoch)
-    positions: str = "restart"  # restart (position ids start at 0 per sample) | continue (across the pack)
+    # restart: position ids start at 0 per sample; continue: they run on across the pack
+    positions: Literal["restart", "continue"] = "restart"
     supervise_sep: bool = True  # learn to predict <|im_end|> after each caption
     pad_to_max_len: bool = True  # pad rows to pack.max_len (static shapes) instead of the longest row
     # Equal batch count per rank (no DDP hang): wrap = fill the last global batch with packs from the
     # start of the epoch (every pack seen); drop = leave the incomplete last global batch out.
-    remainder: str = "wrap"
+    remainder: Literal["wrap", "drop"] = "wrap"
     strict: bool = False  # raise on an undecodable image instead of dropping that sample from its pack

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -19,4 +19,4 @@ class EvalConfig:
     strict: bool = True  # bad rows / undecodable images: error (True) or skip and count (False)
     # Multiple choice: generate (parse the letter of the reply) and/or likelihood (rank the option
     # texts by the model's likelihood, SEED-Bench style; results under NAME@likelihood).
-    mc_protocols: list[str] = field(default_factory=lambda: ["generate"])
+    mc_protocols: list[Literal["generate", "likelihood"]] = field(default_factory=lambda: ["generate"])

@@ -3,13 +3,15 @@
 A recipe file is a partial YAML view of :class:`~vlmforge.config.recipe.Recipe`; every
 field it leaves out keeps its schema default. A recipe may name a ``base`` recipe
 (path relative to itself, or a built-in name) that is merged first.
-Validation is OmegaConf's: unknown keys, wrong types and missing required values
-raise before any work starts, and we re-raise them naming the key and the file.
+Validation is OmegaConf's: unknown keys, wrong types, values outside a choice field's
+``Literal[...]`` and missing required values raise before any work starts, and we re-raise
+them naming the key, the value, the allowed values and the file (or the ``--set`` overrides).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,8 +22,17 @@ from omegaconf.errors import OmegaConfBaseException
 from vlmforge.config.recipe import Recipe
 from vlmforge.errors import ConfigError
 
-
 BUILTIN_DIR = Path(str(resources.files("vlmforge") / "recipes"))
+# OmegaConf's message for a value outside a Literal[...] field.
+_CHOICE_ERROR = re.compile(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]$")
+# Keys no longer in the schema: {key: (the value old resolved configs hold, where the setting went)}.
+# Run folders and checkpoints written before their removal still load; any other value fails.
+REMOVED_KEYS = {
+    "train.image_root": (None, "SFT reads its images from sft.image_root"),
+    "train.text_data_path": (None, "nothing read it; text-only data is mixed in at pack time (pack.text_corpus)"),
+    "train.text_mix_ratio": (0.0, "nothing read it; text-only data is mixed in at pack time (pack.text_ratio)"),
+    "sft.batch_size": (8, "SFT rows per batch per rank are train.micro_batch_size"),
+}
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
@@ -42,7 +53,22 @@ def resolve_recipe_path(name_or_path: str | os.PathLike, relative_to: Path | Non
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    choice = _CHOICE_ERROR.match(msg)
+    if choice:
+        allowed = ", ".join(a.strip().strip("'\"") for a in choice["allowed"].split(","))
+        return f"{key} must be one of {allowed}, got {choice['value']}"
     return f"key '{key}': {msg}"
+
+
+def _drop_removed_keys(layer: DictConfig, source: str) -> None:
+    for key, (old_default, where) in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        sub = layer.get(section) if isinstance(layer, DictConfig) else None
+        if not isinstance(sub, DictConfig) or name not in sub:
+            continue
+        if sub[name] != old_default:
+            raise ConfigError(f"{source}: {key} is no longer a setting: {where}")
+        del sub[name]
 
 
 def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
@@ -63,6 +89,7 @@ def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path
 
 
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    _drop_removed_keys(layer, source)
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -77,6 +104,15 @@ def _check_complete(cfg: DictConfig, source: str) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def load_recipe_files(recipe: str | os.PathLike) -> DictConfig:
+    """Only what a recipe's files write (base chain merged, base first; keys in the order they first
+    appear; values as written, without schema defaults or validation). :func:`load_recipe` checks them."""
+    cfg = OmegaConf.create({})
+    for _, layer in _load_file_chain(resolve_recipe_path(recipe)):
+        cfg = OmegaConf.merge(cfg, layer)
+    return cfg
 
 
 def load_recipe(
@@ -113,6 +149,14 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> DictConfig:
     cfg = _merge(OmegaConf.structured(Recipe), OmegaConf.create(data), source)
     _check_complete(cfg, source)
     return cfg
+
+
+def set_value(cfg: DictConfig, key: str, value: Any, source: str) -> None:
+    """Set one field from a command-line flag; the schema validates it and the error names the flag."""
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

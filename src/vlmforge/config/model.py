@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -28,13 +28,13 @@ class LLMConfig:
     frozen: bool = False
     # Random init only: std of the attention query/key projections (None = the preset's
     # initializer_range). Larger Q/K weights shorten the plateau before a from-scratch LM learns to
-    # look things up by content (measured in bench/bench_qa_binding.py and the demo).
+    # look things up by content (research/qa_binding.py).
     qk_init_std: Optional[float] = None
 
 
 @dataclass
 class ProjectorConfig:
-    kind: str = "avgpool_mlp"  # avgpool_mlp | pixel_shuffle_mlp | mlp
+    kind: Literal["avgpool_mlp", "pixel_shuffle_mlp", "mlp"] = "avgpool_mlp"  # see vlmforge.arch.projectors
     # avgpool_mlp: pool the patch grid to pool_size x pool_size tokens; None = full grid.
     # A run setting, not a weight: 12 (144 tokens) in pretraining, None (729) in SFT.
     pool_size: Optional[int] = None
@@ -48,14 +48,15 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    attention: str = "causal"  # causal (over the whole pack) | document (no attention across samples)
-    # restart: position_ids as given (restart per packed sample) | continue: 0..L-1 over the whole row
-    # (Open-Qwen2VL) | v2pe: text +1, visual tokens +delta (per sample restart)
-    positions: str = "restart"
+    # causal: over the whole pack; document: no attention across packed samples
+    attention: Literal["causal", "document"] = "causal"
+    # restart: position_ids as given (restart per packed sample); continue: 0..L-1 over the whole row
+    # (Open-Qwen2VL); v2pe: text +1, visual tokens +delta (per sample restart)
+    positions: Literal["restart", "continue", "v2pe"] = "restart"
     # V2PE at inference (and in eval): fixed delta. In training a delta is drawn per image from
     # {1, 1/2, 1/4, ..., 1/v2pe_max_denominator}.
     v2pe_delta: float = 1.0
     v2pe_max_denominator: int = 256
-    # auto: flash-attn varlen when installed and on CUDA, else sdpa with an additive mask | sdpa | eager
-    attn_backend: str = "auto"
+    # auto: flash-attn varlen when installed and on CUDA, else sdpa with an additive mask
+    attn_backend: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False

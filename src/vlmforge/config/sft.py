@@ -1,9 +1,9 @@
-"""SFT data section (owned by vlmforge.data.sft_index / sft_dataset): index building and batching."""
+"""SFT data section (owned by vlmforge.data.sft): index building and batching."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 
 @dataclass
@@ -15,7 +15,7 @@ class SFTDataConfig:
     # Folder image paths in the records are relative to.
     image_root: Optional[str] = None
     # Token lengths in the index: "exact" (tokenizer, the packer's input) or "estimate" (fast).
-    lengths: str = "exact"
+    lengths: Literal["exact", "estimate"] = "exact"
     check_images: bool = True
     # Bad samples (unparsable JSON, missing/undecodable image, too long) are skipped and counted;
     # strict: raise instead, naming file and line.
@@ -23,11 +23,11 @@ class SFTDataConfig:
     index_workers: int = 1
     # Batching: "pack" (conversations packed into rows of max_len, never split) or
     # "length_group" (one conversation per row, rows of similar length batched, padded).
-    batching: str = "pack"
+    # Rows per batch per rank are the trainer's train.micro_batch_size.
+    batching: Literal["pack", "length_group"] = "pack"
     max_len: int = 4096
-    batch_size: int = 8  # rows per batch per rank
     pack_window: int = 10000  # records planned together by the packer
-    group_factor: int = 32  # length_group: sort within mega-batches of batch_size x group_factor
+    group_factor: int = 32  # length_group: sort within mega-batches of micro_batch_size x group_factor
     shuffle: bool = True
     drop_last: bool = True  # drop the epoch's last, incomplete batch
     num_workers: int = 0

@@ -1,29 +1,32 @@
 """Training section (owned by vlmforge.train).
 
 One loop serves every stage; a stage is this section (which data, which objective, the
-optimisation settings) plus the model section's freeze flags (model.vision/projector/llm.frozen). Batch sizes count rows (packs in pretraining, conversations in SFT).
+optimisation settings) plus the model section's freeze flags (model.vision/projector/llm.frozen).
+Batch sizes count rows (packs in pretraining; SFT rows as the `sft` section batches them).
+Each stage reads its data from one place: pretraining from ``train.data_path``, SFT from
+``sft.index`` and ``sft.image_root``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
+
+Stage = Literal["pretrain", "sft"]
+# InternVL's per-token weights: token 1, sample 1/n, square 1/sqrt(n) (n = the sample's supervised tokens)
+LossReduction = Literal["token", "sample", "square"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain (packed captions) | sft (conversations)
+    stage: Stage = "pretrain"  # pretrain: packed captions; sft: conversations
     # Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, report.html.
     run_dir: str = "runs/${name}"
 
-    # --- data (paths checked before training starts) ---
-    # pretrain: a folder of packed shards from `vlmforge pack`; sft: a LLaVA-style json/jsonl file.
+    # --- data (paths checked before training starts; SFT reads sft.index / sft.image_root) ---
+    # pretrain: a folder of packed shards from `vlmforge pack`.
     data_path: Optional[str] = None
-    # sft: folder the conversations' image paths are relative to (default: the data file's folder).
-    image_root: Optional[str] = None
-    # pretrain: optional packed text-only shards mixed in; each micro-batch is text-only with this probability.
-    text_data_path: Optional[str] = None
-    text_mix_ratio: float = 0.0
 
     # --- where the weights start ---
     # A vlmforge checkpoint folder (model.safetensors + config.yaml + tokenizer/) or a run folder
@@ -33,8 +36,8 @@ class TrainConfig:
     resume: bool = True
 
     # --- objective ---
-    objective: str = "next_token"
-    loss_reduction: str = "token"  # token | sample | square (InternVL: weight 1, 1/n, 1/sqrt(n) per token)
+    objective: Literal["next_token"] = "next_token"
+    loss_reduction: LossReduction = "token"
 
     # --- schedule ---
     global_batch_size: int = 8  # rows per optimizer step over all ranks and accumulation steps
@@ -43,9 +46,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0 overrides `epochs`
 
     # --- optimizer ---
-    # adamw | muon (Muon on the weight matrices inside the network, AdamW on embeddings, head,
-    # biases and norms; one process, or FSDP shards, see README)
-    optimizer: str = "adamw"
+    # muon: Muon on the weight matrices inside the network, AdamW on embeddings, head, biases and
+    # norms (one process, or FSDP shards, see README)
+    optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02  # the LLM matrices' Muon lr (other components scale it like their AdamW lr)
     muon_momentum: float = 0.95
     lr: float = 1e-4  # LLM learning rate (AdamW)
@@ -56,15 +59,15 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
     warmup_ratio: float = 0.03
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     min_lr_ratio: float = 0.0  # decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off (the norm is still logged)
 
     # --- systems ---
-    device: str = "auto"  # auto | cpu | cuda
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: Device = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     fsdp: bool = True  # shard with FSDP2 when launched with several processes
     seed: Optional[int] = None  # None = the recipe's top-level seed

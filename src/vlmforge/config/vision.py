@@ -4,12 +4,12 @@ objects before the VLM uses it (the demo's stand-in for a pretrained SigLIP)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
 class VisionPretrainConfig:
-    arch: str = "clip"  # clip (CLIPVisionModel) | siglip (SiglipVisionModel)
+    arch: Literal["clip", "siglip"] = "clip"  # CLIPVisionModel or SiglipVisionModel
     init: Optional[str] = None  # fine-tune this tower folder instead of starting from random weights
     # From-scratch architecture. The default puts one 24 px patch on each cell of the world's 3x3
     # grid at 72 px, so every visual token is one cell.
@@ -23,8 +23,6 @@ class VisionPretrainConfig:
     # Also train a head that names each cell's own place in the grid, so the features keep where
     # they are (as a pretrained ViT's do); without it "where is ..." questions sat at chance.
     position_head: bool = True
-    # Measured on the synthetic world (2000 images, 2-core CPU): held-out shape accuracy 0.98,
-    # colour and size 1.00 after 25 epochs of batch 64 at lr 1e-3 (~700 steps, about 20 s).
     epochs: int = 25
     batch_size: int = 64
     lr: float = 1.0e-3

@@ -22,10 +22,10 @@ HELP = "run synth -> curate -> pack -> pretrain -> SFT -> eval -> report on the 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vlmforge.demo.sizes import SIZES
+    from vlmforge.demo.presets import SIZES
 
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--size", choices=sorted(SIZES), default="default", help="how much data and training (default: default)")
+    p.add_argument("--size", choices=sorted(SIZES), default="default", help="how much data and training: a folder of recipes/demo/ (default: default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of training")
     p.add_argument("--no-curate", action="store_true", help="pack the raw caption shards without curation")
     p.add_argument("--overwrite", action="store_true", help="remove an existing --out first")

@@ -1,9 +1,9 @@
 """The demo pipeline: every stage is run through its own CLI command, in-process, so the demo
-is exactly the sequence of commands a user would type (they are listed in the report)."""
+is exactly the sequence of commands a user would type (they are listed in the report).
+Its settings are recipes: recipes/demo/, one folder per size (see ``vlmforge.demo.presets``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -11,23 +11,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from vlmforge.cli import main
+from vlmforge.config import load_recipe
+from vlmforge.demo.presets import DemoPreset, load_preset
+from vlmforge.demo.report import write_demo_report
 from vlmforge.errors import UserError
-from vlmforge.demo.sizes import SIZES, DemoSize
+from vlmforge.model.build import build_vlm
+from vlmforge.model.saving import save_vlm
+from vlmforge.text.tokenization import load_tokenizer
 
 PRETRAIN_RECIPE = "demo/pretrain"
 SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
-# The demo's SFT data: every image gets 2-8 questions (LLaVA-665k groups an image's VQA questions
-# into one conversation the same way), nearly all with short answers, weighted towards the skills
-# the benchmarks test. The from-scratch LM learns each skill only after a plateau of ~20k answers
-# (measured with bench/bench_qa_binding.py), so answers per token is what this mix buys.
-# 15% of the conversations are text-only (the scene in words): with them POPE accuracy was 0.85-0.96
-# in three runs, without them 0.58-0.96 (README).
-DEMO_SFT_DATA = {"sft_multi_turn_frac": 1.0, "sft_max_turns": 8, "sft_short_answer_frac": 0.9,
-                 "sft_text_only_frac": 0.15}
-DEMO_TURN_WEIGHTS = {"color": 0.15, "shape": 0.15, "count": 0.12, "position": 0.15, "existence": 0.22,
-                     "size": 0.02, "describe": 0.02, "mcq": 0.17}
 
 
 @dataclass
@@ -49,23 +46,8 @@ class StageLog:
         print(f"=== [{n}] {title} done in {seconds:.1f}s (total {time.perf_counter() - self.started:.0f}s)", flush=True)
 
 
-def _synth_overrides(s: DemoSize) -> list[str]:
-    values = {
-        "synth.num_captions": s.captions,
-        "synth.samples_per_shard": max(50, s.captions // 4),
-        "synth.num_sft": s.sft,
-        "synth.num_mcq": s.mcq,
-        "synth.num_vqa": s.vqa,
-        "synth.num_pope_images": s.pope_images,
-        "synth.num_text": s.text_lines,
-        "synth.num_vision": s.vision_images,
-        # one 24 px patch per cell of the world's 3x3 grid (vision_pretrain's default tower)
-        "synth.image_size": 72,
-        "synth.num_preference": 0 if s.captions < 500 else 100,
-        **{f"synth.{k}": v for k, v in DEMO_SFT_DATA.items()},
-        **{f"synth.sft_turn_weights.{k}": v for k, v in DEMO_TURN_WEIGHTS.items()},
-    }
-    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+def _synth_overrides(preset: DemoPreset) -> list[str]:
+    return [a for k, v in preset.synth for a in ("--set", f"{k}={v}")]
 
 
 def _sets(**kv) -> list[str]:
@@ -74,10 +56,6 @@ def _sets(**kv) -> list[str]:
 
 def _save_initial_checkpoint(tok_dir: Path, vision_dir: Path, out: Path, seed: int, overrides: list[str]) -> None:
     """The randomly initialised model that pretraining starts from, saved so it can be evaluated."""
-    from vlmforge.config import load_recipe
-    from vlmforge.text.tokenization import load_tokenizer
-    from vlmforge.model import build_vlm, save_vlm
-
     cfg = load_recipe(PRETRAIN_RECIPE, [f"tokenizer.path={tok_dir}", f"seed={seed}", f"model.vision.pretrained={vision_dir}", *overrides])
     tok = load_tokenizer(str(tok_dir))
     model = build_vlm(cfg.model, tok, seed=seed)
@@ -90,14 +68,15 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     """``overrides`` (KEY=VALUE) go to every stage after the demo's own settings, so e.g.
     ``synth.image_size=72`` or ``model.projector.kind=pixel_shuffle_mlp`` change the whole run;
     ``pretrain_overrides`` / ``sft_overrides`` only reach that training stage (pretraining's also
-    reach the packer and the initial model)."""
-    import torch
-
-    s = SIZES[size]
+    reach the packer and the initial model). ``size`` names a folder of recipes/demo/."""
+    s = load_preset(size)  # every recipe of the size is validated here, before any work
     pretrain_kv = [*(overrides or []), *(pretrain_overrides or [])]
     every_sets = [a for kv in overrides or [] for a in ("--set", kv)]
     pretrain_sets = [a for kv in pretrain_kv for a in ("--set", kv)]
     sft_sets = every_sets + [a for kv in sft_overrides or [] for a in ("--set", kv)]
+    # the overrides meet the schema here too (a wrong key or choice fails before any stage runs)
+    load_recipe(PRETRAIN_RECIPE, pretrain_kv)
+    load_recipe(SFT_RECIPE, [*(overrides or []), *(sft_overrides or [])])
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -133,7 +112,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         log.run("curate: filter", ["curate", "filter", "--in", shards, "--scores", f"dfn={cur / 'scores'}",
                                    "--keep", "dfn>=calibrated", "--ground-truth", faults, "--out", str(cur / "filtered"), *every_sets])
         # exact duplicates only: the world repeats scenes on purpose, so perceptual near-dup removal
-        # would also drop legitimate pairs (measured in the curation notes)
+        # would also drop legitimate pairs
         log.run("curate: dedup", ["curate", "dedup", "--in", str(cur / "filtered"), "--near", "none",
                                   "--ground-truth", faults, "--out", str(cur / "curated"), *every_sets])
         shards = str(cur / "curated")
@@ -145,7 +124,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     _save_initial_checkpoint(tok, vision, runs / "init", seed, pretrain_kv)
     eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", "12",
                  "--mc-protocol", "generate,likelihood", *every_sets]
-    if s.eval_limit:
+    if s.eval_limit is not None:
         eval_args += ["--limit", str(s.eval_limit)]
     log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])
 
@@ -162,8 +141,6 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
         train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_sets])
     log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *eval_args, "--out", str(evals / "sft")])
-
-    from vlmforge.demo.report import write_demo_report
 
     report = write_demo_report(out_dir, log.rows, size=size, curated=curate)
     total = time.perf_counter() - log.started

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from vlmforge.config import load_recipe
+from vlmforge.config.train import TrainConfig
 from vlmforge.files import atomic_write_text, write_json
 from vlmforge.report.builder import Section, build_report
+from vlmforge.report.plots import plt
 
 PHASES = [("before training", "init"), ("after pretraining", "pretrain"), ("after SFT", "sft")]
 
@@ -61,11 +66,6 @@ def _scores_text(rows: list[dict]) -> str:
 def _score_plot(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
-    import numpy as np
-
-    from vlmforge.report.plots import _pyplot
-
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=100)
     x = np.arange(len(rows))
     width = 0.26
@@ -103,8 +103,6 @@ def _vision_targets(folder) -> str:
 
 
 def _what_was_trained(out_dir: Path) -> str:
-    from vlmforge.config import load_recipe
-
     cfg = load_recipe(out_dir / "runs" / "sft" / "config.yaml")
     pre = load_recipe(out_dir / "runs" / "pretrain" / "config.yaml")
     m = cfg.model
@@ -125,7 +123,7 @@ def _what_was_trained(out_dir: Path) -> str:
     )
 
 
-def _optimizer(tcfg) -> str:
+def _optimizer(tcfg: TrainConfig) -> str:
     if tcfg.optimizer == "muon":
         return f"Muon (lr {tcfg.muon_lr:g}) on weight matrices, AdamW (lr {tcfg.lr:g}) on the rest"
     return f"AdamW (lr {tcfg.lr:g})"

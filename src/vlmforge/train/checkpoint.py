@@ -22,14 +22,24 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from vlmforge import dist as vdist
+from vlmforge.errors import ConfigError
 from vlmforge.files import atomic_write_text, write_json
 from vlmforge.train.optim import torch_optimizers
 
@@ -85,8 +95,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns on every call that it runs without a process group; that is intended here."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
@@ -107,8 +115,6 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 
 def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Model and optimizer state as one flat {name: tensor} dict (FQN keys, DTensors when sharded)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     msd, osd = get_state_dict(model, torch_optimizers(optimizer))
     aliases = tied_aliases(model)
     flat = {f"model.{k}": v for k, v in msd.items() if k not in aliases}
@@ -152,9 +158,6 @@ def save_checkpoint(
     keep_last: int = 2,
 ) -> Path:
     """Collective: every rank calls it. ``rank_state`` (data-loader position) is per rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
     root = Path(ckpt_root)
     name = step_dir_name(step)
     final = root / name
@@ -197,16 +200,10 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective. Restores model, optimizer, scheduler (and its lrs) and this rank's RNG;
     returns (trainer_state, rank_state) for the loop to restore its counters and data position."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     ckpt = Path(ckpt_dir)
     trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
     if trainer_state.get("world_size") != vdist.world_size():
         # the tensors reshard fine, but each rank's data-loader position belongs to one rank layout
-        from vlmforge.errors import ConfigError
-
         raise ConfigError(
             f"{ckpt} was written by {trainer_state.get('world_size')} process(es); "
             f"resume it with the same number (now {vdist.world_size()}), or set train.resume=false / a new train.run_dir"
@@ -227,8 +224,6 @@ def load_checkpoint(
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded fp32 CPU weights (collective; every rank gets them, rank 0 writes)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=vdist.world_size() > 1)
     sd = get_model_state_dict(model, options=opts)
     return {k: v.detach().to("cpu") for k, v in sd.items()}

@@ -15,6 +15,11 @@ per-step losses of an uninterrupted run (bit-identical on CPU).
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module stays light for `vlmforge --help`
+    from vlmforge.config.recipe import Recipe
+    from vlmforge.train.loop import TrainResult
 
 HELP = "train a stage (pretrain | sft) with FSDP2, resumable checkpoints and a run report"
 
@@ -36,15 +41,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_from_config(cfg) -> "object":
-    """Run a training stage from a resolved recipe (the command's body; also used by the demo)."""
+def train_from_config(cfg: Recipe) -> TrainResult:
+    """Run a training stage from a resolved recipe (the command's body)."""
     from pathlib import Path
 
     from vlmforge import dist as vdist
     from vlmforge.config import save_resolved
     from vlmforge.files import write_manifest
     from vlmforge.train.loop import Trainer
-    from vlmforge.train.stages import build_stage, export_final, validate
+    from vlmforge.train.stages import build_stage, export_final, run_seed, validate
 
     info = vdist.init_distributed(str(cfg.train.device))
     validate(cfg, info.world_size)
@@ -52,7 +57,7 @@ def train_from_config(cfg) -> "object":
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
-    seed = int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)
+    seed = run_seed(cfg)
     pieces = build_stage(cfg, info.rank, info.world_size)
     _seed_everything(seed + 1 + info.rank)  # training-time randomness (V2PE deltas) differs per rank
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlmforge import dist as vdist
+from vlmforge.config.train import TrainConfig
 from vlmforge.train import checkpoint as ckpt
 from vlmforge.train.metrics import MetricsLogger
 from vlmforge.train.objectives import token_weights, weighted_token_ce
@@ -39,7 +40,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # steps run by this process
 
 
-def grad_accum_steps(tcfg, world_size: int) -> int:
+def grad_accum_steps(tcfg: TrainConfig, world_size: int) -> int:
     per_step = int(tcfg.micro_batch_size) * world_size
     if tcfg.global_batch_size % per_step:
         raise ValueError(
@@ -55,7 +56,7 @@ class Trainer:
 
     def __init__(
         self,
-        tcfg,
+        tcfg: TrainConfig,
         model: nn.Module,
         loader: Iterable[dict[str, torch.Tensor]],
         total_steps: int,

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmforge.files import METRICS_FILE, read_metrics
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from vlmforge.files import METRICS_FILE, atomic_write_text, read_metrics
 
 
 def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
     """Keep only rows with step <= last_step (the steps a resumed run will not redo)."""
-    from vlmforge.files import atomic_write_text
-
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
@@ -45,15 +46,8 @@ class MetricsLogger:
         truncate_metrics(self.run_dir, start_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard is a dependency, but training must not die for a log
-                self._tb = None
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         if progress_bar:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, row: dict[str, Any]) -> None:

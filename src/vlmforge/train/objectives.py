@@ -12,11 +12,15 @@ same), ``square`` w = 1/sqrt(n) (InternVL's compromise).
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-REDUCTIONS = ("token", "sample", "square")
+from vlmforge.config.train import LossReduction
+from vlmforge.data.collate import IGNORE_INDEX
+
+REDUCTIONS = get_args(LossReduction)  # train.loss_reduction's choices
 
 
 def token_weights(labels: torch.Tensor, seq_ids: torch.Tensor | None, reduction: str) -> torch.Tensor:

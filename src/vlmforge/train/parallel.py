@@ -9,10 +9,16 @@ gradient checkpointing on the vision tower and the LLM (non-reentrant).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from vlmforge.config.train import TrainConfig
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -23,15 +29,12 @@ class Placement:
     compute_dtype: torch.dtype  # dtype the forward runs in
 
 
-def resolve_precision(tcfg, device: torch.device) -> torch.dtype:
+def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """train.mixed_precision: auto = bf16 on GPU, fp32 on CPU."""
     mode = str(tcfg.mixed_precision)
     if mode == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp32":
-        return torch.float32
-    raise ValueError(f"train.mixed_precision must be auto, bf16 or fp32, got {mode!r}")
+    return PRECISIONS[mode]
 
 
 def _vision_blocks(model: nn.Module) -> list[nn.Module]:
@@ -63,8 +66,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = None
     if compute_dtype != torch.float32:
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -77,7 +78,7 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def place_model(model: nn.Module, tcfg, device: torch.device, world_size: int) -> tuple[nn.Module, Placement]:
+def place_model(model: nn.Module, tcfg: TrainConfig, device: torch.device, world_size: int) -> tuple[nn.Module, Placement]:
     """Move to device, enable activation checkpointing, shard when several processes run."""
     compute = resolve_precision(tcfg, device)
     model.to(device)
@@ -93,8 +94,6 @@ def place_model(model: nn.Module, tcfg, device: torch.device, world_size: int) -
 
 def autocast_context(placement: Placement):
     """Single-process GPU runs get bf16 via autocast (FSDP's policy does it when sharded)."""
-    import contextlib
-
     if placement.sharded or placement.compute_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(placement.device.type, dtype=placement.compute_dtype)

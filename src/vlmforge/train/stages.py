@@ -1,19 +1,38 @@
 """From a recipe to the pieces the loop needs, per stage: tokenizer, model, data loader, number of
-steps and the final export. Everything a recipe can get wrong (missing paths, a checkpoint that does
-not exist, batch sizes that do not divide) is checked by :func:`validate` before any model is built.
+steps and the final export. Everything a recipe can get wrong beyond its schema (missing paths, a
+checkpoint that does not exist, batch sizes that do not divide) is checked by :func:`validate`
+before any model is built; the schema itself (choice fields included) is checked when it loads.
+
+Each stage reads its data from one place: pretraining from ``train.data_path`` (packed shards),
+SFT from ``sft.index`` (and ``sft.image_root``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmforge.errors import ConfigError
+import torch
+from omegaconf import OmegaConf
+from transformers.initialization import no_init_weights
 
-STAGES = ("pretrain", "sft")
+from vlmforge import dist as vdist
+from vlmforge.config.recipe import Recipe
+from vlmforge.config.train import TrainConfig
+from vlmforge.data.pretrain.loader import build_pretrain_loader
+from vlmforge.data.sft.loader import build_sft_loader
+from vlmforge.errors import ConfigError
+from vlmforge.model.build import build_vlm
+from vlmforge.model.saving import load_vlm, save_vlm
+from vlmforge.text.tokenization import load_tokenizer
+from vlmforge.train.checkpoint import full_model_state
+from vlmforge.train.loop import grad_accum_steps
+
 ARCH_KEYS = (
     ("vision", "preset"),
     ("vision", "pretrained"),
@@ -23,6 +42,11 @@ ARCH_KEYS = (
     ("projector", "kind"),
     ("projector", "hidden_size"),
 )
+
+
+def run_seed(cfg: Recipe) -> int:
+    """train.seed, or the recipe's top-level seed."""
+    return int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)
 
 
 def resolve_init_from(path: str) -> Path:
@@ -39,37 +63,11 @@ def resolve_init_from(path: str) -> Path:
     )
 
 
-def sft_index_dir(cfg) -> str | None:
-    return cfg.train.data_path or cfg.sft.index
-
-
-def validate(cfg, world_size: int) -> None:
+def validate(cfg: Recipe, world_size: int) -> None:
     """Fail fast, with the offending key in the message, before any heavy work."""
-    from vlmforge.train.objectives import REDUCTIONS
-    from vlmforge.train.optim import lr_factor
-    from vlmforge.train.parallel import resolve_precision
-
     t = cfg.train
-    if t.stage not in STAGES:
-        raise ConfigError(f"train.stage must be one of {STAGES}, got {t.stage!r}")
-    if t.objective != "next_token":
-        raise ConfigError(f"train.objective {t.objective!r} is not available (next_token)")
-    if t.loss_reduction not in REDUCTIONS:
-        raise ConfigError(f"train.loss_reduction must be one of {REDUCTIONS}, got {t.loss_reduction!r}")
-    try:
-        lr_factor(10, 20, 1, t.lr_schedule)
-        import torch
-
-        resolve_precision(t, torch.device("cpu"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if t.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no GPU is visible")
-    elif t.device not in ("auto", "cpu"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no GPU is visible")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
     per_step = t.micro_batch_size * world_size
@@ -87,18 +85,21 @@ def validate(cfg, world_size: int) -> None:
             raise ConfigError("train.data_path: set it to the packed shards folder from `vlmforge pack`")
         if not Path(t.data_path).exists():
             raise ConfigError(f"train.data_path: {t.data_path} does not exist")
-        if not t.init_from and not pretrain_tokenizer(cfg):
+        if not t.init_from and not stage_tokenizer(cfg):
             raise ConfigError("tokenizer.path: pretraining from scratch needs the tokenizer the shards were packed with")
     else:
-        index = sft_index_dir(cfg)
+        if t.data_path:
+            raise ConfigError(f"train.data_path={t.data_path} is pretraining's packed data; SFT reads its index "
+                              "from sft.index (and its images from sft.image_root)")
+        index = cfg.sft.index
         if not index:
-            raise ConfigError("train.data_path (or sft.index): set it to an SFT index folder from `vlmforge sft-index`")
+            raise ConfigError("sft.index: set it to an SFT index folder from `vlmforge sft-index`")
         if not Path(index, "manifest.json").is_file():
-            raise ConfigError(f"train.data_path: {index} is not an SFT index folder (no manifest.json)")
-        root = t.image_root or cfg.sft.image_root
+            raise ConfigError(f"sft.index: {index} is not an SFT index folder (no manifest.json)")
+        root = cfg.sft.image_root
         if root and not Path(root).is_dir():
-            raise ConfigError(f"train.image_root: {root} is not a folder")
-    tok = pretrain_tokenizer(cfg) if t.stage == "pretrain" else cfg.tokenizer.path
+            raise ConfigError(f"sft.image_root: {root} is not a folder")
+    tok = stage_tokenizer(cfg)
     if tok and not t.init_from and _looks_local(tok) and not Path(tok).exists():
         raise ConfigError(f"tokenizer.path: {tok} does not exist")
 
@@ -108,20 +109,21 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or Path(path).exists()
 
 
-def pretrain_tokenizer(cfg) -> str | None:
-    """tokenizer.path, or the tokenizer the packed data was made with (its manifest records it)."""
+def stage_tokenizer(cfg: Recipe) -> str | None:
+    """tokenizer.path; in pretraining without it, the tokenizer the packed data was made with
+    (its manifest records it)."""
     if cfg.tokenizer.path:
         return str(cfg.tokenizer.path)
-    manifest = Path(cfg.train.data_path or "", "manifest.json")
-    if cfg.train.data_path and manifest.is_file():
-        import json
-
-        try:
-            m = json.loads(manifest.read_text())
-            return m.get("geometry", {}).get("tokenizer") or m.get("tokenizer")
-        except (OSError, json.JSONDecodeError):
-            return None
-    return None
+    if cfg.train.stage != "pretrain" or not cfg.train.data_path:
+        return None
+    manifest = Path(cfg.train.data_path, "manifest.json")
+    if not manifest.is_file():
+        return None
+    try:
+        m = json.loads(manifest.read_text())
+        return m.get("geometry", {}).get("tokenizer") or m.get("tokenizer")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @dataclass
@@ -133,7 +135,7 @@ class StagePieces:
     info: dict  # for the run manifest
 
 
-def _check_same_architecture(cfg, ckpt_cfg, ckpt_dir: Path) -> None:
+def _check_same_architecture(cfg: Recipe, ckpt_cfg: Recipe, ckpt_dir: Path) -> None:
     for part, key in ARCH_KEYS:
         a, b = cfg.model[part][key], ckpt_cfg.model[part][key]
         if a != b:
@@ -143,11 +145,9 @@ def _check_same_architecture(cfg, ckpt_cfg, ckpt_dir: Path) -> None:
             )
 
 
-def build_model(cfg, seed: int):
+def build_model(cfg: Recipe, seed: int):
     """(model, tokenizer): loaded from train.init_from, or built from the recipe's model section.
     The recipe's run settings (freeze flags, pool size, attention/positions) apply either way."""
-    from vlmforge.model import build_vlm, load_vlm
-
     t = cfg.train
     if t.init_from:
         ckpt = resolve_init_from(t.init_from)
@@ -155,16 +155,14 @@ def build_model(cfg, seed: int):
         _check_same_architecture(cfg, ckpt_cfg, ckpt)
         model.apply_run_settings(cfg.model)  # this stage's pool size, freezing, attention, positions
         return model, tok
-    from vlmforge.text.tokenization import load_tokenizer
-
-    path = pretrain_tokenizer(cfg) if t.stage == "pretrain" else cfg.tokenizer.path
+    path = stage_tokenizer(cfg)
     if not path:
         raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
     tok = load_tokenizer(path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
     return build_vlm(cfg.model, tok, seed=seed), tok
 
 
-def _steps(tcfg, micro_batches_per_epoch: int, accum: int) -> int:
+def _steps(tcfg: TrainConfig, micro_batches_per_epoch: int, accum: int) -> int:
     if tcfg.max_steps > 0:
         return int(tcfg.max_steps)
     steps = int(math.floor(tcfg.epochs * micro_batches_per_epoch / accum))
@@ -176,44 +174,17 @@ def _steps(tcfg, micro_batches_per_epoch: int, accum: int) -> int:
     return steps
 
 
-def build_sft_loader(cfg, model, tok, seed: int, rank: int, world: int):
-    from omegaconf import OmegaConf
-
-    from vlmforge.data.sft_dataset import build_sft_loader as _build
-
-    view = OmegaConf.create(OmegaConf.to_container(cfg.sft, resolve=True))
-    view.index = sft_index_dir(cfg)
-    view.image_root = cfg.train.image_root or cfg.sft.image_root
-    view.batch_size = int(cfg.train.micro_batch_size)  # rows per forward per rank: the trainer's knob
-    return _build(cfg, tok, sft_cfg=view, seed=seed, rank=rank, world_size=world)
-
-
-def build_pretrain_loader(cfg, model, tok, seed: int, rank: int, world: int):
-    from vlmforge.data.packed_dataset import PackedLoader
-
-    return PackedLoader(
-        cfg.train.data_path,
-        cfg,
-        tokenizer=tok,
-        batch_size=int(cfg.train.micro_batch_size),
-        seed=seed,
-        rank=rank,
-        world_size=world,
-    )
-
-
-def build_stage(cfg, rank: int, world: int) -> StagePieces:
-    from vlmforge.train.loop import grad_accum_steps
-
-    seed = int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)
+def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
+    seed = run_seed(cfg)
     model, tok = build_model(cfg, seed)
     accum = grad_accum_steps(cfg.train, world)
+    micro = int(cfg.train.micro_batch_size)  # rows per forward pass per rank, in either stage
     if cfg.train.stage == "sft":
-        loader = build_sft_loader(cfg, model, tok, seed, rank, world)
+        loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
         per_epoch = loader.batches_per_epoch(0)
-        data = sft_index_dir(cfg)
+        data = cfg.sft.index
     else:
-        loader = build_pretrain_loader(cfg, model, tok, seed, rank, world)
+        loader = build_pretrain_loader(cfg, tokenizer=tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
         per_epoch = len(loader)
         data = cfg.train.data_path
     total = _steps(cfg.train, per_epoch, accum)
@@ -229,24 +200,13 @@ def build_stage(cfg, rank: int, world: int) -> StagePieces:
     return StagePieces(model=model, tokenizer=tok, loader=loader, total_steps=total, info=info)
 
 
-def export_final(model, tokenizer, cfg, out_dir: Path) -> None:
+def export_final(model, tokenizer, cfg: Recipe, out_dir: Path) -> None:
     """Collective: unsharded fp32 weights -> a vlmforge checkpoint folder (rank 0 writes)."""
-    from vlmforge import dist as vdist
-    from vlmforge.model import save_vlm
-    from vlmforge.train.checkpoint import full_model_state
-
     if vdist.world_size() == 1:
         save_vlm(model, tokenizer, cfg, out_dir)
         return
     state = full_model_state(model)  # only rank 0 holds the tensors
     if vdist.is_main():
-        import tempfile
-
-        from omegaconf import OmegaConf
-        from transformers.initialization import no_init_weights
-
-        from vlmforge.model.build import build_vlm
-
         arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         with tempfile.TemporaryDirectory() as tmp:  # the live model's exact architectures, no download
             for part, sub in (("vision", model.vision), ("llm", model.llm)):
