@@ -1,4 +1,4 @@
-"""Shared tokenizer fixture: a tiny byte-level BPE trained in about a second on generated sentences.
+"""Shared tokenizer fixture: a tiny byte-level BPE trained on generated sentences.
 
 Use it from any test file with ``from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401``
 (then ask for the ``tiny_tokenizer_dir`` fixture: a folder ``load_tokenizer`` / AutoTokenizer loads).

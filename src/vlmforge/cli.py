@@ -1,8 +1,11 @@
 """The one entry point: ``vlmforge <command> ...``.
 
 Each command lives in its stage's package as a module with ``HELP``, ``add_arguments(parser)``
-and ``run(args) -> int``. Command modules import only the standard library at import time
-so that ``vlmforge --help`` stays fast; heavy imports happen inside ``run``.
+and ``run(args) -> int``; its module name ends in ``command``. ``--help`` imports every command
+module, so at import time a command module imports only light things (the standard library,
+``vlmforge.errors``, ``vlmforge.clitools`` with the recipe loader) and imports its stage's code
+(torch, transformers, numpy, ...) inside ``run``: command modules are the one place outside
+optional extras where function-level imports are allowed (tests/layers.py).
 ``main(argv)`` is callable in-process (tests use it).
 """
 
@@ -22,8 +25,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("tokenizer", "vlmforge.text.command"),
     ("curate", "vlmforge.curate.command"),
     ("vision-pretrain", "vlmforge.vision.command"),
-    ("pack", "vlmforge.data.pack_command"),
-    ("sft-index", "vlmforge.data.sft_index_command"),
+    ("pack", "vlmforge.data.pretrain.command"),
+    ("sft-index", "vlmforge.data.sft.command"),
     ("model-info", "vlmforge.model.info_command"),
     ("train", "vlmforge.train.command"),
     ("generate", "vlmforge.model.generate_command"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmforge.config import load_recipe
+
 
 def add_recipe_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
@@ -23,6 +25,4 @@ def add_recipe_args(parser: argparse.ArgumentParser, default: str | None = None)
 
 
 def recipe_from_args(args: argparse.Namespace):
-    from vlmforge.config import load_recipe
-
     return load_recipe(args.recipe, args.overrides)

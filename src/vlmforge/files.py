@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from omegaconf import DictConfig, OmegaConf
+
 from vlmforge import __version__
 
 # A run folder's per-step log, one json object per optimizer step (written by the trainer).
@@ -54,8 +56,6 @@ def write_manifest(
     **extra: Any,
 ) -> Path:
     """Every stage writes ``manifest.json``: inputs, config, counts, what was dropped and why."""
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     manifest = {

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
+
+from vlmforge.shards import decode_image
 
 
 def _scale_offset(spec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -22,15 +25,13 @@ def _scale_offset(spec: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def preprocess_into(image, spec: dict, out: np.ndarray) -> None:
     """Write the preprocessed image into ``out`` (float32 [3, size, size]); no temporary float arrays."""
-    from PIL import Image
-
     size = int(spec["size"])
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
-    # channels-first on uint8 (cheap), one cast into `out`, two in-place passes: several times
-    # faster than rescale/normalise on fresh float HWC arrays (big fresh buffers page-fault).
+    # channels-first on uint8 (cheap), one cast into `out`, two in-place passes: no fresh float
+    # HWC arrays for rescale/normalise (big fresh buffers page-fault).
     np.copyto(out, np.asarray(image).transpose(2, 0, 1), casting="unsafe")
     scale, offset = _scale_offset(spec)
     out *= scale
@@ -56,6 +57,4 @@ def preprocess_batch(images, spec: dict) -> torch.Tensor:
 
 def load_pixel_values(image_bytes: bytes, spec: dict) -> torch.Tensor:
     """Encoded bytes -> FloatTensor[3, size, size]; raises ``vlmforge.shards.ImageDecodeError``."""
-    from vlmforge.shards import decode_image
-
     return preprocess(decode_image(image_bytes), spec)

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from braceexpand import braceexpand
+from PIL import Image
+
 from vlmforge.errors import UserError
+from vlmforge.files import atomic_write_bytes, write_json
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -96,12 +102,10 @@ def sha256_hex(data: bytes) -> str:
 
 def _probe_size(image_bytes: bytes) -> tuple[int | None, int | None]:
     """Width/height from the image header only (works on truncated JPEGs); None if unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(image_bytes)) as im:
             return int(im.width), int(im.height)
-    except Exception:  # noqa: BLE001 - any unreadable header just means "size unknown"
+    except Exception:  # any unreadable header just means "size unknown"
         return None, None
 
 
@@ -205,11 +209,6 @@ class ShardWriter:
         self._n_in_shard += 1
 
     def _finish_shard(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from vlmforge.files import atomic_write_bytes, write_json
-
         assert self._tar is not None and self._tmp_path is not None
         self._tar.close()
         name = shard_name(self.shard_index)
@@ -286,14 +285,7 @@ def list_shards(path: str | os.PathLike | list) -> list[str]:
     elif os.path.isfile(s):
         found = [s]
     else:
-        patterns = [s]
-        if "{" in s:
-            try:
-                from braceexpand import braceexpand
-
-                patterns = list(braceexpand(s))
-            except ImportError:
-                pass
+        patterns = list(braceexpand(s)) if "{" in s else [s]
         found = []
         for p in patterns:
             found.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.isfile(p) else []))
@@ -382,8 +374,6 @@ def iter_raw_samples(tar_path: str | os.PathLike) -> Iterator[RawSample]:
 
 def read_shard_table(tar_path: str | os.PathLike):
     """The ``NNNNN.parquet`` beside a tar, as a pyarrow Table."""
-    import pyarrow.parquet as pq
-
     return pq.read_table(str(tar_path)[: -len(".tar")] + ".parquet")
 
 
@@ -397,8 +387,6 @@ def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
     """Bytes -> fully loaded RGB ``PIL.Image``. Grayscale/CMYK/palette are converted; alpha is
     composited on white (dropping it would expose arbitrary colours under transparent pixels).
     Raises ``ImageDecodeError`` for anything that does not decode completely."""
-    from PIL import Image
-
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
@@ -408,7 +396,7 @@ def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
         im.load()  # truncated files fail here, not at open()
     except ImageDecodeError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+    except Exception as e:  # PIL raises many types for bad data
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from vlmforge.files import atomic_write_text, read_metrics
+from vlmforge.report.plots import training_plots
+
 REPORT = "report.html"
 PLOTS_DIR = "plots"
 
@@ -93,9 +96,6 @@ def build_report(
     title: str | None = None,
 ) -> Path:
     """Write ``<run_dir>/plots/*.png`` and ``<run_dir>/report.html``; returns the HTML path."""
-    from vlmforge.files import atomic_write_text, read_metrics
-    from vlmforge.report.plots import training_plots
-
     run = Path(run_dir)
     rows = read_metrics(run)
     sections: list[Section] = []

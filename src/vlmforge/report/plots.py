@@ -6,14 +6,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+matplotlib.use("Agg", force=True)  # before pyplot: files only, no display
+import matplotlib.pyplot as plt
 
 
 def plot_series(
@@ -33,7 +29,6 @@ def plot_series(
             series[k] = pts
     if not series:
         return None
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     for k, pts in series.items():
         xs, ys = zip(*pts)

@@ -19,7 +19,6 @@ from vlmforge.synth.language import MCQ_SUFFIX, SHORT_ANSWER_SUFFIX, with_articl
 from vlmforge.synth.questions import absent_objects, ask, format_mcq_prompt, mcq, vqa_answers
 from vlmforge.synth.world import Scene, SceneSampler
 
-MCQ_CATEGORIES = ("color", "shape", "count", "position")
 VQA_CATEGORIES = ("color", "shape", "count", "position", "existence")
 POPE_SAMPLINGS = ("random", "popular", "adversarial")
 

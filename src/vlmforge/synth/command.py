@@ -30,13 +30,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
+import time
+
+from vlmforge.clitools import add_recipe_args, recipe_from_args
 
 HELP = "generate the built-in synthetic world (caption shards, SFT, benchmarks, preferences, text)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlmforge.clitools import add_recipe_args
-
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=None, help="world seed (default: recipe synth.seed)")
     parser.add_argument("--clean", action="store_true", help="inject no faults into the caption shards")
@@ -46,12 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from vlmforge.clitools import recipe_from_args
     from vlmforge.synth.faults import FAULT_TYPES
-    from vlmforge.synth.generate import generate_world
+    from vlmforge.synth.writer import generate_world
 
     cfg = recipe_from_args(args)
     if args.seed is not None:

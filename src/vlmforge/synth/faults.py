@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
+from vlmforge.errors import ConfigError
 from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.render import encode_jpeg, encode_png, render_scene
 from vlmforge.synth.world import Scene
@@ -57,8 +58,6 @@ class OutSample:
 
 def plan_faults(n: int, fcfg, rng: np.random.Generator) -> dict[int, str]:
     """slot index -> fault type, disjoint, sizes round(frac * n)."""
-    from vlmforge.errors import ConfigError
-
     sizes = {}
     for t in FAULT_TYPES:
         frac = float(getattr(fcfg, f"{t}_frac"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlmforge.arch.tokens import IMAGE_TOKEN
 from vlmforge.synth.language import (
     MCQ_SUFFIX,
     SHORT_ANSWER_SUFFIX,
@@ -19,8 +20,7 @@ from vlmforge.synth.language import (
     positional_caption,
     short_caption,
 )
-from vlmforge.arch.tokens import IMAGE_TOKEN
-from vlmforge.synth.questions import ask, format_mcq_prompt, mcq
+from vlmforge.synth.questions import MCQ_CATEGORIES, ask, format_mcq_prompt, mcq
 from vlmforge.synth.world import Scene, SceneSampler
 
 # Turn kinds and how often they are drawn.
@@ -34,7 +34,6 @@ TURN_WEIGHTS = {
     "describe": 0.10,
     "mcq": 0.10,
 }
-MCQ_CATEGORIES = ("color", "shape", "count", "position")
 
 DESCRIBE_LONG = [
     "Describe the image in detail.",

@@ -140,7 +140,7 @@ def detailed_caption(scene: Scene, rng: np.random.Generator | None = None) -> st
         else f"The image shows {number_word(n)} shapes on a light background."
     )
     sents = [first]
-    for i, o in enumerate(scene.objects):
+    for o in scene.objects:
         if rng is not None and rng.random() < 0.5:
             sents.append(f"{capitalize(o.phrase)} there is {with_article(obj_phrase(o))}.")
         else:
@@ -182,8 +182,7 @@ def dense_caption(scene: Scene, rng: np.random.Generator, per_object: int = 2) -
     facts about each object and the counts per shape and colour, in random order. Each fact names
     an object by one attribute and states another, so next-token prediction on these captions
     exercises looking an object up in the image by colour, shape or place, which short web
-    captions ("a red circle ...", always colour before shape) never do. (The demo measured no
-    gain from them; see the README.)"""
+    captions ("a red circle ...", always colour before shape) never do."""
     n = len(scene.objects)
     sents = [f"There {'is one shape' if n == 1 else f'are {number_word(n)} shapes'} in the image."]
     facts = []

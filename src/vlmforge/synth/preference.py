@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from vlmforge.synth.instructions import DESCRIBE_LONG, IMAGE_TOKEN
+from vlmforge.arch.tokens import IMAGE_TOKEN
+from vlmforge.synth.instructions import DESCRIBE_LONG
 from vlmforge.synth.language import SHORT_ANSWER_SUFFIX, capitalize, detailed_caption, pick
 from vlmforge.synth.questions import ask, choose_distractors
 from vlmforge.synth.world import CELLS, SIZES, Obj, Scene, SceneSampler

@@ -31,6 +31,7 @@ from vlmforge.synth.world import (
 )
 
 CATEGORIES = ("color", "shape", "count", "position", "existence", "size")
+MCQ_CATEGORIES = ("color", "shape", "count", "position")  # what a 4-way question can ask (given 4 values)
 _PHRASES = [CELL_PHRASES[c] for c in CELLS]
 
 
@@ -325,7 +326,7 @@ def mcq(qa: QA, rng: np.random.Generator) -> tuple[dict[str, str], str]:
     order = rng.permutation(4)
     letters = "ABCD"
     options = {letters[i]: opts[j] for i, j in enumerate(order)}
-    answer = next(l for l, v in options.items() if v == qa.answer)
+    answer = next(letter for letter, v in options.items() if v == qa.answer)
     return options, answer
 
 

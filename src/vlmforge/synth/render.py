@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image, ImageChops, ImageDraw
-
 import numpy as np
+from PIL import Image, ImageChops, ImageDraw
 
 from vlmforge.synth.world import BG_GRID, COLORS, SIZE_FRACTION, Obj, Scene
 

@@ -3,8 +3,8 @@
 A scene is a light, softly blotched background with 1-4 flat shapes, each in its own cell of a
 3x3 grid (so positions are unambiguous and shapes never overlap). The blotches give every image
 its own low-frequency structure, so unrelated scenes with one shape in the same place do not look
-like perceptual-hash near-duplicates of each other (as they would on a flat background). Few, very distinct shapes and colours keep
-it learnable by a tiny model on CPU in minutes.
+like perceptual-hash near-duplicates of each other (as they would on a flat background). Few,
+very distinct shapes and colours keep it learnable by a tiny model on a CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from vlmforge.errors import ConfigError
 
 # Built-in vocabulary; a recipe picks a subset.
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -102,8 +104,6 @@ class Scene:
 
 
 def check_vocabulary(shapes, colors, min_objects: int, max_objects: int) -> None:
-    from vlmforge.errors import ConfigError
-
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
         raise ConfigError(f"synth.shapes: unknown {bad}; choose from {list(SHAPES)}")

@@ -1,1 +1,2 @@
-"""Text: tokenizers (train offline, load any transformers tokenizer) and chat encoding with a loss mask."""
+"""Text: ``tokenization`` (train a byte-level BPE offline, load any transformers tokenizer) and
+``chat`` (the chat template and chat encoding with a loss mask)."""

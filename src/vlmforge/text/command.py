@@ -18,13 +18,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from vlmforge.clitools import add_recipe_args, recipe_from_args
+from vlmforge.errors import UserError
 
 HELP = "train a small byte-level BPE tokenizer offline, or inspect a tokenizer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlmforge.clitools import add_recipe_args
-
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     t.add_argument(
@@ -43,13 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _turn_lines(path) -> list[str]:
     """The text lines of a LLaVA json's turns (no <image> markers) and the chat template's words."""
-    import json
-
     from vlmforge.arch.tokens import IMAGE_TOKEN
-
-    from vlmforge.text.tokenization import DEFAULT_SYSTEM_PROMPT
-
-    from vlmforge.errors import UserError
+    from vlmforge.text.chat import DEFAULT_SYSTEM_PROMPT
 
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
@@ -59,7 +57,7 @@ def _turn_lines(path) -> list[str]:
     lines = []
     for r in records:
         # The chat template's own words (system prompt, role names) occur once per conversation or
-        # turn in everything the model reads: training on them makes them a few tokens, not ~40 bytes.
+        # turn in everything the model reads: training on them makes them a few tokens instead of one per byte.
         lines += ["system", DEFAULT_SYSTEM_PROMPT]
         for turn in r.get("conversations", []):
             lines.append(roles.get(turn.get("from"), str(turn.get("from", ""))))
@@ -68,13 +66,9 @@ def _turn_lines(path) -> list[str]:
 
 
 def _train(args) -> int:
-    from pathlib import Path
-
-    from vlmforge.errors import UserError
-    from vlmforge.clitools import recipe_from_args
     from vlmforge.config import save_resolved
-    from vlmforge.text.tokenization import describe, read_corpus, train_tokenizer
     from vlmforge.files import write_manifest
+    from vlmforge.text.tokenization import describe, read_corpus, train_tokenizer
 
     cfg = recipe_from_args(args)
     if args.vocab_size is not None:
@@ -114,13 +108,12 @@ def _train(args) -> int:
 
 def _info(args) -> int:
     from vlmforge.arch.tokens import IMAGE_TOKEN
-    from vlmforge.text.tokenization import describe, encode_conversation, load_tokenizer
+    from vlmforge.text.chat import encode_conversation
+    from vlmforge.text.tokenization import describe, load_tokenizer
 
     try:
         tok = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
     except ValueError as e:
-        from vlmforge.errors import UserError
-
         raise UserError(str(e)) from None
     for k, v in describe(tok).items():
         print(f"{k}: {v}")

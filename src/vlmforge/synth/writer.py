@@ -8,6 +8,7 @@ place at the end, so an interrupted run leaves no half world behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,9 +19,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from vlmforge.config import load_recipe, save_resolved
+from vlmforge.errors import ConfigError, UserError
+from vlmforge.files import write_manifest
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
 from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
-from vlmforge.synth.language import CAPTION_STYLES, caption as make_caption
+from vlmforge.synth.language import CAPTION_STYLES
+from vlmforge.synth.language import caption as make_caption
+from vlmforge.synth.questions import MCQ_CATEGORIES
 from vlmforge.synth.render import encode_jpeg, render_scene
 from vlmforge.synth.world import SceneSampler
 
@@ -35,8 +41,6 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 def _uid(seed: int, index: int) -> str:
     """32 lowercase hex chars, stable per (seed, slot), like DataComp's uids."""
-    import hashlib
-
     return hashlib.md5(f"vlmforge-synth:{seed}:{index}".encode()).hexdigest()
 
 
@@ -64,10 +68,21 @@ class _Images:
         return rel
 
 
+def _scene_rows(seed: int, stream: str, n: int, id_format: str, world: SceneSampler, images: _Images,
+                progress: bool, make_row) -> list:
+    """``make_row(i, row_id, image, scene, rng)`` for ``n`` fresh scenes drawn from ``stream``, each
+    saved as ``images/{row_id}.jpg`` first (``row_id = id_format.format(i)``)."""
+    rng = _rng(seed, stream)
+    rows = []
+    for i in tqdm(range(n), desc=f"synth {stream}", disable=not progress, leave=False):
+        scene = world.sample(rng)
+        rid = id_format.format(i)
+        rows.append(make_row(i, rid, images.save(rid, scene), scene, rng))
+    return rows
+
+
 def _checked_mix(setting: str, weights, choices) -> dict[str, float]:
     """Relative weights by name (empty = the built-in mix): known names, >= 0, positive sum."""
-    from vlmforge.errors import ConfigError
-
     mix = {k: float(v) for k, v in dict(weights or {}).items()}
     bad = [k for k in mix if k not in choices]
     if bad:
@@ -153,27 +168,21 @@ def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bo
     counts = {}
     scenes = []  # ground truth per eval image, for analysis and tests
     # Multiple choice: only categories with >= 4 possible values can have 4 options.
-    cats = [c for c in benchmarks.MCQ_CATEGORIES if c not in ("shape",) or len(world.shapes) >= 4]
+    cats = [c for c in MCQ_CATEGORIES if c not in ("shape",) or len(world.shapes) >= 4]
     cats = [c for c in cats if c != "color" or len(world.colors) >= 4]
-    rng = _rng(cfg.seed, "mcq")
-    rows = []
-    for i in tqdm(range(cfg.num_mcq), desc="synth mcq", disable=not progress, leave=False):
-        scene = world.sample(rng)
-        rid = f"mcq-{i:05d}"
-        rel = images.save(rid, scene)
-        scenes.append({"image": rel, "scene": scene.to_dict()})
-        rows.append(benchmarks.mcq_row(rid, rel, scene, cats[i % len(cats)], rng, world))
-    counts["mcq"] = _write_jsonl(folder / "mcq.jsonl", rows)
 
-    rng = _rng(cfg.seed, "vqa")
-    rows = []
-    for i in tqdm(range(cfg.num_vqa), desc="synth vqa", disable=not progress, leave=False):
-        scene = world.sample(rng)
-        rid = f"vqa-{i:05d}"
-        cat = benchmarks.VQA_CATEGORIES[i % len(benchmarks.VQA_CATEGORIES)]
-        rel = images.save(rid, scene)
+    def mcq_row(i, rid, rel, scene, rng):
         scenes.append({"image": rel, "scene": scene.to_dict()})
-        rows.append(benchmarks.vqa_row(rid, rel, scene, cat, rng, world))
+        return benchmarks.mcq_row(rid, rel, scene, cats[i % len(cats)], rng, world)
+
+    def vqa_row(i, rid, rel, scene, rng):
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        cat = benchmarks.VQA_CATEGORIES[i % len(benchmarks.VQA_CATEGORIES)]
+        return benchmarks.vqa_row(rid, rel, scene, cat, rng, world)
+
+    rows = _scene_rows(cfg.seed, "mcq", cfg.num_mcq, "mcq-{:05d}", world, images, progress, mcq_row)
+    counts["mcq"] = _write_jsonl(folder / "mcq.jsonl", rows)
+    rows = _scene_rows(cfg.seed, "vqa", cfg.num_vqa, "vqa-{:05d}", world, images, progress, vqa_row)
     counts["vqa"] = _write_jsonl(folder / "vqa.jsonl", rows)
 
     rng = _rng(cfg.seed, "pope")
@@ -186,8 +195,6 @@ def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bo
                 break
             scene = world.sample(rng)
         else:
-            from vlmforge.errors import ConfigError
-
             raise ConfigError(f"synth.pope_per_image={k} needs scenes with >= {k} objects (max_objects)")
         rid = f"pope-{i:05d}"
         sampling = benchmarks.POPE_SAMPLINGS[i % len(benchmarks.POPE_SAMPLINGS)]
@@ -202,25 +209,16 @@ def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bo
 
 
 def _preference(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
-    rng = _rng(cfg.seed, "preference")
-    images = _Images(out / "preference", cfg)
-    rows = []
-    for i in tqdm(range(cfg.num_preference), desc="synth preference", disable=not progress, leave=False):
-        scene = world.sample(rng)
-        rid = f"pref-{i:05d}"
-        rows.append(preference.preference_row(rid, images.save(rid, scene), scene, rng, world))
+    rows = _scene_rows(cfg.seed, "preference", cfg.num_preference, "pref-{:05d}", world,
+                       _Images(out / "preference", cfg), progress,
+                       lambda i, rid, rel, scene, rng: preference.preference_row(rid, rel, scene, rng, world))
     return {"pairs": _write_jsonl(out / "preference" / "pairs.jsonl", rows)}
 
 
 def _vision(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
     """Images with every object's attributes: ground truth a vision tower can be pretrained on."""
-    rng = _rng(cfg.seed, "vision")
-    images = _Images(out / "vision", cfg)
-    rows = []
-    for i in tqdm(range(cfg.num_vision), desc="synth vision", disable=not progress, leave=False):
-        scene = world.sample(rng)
-        rid = f"vis-{i:06d}"
-        rows.append({"id": rid, "image": images.save(rid, scene), **scene.to_dict()})
+    rows = _scene_rows(cfg.seed, "vision", cfg.num_vision, "vis-{:06d}", world, _Images(out / "vision", cfg),
+                       progress, lambda i, rid, rel, scene, rng: {"id": rid, "image": rel, **scene.to_dict()})
     return {"images": _write_jsonl(out / "vision" / "objects.jsonl", rows)}
 
 
@@ -228,13 +226,11 @@ def _text(cfg, world: SceneSampler, out: Path) -> dict:
     lines = corpus.corpus_lines(cfg.num_text, _rng(cfg.seed, "text"), world)
     (out / "text").mkdir(parents=True, exist_ok=True)
     (out / "text" / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"lines": len(lines), "words": sum(len(l.split()) for l in lines)}
+    return {"lines": len(lines), "words": sum(len(line.split()) for line in lines)}
 
 
 def _as_recipe(cfg) -> DictConfig:
     """Accept a full recipe, its ``synth`` section, or a SynthConfig dataclass."""
-    from vlmforge.config import load_recipe
-
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     if "synth" in cfg:
@@ -249,10 +245,6 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
 
     ``cfg``: a recipe (DictConfig with ``synth``), its ``synth`` section, or a SynthConfig.
     """
-    from vlmforge.errors import UserError
-    from vlmforge.config import save_resolved
-    from vlmforge.files import write_manifest
-
     recipe = _as_recipe(cfg)
     s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
     for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text",
