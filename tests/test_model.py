@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures_model import packed_batch, tiny_cfg, tiny_model
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 
 from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
 from vlmforge.arch.projectors.avgpool_mlp import AvgPoolMLPProjector
@@ -16,7 +15,7 @@ from vlmforge.text.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 
@@ -347,6 +346,13 @@ def test_projector_registry_lists_every_projector_class():
             if issubclass(cls, nn.Module) and cls.__module__ == mod.__name__:
                 found[cls.__dict__.get("kind", f"<{cls.__name__} has no kind>")] = cls
     assert found == projectors.PROJECTORS
+    # the schema's choices for model.projector.kind are exactly the registered kinds
+    from typing import get_args, get_type_hints
+
+    from vlmforge.config.model import ProjectorConfig
+
+    assert set(get_args(get_type_hints(ProjectorConfig)["kind"])) == set(found), (
+        "add the new kind to ProjectorConfig.kind in src/vlmforge/config/model.py")
     for kind, cls in found.items():
         assert callable(cls.tokens) and callable(cls.from_config) and callable(cls.export_refusal), kind
         assert cls.tokens(4, None) >= 1

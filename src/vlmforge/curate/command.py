@@ -208,9 +208,9 @@ def _filter(args, cfg) -> int:
 
 
 def _dedup(args, cfg) -> int:
+    from vlmforge.config.loader import set_value
     from vlmforge.curate import reshard
     from vlmforge.curate.dedup import embeddings_from_scores, make_decide, make_extra
-    from vlmforge.config.loader import set_value
     from vlmforge.curate.truth import load_truth
     from vlmforge.errors import UserError
 

@@ -52,3 +52,6 @@ class AvgPoolMLPProjector(MLPProjector):
             grid = x.transpose(1, 2).reshape(n, d, side, side)  # row-major patches -> [N, D, H, W]
             x = F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)
         return self.mlp(x)
+
+
+PROJECTOR = AvgPoolMLPProjector

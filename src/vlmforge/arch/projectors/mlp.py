@@ -58,3 +58,6 @@ class MLPProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
+
+
+PROJECTOR = MLPProjector

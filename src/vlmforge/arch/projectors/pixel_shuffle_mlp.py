@@ -56,3 +56,6 @@ class PixelShuffleMLPProjector(MLPProjector):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm(pixel_shuffle(x, square_grid(x))))
+
+
+PROJECTOR = PixelShuffleMLPProjector

@@ -7,27 +7,25 @@ adding a kind is adding a module (and its test): nothing else names the kinds.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import sys
 
 from vlmforge.eval.kind import Kind
+from vlmforge.plugins import discover
 
 
-def _discover() -> dict[str, type[Kind]]:
+def _by_name(classes: list[type[Kind]]) -> dict[str, type[Kind]]:
     found: dict[str, type[Kind]] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        cls = getattr(module, "KIND", None)
-        if not (isinstance(cls, type) and issubclass(cls, Kind) and cls.name):
-            raise TypeError(f"{module.__name__} defines no KIND (a named vlmforge.eval.kind.Kind subclass)")
+    for cls in classes:
+        if not cls.name:
+            raise TypeError(f"{cls.__module__}.{cls.__name__} has no name")
         for name in (cls.name, *cls.aliases):
             if name in found:
-                raise TypeError(f"{module.__name__}: kind name {name!r} is also {found[name].__module__}'s")
+                raise TypeError(f"{cls.__module__}: kind name {name!r} is also {found[name].__module__}'s")
             found[name] = cls
     return found
 
 
-KINDS: dict[str, type[Kind]] = _discover()
+KINDS: dict[str, type[Kind]] = _by_name(discover(sys.modules[__name__], "KIND", Kind))
 
 
 def get_kind(kind: str, **options) -> Kind:
