@@ -1,7 +1,7 @@
 """Shared tokenizer fixture: a tiny byte-level BPE trained on generated sentences.
 
-Use it from any test file with ``from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401``
-(then ask for the ``tiny_tokenizer_dir`` fixture: a folder ``load_tokenizer`` / AutoTokenizer loads).
+conftest.py registers this module as a plugin, so any test can ask for the ``tiny_tokenizer_dir``
+fixture: a folder ``load_tokenizer`` / AutoTokenizer loads.
 """
 
 from __future__ import annotations

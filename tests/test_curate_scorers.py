@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_curate import make_world
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 
 from vlmforge.cli import main
 from vlmforge.shards import decode_image, iter_raw_samples, list_shards
@@ -40,7 +39,7 @@ def tiny_contrastive(arch: str, tok_dir: str, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["clip", "siglip"])
-def test_contrastive_scorer_is_cosine(tmp_path, world, tiny_tokenizer_dir, arch):  # noqa: F811
+def test_contrastive_scorer_is_cosine(tmp_path, world, tiny_tokenizer_dir, arch):
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     mdir = tiny_contrastive(arch, tiny_tokenizer_dir, tmp_path / "m")
@@ -110,7 +109,7 @@ def test_train_filter_and_dfn_scoring(tmp_path, world):
     assert fm["thresholds"]["dfn>=calibrated"] == sm["calibration"]["threshold"]
 
 
-def test_score_resume_skips_finished_shards(tmp_path, world, tiny_tokenizer_dir, monkeypatch):  # noqa: F811
+def test_score_resume_skips_finished_shards(tmp_path, world, tiny_tokenizer_dir, monkeypatch):
     from vlmforge.curate.scorers.clip import ContrastiveScorer
 
     mdir = tiny_contrastive("clip", tiny_tokenizer_dir, tmp_path / "m")
@@ -212,7 +211,7 @@ def test_mlm_scorer_records_unparseable(tmp_path, tiny_vlm, monkeypatch):
     assert m["counts"]["judge_answers_unparseable"] == 1 and m["counts"]["reconciled"]
 
 
-def test_dedup_by_embeddings(tmp_path, world, tiny_tokenizer_dir):  # noqa: F811
+def test_dedup_by_embeddings(tmp_path, world, tiny_tokenizer_dir):
     from vlmforge.curate.dedup import embedding_pairs
 
     x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from test_eval import make_world
 
 from vlmforge.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir):  # noqa: F811
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer_dir):
     from vlmforge.config import load_recipe
     from vlmforge.model.build import build_vlm
     from vlmforge.model.saving import save_vlm

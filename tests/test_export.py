@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures_model import tiny_model
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
 from vlmforge.images import preprocess_batch
@@ -17,7 +16,7 @@ MSGS = [{"role": "user", "content": "<image>What is in the picture?"}]
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures_model import tiny_model
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
 from vlmforge.model.decoding import generate
@@ -20,7 +19,7 @@ IMAGES = [[Image.new("RGB", (64, 64), (255, 0, 0))], [Image.new("RGB", (50, 80),
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 

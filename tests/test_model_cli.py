@@ -6,7 +6,6 @@ import json
 
 import pytest
 from fixtures_model import tiny_model
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from PIL import Image
 
 from vlmforge.cli import main
@@ -15,7 +14,7 @@ from vlmforge.text.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_tokenizer_dir, tmp_path_factory):  # noqa: F811
+def ckpt(tiny_tokenizer_dir, tmp_path_factory):
     from vlmforge.model.saving import save_vlm
 
     tok = load_tokenizer(tiny_tokenizer_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
+from fixtures_tokenizer import shape_sentences
 from PIL import Image
 
 from vlmforge.cli import main

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_tokenizer import COLOURS, SHAPES, tiny_tokenizer_dir  # noqa: F401
+from fixtures_tokenizer import COLOURS, SHAPES
 
 from vlmforge.arch.tokens import IM_END
 from vlmforge.config.sft import SFTDataConfig
@@ -68,12 +67,12 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def exact_index(world, tiny_tokenizer_dir, tmp_path_factory):  # noqa: F811
+def exact_index(world, tiny_tokenizer_dir, tmp_path_factory):
     d, _ = world
     out = tmp_path_factory.mktemp("idx")
     build_index(
@@ -154,7 +153,7 @@ def test_sample_labels_only_on_assistant_replies(exact_index, tok):
         assert runs == [m["content"] + IM_END for m in msgs if m["role"] == "assistant"]
 
 
-def test_bad_input_skipped_and_counted(world, tmp_path, tiny_tokenizer_dir):  # noqa: F811
+def test_bad_input_skipped_and_counted(world, tmp_path, tiny_tokenizer_dir):
     d, recs = world
     good = [json.dumps(r) for r in recs[:6]]
     lines = good[:2] + ["{not json", ""] + good[2:4]
@@ -195,7 +194,7 @@ def test_stale_index_is_refused(world, tmp_path):
         open_index(tmp_path / "i")
 
 
-def test_estimated_lengths_are_close_and_parallel_build_matches(world, tmp_path, tiny_tokenizer_dir, exact_index):  # noqa: F811
+def test_estimated_lengths_are_close_and_parallel_build_matches(world, tmp_path, tiny_tokenizer_dir, exact_index):
     d, _ = world
     m = build_index(
         [d / "data.json", d / "data.jsonl"], tmp_path / "e", visual_tokens=VT, image_root=d,
@@ -319,7 +318,7 @@ def test_length_grouped_batches(exact_index, tok):
     assert np.mean(pads) < 0.2
 
 
-def test_bad_samples_at_load_time_are_skipped_or_raise(world, tmp_path, tok, tiny_tokenizer_dir):  # noqa: F811
+def test_bad_samples_at_load_time_are_skipped_or_raise(world, tmp_path, tok, tiny_tokenizer_dir):
     d, recs = world
     import shutil
 
@@ -350,7 +349,7 @@ def test_too_long_records_are_left_out(exact_index, tok):
     assert n == len(ds) - loader.skipped["too_long"]
 
 
-def test_cli_sft_index(world, tmp_path, tiny_tokenizer_dir, capsys):  # noqa: F811
+def test_cli_sft_index(world, tmp_path, tiny_tokenizer_dir, capsys):
     from vlmforge.cli import main
 
     d, recs = world
@@ -371,7 +370,7 @@ def test_cli_sft_index(world, tmp_path, tiny_tokenizer_dir, capsys):  # noqa: F8
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["visual_tokens"] >= 1
 
 
-def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):  # noqa: F811
+def test_build_sft_loader_from_recipe(world, tmp_path, tok, tiny_tokenizer_dir):
     from omegaconf import OmegaConf
 
     from vlmforge.arch.geometry import visual_tokens_per_image

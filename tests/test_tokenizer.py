@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_tokenizer import shape_sentences, tiny_tokenizer_dir  # noqa: F401
+from fixtures_tokenizer import shape_sentences
 
 from vlmforge.arch.tokens import EOS, IM_END, IM_START, IMAGE_TOKEN
 from vlmforge.text.chat import CHAT_TEMPLATE, conversation_lengths, encode_conversation, has_generation_markers
@@ -34,11 +34,11 @@ QWEN_LIKE_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):  # noqa: F811
+def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 
-def test_folder_is_standard_and_loads_with_autotokenizer(tiny_tokenizer_dir):  # noqa: F811
+def test_folder_is_standard_and_loads_with_autotokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     files = set(p.name for p in Path(tiny_tokenizer_dir).iterdir())
@@ -124,7 +124,7 @@ def test_mask_without_generation_markers_matches(tok):
     assert _supervised_pieces(tok, *b) == ["The circle is red.<|im_end|>", "There are 3 shapes.<|im_end|>"]
 
 
-def test_second_tokenizer_folder_without_markers(tok, tiny_tokenizer_dir, tmp_path):  # noqa: F811
+def test_second_tokenizer_folder_without_markers(tok, tiny_tokenizer_dir, tmp_path):
     """A saved tokenizer whose own template lacks markers (like Qwen2.5's) loads and masks correctly."""
     d = tmp_path / "qwenlike"
     shutil.copytree(tiny_tokenizer_dir, d)
@@ -150,7 +150,7 @@ def test_generation_prompt_and_list_content(tok):
     assert encode_conversation(tok, listed) == encode_conversation(tok, CONV[:2])
 
 
-def test_load_adds_image_token_to_foreign_tokenizer(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+def test_load_adds_image_token_to_foreign_tokenizer(tiny_tokenizer_dir, tmp_path):
     """A tokenizer without <image> (e.g. Qwen2.5's) gets it as one new special token."""
     from tokenizers import Tokenizer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import train_worker
+
 from vlmforge.files import read_metrics
 
 HERE = Path(__file__).parent

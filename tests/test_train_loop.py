@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
-from vlmforge.train.loop import KILL_ENV, Trainer
+
 from vlmforge.files import read_metrics
+from vlmforge.train.loop import KILL_ENV, Trainer
 
 HERE = Path(__file__).parent
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401
 from vlmforge.cli import main
 
 FAST = ["train.progress_bar=false", "train.tensorboard=false", "train.micro_batch_size=2", "train.global_batch_size=4"]
@@ -31,7 +30,7 @@ def _png(colour):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_tokenizer_dir):  # noqa: F811
+def data(tmp_path_factory, tiny_tokenizer_dir):
     from vlmforge.shards import ShardWriter
 
     root = tmp_path_factory.mktemp("stage_data")

@@ -10,11 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
+from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
 
-from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe  # noqa: E402
-from vlmforge import dist as vdist  # noqa: E402
-from vlmforge.train.loop import Trainer  # noqa: E402
+from vlmforge import dist as vdist
+from vlmforge.train.loop import Trainer
 
 
 def main(argv):
