@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _common import synthetic_jpeg
+from PIL import Image
 
 
 def captions(n: int, seed: int = 0) -> list[str]:
@@ -39,13 +38,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the shards here (default: a temp folder)")
     args = ap.parse_args()
 
-    from vlmforge.config import load_recipe
-    from vlmforge.images import load_pixel_values
-    from vlmforge.data.packed_dataset import build_pretrain_loader
-    from vlmforge.data.packer import pack_shards
-    from vlmforge.text.tokenization import train_tokenizer
     from vlmforge.arch.geometry import image_preprocess_spec
+    from vlmforge.config import load_recipe
+    from vlmforge.data.pretrain.loader import build_pretrain_loader
+    from vlmforge.data.pretrain.plan import pack_shards
+    from vlmforge.images import load_pixel_values
     from vlmforge.shards import ShardWriter, decode_image
+    from vlmforge.text.tokenization import train_tokenizer
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
     work = Path(args.workdir or tmp.name)

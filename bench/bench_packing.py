@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from vlmforge.data.packing import first_fit_decreasing, lower_bound, plan_packs
+from vlmforge.data.packer import first_fit_decreasing, lower_bound, plan_packs
 
 
 def caption_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -75,9 +75,9 @@ def pack_stage(n: int, seed: int = 0) -> None:
     from PIL import Image
 
     from vlmforge.config import load_recipe
-    from vlmforge.data.packer import pack_shards
-    from vlmforge.text.tokenization import train_tokenizer
+    from vlmforge.data.pretrain.plan import pack_shards
     from vlmforge.shards import ShardWriter
+    from vlmforge.text.tokenization import train_tokenizer
 
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(200)]

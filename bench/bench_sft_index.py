@@ -92,7 +92,7 @@ def child_open(index_dir: str, access: int) -> None:
     """Runs in a fresh process: open the index, touch lengths, time random reads, report RSS."""
     import numpy as np
 
-    from vlmforge.data.sft_index import open_index
+    from vlmforge.data.sft.index import open_index
 
     base = _status()
     t = time.perf_counter()
@@ -143,8 +143,8 @@ def child_open(index_dir: str, access: int) -> None:
 
 
 def child_build(src: str, out: str, workers: int, lengths: str, tokenizer: str | None, limit_src: str | None) -> None:
-    from vlmforge.data import sft_index
-    from vlmforge.data.sft_index import build_index
+    from vlmforge.data.sft import lengths as sft_index
+    from vlmforge.data.sft.build import build_index
 
     if tokenizer:  # load it (and import transformers) before the clock starts
         from vlmforge.text.tokenization import load_tokenizer

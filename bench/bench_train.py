@@ -69,8 +69,8 @@ def steady(rows, key):
 def run_trainer(cfg, model, loader, steps, run_dir):
     import torch
 
-    from vlmforge.train.loop import Trainer
     from vlmforge.files import read_metrics
+    from vlmforge.train.loop import Trainer
 
     Trainer(cfg.train, model, loader, steps, run_dir, torch.device("cpu")).fit()
     return read_metrics(run_dir)
@@ -112,11 +112,11 @@ def main() -> None:
 
     from vlmforge.config import load_recipe
     from vlmforge.data.collate import collate_packs
-    from vlmforge.data.packed_dataset import build_pretrain_loader, dataset_from_recipe
-    from vlmforge.data.packer import pack_shards
-    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
+    from vlmforge.data.pretrain.loader import build_pretrain_loader, dataset_from_recipe
+    from vlmforge.data.pretrain.plan import pack_shards
     from vlmforge.model.build import build_vlm
     from vlmforge.shards import ShardWriter
+    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
     work = Path(args.workdir or tmp.name)

@@ -9,38 +9,16 @@ batches. Two runs side by side, same steps:
     colour only:  "What color is the circle?" / "... the shape in the top left corner?"
     full mix:     colour, shape, count, position, existence questions and 4-way multiple choice
 
-Greedy answers on 400 held-out questions are scored by exact match, per category.
+Greedy answers on 400 held-out questions are scored by exact match, per category and per object
+count (`color/n2` ...). `--only CATS` trains one mix; `--qk-init-std STD` compares the preset's
+Q/K init with STD side by side; `--compare-optimizers` compares vlmforge's AdamW and Muon
+(`train.optimizer`) side by side; `--optimizer muon` trains the mixes with Muon.
 
-    python bench/bench_qa_binding.py --tokenizer demo_out/tokenizer [--steps 1000] [--max-objects 4]
+    python research/qa_binding.py --tokenizer demo_out/tokenizer [--steps 1000] [--max-objects 4]
+    python research/qa_binding.py --tokenizer demo_out/tokenizer --only color --steps 500 --lr 1e-3 --qk-init-std 0.08
+    python research/qa_binding.py --tokenizer demo_out/tokenizer --only existence --steps 800 --lr 1e-3 --compare-optimizers
 
-Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers), lr 3e-3, batch 32, defaults
-(1 000 steps each, 1-4 objects; 8 min 38 s while other jobs shared the CPU):
-colour only: colour 0.73. Full mix: colour 0.17, shape 0.55, position 0.13, count 0.42,
-existence 0.49 (chance), multiple choice 0.12-0.38 (one rotation, chance 0.25).
-With one object per image (a throwaway variant of this script, 500 steps) the full mix reads
-shape 1.00 but answers every colour question "orange" (0.22) at lr 3e-3, and colour 1.00 at lr 1e-3;
-existence stays at chance either way. (The demo at lr 1e-3 was not better: VQA 0.37.)
-The demo's SFT is ~1 000 steps of a similar batch: its limit is the LM learning to bind words to
-visual tokens, not sight.
-
-Each skill has a plateau (`--only color --steps 1500 --lr 1e-3`, 3 min): colour exact match sits
-at ~0.72 until step ~600, with 2-4 objects no better than naming a random object's colour
-(color/n2 0.54-0.64), then the lookup clicks: 0.96 / 0.92 / 0.89 with 2 / 3 / 4 objects at step
-1500. `--only existence` stays exactly at chance (loss ln 2) for 300 steps, even at --batch 128.
-
-The plateau is the saddle of the attention logits' product W_Q W_K at a small initial scale
-(`--qk-init-std 0.08 --only color --steps 500 --lr 1e-3`, both arms side by side, 5 min): colour
-exact match at step 500 is 0.73 with the preset's 0.02 init and 0.91 with Q/K drawn at 0.08 (with
-2 / 3 / 4 objects 0.72 / 0.55 / 0.62 vs 0.93 / 0.89 / 0.80); ratio 1.25. Model seed 1: 0.71 vs
-0.92 (0.08) and 0.74 (0.06). Too large also stalls: 0.15 gave 0.73. Existence alone stays at
-chance for 800 steps with either init (0.53 / 0.53).
-
-Muon (`--compare-optimizers`: the vlmforge optimizer with train.optimizer adamw vs muon, side by
-side) breaks the existence plateau: `--only existence --steps 800 --lr 1e-3 --compare-optimizers`
-(6 min): AdamW 0.53 (loss ln 2 throughout), Muon 0.81 (ratio 1.54). The full mix with Muon
-(`--optimizer muon --steps 1000 --lr 1e-3`, measured with torch's bf16 Newton-Schulz): colour 0.63, shape 0.76, count 0.49, position 0.11, existence
-0.49, multiple choice at chance: better than AdamW's 0.17 / 0.55 / 0.42 / 0.13 / 0.49, and still a
-plateau per skill at ~5k answers each.
+Measured results: docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -123,7 +101,7 @@ def batch_loss(model, tok, samples) -> torch.Tensor:
         labels.append(torch.tensor([-100] * (len(p) + 8) + a))  # +8: one <image> became 9 tokens
     n = max(len(r) for r in rows)
     emb = torch.stack([nn.functional.pad(r, (0, 0, 0, n - len(r))) for r in rows])
-    lab = torch.stack([nn.functional.pad(l, (0, n - len(l)), value=-100) for l in labels])
+    lab = torch.stack([nn.functional.pad(lb, (0, n - len(lb)), value=-100) for lb in labels])
     mask = torch.arange(n)[None] < torch.tensor([len(r) for r in rows])[:, None]
     return model.llm(inputs_embeds=emb, attention_mask=mask.long(), labels=lab).loss
 

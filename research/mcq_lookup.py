@@ -12,21 +12,12 @@ For each layout the LM preset is trained from random weights on fresh batches (l
 letter only); letter accuracy is printed as it trains, next to chance (0.25), and the final
 accuracies side by side. The forward layout asks whether the letter's place is the obstacle (the
 benchmark layout needs the token BEFORE the matching option, induction copies the one AFTER a match).
+`--optimizers adamw,muon` trains each layout with both optimizers (vlmforge's `train.optimizer`).
 
-    python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer [--preset small-qwen2] [--steps 600]
+    python research/mcq_lookup.py --tokenizer demo_out/tokenizer [--preset small-qwen2] [--steps 600]
+    python research/mcq_lookup.py --tokenizer demo_out/tokenizer --layouts mmbench --optimizers adamw,muon
 
-Measured on this 2-core CPU, small-qwen2 (128 wide, 4 layers, 4 heads), lr 2e-3, batch 32:
-- mmbench layout: 0.241-0.259 per 200 steps through step 1200 (235 s), and 0.245-0.255 per
-  500 steps through step 4000 (826 s); 8 heads, or 256 wide with 8 heads: chance through step 600.
-- side by side, `--steps 600` (3 min 5 s): forward 0.242, mmbench 0.242. The control fails too,
-  so the obstacle is the two-step lookup (which word answers the question, then where that word
-  is among the options), not the letter's place.
-The demo's whole SFT stage is ~700 steps, so its letter answers sit at chance however well it sees.
-
-With Muon (`--optimizers adamw,muon`, train.optimizer, both side by side; `--layouts mmbench
---steps 600`, 3 min 20 s, with torch's bf16 Newton-Schulz): AdamW 0.238, Muon 0.933 (3.9x): Muon learns the lookup by step 200-300.
-
-    python bench/bench_mcq_lookup.py --tokenizer demo_out/tokenizer --layouts mmbench --optimizers adamw,muon
+Measured results: docs/experiments.md.
 """
 
 from __future__ import annotations
