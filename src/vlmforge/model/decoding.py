@@ -32,11 +32,17 @@ def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index:
     return out
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids generation stops at: `<|im_end|>` (end of turn) first, then the tokenizer's EOS if it differs."""
+    out: list[int] = []
+    for s in (tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id):
+        if s is not None and s != tokenizer.unk_token_id and int(s) not in out:
+            out.append(int(s))
+    return out
+
+
 def _stop_ids(tokenizer) -> set[int]:
-    stops = {tokenizer.convert_tokens_to_ids(IM_END)}
-    if tokenizer.eos_token_id is not None:
-        stops.add(int(tokenizer.eos_token_id))
-    return {int(s) for s in stops if s is not None and s != tokenizer.unk_token_id}
+    return set(end_of_turn_ids(tokenizer))
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

@@ -5,6 +5,8 @@ Mapping (exact, no approximation): vision tower -> model.vision_tower, projector
 transformers' hidden_states index, so it becomes `vision_feature_layer` as is; SigLIP has no CLS
 token (strategy "full"), CLIP's CLS is dropped (strategy "default"). What LLaVA cannot express is
 refused: pooling, pixel shuffle, V2PE with delta != 1, a tower run off its native resolution.
+For clients: the chat template also renders content parts (text/chat.py client_chat_template) and
+generation_config.json stops at the end of the turn, so transformers' greedy answers are ours.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import (
     CLIPImageProcessorPil,
+    GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -23,6 +26,11 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from vlmforge.arch.tokens import IMAGE_TOKEN
+from vlmforge.model.decoding import end_of_turn_ids
+from vlmforge.text.chat import client_chat_template
+
+# The answer length `model.generate(**inputs)` gets without max_new_tokens (vlmforge generate's default).
+MAX_NEW_TOKENS = 128
 
 
 class ExportRefused(ValueError):
@@ -48,12 +56,19 @@ def check_exportable(model) -> None:
         raise ExportRefused("cannot export to LlavaForConditionalGeneration: " + "; ".join(why))
 
 
-def llava_config(model):
+def llava_config(model, tokenizer=None):
+    """The LlavaConfig of `model`; with `tokenizer`, text_config names the end-of-turn ids
+    (eos_token_id, as Qwen2.5-Instruct's config does) and the config the pad id (as llava-hf's do)."""
     clip = model.vision.config.model_type == "clip_vision_model"
     text_config = model.llm.config
+    text_dict = text_config.to_dict()
+    extra = {}
+    if tokenizer is not None:
+        text_dict["eos_token_id"] = end_of_turn_ids(tokenizer)
+        extra["pad_token_id"] = int(tokenizer.pad_token_id)
     return LlavaConfig(
         vision_config=model.vision.config.to_dict(),
-        text_config=text_config.to_dict(),
+        text_config=text_dict,
         image_token_index=model.image_token_id,
         image_seq_length=model.tokens_per_image,
         projector_hidden_act="gelu",
@@ -61,6 +76,20 @@ def llava_config(model):
         vision_feature_layer=model.feature_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        **extra,
+    )
+
+
+def generation_config(model, tokenizer) -> GenerationConfig:
+    """generation_config.json: stop at the end of the turn (<|im_end|>, then EOS if different; vLLM
+    reads these too), the pad id, greedy, and never emit the image placeholder (vlmforge's decoding
+    rule), so `model.generate(**inputs)` gives vlmforge's greedy answers."""
+    return GenerationConfig(
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=int(tokenizer.pad_token_id),
+        suppress_tokens=[int(model.image_token_id)],
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
     )
 
 
@@ -90,7 +119,7 @@ def image_processor(model):
 def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write a folder that `AutoModelForImageTextToText` / `AutoProcessor` load offline."""
     check_exportable(model)
-    config = llava_config(model)
+    config = llava_config(model, tokenizer)
     with no_init_weights():
         llava = LlavaForConditionalGeneration(config)
     missing, unexpected = llava.load_state_dict(llava_state_dict(model), strict=False)
@@ -103,6 +132,7 @@ def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtyp
         llava.to(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    llava.generation_config = generation_config(model, tokenizer)
     llava.save_pretrained(str(out))
     clip = model.vision.config.model_type == "clip_vision_model"
     processor = LlavaProcessor(
@@ -110,7 +140,7 @@ def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtyp
         tokenizer=tokenizer,
         patch_size=model.vision.config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=tokenizer.chat_template,
+        chat_template=client_chat_template(tokenizer.chat_template),  # string content as trained, plus content parts
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if clip else 0,
     )

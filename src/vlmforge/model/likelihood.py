@@ -57,6 +57,44 @@ def continuation_logprobs(
             row_images.extend(ims)
     if not rows:
         return [[] for _ in prompts]
+    scores = [lp for lp, _ in _span_logprobs(model, tokenizer, rows, spans, row_images)]
+    out, k = [], 0
+    for cands in candidates:
+        out.append(scores[k : k + len(cands)])
+        k += len(cands)
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model, tokenizer, prompts: list[list[dict]], images: list[list], answers: Sequence[str],
+    end_of_turn: bool = False,
+) -> list[tuple[float, bool]]:
+    """(log P(answer | prompt), whether greedy decoding would produce it) for one answer per prompt.
+
+    The answer's tokens follow the generation prompt; with ``end_of_turn`` the closing ``<|im_end|>``
+    counts too (as in :func:`continuation_logprobs`). This is lm-eval's ``loglikelihood`` request.
+    """
+    if not (len(prompts) == len(images) == len(answers)):
+        raise ValueError(f"{len(prompts)} prompts, {len(images)} image lists, {len(answers)} answers")
+    if not prompts:
+        return []
+    end = [tokenizer.convert_tokens_to_ids(IM_END)] if end_of_turn else []
+    rows, spans, row_images = [], [], []
+    for i, (messages, ims, answer) in enumerate(zip(prompts, images, answers)):
+        head = prompt_ids(model, tokenizer, messages, len(ims), i)
+        tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+        if not tail:
+            raise ValueError(f"prompt {i}: the answer {answer!r} has no tokens")
+        rows.append(head + tail)
+        spans.append((len(head), len(head) + len(tail)))
+        row_images.extend(ims)
+    return _span_logprobs(model, tokenizer, rows, spans, row_images)
+
+
+def _span_logprobs(model, tokenizer, rows: list[list[int]], spans: list[tuple[int, int]],
+                   row_images: list) -> list[tuple[float, bool]]:
+    """Per row: summed log-prob of tokens [a, b) given the ones before, and whether each is the argmax."""
     dev = next(model.parameters()).device
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)
@@ -78,9 +116,8 @@ def continuation_logprobs(
     scores = []
     for r, (a, b) in enumerate(spans):
         logp = torch.log_softmax(head(hidden[r, a - 1 : b - 1]).float(), dim=-1)
-        scores.append(float(logp.gather(-1, ids[r, a:b, None]).sum()))
-    out, k = [], 0
-    for cands in candidates:
-        out.append(scores[k : k + len(cands)])
-        k += len(cands)
-    return out
+        pick = logp.clone()
+        pick[:, model.image_token_id] = float("-inf")  # generation never emits the placeholder
+        greedy = bool((pick.argmax(-1) == ids[r, a:b]).all())
+        scores.append((float(logp.gather(-1, ids[r, a:b, None]).sum()), greedy))
+    return scores
