@@ -6,7 +6,8 @@ module, so at import time a command module imports only light things (the standa
 ``vlmforge.errors``, ``vlmforge.clitools`` with the recipe loader) and imports its stage's code
 (torch, transformers, numpy, ...) inside ``run``: command modules are the one place outside
 optional extras where function-level imports are allowed (tests/layers.py).
-``main(argv)`` is callable in-process (tests use it).
+``main(argv)`` is callable in-process (tests use it). A UserError / ConfigError prints one line and
+returns 2; ``vlmforge --debug <command>`` prints its traceback first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from typing import Sequence
 
 from vlmforge import __version__
@@ -32,6 +34,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("generate", "vlmforge.model.generate_command"),
     ("eval", "vlmforge.eval.command"),
     ("export", "vlmforge.model.export_command"),
+    ("import", "vlmforge.model.import_command"),
     ("demo", "vlmforge.demo.command"),
     ("recipes", "vlmforge.config.command"),
 ]
@@ -47,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"vlmforge {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="on an input error, also print its traceback (default: one line naming the file, key or path)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, modname in COMMANDS:
         try:
@@ -76,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ConfigError, UserError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"vlmforge {args.command}: error: {e}", file=sys.stderr)
         return 2
 

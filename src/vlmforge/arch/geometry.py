@@ -11,18 +11,19 @@ import transformers
 
 from vlmforge.arch.presets import vision_config_dict
 from vlmforge.arch.projectors import projector_class
+from vlmforge.config.model import ModelConfig
 from vlmforge.errors import ConfigError
 
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 
 
-def image_size(model_cfg) -> int:
+def image_size(model_cfg: ModelConfig) -> int:
     d = vision_config_dict(model_cfg.vision)
     return int(model_cfg.vision.image_size or d.get("image_size", 224))
 
 
-def patch_grid(model_cfg) -> int:
+def patch_grid(model_cfg: ModelConfig) -> int:
     """Patches per side of the vision tower's output grid (SigLIP: no CLS; CLIP's CLS is dropped)."""
     d = vision_config_dict(model_cfg.vision)
     size, patch = image_size(model_cfg), int(d.get("patch_size", 16))
@@ -31,7 +32,7 @@ def patch_grid(model_cfg) -> int:
     return size // patch  # a stride-`patch` conv without padding: 384 px / 14 -> 27 (border pixels unused)
 
 
-def visual_tokens_per_image(model_cfg) -> int:
+def visual_tokens_per_image(model_cfg: ModelConfig) -> int:
     """Number of `<image>` tokens one image becomes (a run setting: depends on pool_size, not on weights)."""
     proj = model_cfg.projector
     return projector_class(proj.kind).tokens(patch_grid(model_cfg), proj.pool_size)
@@ -44,7 +45,7 @@ def preprocess_spec_for(model_type: str, size: int) -> dict:
     return dict(size=int(size), mean=list(mean), std=list(std), rescale=1 / 255)
 
 
-def image_preprocess_spec(model_cfg) -> dict:
+def image_preprocess_spec(model_cfg: ModelConfig) -> dict:
     return preprocess_spec_for(vision_config_dict(model_cfg.vision).get("model_type", ""), image_size(model_cfg))
 
 

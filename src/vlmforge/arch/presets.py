@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import CONFIG_MAPPING, AutoConfig, CLIPVisionConfig, SiglipVisionConfig
 
+from vlmforge.config.model import LLMConfig, VisionConfig
 from vlmforge.errors import ConfigError
 
 CONFIG_DIR = Path(str(resources.files("vlmforge") / "assets" / "configs"))
@@ -55,7 +56,7 @@ def _vision_part(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def vision_config_dict(vision_cfg) -> dict[str, Any]:
+def vision_config_dict(vision_cfg: VisionConfig) -> dict[str, Any]:
     """Architecture dict of the vision tower (from `pretrained` when set and local, else from `preset`)."""
     if vision_cfg.pretrained:
         p = Path(vision_cfg.pretrained)
@@ -71,7 +72,7 @@ def vision_config_dict(vision_cfg) -> dict[str, Any]:
     return d
 
 
-def vision_config(vision_cfg):
+def vision_config(vision_cfg: VisionConfig):
     """transformers config object of the vision tower (SiglipVisionConfig or CLIPVisionConfig)."""
     d = dict(vision_config_dict(vision_cfg))
     kind = d.get("model_type", "siglip_vision_model")
@@ -82,7 +83,7 @@ def vision_config(vision_cfg):
     return cls.from_dict(d)
 
 
-def llm_config(llm_cfg, trust_remote_code: bool = False):
+def llm_config(llm_cfg: LLMConfig, trust_remote_code: bool = False):
     """transformers config object of the causal LM."""
     if llm_cfg.pretrained:
         return AutoConfig.from_pretrained(llm_cfg.pretrained, trust_remote_code=trust_remote_code)

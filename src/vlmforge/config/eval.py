@@ -5,18 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from vlmforge.config.ranges import ranged
+
 
 @dataclass
 class EvalConfig:
     # Task specs: built-in names (synth-mcq, synth-vqa, synth-pope, synth), KIND:PATH, NAME=KIND:PATH, or a .yaml.
     tasks: list[str] = field(default_factory=list)
     synth_dir: Optional[str] = None  # `vlmforge synth` output folder, for the built-in task names
-    limit: Optional[int] = None  # first N questions per task (a circular question counts once)
-    batch_size: int = 8
-    max_new_tokens: int = 16
-    shots: list[int] = field(default_factory=lambda: [0])  # e.g. [0, 8]: the 0-shot vs 8-shot table
+    limit: Optional[int] = ranged(None, ge=1)  # first N questions per task (a circular question counts once)
+    batch_size: int = ranged(8, ge=1)
+    max_new_tokens: int = ranged(16, ge=1)
+    shots: list[int] = ranged(factory=lambda: [0], ge=0)  # e.g. [0, 8]: the 0-shot vs 8-shot table
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # k-shot demonstration draws (mean, std)
     strict: bool = True  # bad rows / undecodable images: error (True) or skip and count (False)
+    # Image paths in task rows must stay inside the task's image_root (symlinks resolved), else the
+    # row is refused as path_outside_root; True also accepts absolute paths (read as they are).
+    allow_absolute_paths: bool = False
     # Multiple choice: generate (parse the letter of the reply) and/or likelihood (rank the option
     # texts by the model's likelihood, SEED-Bench style; results under NAME@likelihood).
     mc_protocols: list[Literal["generate", "likelihood"]] = field(default_factory=lambda: ["generate"])

@@ -6,6 +6,8 @@ field it leaves out keeps its schema default. A recipe may name a ``base`` recip
 Validation is OmegaConf's: unknown keys, wrong types, values outside a choice field's
 ``Literal[...]`` and missing required values raise before any work starts, and we re-raise
 them naming the key, the value, the allowed values and the file (or the ``--set`` overrides).
+Numbers out of the range their schema field declares (``config.ranges``) are refused the same
+way, after each merge step, naming the step (file or ``--set``) that brought them in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlmforge.config.ranges import check_ranges
 from vlmforge.config.recipe import Recipe
 from vlmforge.errors import ConfigError
 
@@ -91,9 +94,11 @@ def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     _drop_removed_keys(layer, source)
     try:
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+        merged: DictConfig = OmegaConf.merge(base, layer)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
+    check_ranges(merged, source)
+    return merged
 
 
 def _check_complete(cfg: DictConfig, source: str) -> None:
@@ -157,6 +162,7 @@ def set_value(cfg: DictConfig, key: str, value: Any, source: str) -> None:
         OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_describe(e)}") from None
+    check_ranges(cfg, source)
 
 
 def to_yaml(cfg: DictConfig) -> str:

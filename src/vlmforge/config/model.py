@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from vlmforge.config.ranges import ranged
+
 
 @dataclass
 class VisionConfig:
@@ -18,7 +20,7 @@ class VisionConfig:
     frozen: bool = True
     # Run the tower at another resolution than its config (position embeddings interpolated),
     # e.g. 448 px for a patch-14 tower -> 32 x 32 grid. None = the config's image_size.
-    image_size: Optional[int] = None
+    image_size: Optional[int] = ranged(None, ge=1)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class LLMConfig:
     # Random init only: std of the attention query/key projections (None = the preset's
     # initializer_range). Larger Q/K weights shorten the plateau before a from-scratch LM learns to
     # look things up by content (research/qa_binding.py).
-    qk_init_std: Optional[float] = None
+    qk_init_std: Optional[float] = ranged(None, gt=0)
 
 
 @dataclass
@@ -37,9 +39,9 @@ class ProjectorConfig:
     kind: Literal["avgpool_mlp", "pixel_shuffle_mlp", "mlp"] = "avgpool_mlp"  # see vlmforge.arch.projectors
     # avgpool_mlp: pool the patch grid to pool_size x pool_size tokens; None = full grid.
     # A run setting, not a weight: 12 (144 tokens) in pretraining, None (729) in SFT.
-    pool_size: Optional[int] = None
+    pool_size: Optional[int] = ranged(None, ge=1)
     # Width of the MLP's hidden layer; None = the LLM's hidden size.
-    hidden_size: Optional[int] = None
+    hidden_size: Optional[int] = ranged(None, ge=1)
     frozen: bool = False
 
 
@@ -55,8 +57,8 @@ class ModelConfig:
     positions: Literal["restart", "continue", "v2pe"] = "restart"
     # V2PE at inference (and in eval): fixed delta. In training a delta is drawn per image from
     # {1, 1/2, 1/4, ..., 1/v2pe_max_denominator}.
-    v2pe_delta: float = 1.0
-    v2pe_max_denominator: int = 256
+    v2pe_delta: float = ranged(1.0, gt=0)
+    v2pe_max_denominator: int = ranged(256, ge=1)
     # auto: flash-attn varlen when installed and on CUDA, else sdpa with an additive mask
     attn_backend: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False

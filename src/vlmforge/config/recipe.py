@@ -29,3 +29,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+
+
+def run_seed(cfg: Recipe) -> int:
+    """The seed of a training run and of its data order: ``train.seed``, or the recipe's top-level ``seed``."""
+    return int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)

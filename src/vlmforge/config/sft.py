@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from vlmforge.config.ranges import ranged
+
 
 @dataclass
 class SFTDataConfig:
@@ -14,20 +16,23 @@ class SFTDataConfig:
     index: Optional[str] = None
     # Folder image paths in the records are relative to.
     image_root: Optional[str] = None
+    # Paths must stay inside image_root (symlinks resolved): others are skipped as path_outside_root.
+    # True: also accept absolute image paths (read as they are); relative ones are still checked.
+    allow_absolute_paths: bool = False
     # Token lengths in the index: "exact" (tokenizer, the packer's input) or "estimate" (fast).
     lengths: Literal["exact", "estimate"] = "exact"
     check_images: bool = True
     # Bad samples (unparsable JSON, missing/undecodable image, too long) are skipped and counted;
     # strict: raise instead, naming file and line.
     strict: bool = False
-    index_workers: int = 1
+    index_workers: int = ranged(1, ge=1)
     # Batching: "pack" (conversations packed into rows of max_len, never split) or
     # "length_group" (one conversation per row, rows of similar length batched, padded).
     # Rows per batch per rank are the trainer's train.micro_batch_size.
     batching: Literal["pack", "length_group"] = "pack"
-    max_len: int = 4096
-    pack_window: int = 10000  # records planned together by the packer
-    group_factor: int = 32  # length_group: sort within mega-batches of micro_batch_size x group_factor
+    max_len: int = ranged(4096, ge=1)
+    pack_window: int = ranged(10000, ge=1)  # records planned together by the packer
+    group_factor: int = ranged(32, ge=1)  # length_group: sort within mega-batches of micro_batch_size x group_factor
     shuffle: bool = True
     drop_last: bool = True  # drop the epoch's last, incomplete batch
-    num_workers: int = 0
+    num_workers: int = ranged(0, ge=0)

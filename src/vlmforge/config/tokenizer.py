@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from vlmforge.config.ranges import ranged
+
 
 @dataclass
 class TokenizerConfig:
@@ -12,5 +14,5 @@ class TokenizerConfig:
     path: Optional[str] = None
     trust_remote_code: bool = False
     # `vlmforge tokenizer train` settings
-    vocab_size: int = 1024
-    min_frequency: int = 2
+    vocab_size: int = ranged(1024, ge=1)
+    min_frequency: int = ranged(2, ge=0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from vlmforge.config.ranges import ranged
+
 Stage = Literal["pretrain", "sft"]
 # InternVL's per-token weights: token 1, sample 1/n, square 1/sqrt(n) (n = the sample's supervised tokens)
 LossReduction = Literal["token", "sample", "square"]
@@ -32,7 +34,9 @@ class TrainConfig:
     # A vlmforge checkpoint folder (model.safetensors + config.yaml + tokenizer/) or a run folder
     # (its final/ is used). SFT names the pretraining checkpoint here. None = build from `model`.
     init_from: Optional[str] = None
-    # Continue from <run_dir>/checkpoints/latest when it exists (same command after a crash resumes).
+    # Continue from <run_dir>/checkpoints/latest when it exists (same command after a crash resumes;
+    # a rerun with other run settings is refused, see train/runfolder.py). false: start the run over
+    # in run_dir (the previous run's checkpoints, metrics and final/ there are removed first).
     resume: bool = True
 
     # --- objective ---
@@ -40,30 +44,33 @@ class TrainConfig:
     loss_reduction: LossReduction = "token"
 
     # --- schedule ---
-    global_batch_size: int = 8  # rows per optimizer step over all ranks and accumulation steps
-    micro_batch_size: int = 2  # rows per forward pass on one rank
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides `epochs`
+    global_batch_size: int = ranged(8, ge=1)  # rows per optimizer step over all ranks and accumulation steps
+    micro_batch_size: int = ranged(2, ge=1)  # rows per forward pass on one rank
+    epochs: float = ranged(1.0, ge=0)
+    max_steps: int = ranged(0, ge=0)  # > 0 overrides `epochs`
 
     # --- optimizer ---
     # muon: Muon on the weight matrices inside the network, AdamW on embeddings, head, biases and
     # norms (one process, or FSDP shards, see README)
     optimizer: Literal["adamw", "muon"] = "adamw"
-    muon_lr: float = 0.02  # the LLM matrices' Muon lr (other components scale it like their AdamW lr)
-    muon_momentum: float = 0.95
-    lr: float = 1e-4  # LLM learning rate (AdamW)
-    projector_lr: Optional[float] = None  # None = lr
-    vision_lr: Optional[float] = None  # None = lr
-    weight_decay: float = 0.0
+    muon_lr: float = ranged(0.02, gt=0)  # the LLM matrices' Muon lr (other components scale it like their AdamW lr)
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)
+    lr: float = ranged(1e-4, gt=0)  # LLM learning rate (AdamW)
+    projector_lr: Optional[float] = ranged(None, gt=0)  # None = lr
+    vision_lr: Optional[float] = ranged(None, gt=0)  # None = lr
+    weight_decay: float = ranged(0.0, ge=0)
     no_decay_bias_and_norm: bool = True
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = ranged(0.9, ge=0, lt=1)
+    adam_beta2: float = ranged(0.999, ge=0, lt=1)
+    adam_eps: float = ranged(1e-8, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    min_lr_ratio: float = 0.0  # decay ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 = off (the norm is still logged)
+    warmup_ratio: float = ranged(0.03, ge=0, le=1)
+    warmup_steps: int = ranged(0, ge=0)  # > 0 overrides warmup_ratio
+    min_lr_ratio: float = ranged(0.0, ge=0, le=1)  # decay ends at lr * min_lr_ratio
+    grad_clip: float = ranged(1.0, ge=0)  # 0 = off (the norm is still logged)
+    # A step whose loss or gradient norm is NaN/inf: false = stop the run there (exit 2, the last good
+    # checkpoint stays latest); true = skip that step's update and count it (metrics: skipped_steps).
+    skip_nonfinite_steps: bool = False
 
     # --- systems ---
     device: Device = "auto"
@@ -73,9 +80,9 @@ class TrainConfig:
     seed: Optional[int] = None  # None = the recipe's top-level seed
 
     # --- checkpoints and logging ---
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2
-    log_every: int = 1
+    checkpoint_every: int = ranged(0, ge=0)  # steps; 0 = only at the end
+    keep_last: int = ranged(2, ge=1)
+    log_every: int = ranged(1, ge=1)
     tensorboard: bool = True
     progress_bar: bool = True
     report: bool = True  # write report.html + plots at the end

@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-faults", default=None, metavar="FAULTS_JSONL",
                    help="skip the samples listed in a fault file (e.g. the synthetic world's faults.jsonl)")
     p.add_argument("--init", default=None, help="start from this CLIP/SigLIP folder (curate.train_filter.init)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write over a filter network already in --out (the other subcommands resume instead)")
     p.add_argument("--arch", choices=["siglip", "clip"], default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -97,24 +99,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args):
     from vlmforge.clitools import recipe_from_args
+    from vlmforge.config.loader import set_value
 
     cfg = recipe_from_args(args)
-    c = cfg.curate
     if getattr(args, "num_workers", None) is not None:
-        c.num_workers = c.score.num_workers = args.num_workers
+        set_value(cfg, "curate.num_workers", args.num_workers, "--num-workers")
+        set_value(cfg, "curate.score.num_workers", args.num_workers, "--num-workers")
     if getattr(args, "samples_per_shard", None) is not None:
-        c.samples_per_shard = args.samples_per_shard
+        set_value(cfg, "curate.samples_per_shard", args.samples_per_shard, "--samples-per-shard")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmforge import dist
     from vlmforge.dist import init_distributed
     from vlmforge.errors import UserError
+    from vlmforge.files import prepare_out_dir
 
     if not getattr(args, "curate_command", None):
         raise UserError("choose a subcommand: score, train-filter, filter, dedup, mix (see --help)")
     cfg = _config(args)
     init_distributed()
+    if dist.is_main():  # score / filter / dedup / mix resume in a folder of theirs; train-filter starts over
+        prepare_out_dir(args.out, overwrite=getattr(args, "overwrite", False),
+                        resumable=args.curate_command != "train-filter")
     return {"score": _score, "train-filter": _train_filter, "filter": _filter, "dedup": _dedup, "mix": _mix}[
         args.curate_command
     ](args, cfg)
@@ -161,6 +169,7 @@ def _score(args, cfg) -> int:
 
 def _train_filter(args, cfg) -> int:
     from vlmforge import dist
+    from vlmforge.config.loader import set_value
     from vlmforge.curate.reshard import shards_of
     from vlmforge.curate.train_filter import train_filter
     from vlmforge.curate.truth import load_truth
@@ -168,7 +177,7 @@ def _train_filter(args, cfg) -> int:
     tf = cfg.curate.train_filter
     for name in ("init", "arch", "epochs"):
         if getattr(args, name, None) is not None:
-            setattr(tf, name, getattr(args, name))
+            set_value(cfg, f"curate.train_filter.{name}", getattr(args, name), f"--{name}")
     exclude = set(load_truth(args.exclude_faults)) if args.exclude_faults else set()
     if not dist.is_main():  # a small model on a trusted set: one process trains
         dist.barrier()
@@ -220,11 +229,11 @@ def _dedup(args, cfg) -> int:
     if args.near:
         d.near.method = args.near
     if args.phash_distance is not None:
-        d.near.phash_max_distance = args.phash_distance
+        set_value(cfg, "curate.dedup.near.phash_max_distance", args.phash_distance, "--phash-distance")
     if args.embeddings:
         d.near.embeddings = args.embeddings
     if args.min_cosine is not None:
-        d.near.embedding_min_cosine = args.min_cosine
+        set_value(cfg, "curate.dedup.near.embedding_min_cosine", args.min_cosine, "--min-cosine")
     truth = load_truth(args.ground_truth) if args.ground_truth else None
     shards = reshard.shards_of(args.inputs)
     embeddings = None

@@ -25,7 +25,7 @@ from typing import Optional
 import imagehash
 import numpy as np
 
-from vlmforge.curate.io import read_parquet, shard_stem
+from vlmforge.curate.io import check_score_folder, read_parquet, shard_stem
 from vlmforge.curate.reshard import DecideResult
 from vlmforge.curate.truth import dedup_metrics
 from vlmforge.errors import UserError
@@ -114,6 +114,8 @@ def embedding_pairs(emb: np.ndarray, min_cosine: float, block: int = 4096) -> li
 def embeddings_from_scores(score_dir: str, shards: list[str]):
     """Callable(table, rows) -> [len(rows), D] image embeddings from score sidecars (column
     ``image_embedding``, written by ``curate score --set curate.score.save_embeddings=true``)."""
+    check_score_folder(score_dir, shards, f"--embeddings {score_dir}")  # every shard scored, none changed since
+
     def load(table, rows: np.ndarray) -> np.ndarray:
         in_index = table.column("in_index").to_numpy()[rows]
         keys = table.column("key").to_numpy(zero_copy_only=False)[rows]

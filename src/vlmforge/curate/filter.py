@@ -10,8 +10,9 @@ Criteria (strings, combined with ``and`` / ``or``):
   cut are all kept, so slightly more than F may survive).
 - ``uids:PATH``: keep samples whose uid is in a DataComp uid subset file (see ``curate.uids``).
 
-A sample without a score row (not scored, or its image failed to decode at scoring) fails that
-criterion. Dropped samples are counted per reason: with ``and`` the first failing criterion, with
+A score folder must cover the input: a shard without a sidecar, a sidecar written for other bytes
+of its shard, or a sidecar that lacks a valid sample's key is refused naming the shard. A sample
+whose score is null (its image failed to decode at scoring) fails that criterion. Dropped samples are counted per reason: with ``and`` the first failing criterion, with
 ``or`` ``none of: ...``; damaged/undecodable samples are ``corrupt``.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmforge.curate.io import read_parquet, shard_stem
+from vlmforge.curate.io import check_score_folder, read_parquet, shard_stem
 from vlmforge.curate.reshard import DecideResult
 from vlmforge.curate.truth import filter_metrics
 from vlmforge.curate.uids import load_uids, uids_in_subset
@@ -99,8 +100,10 @@ def calibrated_threshold(score_dir: str) -> float:
         ) from None
 
 
-def load_score_column(score_dir: str, shards: list[str], in_index: np.ndarray, keys: list, column: str) -> np.ndarray:
-    """Float per row (NaN where missing), joined on (shard stem, key)."""
+def load_score_column(score_dir: str, shards: list[str], in_index: np.ndarray, keys: list, column: str,
+                      valid: np.ndarray | None = None) -> np.ndarray:
+    """Float per row (NaN where the score is null), joined on (shard stem, key). A shard without a
+    sidecar, or a valid row (``valid``) whose key the sidecar lacks, is refused naming the shard."""
     values = np.full(len(keys), np.nan, dtype=np.float64)
     rows_by_shard: dict[int, list[int]] = {}
     for r, i in enumerate(in_index):
@@ -108,12 +111,18 @@ def load_score_column(score_dir: str, shards: list[str], in_index: np.ndarray, k
     for i, rows in rows_by_shard.items():
         path = Path(score_dir) / f"{shard_stem(shards[i])}.parquet"
         if not path.exists():
-            continue  # whole shard unscored: all NaN
+            raise UserError(f"{path}: no score sidecar for shard {shards[i]}; score it with `vlmforge curate score`")
         t = read_parquet(path)
         if column not in t.column_names:
             raise UserError(f"{path}: no column {column!r} (has {', '.join(t.column_names)})")
         col = t.column(column).cast("double").to_numpy(zero_copy_only=False)
         lookup = dict(zip(t.column("key").to_pylist(), col))
+        uncovered = [keys[r] for r in rows if keys[r] not in lookup and (valid is None or valid[r])]
+        if uncovered:
+            raise UserError(
+                f"{path}: does not cover shard {shards[i]}: {len(uncovered)} of its samples have no score row "
+                f"(e.g. key {uncovered[0]!r}); rescore the shard with `vlmforge curate score`"
+            )
         for r in rows:
             v = lookup.get(keys[r])
             if v is not None:
@@ -126,6 +135,9 @@ def make_decide(criteria: list[Criterion], combine: str, scores: dict[str, str],
     for c in criteria:
         if c.kind in ("threshold", "top") and c.name not in scores:
             raise UserError(f"criterion {c.text!r} uses scores {c.name!r} but no --scores {c.name}=DIR was given")
+    for name in dict.fromkeys(c.name for c in criteria if c.kind in ("threshold", "top")):
+        check_score_folder(scores[name], shards, f"--scores {name}={scores[name]}")  # before any work
+    for c in criteria:
         if c.kind == "threshold" and c.path == "calibrated":
             c.value = calibrated_threshold(scores[c.name])
         if c.kind == "uids":
@@ -141,7 +153,7 @@ def make_decide(criteria: list[Criterion], combine: str, scores: dict[str, str],
             if c.kind == "uids":
                 ok = uids_in_subset(table.column("uid").to_pylist(), load_uids(c.path))
             else:
-                v = load_score_column(scores[c.name], shards, in_index, keys, c.column)
+                v = load_score_column(scores[c.name], shards, in_index, keys, c.column, valid=valid)
                 if c.kind == "top":
                     pool = v[valid & ~np.isnan(v)]
                     k = int(np.ceil(c.value * valid.sum()))

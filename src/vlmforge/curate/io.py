@@ -6,6 +6,7 @@ a restarted run skips those and deletes temp leftovers of the killed one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -59,7 +60,65 @@ def sample_uid(meta: dict) -> Optional[str]:
     return None if uid is None else str(uid)
 
 
-def write_parquet_atomic(table, path: str | os.PathLike) -> None:
+# A score sidecar records the input shard it was computed from (size, mtime, sha256) in its
+# parquet metadata under this key, so a rerun rescores and filter refuses a shard changed since.
+SHARD_SIGNATURE_KEY = b"vlmforge.shard_signature"
+
+
+def shard_signature(path: str | os.PathLike) -> dict:
+    """size, mtime_ns and sha256 of a shard file."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def sidecar_signature(path: str | os.PathLike) -> Optional[dict]:
+    """The shard signature a sidecar recorded (None: written by hand or by an older vlmforge)."""
+    raw = (pq.read_schema(str(path)).metadata or {}).get(SHARD_SIGNATURE_KEY)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def shard_changed(shard: str | os.PathLike, recorded: dict) -> bool:
+    """Whether the shard's bytes differ from a recorded signature (same size and mtime: unchanged;
+    same size, new mtime: decided by the sha256)."""
+    st = os.stat(shard)
+    if st.st_size != recorded.get("size"):
+        return True
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return False
+    return shard_signature(shard)["sha256"] != recorded.get("sha256")
+
+
+def check_score_folder(score_dir: str | os.PathLike, shards: Sequence[str], flag: str) -> None:
+    """Refuse a score folder that lacks a sidecar for an input shard, or whose sidecar was written
+    for other bytes of that shard (``flag`` names the option in the message)."""
+    folder = Path(score_dir)
+    if not any(folder.glob("*.parquet")):
+        raise UserError(f"{flag}: {folder} holds no score sidecars; score the shards first "
+                        f"(`vlmforge curate score --in SHARDS --out {folder}`)")
+    for shard in shards:
+        path = folder / f"{shard_stem(shard)}.parquet"
+        if not path.is_file():
+            raise UserError(f"{flag}: no score sidecar for shard {shard} (expected {path}); "
+                            f"score it with `vlmforge curate score --in ... --out {folder}`")
+        sig = sidecar_signature(path)
+        if sig is not None and shard_changed(shard, sig):
+            raise UserError(f"{flag}: shard {shard} changed since {path} was written; rerun `vlmforge curate score` "
+                            f"into {folder} (it rescores changed shards)")
+
+
+def write_parquet_atomic(table, path: str | os.PathLike, signature: Optional[dict] = None) -> None:
+    """Write a parquet file atomically; ``signature``: the input shard's, kept in the file's metadata."""
+    if signature is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[SHARD_SIGNATURE_KEY] = json.dumps(signature).encode()
+        table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())

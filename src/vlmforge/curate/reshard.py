@@ -42,9 +42,19 @@ from vlmforge.curate.io import (
     write_parquet_atomic,
 )
 from vlmforge.files import write_json, write_manifest
-from vlmforge.shards import ImageDecodeError, ShardWriter, decode_image, iter_raw_samples, list_shards
+from vlmforge.shards import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    ShardWriter,
+    decode_image,
+    iter_raw_samples,
+    list_shards,
+    shard_shortfall,
+)
 
 CORRUPT = "corrupt"
+TOO_LARGE = ImageTooLargeError.reason  # an image over the pixel cap: its own reason, not corrupt
+EXAMPLES_PER_REASON = 5
 
 # (sample, decoded PIL image or None) -> extra columns for that sample.
 ExtraFn = Callable[[Any, Any], dict]
@@ -89,6 +99,8 @@ def inspect_shard(path: str, index: int, decode: bool, extra: Optional[ExtraFn])
         if err is None and decode:
             try:
                 image = decode_image(s.image_bytes)
+            except ImageTooLargeError as e:
+                err = f"{TOO_LARGE}: {e}"
             except ImageDecodeError as e:
                 err = f"image: {e}"
         origin = s.meta.get("origin_key") if isinstance(s.meta, dict) else None
@@ -145,7 +157,8 @@ def build_plan(job: Job, work: Path) -> dict:
     valid = np.array([e is None for e in errors], dtype=bool)
     res = job.decide(table, valid)
     keep = np.asarray(res.keep, dtype=bool) & valid
-    reasons = [CORRUPT if not valid[i] else (None if keep[i] else (res.reason[i] or "dropped")) for i in range(n)]
+    reasons = [(TOO_LARGE if errors[i].startswith(TOO_LARGE + ":") else CORRUPT) if not valid[i]
+               else (None if keep[i] else (res.reason[i] or "dropped")) for i in range(n)]
 
     kept_idx = np.nonzero(keep)[0]
     if res.order is not None:
@@ -165,11 +178,20 @@ def build_plan(job: Job, work: Path) -> dict:
         for i, k, e in zip(table.column("in_index").to_pylist(), table.column("key").to_pylist(), errors)
         if e is not None
     ][:20]
+    in_index, keys = table.column("in_index").to_pylist(), table.column("key").to_pylist()
+    examples: dict[str, list[dict]] = {}  # every reason: its first few samples, with shard and key
+    for i, r in enumerate(reasons):
+        if r is not None and len(examples.setdefault(r, [])) < EXAMPLES_PER_REASON:
+            examples[r].append({"shard": job.shards[int(in_index[i])], "key": keys[i], "error": errors[i]})
+    read = Counter(int(i) for i, k in zip(in_index, keys) if k)  # keyless rows: a tar cut before any member
+    missing = [m for j, path in enumerate(job.shards) if (m := shard_shortfall(path, read.get(j, 0))) is not None]
     decisions = {
         "in": n,
         "kept": int(keep.sum()),
         "dropped": dict(sorted(dropped.items())),
         "corrupt_examples": corrupt_examples,
+        "dropped_examples": examples,
+        "missing_samples": missing,
         "report": res.report,
     }
     if job.sources is not None:
@@ -269,16 +291,22 @@ def run(job: Job) -> dict:
                 "inputs": {job.shards[i]: n for i, n in sorted(c.items())},
             }
         n_dropped = sum(decisions["dropped"].values())
+        missing = decisions.get("missing_samples", [])
+        n_missing = sum(m["missing"] for m in missing)
         counts = {
             "in": decisions["in"],
             "kept": decisions["kept"],
             "dropped": n_dropped,
             "output_shards": len(names),
+            # a tar holding fewer samples than its _stats.json counts is not reconciled: they are lost
+            "missing_samples": n_missing,
             "reconciled": decisions["in"] == decisions["kept"] + n_dropped
-            and sum(v["count"] for v in lineage.values()) == decisions["kept"],
+            and sum(v["count"] for v in lineage.values()) == decisions["kept"] and n_missing == 0,
         }
         extra = {"criteria": job.settings, "samples_per_shard": job.samples_per_shard, "lineage": lineage,
-                 "corrupt_examples": decisions["corrupt_examples"], **decisions.get("report", {})}
+                 "corrupt_examples": decisions["corrupt_examples"],
+                 "dropped_examples": decisions.get("dropped_examples", {}), "missing_samples": missing,
+                 **decisions.get("report", {})}
         if "per_source" in decisions:
             extra["per_source"] = decisions["per_source"]
         write_manifest(out, job.stage, inputs=[str(s) for s in job.shards], config=job.config,

@@ -4,7 +4,8 @@ Columns: ``key``, ``uid``, ``score`` (float, null where the sample is damaged or
 decode), ``error`` (why), plus scorer-specific columns. Shards are split over torchrun ranks
 (round-robin) and each rank's over DataLoader workers, which read, decode and preprocess whole
 shards; the main process runs the model and writes a shard's sidecar atomically when its last
-batch arrives. A restarted run skips shards whose sidecar exists.
+batch arrives, with the shard's size, mtime and sha256 in its metadata. A restarted run skips
+shards whose sidecar exists and rescores a shard whose bytes changed since its sidecar was written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 import torch.utils.data as tud
 
 from vlmforge import dist
+from vlmforge.config.recipe import Recipe
 from vlmforge.curate.io import (
     as_iterable_dataset,
     check_same_inputs,
@@ -26,7 +28,10 @@ from vlmforge.curate.io import (
     read_parquet,
     remove_temp_leftovers,
     sample_uid,
+    shard_changed,
+    shard_signature,
     shard_stem,
+    sidecar_signature,
     worker_items,
     write_parquet_atomic,
 )
@@ -43,6 +48,7 @@ class _ScoreBatches:
 
     def __iter__(self):
         for index, path in worker_items(self.todo):
+            sig = shard_signature(path)  # before reading: a shard rewritten during scoring is rescored next run
             pos, keys, uids, images, captions, errors = [], [], [], [], [], []
             for p, s in enumerate(iter_raw_samples(path)):
                 err, image = s.error, None
@@ -62,12 +68,12 @@ class _ScoreBatches:
                 if len(keys) == self.batch_size:
                     yield self._item(index, pos, keys, uids, images, captions, errors, last=False)
                     pos, keys, uids, images, captions, errors = [], [], [], [], [], []
-            yield self._item(index, pos, keys, uids, images, captions, errors, last=True)
+            yield self._item(index, pos, keys, uids, images, captions, errors, last=True, sig=sig)
 
-    def _item(self, index, pos, keys, uids, images, captions, errors, last):
+    def _item(self, index, pos, keys, uids, images, captions, errors, last, sig=None):
         batch = self.scorer.prepare(images, captions) if keys else None
         return {"index": index, "pos": pos, "keys": keys, "uids": uids, "batch": batch, "errors": errors,
-                "last": last}
+                "last": last, "signature": sig}
 
 
 def _sidecar_table(rows: list[dict]):
@@ -85,12 +91,20 @@ def _sidecar_table(rows: list[dict]):
     return pa.table(cols)
 
 
+def _sidecar_state(sidecar: Path, shard: str) -> str:
+    """missing | stale (the shard's bytes changed since, or no signature recorded) | current."""
+    if not sidecar.exists():
+        return "missing"
+    sig = sidecar_signature(sidecar)
+    return "stale" if sig is None or shard_changed(shard, sig) else "current"
+
+
 def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
 def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_workers: int = 0,
-                 config=None, settings: dict | None = None) -> dict:
+                 config: Recipe | None = None, settings: dict | None = None) -> dict:
     out = Path(out_dir)
     stems = [shard_stem(p) for p in shards]
     if len(set(stems)) != len(stems):
@@ -101,7 +115,16 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
         check_same_inputs(out, {"shards": shards, "scorer": scorer.info(), "settings": settings or {}}, "score")
     dist.barrier()
 
-    todo = [(i, p) for i, p in my_items(list(enumerate(shards))) if not (out / f"{stems[i]}.parquet").exists()]
+    todo, changed = [], []
+    for i, p in my_items(list(enumerate(shards))):
+        state = _sidecar_state(out / f"{stems[i]}.parquet", p)
+        if state != "current":
+            todo.append((i, p))
+        if state == "stale":
+            changed.append(p)
+    if changed:
+        print(f"curate score: {len(changed)} shard(s) changed since they were scored (or predate recorded signatures), rescoring: "
+              + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""), flush=True)
     t0, n_scored = time.time(), 0
     if todo:
         ds = as_iterable_dataset(_ScoreBatches(todo, scorer, batch_size))
@@ -123,7 +146,8 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
                         row[col] = None if isinstance(v, float) and np.isnan(v) else v
                     rows.append(row)
             if item["last"]:
-                write_parquet_atomic(_sidecar_table(pending.pop(i)), out / f"{stems[i]}.parquet")
+                write_parquet_atomic(_sidecar_table(pending.pop(i)), out / f"{stems[i]}.parquet",
+                                     signature=item["signature"])
                 next(bar, None)
         for _ in bar:
             pass

@@ -36,6 +36,8 @@ from transformers import (
 
 from vlmforge.arch.geometry import build_image_processor
 from vlmforge.config import save_resolved
+from vlmforge.config.curate import TrainFilterConfig
+from vlmforge.config.recipe import Recipe
 from vlmforge.curate.scorers.base import resolve_device
 from vlmforge.curate.scorers.clip import features, is_siglip, text_inputs
 from vlmforge.errors import UserError
@@ -83,7 +85,7 @@ def add_eos_postprocessor(tokenizer) -> None:
         tokenizer.pad_token = eos
 
 
-def build_model(tf, tokenizer):
+def build_model(tf: TrainFilterConfig, tokenizer):
     vocab = len(tokenizer)
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
@@ -96,9 +98,7 @@ def build_model(tf, tokenizer):
         vision.update(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
         text.update(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, projection_size=tf.hidden_size)
         return SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-    if tf.arch == "clip":
-        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=tf.embed_dim))
-    raise UserError(f"curate.train_filter.arch must be siglip or clip, got {tf.arch!r}")
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=tf.embed_dim))
 
 
 def _pair_scores(model, pixel_values, text, bs=256) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +116,8 @@ def _pair_scores(model, pixel_values, text, bs=256) -> tuple[np.ndarray, np.ndar
     return matched.numpy(), rolled.numpy()
 
 
-def train_filter(shards: list[str], out_dir, tf, exclude: set | None = None, device: str = "auto",
-                 config=None, log=print) -> dict:
+def train_filter(shards: list[str], out_dir, tf: TrainFilterConfig, exclude: set | None = None, device: str = "auto",
+                 config: Recipe | None = None, log=print) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)

@@ -18,6 +18,7 @@ from vlmforge.config import load_recipe
 from vlmforge.demo.presets import DemoPreset, load_preset
 from vlmforge.demo.report import write_demo_report
 from vlmforge.errors import UserError
+from vlmforge.files import prepare_out_dir
 from vlmforge.model.build import build_vlm
 from vlmforge.model.saving import save_vlm
 from vlmforge.text.tokenization import load_tokenizer
@@ -78,11 +79,9 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     load_recipe(PRETRAIN_RECIPE, pretrain_kv)
     load_recipe(SFT_RECIPE, [*(overrides or []), *(sft_overrides or [])])
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out_dir} exists and is not empty; pass --overwrite or another --out")
+    if prepare_out_dir(out_dir, overwrite=overwrite):  # not empty, and --overwrite: start from an empty folder
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     world, tok = out_dir / "world", out_dir / "tokenizer"
     runs, evals = out_dir / "runs", out_dir / "eval"

@@ -29,7 +29,7 @@ HELP = "evaluate a checkpoint on MCQ / VQA / POPE / math tasks (results.json + p
 # eval section key -> the flag that sets it
 FLAGS = {"tasks": "--tasks", "synth_dir": "--synth-dir", "limit": "--limit", "batch_size": "--batch-size",
          "max_new_tokens": "--max-new-tokens", "shots": "--shots", "seeds": "--seeds", "strict": "--no-strict",
-         "mc_protocols": "--mc-protocol"}
+         "mc_protocols": "--mc-protocol", "allow_absolute_paths": "--allow-absolute-paths"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated task specs (see above); default: eval.tasks of the recipe")
     parser.add_argument("--synth-dir", help="`vlmforge synth` output folder, for the built-in synth-* tasks")
     parser.add_argument("--limit", type=int, help="first N questions of each task")
-    parser.add_argument("--out", help="output folder (default: CKPT/eval)")
+    parser.add_argument("--out", help="output folder (default: CKPT/eval; refused if not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write over the results already in the output folder")
     parser.add_argument("--batch-size", type=int, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--shots", type=_int_list, help="shot counts, e.g. 0,8 (k-shot: interleaved demonstrations)")
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "by likelihood, SEED-Bench style; reported as NAME@likelihood), or generate,likelihood")
     parser.add_argument("--no-strict", dest="strict", action="store_const", const=False,
                         help="skip and count bad rows / undecodable images instead of stopping")
+    parser.add_argument("--allow-absolute-paths", dest="allow_absolute_paths", action="store_const", const=True,
+                        help="accept absolute image paths in task rows (default: refused as path_outside_root)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_recipe_args(parser)
 
@@ -100,18 +103,21 @@ def run(args: argparse.Namespace) -> int:
     from vlmforge.eval.tasks import load_task
 
     try:  # load (and validate) every task before the model, so data errors show up at once
-        tasks = [load_task(s, limit=ev.limit, strict=ev.strict) for s in parse_task_specs(list(ev.tasks), ev.synth_dir)]
+        tasks = [load_task(s, limit=ev.limit, strict=ev.strict, allow_absolute_paths=ev.allow_absolute_paths)
+                 for s in parse_task_specs(list(ev.tasks), ev.synth_dir)]
     except TaskError as e:
         raise UserError(str(e)) from None
 
     import torch
 
+    from vlmforge.files import prepare_out_dir
     from vlmforge.model.saving import load_vlm
 
+    out = Path(args.out) if args.out else ckpt / "eval"
+    prepare_out_dir(out, overwrite=args.overwrite, flag="--out" if args.out else "--out (default CKPT/eval)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).
     model, tokenizer, _ = load_vlm(str(ckpt), overrides=args.overrides, device=device)
-    out = Path(args.out) if args.out else ckpt / "eval"
     try:
         results = evaluate(
             model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,

@@ -11,13 +11,13 @@ import ast
 import base64
 import binascii
 import hashlib
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from vlmforge.files import PathOutsideRootError, resolve_inside
+from vlmforge.shards import decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Row fields kept as item metadata (per-category metrics, POPE splits, math units).
@@ -30,6 +30,13 @@ class TaskError(ValueError):
 
 class RowError(ValueError):
     """One row is invalid; the loader adds file:line."""
+
+
+class ImageRoot(type(Path())):
+    """A task's image folder (a ``Path``): row image paths must resolve inside it;
+    ``allow_absolute_paths`` (set by the loader, off by default) also accepts absolute ones."""
+
+    allow_absolute_paths = False
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,9 @@ class ImageRef:
         return self.value
 
     def load(self):
-        img = Image.open(io.BytesIO(self.read_bytes()))
-        img.load()
-        return img.convert("RGB")
+        """The decoded RGB image (``vlmforge.shards.decode_image``: 16-bit scaled, alpha on white,
+        ``ImageTooLargeError`` over the pixel cap)."""
+        return decode_image(self.read_bytes())
 
     def key(self) -> str:
         """Identity used to keep a query's own image out of its k-shot demonstrations."""
@@ -121,7 +128,10 @@ def image_refs(row: dict, image_root: Path) -> list[ImageRef]:
         if isinstance(v, (bytes, bytearray)):
             refs.append(ImageRef("bytes", bytes(v)))
         elif isinstance(v, str) and _looks_like_path(v, source, image_root):
-            p = Path(v) if os.path.isabs(v) else image_root / v
+            try:  # inside the image root, symlinks resolved (absolute paths only when opted in)
+                p = resolve_inside(image_root, v, allow_absolute=getattr(image_root, "allow_absolute_paths", False))
+            except PathOutsideRootError as e:
+                raise RowError(f"{e.reason}: {e}") from None
             if not p.is_file():
                 raise RowError(f"image file not found: {p}")
             refs.append(ImageRef("path", str(p)))

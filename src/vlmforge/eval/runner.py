@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from vlmforge.config import save_resolved
+from vlmforge.config.recipe import Recipe
 from vlmforge.eval.fewshot import DemoPool, build_messages
 from vlmforge.eval.items import TaskError
 from vlmforge.eval.kind import Scored, count_unresolved
@@ -38,6 +39,7 @@ from vlmforge.eval.tasks import Task, load_task
 from vlmforge.files import atomic_write_text, write_json, write_manifest
 from vlmforge.model.decoding import generate
 from vlmforge.model.likelihood import continuation_logprobs
+from vlmforge.shards import ImageTooLargeError
 
 GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
 # (prompts, images, candidate answers per prompt) -> one log-likelihood per candidate
@@ -46,7 +48,11 @@ MC_PROTOCOLS = ("generate", "likelihood")
 
 
 class ImageLoadError(ValueError):
-    pass
+    """An item's image does not load; ``reason`` is the dropped-count key."""
+
+    def __init__(self, message: str, reason: str = "image decode error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def model_generate_fn(model, tokenizer, max_new_tokens: int = 16) -> GenerateFn:
@@ -62,6 +68,8 @@ def model_rank_fn(model, tokenizer) -> RankFn:
 def _load_images(refs, item_id: str) -> list:
     try:
         return [ref.load() for ref in refs]
+    except ImageTooLargeError as e:  # over the pixel cap: its own reason, the cap in the message
+        raise ImageLoadError(f"item {item_id!r}: image_too_large: {e}", ImageTooLargeError.reason) from None
     except Exception as e:  # PIL raises several types for bad bytes
         raise ImageLoadError(f"item {item_id!r}: cannot decode image: {e}") from None
 
@@ -101,7 +109,7 @@ def run_task_once(
             except ImageLoadError as e:
                 if strict:
                     raise TaskError(f"task {task.name!r} ({req[0].meta.get('source')}): {e}") from None
-                dropped["image decode error"] = dropped.get("image decode error", 0) + 1
+                dropped[e.reason] = dropped.get(e.reason, 0) + 1
                 continue
             batch.append(req)
         if not batch:
@@ -213,7 +221,7 @@ def evaluate(
     strict: bool = True,
     synth_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
-    config=None,
+    config: Recipe | None = None,
     info: dict | None = None,
     progress: bool = True,
 ) -> dict[str, dict]:
@@ -289,7 +297,7 @@ def _jsonable(value):
     return value
 
 
-def write_outputs(out_dir, results: dict, predictions: list[dict], settings: dict, config, info: dict, seconds: float) -> None:
+def write_outputs(out_dir, results: dict, predictions: list[dict], settings: dict, config: Recipe | None, info: dict, seconds: float) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {**info, "settings": settings, "seconds": round(seconds, 2), "tasks": results})

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmforge.eval.items import EvalItem, RowError, TaskError
+from vlmforge.eval.items import EvalItem, ImageRoot, RowError, TaskError
 from vlmforge.eval.kind import Kind
 from vlmforge.eval.kinds import get_kind
 from vlmforge.eval.readers import read_rows
@@ -42,12 +42,17 @@ class Task:
 
 
 def load_items(
-    path: str | os.PathLike, kind: str, image_root: str | os.PathLike | None = None, strict: bool = True
+    path: str | os.PathLike, kind: str, image_root: str | os.PathLike | None = None, strict: bool = True,
+    allow_absolute_paths: bool = False,
 ) -> tuple[list[EvalItem], dict[str, int]]:
-    """All valid items of a task file, and skipped-row counts by reason (non-strict mode)."""
+    """All valid items of a task file, and skipped-row counts by reason (non-strict mode).
+
+    Image paths must resolve inside the image root (symlinks resolved), else the row is a
+    ``path_outside_root`` error; ``allow_absolute_paths`` accepts absolute ones."""
     check_kind(kind, str(path))
     rules = get_kind(kind)
-    root = Path(image_root) if image_root is not None else Path(path).parent
+    root = ImageRoot(image_root if image_root is not None else Path(path).parent)
+    root.allow_absolute_paths = bool(allow_absolute_paths)
     items, skipped = [], Counter()
     seen: set[str] = set()
     for where, row in read_rows(path):
@@ -82,15 +87,16 @@ def limit_questions(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
     return out
 
 
-def load_task(spec: TaskSpec, limit: int | None = None, strict: bool = True) -> Task:
+def load_task(spec: TaskSpec, limit: int | None = None, strict: bool = True,
+              allow_absolute_paths: bool = False) -> Task:
     check_kind(spec.kind, f"task {spec.name!r}")
-    items, skipped = load_items(spec.path, spec.kind, spec.image_root, strict)
+    items, skipped = load_items(spec.path, spec.kind, spec.image_root, strict, allow_absolute_paths)
     scorer = get_kind(spec.kind)
     items = scorer.prepare(limit_questions(items, limit))
     if not items:
         raise TaskError(f"task {spec.name!r}: {spec.path} has no usable rows" + (f" (skipped: {skipped})" if skipped else ""))
     support = None
     if spec.support:
-        support, _ = load_items(spec.support, spec.kind, spec.image_root, strict)
+        support, _ = load_items(spec.support, spec.kind, spec.image_root, strict, allow_absolute_paths)
     return Task(name=spec.name, kind=spec.kind, path=str(spec.path), items=items, scorer=scorer,
                 skipped=skipped, support_items=support)

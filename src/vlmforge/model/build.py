@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from vlmforge.arch.presets import llm_config
 from vlmforge.arch.projectors import build_projector
+from vlmforge.config.model import ModelConfig
 from vlmforge.errors import ConfigError
 from vlmforge.model.attention import flash_available
 from vlmforge.model.tower import build_vision_tower
@@ -17,7 +18,7 @@ from vlmforge.model.vlm import VisionLanguageModel
 from vlmforge.text.tokenization import image_token_id as tokenizer_image_id
 
 
-def _llm_attn_implementation(model_cfg) -> str:
+def _llm_attn_implementation(model_cfg: ModelConfig) -> str:
     backend = model_cfg.attn_backend
     if backend == "auto":
         return "flash_attention_2" if flash_available(torch.device("cuda")) and torch.cuda.is_available() else "sdpa"
@@ -26,7 +27,7 @@ def _llm_attn_implementation(model_cfg) -> str:
     raise ConfigError(f"model.attn_backend {backend!r} is not one of auto, sdpa, eager, flash_attention_2")
 
 
-def build_llm(model_cfg, vocab_size: int | None = None) -> nn.Module:
+def build_llm(model_cfg: ModelConfig, vocab_size: int | None = None) -> nn.Module:
     """A transformers causal LM. Random init from a preset: vocab = len(tokenizer) exactly.
     Pretrained: embeddings grow only if the tokenizer is longer (e.g. the added `<image>`)."""
     impl = _llm_attn_implementation(model_cfg)
@@ -66,7 +67,7 @@ def init_query_key_(llm: nn.Module, std: float) -> None:
 
 
 def build_vlm(
-    model_cfg,
+    model_cfg: ModelConfig,
     tokenizer=None,
     image_token_id: int | None = None,
     device: str | torch.device | None = None,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmforge.config.recipe import Recipe
+
 HELP = "parameters per component, visual tokens per image and training FLOPs of a recipe's model"
 
 
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def model_info(cfg) -> dict:
+def model_info(cfg: Recipe) -> dict:
     """Everything model-info prints, as a dict (built on the meta device: no memory, no weights)."""
     import torch
     from omegaconf import OmegaConf

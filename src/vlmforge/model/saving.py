@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from transformers.initialization import no_init_weights
 
 from vlmforge.config import load_recipe, save_resolved
+from vlmforge.config.recipe import Recipe
 from vlmforge.errors import ConfigError
 from vlmforge.model.build import build_vlm
 from vlmforge.text.tokenization import load_tokenizer
@@ -27,7 +28,7 @@ VISION_CONFIG = "vision_config.json"
 LLM_CONFIG = "llm_config.json"
 
 
-def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
+def save_vlm(model, tokenizer, cfg: Recipe, out_dir: str | os.PathLike) -> Path:
     """Write a checkpoint folder (weights in fp32 or their current dtype, tokenizer, resolved recipe)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def save_vlm(model, tokenizer, cfg, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _offline_arch(cfg, ckpt: Path):
+def _offline_arch(cfg: Recipe, ckpt: Path):
     """The recipe as stored, but building from configs only: weights come from model.safetensors,
     so architectures come from the saved config files (or a local `pretrained` folder's config.json)."""
     arch = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -13,10 +13,11 @@ from torch import nn
 from transformers import CLIPVisionModel, SiglipVisionModel
 
 from vlmforge.arch.presets import vision_config
+from vlmforge.config.model import VisionConfig
 from vlmforge.errors import ConfigError
 
 
-def build_vision_tower(vision_cfg, trust_remote_code: bool = False) -> nn.Module:
+def build_vision_tower(vision_cfg: VisionConfig, trust_remote_code: bool = False) -> nn.Module:
     cfg = vision_config(vision_cfg)
     cls = CLIPVisionModel if cfg.model_type == "clip_vision_model" else SiglipVisionModel
     if vision_cfg.pretrained:

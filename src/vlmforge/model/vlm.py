@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vlmforge.arch.geometry import preprocess_spec_for
-from vlmforge.arch.projectors import projector_class
+from vlmforge.config.model import ModelConfig
 from vlmforge.model import attention as attn
 from vlmforge.model import positions as pos
 from vlmforge.model.tower import encoder_layers, inner, layers_used, patch_features
@@ -24,13 +24,12 @@ class ImageTokenMismatch(ValueError):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, model_cfg, image_token_id: int):
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, model_cfg: ModelConfig, image_token_id: int):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
         self.image_token_id = int(image_token_id)
         self.feature_layer = int(model_cfg.vision.feature_layer)
         self.image_size = int(model_cfg.vision.image_size or vision.config.image_size)
-        self.projector_kind = model_cfg.projector.kind
         self.attention = model_cfg.attention
         self.positions = model_cfg.positions
         self.v2pe_delta = float(model_cfg.v2pe_delta)
@@ -51,19 +50,19 @@ class VisionLanguageModel(nn.Module):
     def set_pool_size(self, k: int | None) -> None:
         """Change the visual tokens per image (avgpool_mlp only): k*k, or None for the full grid."""
         if not hasattr(self.projector, "pool_size"):
-            raise ValueError(f"{self.projector_kind} has a fixed number of tokens; pool_size applies to avgpool_mlp")
-        projector_class(self.projector_kind).tokens(self.patch_grid, k)  # validates
+            raise ValueError(f"{self.projector.kind} has a fixed number of tokens; pool_size applies to avgpool_mlp")
+        self.projector.tokens(self.patch_grid, k)  # validates
         self.projector.pool_size = k
 
     @property
     def tokens_per_image(self) -> int:
-        return projector_class(self.projector_kind).tokens(self.patch_grid, self.pool_size)
+        return self.projector.tokens(self.patch_grid, self.pool_size)
 
     def preprocess_spec(self) -> dict:
-        """Image preprocessing for this tower (same as geometry.image_preprocess_spec)."""
+        """Image preprocessing for this tower (same as vlmforge.arch.geometry.image_preprocess_spec)."""
         return preprocess_spec_for(self.vision.config.model_type, self.image_size)
 
-    def apply_run_settings(self, model_cfg) -> None:
+    def apply_run_settings(self, model_cfg: ModelConfig) -> None:
         """Settings a stage may change on a loaded checkpoint: attention, positions, V2PE delta,
         pool size (avgpool_mlp) and the freeze policy. Architecture keys are not touched."""
         self.attention = model_cfg.attention
@@ -82,7 +81,7 @@ class VisionLanguageModel(nn.Module):
         base = self.llm.base_model  # the decoder stack (Qwen2Model, LlamaModel, ...)
         return base.layers if hasattr(base, "layers") else base.h
 
-    def apply_freeze(self, model_cfg) -> None:
+    def apply_freeze(self, model_cfg: ModelConfig) -> None:
         """Vision frozen by default, projector and LLM trainable; vision blocks after the feature
         layer, SigLIP's post-layernorm and pooling head are never run and always frozen."""
         self.vision.requires_grad_(not model_cfg.vision.frozen)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
+from vlmforge.config.synth import FaultConfig
 from vlmforge.errors import ConfigError
 from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.render import encode_jpeg, encode_png, render_scene
@@ -56,7 +57,7 @@ class OutSample:
     fault: dict | None  # ground-truth record without the key (added when keys are known)
 
 
-def plan_faults(n: int, fcfg, rng: np.random.Generator) -> dict[int, str]:
+def plan_faults(n: int, fcfg: FaultConfig, rng: np.random.Generator) -> dict[int, str]:
     """slot index -> fault type, disjoint, sizes round(frac * n)."""
     sizes = {}
     for t in FAULT_TYPES:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmforge.config.synth import SynthConfig
 from vlmforge.errors import ConfigError
 
 # Built-in vocabulary; a recipe picks a subset.
@@ -128,7 +129,7 @@ class SceneSampler:
         self.repeat_prob = repeat_prob
 
     @classmethod
-    def from_config(cls, cfg) -> "SceneSampler":
+    def from_config(cls, cfg: SynthConfig) -> SceneSampler:
         return cls(list(cfg.shapes), list(cfg.colors), cfg.min_objects, cfg.max_objects, cfg.repeat_prob)
 
     def sample(self, rng: np.random.Generator) -> Scene:

@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from vlmforge.config import load_recipe, save_resolved
+from vlmforge.config.recipe import Recipe
+from vlmforge.config.synth import SynthConfig
 from vlmforge.errors import ConfigError, UserError
-from vlmforge.files import write_manifest
+from vlmforge.files import prepare_out_dir, write_manifest
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
 from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
 from vlmforge.synth.language import CAPTION_STYLES
@@ -57,7 +59,7 @@ def _write_jsonl(path: Path, rows) -> int:
 class _Images:
     """Renders scenes into ``folder/images/NAME.jpg``; returns the path relative to ``folder``."""
 
-    def __init__(self, folder: Path, cfg) -> None:
+    def __init__(self, folder: Path, cfg: SynthConfig) -> None:
         self.folder = folder
         (folder / "images").mkdir(parents=True, exist_ok=True)
         self.size, self.ss, self.q = cfg.image_size, cfg.supersample, cfg.jpeg_quality
@@ -92,7 +94,7 @@ def _checked_mix(setting: str, weights, choices) -> dict[str, float]:
     return mix
 
 
-def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict, Counter]:
+def _captions(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> tuple[dict, Counter]:
     rng = _rng(cfg.seed, "captions")
     n, spp = cfg.num_captions, cfg.samples_per_shard
     clean = []
@@ -140,7 +142,7 @@ def _captions(cfg, world: SceneSampler, out: Path, progress: bool) -> tuple[dict
     }, popularity
 
 
-def _sft(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+def _sft(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> dict:
     rng = _rng(cfg.seed, "sft")
     images = _Images(out / "sft", cfg)
     records, cats, text_only_n = [], Counter(), 0
@@ -162,7 +164,7 @@ def _sft(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
             "turn_categories": dict(sorted(cats.items()))}
 
 
-def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bool) -> dict:
+def _eval(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter, progress: bool) -> dict:
     folder = out / "eval"
     images = _Images(folder, cfg)
     counts = {}
@@ -208,28 +210,28 @@ def _eval(cfg, world: SceneSampler, out: Path, popularity: Counter, progress: bo
     return counts
 
 
-def _preference(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+def _preference(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> dict:
     rows = _scene_rows(cfg.seed, "preference", cfg.num_preference, "pref-{:05d}", world,
                        _Images(out / "preference", cfg), progress,
                        lambda i, rid, rel, scene, rng: preference.preference_row(rid, rel, scene, rng, world))
     return {"pairs": _write_jsonl(out / "preference" / "pairs.jsonl", rows)}
 
 
-def _vision(cfg, world: SceneSampler, out: Path, progress: bool) -> dict:
+def _vision(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> dict:
     """Images with every object's attributes: ground truth a vision tower can be pretrained on."""
     rows = _scene_rows(cfg.seed, "vision", cfg.num_vision, "vis-{:06d}", world, _Images(out / "vision", cfg),
                        progress, lambda i, rid, rel, scene, rng: {"id": rid, "image": rel, **scene.to_dict()})
     return {"images": _write_jsonl(out / "vision" / "objects.jsonl", rows)}
 
 
-def _text(cfg, world: SceneSampler, out: Path) -> dict:
+def _text(cfg: SynthConfig, world: SceneSampler, out: Path) -> dict:
     lines = corpus.corpus_lines(cfg.num_text, _rng(cfg.seed, "text"), world)
     (out / "text").mkdir(parents=True, exist_ok=True)
     (out / "text" / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"lines": len(lines), "words": sum(len(line.split()) for line in lines)}
 
 
-def _as_recipe(cfg) -> DictConfig:
+def _as_recipe(cfg: Recipe | SynthConfig) -> DictConfig:
     """Accept a full recipe, its ``synth`` section, or a SynthConfig dataclass."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
@@ -240,7 +242,7 @@ def _as_recipe(cfg) -> DictConfig:
     return recipe
 
 
-def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = False) -> dict:
+def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: bool = False) -> dict:
     """Write the synthetic world into ``out_dir``; returns the counts also stored in manifest.json.
 
     ``cfg``: a recipe (DictConfig with ``synth``), its ``synth`` section, or a SynthConfig.
@@ -262,10 +264,7 @@ def generate_world(cfg, out_dir: str | os.PathLike, *, overwrite: bool = False, 
     world = SceneSampler.from_config(s)
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} is not empty (use --overwrite to replace a previous world)")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out, overwrite=overwrite)  # --overwrite replaces a previous world's folders below
     tmp = out / f".synth-tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

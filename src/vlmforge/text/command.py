@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="UTF-8 text files, one text per line (a synthetic-world folder means its text/corpus.txt "
         "and the turns of its sft/llava.json)",
     )
-    t.add_argument("--out", required=True, help="output folder (transformers tokenizer folder)")
+    t.add_argument("--out", required=True, help="output folder (transformers tokenizer folder; refused if not empty)")
+    t.add_argument("--overwrite", action="store_true", help="write over an existing tokenizer in --out")
     t.add_argument("--vocab-size", type=int, default=None, help="default: recipe tokenizer.vocab_size")
     t.add_argument("--min-frequency", type=int, default=None, help="default: recipe tokenizer.min_frequency")
     add_recipe_args(t)
@@ -67,14 +68,15 @@ def _turn_lines(path) -> list[str]:
 
 def _train(args) -> int:
     from vlmforge.config import save_resolved
-    from vlmforge.files import write_manifest
+    from vlmforge.config.loader import set_value
+    from vlmforge.files import prepare_out_dir, write_manifest
     from vlmforge.text.tokenization import describe, read_corpus, train_tokenizer
 
     cfg = recipe_from_args(args)
     if args.vocab_size is not None:
-        cfg.tokenizer.vocab_size = args.vocab_size
+        set_value(cfg, "tokenizer.vocab_size", args.vocab_size, "--vocab-size")
     if args.min_frequency is not None:
-        cfg.tokenizer.min_frequency = args.min_frequency
+        set_value(cfg, "tokenizer.min_frequency", args.min_frequency, "--min-frequency")
     corpus, conversations = [], []
     for p in map(Path, args.corpus):
         if p.is_dir():  # a synthetic world
@@ -91,6 +93,7 @@ def _train(args) -> int:
     lines = list(read_corpus(corpus)) + [line for p in conversations for line in _turn_lines(p)]
     if not lines:
         raise UserError(f"corpus is empty: {' '.join(map(str, corpus))}")
+    prepare_out_dir(args.out, overwrite=args.overwrite)
     tok = train_tokenizer(lines, args.out, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     save_resolved(cfg, args.out)
     info = describe(tok)
@@ -111,10 +114,7 @@ def _info(args) -> int:
     from vlmforge.text.chat import encode_conversation
     from vlmforge.text.tokenization import describe, load_tokenizer
 
-    try:
-        tok = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    tok = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code, key="tokenizer info PATH")
     for k, v in describe(tok).items():
         print(f"{k}: {v}")
     msgs = [

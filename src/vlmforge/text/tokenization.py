@@ -8,6 +8,8 @@ through ``AutoTokenizer``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -16,6 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vlmforge.arch.tokens import EOS, IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKENS
+from vlmforge.errors import UserError
 from vlmforge.text.chat import CHAT_TEMPLATE, has_generation_markers
 
 # The pre-tokenizer split Qwen2 / GPT-4 use (digits one by one, contractions, words with a leading space).
@@ -66,17 +69,28 @@ def train_tokenizer(
     return load_tokenizer(out)
 
 
-def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = False):
+def _looks_local(path: str) -> bool:
+    """Hub ids look like "name" or "org/name"; an absolute, ./, ~ or deeper path is a local folder."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "")
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = False, key: str = "tokenizer.path"):
     """Load a tokenizer (local folder from ``save_pretrained``/``train_tokenizer``, or hub id) via AutoTokenizer.
 
     Makes sure ``<image>`` is one special token and a pad token exists (``<|endoftext|>`` when the
     tokenizer has it, else EOS). Adding ``<image>`` to a real tokenizer grows ``len(tokenizer)``
     by one: the model's embeddings must be sized from ``len(tokenizer)``, not ``vocab_size``.
     """
+    path = str(path_or_id)
+    if not os.path.exists(path) and _looks_local(path):  # (a hub id that fails, e.g. offline, is one line below)
+        raise UserError(f"{key} {path}: no such folder; give a tokenizer folder (`vlmforge tokenizer train`) or a hub id")
     try:
         tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load tokenizer from {str(path_or_id)!r}: {e}") from e
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]  # transformers' messages run over lines
+        if not os.path.exists(path):
+            first_line = f"no local folder {path}, and as a hub id: {first_line}"
+        raise UserError(f"{key}: cannot load tokenizer from {str(path_or_id)!r}: {first_line}") from e
     return prepare_tokenizer(tok)
 
 
@@ -97,6 +111,19 @@ def prepare_tokenizer(tok):
 
 def image_token_id(tok) -> int:
     return int(tok.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def tokenizer_fingerprint(tok) -> dict[str, Any]:
+    """What data made with one tokenizer needs of another: ``sha256`` over the whole vocabulary
+    (every token and its id, added tokens with their special flag) and the ids of the special
+    tokens vlmforge uses (``<image>``, ``<|im_end|>``, eos, pad); ``len`` and ``special_ids`` for
+    messages. ``pack`` and ``sft-index`` record it in their manifest, ``train`` compares it."""
+    special = {"image": IMAGE_TOKEN, "im_end": IM_END, "eos": tok.eos_token, "pad": tok.pad_token}
+    ids = {k: (None if t is None else int(tok.convert_tokens_to_ids(t))) for k, t in special.items()}
+    vocab = sorted((int(i), str(t)) for t, i in tok.get_vocab().items())
+    added = sorted((int(i), str(t.content), bool(t.special)) for i, t in tok.added_tokens_decoder.items())
+    blob = json.dumps({"vocab": vocab, "added": added, "special_ids": ids}, ensure_ascii=False, separators=(",", ":"))
+    return {"sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest(), "len": len(tok), "special_ids": ids}
 
 
 def read_corpus(paths: Sequence[str | os.PathLike]) -> Iterable[str]:

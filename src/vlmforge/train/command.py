@@ -8,8 +8,10 @@ The same command runs on one process or under torchrun (FSDP2 over all ranks; nc
 gloo on CPU). The run folder (train.run_dir) holds config.yaml, metrics.jsonl, tensorboard/,
 checkpoints/ (every train.checkpoint_every steps and at the end, the last train.keep_last kept),
 final/ (model.safetensors + config.yaml + tokenizer/, read by eval and export), manifest.json and
-report.html. Running the same command again resumes from checkpoints/latest and reproduces the
-per-step losses of an uninterrupted run (bit-identical on CPU).
+report.html, and run.json (the settings that define the run, with the fingerprints of its data and
+tokenizer). Running the same command again resumes from checkpoints/latest and reproduces the
+per-step losses of an uninterrupted run (bit-identical on CPU); a rerun with other run settings is
+refused before anything is written, listing each changed key (train.resume=false starts over).
 """
 
 from __future__ import annotations
@@ -47,16 +49,25 @@ def train_from_config(cfg: Recipe) -> TrainResult:
 
     from vlmforge import dist as vdist
     from vlmforge.config import save_resolved
+    from vlmforge.config.recipe import run_seed
     from vlmforge.files import write_manifest
     from vlmforge.train.loop import Trainer
-    from vlmforge.train.stages import build_stage, export_final, run_seed, validate
+    from vlmforge.train.runfolder import accept_run, check_run_folder, run_settings
+    from vlmforge.train.stages import build_stage, export_final, run_fingerprints, validate
 
     info = vdist.init_distributed(str(cfg.train.device))
     validate(cfg, info.world_size)
     run_dir = Path(cfg.train.run_dir)
+    # data, checkpoint and tokenizer belong together, and a resume continues the same run: both are
+    # checked before anything is written (config.yaml included)
+    fingerprints, where = run_fingerprints(cfg)
+    settings = run_settings(cfg, info.world_size, fingerprints)
+    decision = check_run_folder(run_dir, settings, bool(cfg.train.resume))
+    vdist.barrier()  # every rank has read the folder before the main rank changes it
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        accept_run(run_dir, settings, decision, where)
         save_resolved(cfg, run_dir)
+    vdist.barrier()
     seed = run_seed(cfg)
     pieces = build_stage(cfg, info.rank, info.world_size)
     _seed_everything(seed + 1 + info.rank)  # training-time randomness (V2PE deltas) differs per rank
@@ -91,6 +102,8 @@ def train_from_config(cfg: Recipe) -> TrainResult:
     if info.is_main:
         last = result.losses.get(result.final_step)
         tail = f", last loss {last:.4f}" if last is not None else ""
+        if trainer.counters.get("skipped_steps"):
+            tail += f", {trainer.counters['skipped_steps']} step(s) skipped (non-finite loss or gradient norm)"
         print(f"trained steps {result.start_step}..{result.final_step}{tail}; weights in {run_dir / 'final'}", flush=True)
     return result
 

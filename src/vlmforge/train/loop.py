@@ -5,6 +5,12 @@ One optimizer step = ``accum`` micro-batches per rank. The step's micro-batches 
 first, so the global weight sum W (see ``objectives``) is known before any backward, and each
 micro-batch's loss ``sum(w * CE) / W`` is scaled by the world size because FSDP averages
 gradients over ranks: the update equals that of one process seeing the whole global batch.
+
+A step whose loss or gradient norm is not finite (NaN / inf) applies no update. By default the run
+stops there with :class:`NonFiniteStepError` (a UserError: one line, exit 2), nothing saved, so
+``checkpoints/latest`` stays the last good checkpoint and ``final/`` is not written;
+``train.skip_nonfinite_steps=true`` goes on instead and counts the step (``skipped_steps``). The
+decision is reduced over ranks, so every rank takes it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from vlmforge import dist as vdist
 from vlmforge.config.train import TrainConfig
+from vlmforge.errors import UserError
 from vlmforge.train import checkpoint as ckpt
 from vlmforge.train.metrics import MetricsLogger
 from vlmforge.train.objectives import token_weights, weighted_token_ce
@@ -30,6 +37,10 @@ from vlmforge.train.parallel import autocast_context, place_model
 MODEL_INPUTS = ("input_ids", "pixel_values", "position_ids", "seq_ids", "v2pe_delta")
 # Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
 KILL_ENV = "VLMFORGE_KILL_AFTER_STEP"
+
+
+class NonFiniteStepError(UserError):
+    """A training step's loss or gradient norm (or the weights before a save) is NaN or infinite."""
 
 
 @dataclass
@@ -82,6 +93,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.counters = {"tokens": 0, "real_tokens": 0, "supervised_tokens": 0, "rows": 0}
+        if tcfg.skip_nonfinite_steps:
+            self.counters["skipped_steps"] = 0  # steps whose update was skipped (non-finite loss / grad norm)
         self._it = None
         self._saved_step = -1
 
@@ -129,7 +142,27 @@ class Trainer:
             print(f"resumed from {latest} at step {self.step}", flush=True)
         return self.step
 
+    def _weights_finite(self) -> bool:
+        """Every trainable weight finite on every rank (collective)."""
+        bad = torch.zeros((), dtype=torch.float64, device=self.place.device)
+        for p in self.params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local.detach())).any().double()
+        vdist.all_reduce_sum(bad)
+        return float(bad) == 0
+
+    def _last_good(self) -> str:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return "no checkpoint was written before it (train.checkpoint_every)"
+        return f"{self.ckpt_root / ckpt.LATEST} still names {latest.name}, the last good checkpoint"
+
     def save(self) -> Path:
+        if not self._weights_finite():
+            raise NonFiniteStepError(
+                f"after step {self.step} some weights are NaN or infinite; not saving them "
+                f"({self._last_good()}); lower train.lr or check the data"
+            )
         self._saved_step = self.step
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -185,8 +218,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        # [loss non-finite, grad norm non-finite] on any rank: every rank takes the same decision
+        flags = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm.to(dev))]).double()
+        vdist.all_reduce_sum(flags)
+        bad_loss, bad_grad = (f > 0 for f in flags.tolist())
         lrs = current_lrs(self.optimizer)  # the lr this step used
-        self.optimizer.step()
+        if not (bad_loss or bad_grad):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if dev.type == "cuda":
@@ -197,7 +235,7 @@ class Trainer:
         tokens, real, sup, rows = (float(x) for x in stats[1:])
         for k, v in zip(("tokens", "real_tokens", "supervised_tokens", "rows"), (tokens, real, sup, rows)):
             self.counters[k] += int(v)
-        return {
+        row = {
             "step": self.step,
             "epoch": int(getattr(self.loader, "epoch", self.epoch)),
             "loss": float(loss_sum) / total_w if total_w > 0 else 0.0,
@@ -211,6 +249,23 @@ class Trainer:
             "data_wait": wait,
             "data_wait_fraction": wait / step_time if step_time > 0 else 0.0,
         }
+        if bad_loss or bad_grad:
+            row["nonfinite"] = "loss" if bad_loss else "grad_norm"
+        return row
+
+    def _on_nonfinite(self, row: dict[str, Any]) -> None:
+        """A step without an update (already counted when skipped): say so, or stop the run."""
+        what = f"the loss is {row['loss']}" if row["nonfinite"] == "loss" else (
+            f"the gradient norm is {row['grad_norm']} (loss {row['loss']:.4f})")
+        if not self.tcfg.skip_nonfinite_steps:
+            raise NonFiniteStepError(
+                f"step {self.step}: {what}; stopped without updating or saving the weights "
+                f"({self._last_good()}); lower train.lr or check the data, or set "
+                "train.skip_nonfinite_steps=true to skip such steps"
+            )
+        if vdist.is_main():
+            print(f"step {self.step}: {what}; update skipped (train.skip_nonfinite_steps), "
+                  f"{self.counters['skipped_steps']} skipped so far", flush=True)
 
     # ------------------------------------------------------------ the run
 
@@ -231,8 +286,15 @@ class Trainer:
             while self.step < self.total_steps:
                 row = self.train_step()
                 result.losses[self.step] = row["loss"]
-                if self.step % max(1, int(self.tcfg.log_every)) == 0 or self.step == self.total_steps:
+                if "nonfinite" in row and self.tcfg.skip_nonfinite_steps:
+                    self.counters["skipped_steps"] += 1
+                if "skipped_steps" in self.counters:
+                    row["skipped_steps"] = self.counters["skipped_steps"]
+                if ("nonfinite" in row or self.step % max(1, int(self.tcfg.log_every)) == 0
+                        or self.step == self.total_steps):
                     log.log(row)
+                if "nonfinite" in row:
+                    self._on_nonfinite(row)
                 if every > 0 and self.step % every == 0 and self.step < self.total_steps:
                     self.save()
                 if self.step == kill_after:

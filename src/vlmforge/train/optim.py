@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from vlmforge.config.train import TrainConfig
 from vlmforge.errors import ConfigError
 from vlmforge.train.muon import Muon
 
@@ -51,7 +52,7 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def component_lrs(tcfg) -> dict[str, float]:
+def component_lrs(tcfg: TrainConfig) -> dict[str, float]:
     return {
         "llm": float(tcfg.lr),
         "projector": float(tcfg.projector_lr if tcfg.projector_lr is not None else tcfg.lr),
@@ -77,7 +78,7 @@ def muon_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             if p.requires_grad and p.ndim == 2 and id(p) not in tables]
 
 
-def param_groups(model: nn.Module, tcfg, exclude: set[int] = frozenset()) -> list[dict]:
+def param_groups(model: nn.Module, tcfg: TrainConfig, exclude: set[int] = frozenset()) -> list[dict]:
     """Trainable parameters only (frozen ones stay out of the optimizer), grouped by
     (component, decay). Each group carries a ``name`` used for logging its lr. Parameters whose
     id is in ``exclude`` (Muon's) are left out."""
@@ -107,7 +108,7 @@ def param_groups(model: nn.Module, tcfg, exclude: set[int] = frozenset()) -> lis
     return groups
 
 
-def muon_groups(model: nn.Module, tcfg) -> list[dict]:
+def muon_groups(model: nn.Module, tcfg: TrainConfig) -> list[dict]:
     """Muon's matrices, one group per component (each scaled like its AdamW lr: a component at
     half the LLM's lr gets half of train.muon_lr)."""
     lrs = component_lrs(tcfg)
@@ -169,7 +170,7 @@ def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
-def build_optimizer(model: nn.Module, tcfg):
+def build_optimizer(model: nn.Module, tcfg: TrainConfig):
     """AdamW, or (``train.optimizer=muon``) an ``OptimizerChain`` of Muon and AdamW."""
     kind = str(tcfg.optimizer)
     adamw = lambda groups: torch.optim.AdamW(  # noqa: E731
@@ -191,7 +192,7 @@ def build_optimizer(model: nn.Module, tcfg):
     return OptimizerChain(parts)
 
 
-def warmup_steps(tcfg, total_steps: int) -> int:
+def warmup_steps(tcfg: TrainConfig, total_steps: int) -> int:
     if tcfg.warmup_steps > 0:
         return int(tcfg.warmup_steps)
     return int(math.ceil(float(tcfg.warmup_ratio) * total_steps))
@@ -216,7 +217,7 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(optimizer, tcfg, total_steps: int):
+def build_scheduler(optimizer, tcfg: TrainConfig, total_steps: int):
     """A LambdaLR (its state_dict is plain numbers, saved as json in checkpoints); a
     ``SchedulerChain`` of them, same schedule, for an ``OptimizerChain``."""
     warm = warmup_steps(tcfg, total_steps)
@@ -240,7 +241,7 @@ def adamw_with_decay_split(
     named_params: Iterable[tuple[str, torch.Tensor]],
     lr: float,
     weight_decay: float,
-    no_decay: Callable[[str, torch.Tensor], bool] = is_no_decay,
+    no_decay: Callable[[str, torch.Tensor], bool],
 ) -> torch.optim.AdamW:
     """AdamW with two groups, in this order: the parameters that decay, then those ``no_decay``
     picks (weight decay 0). Every parameter given is trained (filter frozen ones first)."""
@@ -257,7 +258,7 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
 
-def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int | None = None):
-    """LambdaLR of ``warmup_cosine_factor``; the warmup defaults to a twentieth of the run (>= 1 step)."""
-    warm = max(1, total_steps // 20) if warmup is None else warmup
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int):
+    """LambdaLR of ``warmup_cosine_factor``, warming up over a twentieth of the run (>= 1 step)."""
+    warm = max(1, total_steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, total_steps, warm))

@@ -9,10 +9,12 @@ SFT from ``sft.index`` (and ``sft.image_root``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,14 @@ from omegaconf import OmegaConf
 from transformers.initialization import no_init_weights
 
 from vlmforge import dist as vdist
-from vlmforge.config.recipe import Recipe
+from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.config.train import TrainConfig
 from vlmforge.data.pretrain.loader import build_pretrain_loader
 from vlmforge.data.sft.loader import build_sft_loader
-from vlmforge.errors import ConfigError
+from vlmforge.errors import ConfigError, UserError
 from vlmforge.model.build import build_vlm
 from vlmforge.model.saving import load_vlm, save_vlm
-from vlmforge.text.tokenization import load_tokenizer
+from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 from vlmforge.train.checkpoint import full_model_state
 from vlmforge.train.loop import grad_accum_steps
 
@@ -42,11 +44,6 @@ ARCH_KEYS = (
     ("projector", "kind"),
     ("projector", "hidden_size"),
 )
-
-
-def run_seed(cfg: Recipe) -> int:
-    """train.seed, or the recipe's top-level seed."""
-    return int(cfg.train.seed if cfg.train.seed is not None else cfg.seed)
 
 
 def resolve_init_from(path: str) -> Path:
@@ -78,8 +75,28 @@ def validate(cfg: Recipe, world_size: int) -> None:
         )
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
+    # The data keys are checked even when train.init_from is wrong too: a run pointed at the wrong
+    # data hears about that key, not only about the recipe's checkpoint.
+    init_problem = None
     if t.init_from:
-        resolve_init_from(t.init_from)
+        try:
+            resolve_init_from(t.init_from)
+        except ConfigError as e:
+            init_problem = e
+    try:
+        _validate_data(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; also {init_problem}" if init_problem else str(e)) from None
+    if init_problem:
+        raise init_problem
+    tok = stage_tokenizer(cfg)
+    if tok and not t.init_from and _looks_local(tok) and not Path(tok).exists():
+        raise ConfigError(f"tokenizer.path: {tok} does not exist")
+
+
+def _validate_data(cfg: Recipe) -> None:
+    """The stage's data keys: train.data_path (pretraining) or sft.index / sft.image_root (SFT)."""
+    t = cfg.train
     if t.stage == "pretrain":
         if not t.data_path:
             raise ConfigError("train.data_path: set it to the packed shards folder from `vlmforge pack`")
@@ -94,14 +111,23 @@ def validate(cfg: Recipe, world_size: int) -> None:
         index = cfg.sft.index
         if not index:
             raise ConfigError("sft.index: set it to an SFT index folder from `vlmforge sft-index`")
+        if not Path(index).exists():
+            raise ConfigError(f"sft.index: {index} does not exist; build it with `vlmforge sft-index --out {index}`")
         if not Path(index, "manifest.json").is_file():
             raise ConfigError(f"sft.index: {index} is not an SFT index folder (no manifest.json)")
+        stage = _manifest_stage(Path(index, "manifest.json"))
+        if stage != "sft-index":
+            raise ConfigError(f"sft.index: {index} holds a {stage!r} folder, not an SFT index from `vlmforge sft-index`")
         root = cfg.sft.image_root
         if root and not Path(root).is_dir():
             raise ConfigError(f"sft.image_root: {root} is not a folder")
-    tok = stage_tokenizer(cfg)
-    if tok and not t.init_from and _looks_local(tok) and not Path(tok).exists():
-        raise ConfigError(f"tokenizer.path: {tok} does not exist")
+
+
+def _manifest_stage(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _looks_local(path: str) -> bool:
@@ -124,6 +150,107 @@ def stage_tokenizer(cfg: Recipe) -> str | None:
         return m.get("geometry", {}).get("tokenizer") or m.get("tokenizer")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+# ---------------------------------------------------------------- one tokenizer per pipeline, run fingerprints
+
+_WARNED_UNRECORDED: set[str] = set()  # data folders already warned about (once per process)
+
+
+def data_folder(cfg: Recipe) -> Path:
+    """The stage's data folder: packed shards (train.data_path) or the SFT index (sft.index)."""
+    return Path(cfg.sft.index if cfg.train.stage == "sft" else cfg.train.data_path)
+
+
+def data_fingerprint(folder: Path) -> str:
+    """sha256 of the data folder's manifest.json and the names and sizes of its data files: a
+    re-pack or re-index changes it, moving the folder does not."""
+    h = hashlib.sha256()
+    files = sorted(p for pat in ("*.tar", "*.index.json", "*.npy") for p in folder.glob(pat) if p.is_file())
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    return h.hexdigest()
+
+
+def _tokenizer_label(path: Any, fp: dict) -> str:
+    return f"{path} (sha256 {fp['sha256'][:12]}, {fp['len']} tokens)"
+
+
+def _fingerprint_of(path: str, key: str, trust_remote_code: bool) -> dict:
+    try:
+        return tokenizer_fingerprint(load_tokenizer(path, trust_remote_code=trust_remote_code))
+    except ValueError as e:  # load_tokenizer's "cannot load tokenizer from ..."
+        raise UserError(f"{key}: {e}") from None
+
+
+def run_tokenizer(cfg: Recipe) -> tuple[str, dict]:
+    """(path, fingerprint) of the tokenizer this run trains with: train.init_from's tokenizer/ folder,
+    else tokenizer.path (or the one the packed data records). With both train.init_from and a local
+    tokenizer.path, the two must be the same tokenizer (the checkpoint's embeddings belong to its own)."""
+    t = cfg.train
+    if t.init_from:
+        ckpt = resolve_init_from(t.init_from)
+        path = str(ckpt / "tokenizer")
+        fp = _fingerprint_of(path, "train.init_from", bool(cfg.model.trust_remote_code))
+        conf = cfg.tokenizer.path
+        if conf and Path(str(conf)).exists():  # a hub id is not looked up: the checkpoint's tokenizer is used
+            cfp = _fingerprint_of(str(conf), "tokenizer.path", bool(cfg.tokenizer.trust_remote_code))
+            if cfp["sha256"] != fp["sha256"]:
+                raise UserError(
+                    f"tokenizer.path {_tokenizer_label(conf, cfp)} is not the tokenizer of train.init_from "
+                    f"{_tokenizer_label(path, fp)}: set tokenizer.path to the checkpoint's tokenizer (or leave it "
+                    "unset), or start from a checkpoint trained with this tokenizer"
+                )
+        return path, fp
+    path = stage_tokenizer(cfg)
+    if not path:
+        raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
+    return path, _fingerprint_of(path, "tokenizer.path", bool(cfg.tokenizer.trust_remote_code))
+
+
+def check_data_tokenizer(cfg: Recipe, tok_path: str, fp: dict) -> None:
+    """Refuse data made with another tokenizer (pack and sft-index record theirs); an older data
+    folder without a fingerprint is trained on after one warning."""
+    folder = data_folder(cfg)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    pretrain = cfg.train.stage != "sft"
+    recorded = manifest.get("geometry", {}) if pretrain else manifest
+    command = "pack" if pretrain else "sft-index"
+    if "tokenizer_fingerprint" not in recorded:
+        if str(folder) not in _WARNED_UNRECORDED:
+            _WARNED_UNRECORDED.add(str(folder))
+            warnings.warn(
+                f"{folder} records no tokenizer fingerprint (an older `vlmforge {command}` wrote it): cannot check "
+                f"that it was made with {_tokenizer_label(tok_path, fp)}; re-run `vlmforge {command}` to record one",
+                stacklevel=2,
+            )
+        return
+    theirs = recorded["tokenizer_fingerprint"]
+    if theirs is None:  # sft-index with estimated lengths and no tokenizer: no token ids in the index
+        return
+    if theirs.get("sha256") != fp["sha256"]:
+        raise UserError(
+            f"{folder} was made with tokenizer {_tokenizer_label(recorded.get('tokenizer'), theirs)} but this run "
+            f"trains with {_tokenizer_label(tok_path, fp)}: re-run `vlmforge {command}` with --tokenizer {tok_path}, "
+            f"or train with the tokenizer the data was made with"
+        )
+
+
+def run_fingerprints(cfg: Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check that data, checkpoint and tokenizer belong together (UserError naming both sides if
+    not); returns (fingerprints that define the run, for run.json; paths, for information)."""
+    tok_path, fp = run_tokenizer(cfg)
+    check_data_tokenizer(cfg, tok_path, fp)
+    folder = data_folder(cfg)
+    init = str(resolve_init_from(cfg.train.init_from).resolve()) if cfg.train.init_from else None
+    fingerprints = {"data.fingerprint": data_fingerprint(folder), "tokenizer.sha256": fp["sha256"], "train.init_from": init}
+    return fingerprints, {"data": os.path.abspath(folder), "tokenizer": tok_path}
 
 
 @dataclass

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from vlmforge.clitools import add_recipe_args
 
     p.add_argument("--data", required=True, help="objects.jsonl or its folder (WORLD/vision)")
-    p.add_argument("--out", required=True, help="output tower folder")
+    p.add_argument("--out", required=True, help="output tower folder (refused if not empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write over an existing tower in --out")
     p.add_argument("--epochs", type=int, default=None, help="vision_pretrain.epochs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_recipe_args(p)
@@ -35,14 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlmforge import dist
     from vlmforge.clitools import recipe_from_args
+    from vlmforge.config.loader import set_value
+    from vlmforge.files import prepare_out_dir
     from vlmforge.vision.pretrain import pretrain_vision
 
     cfg = recipe_from_args(args)
     if args.epochs is not None:
-        cfg.vision_pretrain.epochs = args.epochs
+        set_value(cfg, "vision_pretrain.epochs", args.epochs, "--epochs")
     if not dist.is_main():  # a tiny tower: one process trains
         dist.barrier()
         return 0
+    prepare_out_dir(args.out, overwrite=args.overwrite)
     acc = pretrain_vision(args.data, args.out, cfg.vision_pretrain, config=cfg, progress=not args.no_progress)
     dist.barrier()
     print(f"wrote vision tower {args.out}: held-out accuracy "

@@ -27,8 +27,10 @@ from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVi
 
 from vlmforge.arch.geometry import build_image_processor, preprocess_spec_for
 from vlmforge.config import save_resolved
+from vlmforge.config.recipe import Recipe
+from vlmforge.config.vision import VisionPretrainConfig
 from vlmforge.errors import UserError
-from vlmforge.files import numbered_lines, write_json, write_manifest
+from vlmforge.files import PathOutsideRootError, numbered_lines, resolve_inside, write_json, write_manifest
 from vlmforge.images import preprocess_batch
 from vlmforge.model.tower import patch_features
 from vlmforge.train.optim import adamw_with_decay_split, warmup_cosine_scheduler
@@ -58,7 +60,8 @@ def _cell_of(obj: dict, grid: int, where: str) -> int:
 
 def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], dict]:
     """(PIL images, per-image {cell: object} lists, counts) from an objects.jsonl (or its folder).
-    Unreadable images are skipped and counted; a malformed row is an error naming file and line."""
+    Unreadable images are skipped and counted, so is an image path leading out of the file's folder
+    (``path_outside_root``, symlinks resolved); a malformed row is an error naming file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / "objects.jsonl"
@@ -69,7 +72,12 @@ def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], d
     for where, line in numbered_lines(path):
         try:
             row = json.loads(line)
-            image_path, objects = path.parent / row["image"], list(row["objects"])
+            image, objects = row["image"], list(row["objects"])
+            image_path = resolve_inside(path.parent, image)
+        except PathOutsideRootError:
+            counts["rows"] += 1
+            counts["path_outside_root"] = counts.get("path_outside_root", 0) + 1
+            continue
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{where}: expected {{image, objects: [...]}} ({e})") from e
         counts["rows"] += 1
@@ -103,7 +111,7 @@ def label_tensor(labels: list[list[dict]], vocab: dict[str, list[str]]) -> torch
                         dtype=torch.long)
 
 
-def build_tower(vp):
+def build_tower(vp: VisionPretrainConfig):
     if vp.init:  # a vision tower folder, or a whole CLIP / SigLIP model folder (its vision half)
         siglip = AutoConfig.from_pretrained(vp.init).model_type.startswith("siglip")
         cls = SiglipVisionModel if siglip else CLIPVisionModel
@@ -112,15 +120,13 @@ def build_tower(vp):
                   num_attention_heads=vp.num_heads, image_size=vp.image_size, patch_size=vp.patch_size, num_channels=3)
     if vp.image_size % vp.patch_size:
         raise UserError(f"vision_pretrain.image_size {vp.image_size} is not a multiple of patch_size {vp.patch_size}")
-    if vp.arch == "clip":
-        cfg = CLIPVisionConfig(**common)
-        cfg._attn_implementation = "sdpa"
-        return CLIPVisionModel(cfg)
     if vp.arch == "siglip":
         cfg = SiglipVisionConfig(**common, vision_use_head=False)
         cfg._attn_implementation = "sdpa"
         return SiglipVisionModel(cfg)
-    raise UserError(f"vision_pretrain.arch must be clip or siglip, got {vp.arch!r}")
+    cfg = CLIPVisionConfig(**common)
+    cfg._attn_implementation = "sdpa"
+    return CLIPVisionModel(cfg)
 
 
 class CellHeads(nn.Module):
@@ -172,7 +178,7 @@ def _accuracy(tower, heads, pix, y, feature_layer, bs=256) -> dict[str, float]:
     return acc
 
 
-def pretrain_vision(data: str | Path, out_dir: str | Path, vp, config=None, log=print, progress: bool = True) -> dict:
+def pretrain_vision(data: str | Path, out_dir: str | Path, vp: VisionPretrainConfig, config: Recipe | None = None, log=print, progress: bool = True) -> dict:
     """Train, keep the epoch with the best held-out mean accuracy, save the tower; returns its accuracy."""
     if vp.epochs < 1 or vp.batch_size < 1:
         raise UserError("vision_pretrain.epochs and vision_pretrain.batch_size must be >= 1")

@@ -13,6 +13,7 @@ import sys
 
 from torch import nn
 
+from vlmforge.config.model import ProjectorConfig
 from vlmforge.errors import ConfigError
 from vlmforge.plugins import discover
 
@@ -26,5 +27,5 @@ def projector_class(kind: str) -> type[nn.Module]:
         raise ConfigError(f"model.projector.kind {kind!r} is not one of {', '.join(PROJECTORS)}") from None
 
 
-def build_projector(proj_cfg, vision_dim: int, llm_dim: int) -> nn.Module:
+def build_projector(proj_cfg: ProjectorConfig, vision_dim: int, llm_dim: int) -> nn.Module:
     return projector_class(proj_cfg.kind).from_config(proj_cfg, vision_dim, llm_dim)

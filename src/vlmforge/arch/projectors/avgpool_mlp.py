@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmforge.arch.projectors.mlp import MLPProjector, square_grid
+from vlmforge.config.model import ProjectorConfig
 from vlmforge.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ class AvgPoolMLPProjector(MLPProjector):
         return pool_size * pool_size
 
     @classmethod
-    def from_config(cls, proj_cfg, vision_dim: int, llm_dim: int) -> AvgPoolMLPProjector:
+    def from_config(cls, proj_cfg: ProjectorConfig, vision_dim: int, llm_dim: int) -> AvgPoolMLPProjector:
         return cls(vision_dim, llm_dim, proj_cfg.hidden_size, proj_cfg.pool_size)
 
     def export_refusal(self, grid: int) -> str | None:

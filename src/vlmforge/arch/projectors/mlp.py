@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from vlmforge.config.model import ProjectorConfig
 from vlmforge.errors import ConfigError
 
 
@@ -42,7 +43,7 @@ class MLPProjector(nn.Module):
         return grid * grid
 
     @classmethod
-    def from_config(cls, proj_cfg, vision_dim: int, llm_dim: int) -> MLPProjector:
+    def from_config(cls, proj_cfg: ProjectorConfig, vision_dim: int, llm_dim: int) -> MLPProjector:
         if proj_cfg.pool_size is not None:
             raise ConfigError(
                 f"model.projector.pool_size is only used by avgpool_mlp, not {cls.kind!r}; set it to null"

@@ -9,6 +9,7 @@ builds it from ``curate.score``. The registry below is derived from those classe
 
 from __future__ import annotations
 
+from vlmforge.config.curate import ScoreConfig
 from vlmforge.curate.scorers.clip import ContrastiveScorer
 from vlmforge.curate.scorers.mlm import MLMJudgeScorer
 from vlmforge.errors import UserError
@@ -17,7 +18,7 @@ SCORER_CLASSES = {name: cls for cls in (ContrastiveScorer, MLMJudgeScorer) for n
 SCORERS = tuple(SCORER_CLASSES)
 
 
-def load_scorer(name: str, score_cfg):
+def load_scorer(name: str, score_cfg: ScoreConfig):
     if not score_cfg.model:
         raise UserError(f"scorer {name!r} needs a model: --model DIR (or --set curate.score.model=...)")
     if name not in SCORER_CLASSES:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+from vlmforge.config.curate import ScoreConfig
 from vlmforge.curate.scorers.base import DTYPES, resolve_device
 from vlmforge.errors import UserError
 
@@ -53,7 +54,7 @@ class ContrastiveScorer:
     names = ("clip", "dfn")  # dfn: a filtering network written by `curate train-filter` (same model class)
 
     @classmethod
-    def from_config(cls, name: str, score_cfg) -> ContrastiveScorer:
+    def from_config(cls, name: str, score_cfg: ScoreConfig) -> ContrastiveScorer:
         return cls(score_cfg.model, device=score_cfg.device, dtype=score_cfg.dtype,
                    trust_remote_code=score_cfg.trust_remote_code, name=name,
                    save_embeddings=score_cfg.save_embeddings)

@@ -35,10 +35,10 @@ import torch.utils.data as tud
 from vlmforge import dist
 from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
 from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
-from vlmforge.config.recipe import Recipe
+from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
-from vlmforge.errors import ConfigError
+from vlmforge.errors import ConfigError, UserError
 from vlmforge.images import preprocess_batch
 from vlmforge.shards import ImageDecodeError, decode_image
 
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 REMAINDER = ("wrap", "drop")
 
 
-class PackedDataError(ValueError):
-    """A packed folder that does not match the model or is damaged."""
+class PackedDataError(UserError, ValueError):
+    """A packed folder that does not match the model or is damaged (a user error: one line, no traceback)."""
 
 
 # ----------------------------------------------------------------------------- samples (pack layout)
@@ -221,8 +221,7 @@ class PackedLoader:
         if cfg is not None:
             d = cfg.data
             batch_size = int(cfg.train.micro_batch_size) if batch_size is None else batch_size
-            if seed is None:
-                seed = cfg.train.seed if cfg.train.seed is not None else cfg.seed
+            seed = run_seed(cfg) if seed is None else seed
             shuffle = d.shuffle if shuffle is None else shuffle
             num_workers = d.num_workers if num_workers is None else num_workers
             remainder = d.remainder if remainder is None else remainder

@@ -28,9 +28,18 @@ from vlmforge.data.packer import lower_bound, plan_packs
 from vlmforge.data.pretrain.packed_shards import INDEX_SUFFIX, PackedShardWriter
 from vlmforge.data.pretrain.text_corpus import iter_text_chunks, resolve_corpus
 from vlmforge.errors import ConfigError, UserError
-from vlmforge.files import write_manifest
-from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples, list_shards
-from vlmforge.text.tokenization import load_tokenizer
+from vlmforge.files import prepare_out_dir, write_manifest
+from vlmforge.shards import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    iter_raw_samples,
+    list_shards,
+    shard_shortfall,
+)
+from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
+
+EXAMPLES_PER_REASON = 5
 
 
 def _error_reason(error: str) -> str:
@@ -48,15 +57,18 @@ def _error_reason(error: str) -> str:
     return "damaged_sample"
 
 
-def _check_image(data: bytes) -> str | None:
+def _check_image(data: bytes) -> tuple[str, str] | None:
+    """None, or (reason, message) for an image that does not decode or is over the pixel cap."""
     try:
         decode_image(data)
         return None
+    except ImageTooLargeError as e:
+        return "image_too_large", str(e)
     except ImageDecodeError as e:
-        return str(e)
+        return "undecodable_image", str(e)
 
 
-def _check_images(samples: list) -> list[str | None]:
+def _check_images(samples: list) -> list[tuple[str, str] | None]:
     return [_check_image(s.image_bytes) for s in samples]
 
 
@@ -65,6 +77,7 @@ class _Stats:
         self.max_len = max_len
         self.counts: Counter = Counter()
         self.dropped: Counter = Counter()
+        self.examples: dict[str, list[dict]] = {}  # reason -> the first few dropped samples (shard, key)
         self.sample_lengths: list[np.ndarray] = []
         self.pack_lengths: list[np.ndarray] = []
         self.mm_tokens = 0
@@ -90,6 +103,9 @@ class _PackStage:
         if self.pc.strict:
             raise UserError(f"{sample.shard}: sample {sample.key!r}: {reason}: {detail}")
         self.st.dropped[reason] += 1
+        ex = self.st.examples.setdefault(reason, [])
+        if len(ex) < EXAMPLES_PER_REASON:
+            ex.append({"shard": sample.shard, "key": sample.key, "error": detail})
 
     def window(self, raw: list, shard_index: int, last: bool) -> None:
         """Validate, tokenize, mix, plan and write one window of raw samples as shard ``shard_index``."""
@@ -120,7 +136,7 @@ class _PackStage:
             elif s.caption is None or not s.caption.strip():
                 self.bad(s, "empty_caption", "caption is empty")
             elif img_err.get(id(s)):
-                self.bad(s, "undecodable_image", img_err[id(s)])
+                self.bad(s, *img_err[id(s)])
             else:
                 ok.append(s)
         return ok
@@ -227,12 +243,9 @@ def pack_shards(
         raise ConfigError(f"pack.max_len={max_len} cannot hold one image ({n_vis} visual tokens) plus a caption")
     shards = list_shards(list(inputs))
     out = Path(out_dir)
-    if out.exists() and any(out.glob(f"*{INDEX_SUFFIX}")):
-        if not overwrite:
-            raise UserError(f"{out} already holds packed shards (use --overwrite to replace them)")
+    if prepare_out_dir(out, overwrite=overwrite):  # not empty, and --overwrite: replace the packed shards
         for p in list(out.glob("*.tar")) + list(out.glob(f"*{INDEX_SUFFIX}")):
             p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
     tok = load_tokenizer(tokenizer_path, trust_remote_code=cfg.tokenizer.trust_remote_code)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -250,10 +263,13 @@ def pack_shards(
     stage = _PackStage(cfg, tok, out, n_vis, text_chunks)
     raw: list = []
     shard_index = 0
+    missing: list[dict] = []  # shards that hold fewer samples than their _stats.json says
     try:
         with tqdm(desc="pack", unit="sample", disable=not progress) as bar:
             for tar in shards:
+                n_read = 0
                 for s in iter_raw_samples(tar):
+                    n_read += bool(s.key)  # a tar cut before its first member yields one keyless error
                     stage.st.counts["samples_read"] += 1
                     raw.append(s)
                     bar.update(1)
@@ -261,6 +277,9 @@ def pack_shards(
                         stage.window(raw, shard_index, last=False)
                         shard_index += 1
                         raw = []
+                short = shard_shortfall(tar, n_read)
+                if short is not None:
+                    missing.append(short)
             if raw or stage.carry:
                 stage.window(raw, shard_index, last=True)
     finally:
@@ -272,6 +291,7 @@ def pack_shards(
         "max_len": max_len, "visual_tokens": n_vis, "image_token_id": int(image_id),
         "sep_id": int(sep_id), "pad_id": int(pad_id), "image_preprocess": image_preprocess_spec(cfg.model),
         "tokenizer": str(tokenizer_path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),  # train refuses a different tokenizer
     }
     manifest_extra["text_mix"] = {
         "target_ratio": float(pc.text_ratio),
@@ -281,6 +301,9 @@ def pack_shards(
     }
     counts = {k: int(st.counts[k]) for k in
               ("samples_read", "samples_packed", "image_samples", "text_samples", "truncated", "packs", "shards")}
+    counts["missing_samples"] = sum(m["missing"] for m in missing)
+    manifest_extra["missing_samples"] = missing
+    manifest_extra["dropped_examples"] = st.examples
     save_resolved(cfg, out)
     write_manifest(out, "pack", inputs=shards, config=cfg, counts=counts,
                    dropped=dict(sorted(st.dropped.items())), **manifest_extra)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from vlmforge.data.sft.parallel import make_jobs, parse_jobs
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.data.sft.scan import scan_records
 from vlmforge.files import write_manifest
+from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 
 EXAMPLES_PER_REASON = 5
 
@@ -39,6 +41,7 @@ def build_index(
     lengths: str = "exact",
     check_images: bool = True,
     strict: bool = False,
+    allow_absolute_paths: bool = False,
     workers: int = 1,
     records_per_job: int = 50_000,
     calibration_records: int = 512,
@@ -51,6 +54,10 @@ def build_index(
     when ``tokenizer`` is given). ``visual_tokens``: tokens each image becomes
     (``vlmforge.arch.geometry.visual_tokens_per_image``). ``config``: the recipe, recorded in the
     manifest. Returns the manifest dict.
+
+    Image paths must stay inside ``image_root`` (symlinks resolved; counted as ``path_outside_root``
+    otherwise); ``allow_absolute_paths`` accepts absolute ones. ``strict``: stop at the first bad
+    record, reading no further (files are scanned one by one, each job stops at its first bad record).
     """
     if lengths not in ("exact", "estimate"):
         raise ValueError(f"lengths must be 'exact' or 'estimate', got {lengths!r}")
@@ -68,15 +75,34 @@ def build_index(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    spans = [_scan(fid, path) for fid, path in enumerate(sources)]
-    if tokenizer is not None and lengths == "estimate" and calibration_records:
-        lm.calibrate(_first_messages(spans, calibration_records))
+    # Strict mode scans each file only when its turn comes, so a bad record stops the build early.
+    spans: list = [None] * len(sources)
 
-    jobs = make_jobs(spans, lm, image_root, check_images, records_per_job)
-    total = sum(s[2].size for s in spans)
+    def span(fid: int):
+        if spans[fid] is None:
+            spans[fid] = _scan(fid, sources[fid])
+        return spans[fid]
+
+    if not strict:
+        for fid in range(len(sources)):
+            span(fid)
+    if tokenizer is not None and lengths == "estimate" and calibration_records:
+        lm.calibrate(_first_messages((span(fid) for fid in range(len(sources))), calibration_records))
+
+    jobs: list[dict] = []
+
+    def job_stream():
+        for fid in range(len(sources)):
+            for job in make_jobs([span(fid)], lm, image_root, check_images, records_per_job,
+                                 allow_absolute_paths=allow_absolute_paths, strict=strict):
+                jobs.append(job)
+                yield job
+
+    total = None if strict else sum(s[2].size for s in spans)
     results: list[dict] = []
-    with tqdm(total=total, desc="sft-index", unit="rec", disable=not progress) as bar:
-        for job, res in parse_jobs(jobs, workers):
+    with tqdm(total=total, desc="sft-index", unit="rec", disable=not progress) as bar, \
+            closing(parse_jobs(job_stream(), workers)) as parsed:
+        for job, res in parsed:
             results.append(res)
             bar.update(job["offsets"].size)
             _check_strict(strict, job, res)
@@ -85,6 +111,8 @@ def build_index(
     for name, dtype in ARRAYS.items():
         _save_npy(out / f"{name}.npy", np.ascontiguousarray(cols[name], dtype=dtype))
     dropped, examples = _dropped(jobs, results)
+    # train refuses a different tokenizer (None: the lengths were estimated without one)
+    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else None
     manifest = write_manifest(
         out,
         "sft-index",
@@ -96,8 +124,11 @@ def build_index(
         index_version=INDEX_VERSION,
         image_root=str(Path(image_root).resolve()) if image_root is not None else None,
         images_checked=check_images,
+        allow_absolute_paths=bool(allow_absolute_paths),
         visual_tokens=int(visual_tokens),
         lengths=lm.describe(),
+        tokenizer=str(tokenizer) if tokenizer is not None else None,
+        tokenizer_fingerprint=fingerprint,
         arrays=list(ARRAYS),
     )
     return json.loads(manifest.read_text())

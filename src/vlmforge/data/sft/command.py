@@ -8,8 +8,9 @@ Reads .json (one JSON array) or .jsonl (one record per line) files with LLaVA re
 |"system", "value": "...<image>..."}]; text-only records have no `image`). Writes memory-mapped
 .npy arrays (byte offsets, token lengths incl. visual tokens, image counts) + manifest.json.
 Bad records (unparsable JSON, missing image file, <image> markers that do not match the images,
-no assistant turn) are skipped and counted per reason with file:line examples in the manifest;
---strict stops at the first one instead.
+no assistant turn, an image path leading out of --image-root: path_outside_root) are skipped and
+counted per reason with file:line examples in the manifest; --strict stops at the first one
+instead. Absolute image paths need --allow-absolute-paths (or sft.allow_absolute_paths=true).
 
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
@@ -29,36 +30,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlmforge.clitools import add_recipe_args
 
     parser.add_argument("--input", nargs="+", default=None, metavar="FILE", help="LLaVA .json / .jsonl files")
-    parser.add_argument("--out", required=True, help="index folder to write")
+    parser.add_argument("--out", required=True, help="index folder to write (refused if not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write over an existing index in --out")
     parser.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: recipe tokenizer.path)")
     parser.add_argument("--lengths", choices=("exact", "estimate"), default=None)
     parser.add_argument("--visual-tokens", type=int, default=None, help="tokens per image (default: from the recipe's model)")
     parser.add_argument("--no-check-images", action="store_true", help="do not check that image files exist")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record (names file:line)")
+    parser.add_argument("--allow-absolute-paths", action="store_true",
+                        help="accept absolute image paths in the records (default: refused as path_outside_root)")
     parser.add_argument("--workers", type=int, default=None, help="parser processes (default: recipe sft.index_workers)")
     add_recipe_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from vlmforge.arch.geometry import visual_tokens_per_image
     from vlmforge.clitools import recipe_from_args
     from vlmforge.config import save_resolved
     from vlmforge.data.sft.build import build_index
-    from vlmforge.data.sft.records import SFTDataError
     from vlmforge.errors import UserError
+    from vlmforge.files import prepare_out_dir
 
     cfg = recipe_from_args(args)
     sft = cfg.sft
     sources = args.input or list(sft.sources)
     if not sources:
         raise UserError("no SFT files: pass --input FILE... (or set sft.sources in the recipe)")
+    for src in sources:
+        if not os.path.isfile(src):
+            raise UserError(f"{'--input' if args.input else 'sft.sources'} {src}: no such file (a LLaVA .json or .jsonl)")
     image_root = args.image_root or sft.image_root
+    if image_root and not os.path.isdir(image_root):
+        flag = "--image-root" if args.image_root else "sft.image_root"
+        raise UserError(f"{flag} {image_root}: no such folder (the folder the records' image paths are relative to)")
     tokenizer = args.tokenizer or cfg.tokenizer.path
     lengths = args.lengths or sft.lengths
     if lengths == "exact" and not tokenizer:
         raise UserError("exact lengths need a tokenizer: pass --tokenizer DIR (or --lengths estimate)")
     visual_tokens = args.visual_tokens if args.visual_tokens is not None else visual_tokens_per_image(cfg.model)
+    prepare_out_dir(args.out, overwrite=args.overwrite)
     try:
         manifest = build_index(
             sources,
@@ -69,14 +82,20 @@ def run(args: argparse.Namespace) -> int:
             lengths=lengths,
             check_images=sft.check_images and not args.no_check_images,
             strict=args.strict or sft.strict,
+            allow_absolute_paths=args.allow_absolute_paths or sft.allow_absolute_paths,
             workers=args.workers or sft.index_workers,
             config=cfg,
         )
-    except (SFTDataError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # an input file that is not there (SFTDataError is a UserError already)
         raise UserError(str(e)) from None
     save_resolved(cfg, args.out)
     c = manifest["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none"
+    if c["records"] == 0:  # an index of nothing would only fail later, in training
+        raise UserError(
+            f"--input {' '.join(map(str, sources))}: no usable record of {c['scanned']} scanned (skipped: {dropped}); "
+            f"examples with file:line in {args.out}/manifest.json; fix the data and rerun with --overwrite"
+        )
     print(
         f"sft-index: {c['records']} records ({c['with_image']} with images, {c['text_only']} text-only) "
         f"of {c['scanned']} scanned; skipped: {dropped}; {lengths} lengths, {visual_tokens} tokens/image -> {args.out}"

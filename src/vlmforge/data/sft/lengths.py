@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmforge.arch.tokens import IMAGE_TOKEN
-from vlmforge.text.chat import encode_conversation
+from vlmforge.text.chat import conversation_lengths, encode_conversation
 from vlmforge.text.tokenization import load_tokenizer
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -64,9 +64,11 @@ class LengthModel:
         self.turn_overhead = max(1, one_turn // 2)
         self.conversation_overhead = max(0, sys_len - self.turn_overhead)
         x, y = [], []
-        for msgs in samples:
+        # conversation_lengths: the counts exact() gives, in one batch, and a huge record counted in
+        # pieces (a whole-text encode of a 10 MB turn takes gigabytes)
+        for msgs, n in zip(samples, conversation_lengths(tok, samples)):
             x.append(text_bytes(msgs))
-            y.append(max(1, self.exact(msgs) - self.fixed_tokens(msgs)))
+            y.append(max(1, n - self.fixed_tokens(msgs)))
         self.bytes_per_token = max(1.0, float(sum(x)) / float(sum(y)))
 
     def describe(self) -> dict:

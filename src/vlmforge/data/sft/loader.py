@@ -277,6 +277,7 @@ def build_sft_loader(
         image_spec=image_preprocess_spec(recipe.model),
         image_root=sft.image_root,
         max_len=sft.max_len,
+        allow_absolute_paths=sft.allow_absolute_paths,
     )
     return SFTLoader(
         ds, sft, batch_size=batch_size, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator
+from itertools import chain, islice
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
+from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.text.chat import conversation_lengths
 
 EXACT_BATCH = 512  # records per tokenizer batch call for exact lengths
 
 
 def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check_images: bool,
-              records_per_job: int) -> list[dict]:
-    """One job per ``records_per_job`` records of a file; ``spans``: (file id, path, offsets, nbytes, lines)."""
+              records_per_job: int, *, allow_absolute_paths: bool = False, strict: bool = False) -> list[dict]:
+    """One job per ``records_per_job`` records of a file; ``spans``: (file id, path, offsets, nbytes, lines).
+
+    ``strict``: a job stops at its first bad record (the build then stops too)."""
     jobs = []
     for fid, path, offs, nb, ln in spans:
         for a in range(0, offs.size, records_per_job):
@@ -38,19 +43,39 @@ def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check
                     "length_model": lm.describe(),
                     "image_root": str(image_root) if image_root is not None else "",
                     "check_images": check_images,
+                    "allow_absolute_paths": allow_absolute_paths,
+                    "strict": strict,
                 }
             )
     return jobs
 
 
-def parse_jobs(jobs: list[dict], workers: int) -> Iterator[tuple[dict, dict]]:
-    """(job, result) in job order, parsed by ``workers`` processes (in this one if 1 or one job)."""
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            yield from zip(jobs, ex.map(parse_range, jobs))
-    else:
-        for job in jobs:
+def parse_jobs(jobs: Iterable[dict], workers: int) -> Iterator[tuple[dict, dict]]:
+    """(job, result) in job order, parsed by ``workers`` processes (in this one if 1 or one job).
+
+    At most ``2 * workers`` jobs are in flight, and those not started are cancelled when the caller
+    stops early (strict mode), so a stop does not wait for the rest of the files to be parsed.
+    """
+    it = iter(jobs)
+    head = list(islice(it, 2)) if workers > 1 else []  # a single job is parsed here, without a pool
+    if workers <= 1 or len(head) < 2:
+        for job in chain(head, it):
             yield job, parse_range(job)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        pending: deque = deque()
+        try:
+            for job in chain(head, it):
+                pending.append((job, ex.submit(parse_range, job)))
+                if len(pending) >= 2 * workers:
+                    done, fut = pending.popleft()
+                    yield done, fut.result()
+            while pending:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 def parse_range(job: dict) -> dict:
@@ -60,8 +85,10 @@ def parse_range(job: dict) -> dict:
     """
     path, offs, nbytes = job["path"], job["offsets"], job["nbytes"]
     lm = LengthModel(**job["length_model"])
-    image_root = job["image_root"]
+    image_root = job["image_root"] or None
     check_images = job["check_images"]
+    allow_absolute = bool(job.get("allow_absolute_paths", False))
+    strict = bool(job.get("strict", False))
     n = offs.size
     ok = np.zeros(n, bool)
     n_img = np.zeros(n, np.uint16)
@@ -74,8 +101,11 @@ def parse_range(job: dict) -> dict:
         f.seek(lo)
         buf = f.read(hi - lo)
     exists_cache: dict[str, bool] = {}
+    dir_cache: dict[str, str] = {}
     pending: list[tuple[int, list[dict]]] = []
     for i in range(n):
+        if strict and bad:  # strict: stop at the first bad record (after counting the ones before it)
+            break
         s = int(offs[i]) - lo
         raw = buf[s : s + int(nbytes[i])]
         if not raw.strip():
@@ -91,10 +121,15 @@ def parse_range(job: dict) -> dict:
         except SFTDataError as e:
             bad.append((i, e.reason, str(e)))
             continue
+        try:  # every image path stays inside the image root (symlinks resolved), unless opted out
+            resolved = [str(resolve_inside(image_root, im, allow_absolute=allow_absolute, dir_cache=dir_cache))
+                        for im in images]
+        except PathOutsideRootError as e:
+            bad.append((i, e.reason, str(e)))
+            continue
         if check_images and images:
             missing = None
-            for im in images:
-                p = os.path.join(image_root, im)
+            for p in resolved:
                 if p not in exists_cache:
                     exists_cache[p] = os.path.isfile(p)
                 if not exists_cache[p]:
@@ -117,6 +152,8 @@ def parse_range(job: dict) -> dict:
         text_tok[i] = min(lm.estimate(msgs), 2**32 - 1)
     _count_exact(lm, pending, ok, text_tok, bad)
     bad.sort(key=lambda b: b[0])
+    if strict and bad:  # the first bad record in file order (a tokenizer error may precede a parse error)
+        bad = bad[:1]
     return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "bad": bad}
 
 

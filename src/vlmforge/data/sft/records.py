@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from vlmforge.arch.tokens import IMAGE_TOKEN
+from vlmforge.errors import UserError
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class SFTDataError(ValueError):
-    """A bad SFT record or file; the message names the file and line.
+class SFTDataError(UserError, ValueError):
+    """A bad SFT record or file; the message names the file and line (a user error: one line, no traceback).
 
     ``reason`` is the short name a skipped record or sample is counted under (the index manifest's
     ``dropped``, ``SFTLoader.skipped``).

@@ -17,21 +17,25 @@ import torch
 from vlmforge.data.collate import IGNORE_INDEX
 from vlmforge.data.sft.index import SFTIndex, open_index
 from vlmforge.data.sft.records import SFTDataError
-from vlmforge.images import preprocess
-from vlmforge.shards import ImageDecodeError, decode_image
+from vlmforge.files import PathOutsideRootError, resolve_inside
+from vlmforge.images import load_pixel_values
+from vlmforge.shards import ImageDecodeError, ImageTooLargeError
 from vlmforge.text.chat import encode_conversation
 from vlmforge.text.tokenization import image_token_id
 
 
 def load_pixels(path: str, spec: dict) -> torch.Tensor:
-    """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image)."""
+    """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image |
+    image_too_large)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise SFTDataError(f"image file not found: {path}", "missing_image") from None
     try:
-        return preprocess(decode_image(data), spec)
+        return load_pixel_values(data, spec)
+    except ImageTooLargeError as e:
+        raise SFTDataError(f"{path}: {e}", "image_too_large") from None
     except ImageDecodeError as e:
         raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
 
@@ -49,6 +53,7 @@ class SFTDataset:
         image_spec: dict | None = None,
         image_root: str | os.PathLike | None = None,
         max_len: int | None = None,
+        allow_absolute_paths: bool = False,
     ):
         self.index = index if isinstance(index, SFTIndex) else open_index(index)
         self.tok = tokenizer
@@ -56,6 +61,9 @@ class SFTDataset:
         self.image_spec = image_spec
         self.image_root = str(image_root) if image_root is not None else (self.index.image_root or "")
         self.max_len = max_len
+        # image paths stay inside image_root (symlinks resolved) unless the index or the caller opted in
+        self.allow_absolute_paths = bool(allow_absolute_paths or self.index.manifest.get("allow_absolute_paths"))
+        self._dirs: dict[str, str] = {}
         self.image_id = image_token_id(tokenizer)
 
     def __len__(self) -> int:
@@ -96,9 +104,11 @@ class SFTDataset:
             if self.image_spec is None:
                 raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
             try:
-                pixel_values = torch.stack(
-                    [load_pixels(os.path.join(self.image_root, p), self.image_spec) for p in images]
-                )
+                paths = [resolve_inside(self.image_root or ".", p, allow_absolute=self.allow_absolute_paths,
+                                        dir_cache=self._dirs) for p in images]
+                pixel_values = torch.stack([load_pixels(str(p), self.image_spec) for p in paths])
+            except PathOutsideRootError as e:
+                raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
             except SFTDataError as e:
                 raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
