@@ -65,7 +65,8 @@ def main() -> None:
     from vlmforge.config.curate import ScoreConfig
     from vlmforge.curate.score import score_shards
     from vlmforge.curate.scorers import load_scorer
-    from vlmforge.shards import decode_image, iter_raw_samples, list_shards
+    from vlmforge.imagedecode import decode_image
+    from vlmforge.shards import iter_raw_samples, list_shards
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--in", dest="inputs", default=None, help="existing shards (default: synthesise)")

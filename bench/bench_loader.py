@@ -42,8 +42,9 @@ def main() -> None:
     from vlmforge.config import load_recipe
     from vlmforge.data.pretrain.loader import build_pretrain_loader
     from vlmforge.data.pretrain.plan import pack_shards
+    from vlmforge.imagedecode import decode_image
     from vlmforge.images import load_pixel_values
-    from vlmforge.shards import ShardWriter, decode_image
+    from vlmforge.shards import ShardWriter
     from vlmforge.text.tokenization import train_tokenizer
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None

@@ -26,6 +26,23 @@ def tiny_model(tokenizer, *overrides: str, seed: int = 0, spread: float | None =
     return model
 
 
+def tiny_checkpoint(folder):
+    """A tiny random VLM (4 visual tokens: short prompts) with a fresh tiny tokenizer, saved under
+    ``folder/ckpt``. Returns (checkpoint folder, model in eval mode, tokenizer)."""
+    from fixtures_tokenizer import shape_sentences
+
+    from vlmforge.model.build import build_vlm
+    from vlmforge.model.saving import save_vlm
+    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
+
+    train_tokenizer(shape_sentences(), folder / "tok", vocab_size=512, min_frequency=2)
+    tok = load_tokenizer(folder / "tok")
+    cfg = load_recipe(None, ["model.projector.pool_size=2"])
+    model = build_vlm(cfg.model, tok, seed=0).eval()
+    save_vlm(model, tok, cfg, folder / "ckpt")
+    return folder / "ckpt", model, tok
+
+
 def packed_batch(model, samples_per_row=((20, 1), (15, 0), (30, 2)), rows: int = 2, pad: int = 7, seed: int = 0):
     """Rows of packed samples; each sample = (text tokens, images). Returns the batch dict and, per
     row, the list of (start, end, image indices) for per-sample reference runs."""

@@ -3,6 +3,11 @@ whose global batches do not depend on the number of ranks (so 1 vs 2 ranks can b
 
 from __future__ import annotations
 
+import io
+import json
+import random
+from pathlib import Path
+
 import torch
 
 from vlmforge.config import load_recipe
@@ -10,6 +15,77 @@ from vlmforge.config import load_recipe
 SEQ_LEN = 48
 POOL = 2  # 2 x 2 = 4 visual tokens per image (tiny-siglip: 64 px, patch 8 -> 8 x 8 grid)
 TOKENS_PER_IMAGE = POOL * POOL
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+def one_torch_thread():
+    """Body of an autouse fixture: torch on one thread for the test (steadier on a shared CPU), then
+    back. Use as ``_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_torch_thread)``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def square_png(colour: str) -> bytes:
+    """A 64 x 64 PNG of one colour of COLOURS."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), COLOURS[colour]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_caption_shards(out: Path, rng: random.Random, colours=None, n: int = 24) -> Path:
+    """``n`` one-colour squares with their captions, 16 to a shard; colours drawn from ``colours``
+    (default: sorted COLOURS) with ``rng``."""
+    from vlmforge.shards import ShardWriter
+
+    colours = sorted(COLOURS) if colours is None else colours
+    w = ShardWriter(str(out), samples_per_shard=16)
+    for i in range(n):
+        c = rng.choice(colours)
+        w.write(f"{i:05d}", square_png(c), f"A {c} square on a plain background.", {"uid": f"u{i}"})
+    w.close()
+    return out
+
+
+def write_sft_json(root: Path, rng: random.Random, n: int = 12) -> Path:
+    """``root/images/<i>.png`` and ``root/sft.json`` (LLaVA format, one colour question each);
+    returns the images folder."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir()
+    records = []
+    for i in range(n):
+        c = rng.choice(sorted(COLOURS))
+        Image.new("RGB", (64, 64), COLOURS[c]).save(images / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": f"The square is {c}."}]})
+    (root / "sft.json").write_text(json.dumps(records))
+    return images
+
+
+def pack_captions(captions: Path, out: Path, tokenizer: str, max_len: int = 96) -> Path:
+    """`vlmforge pack` with the tiny/pretrain recipe; asserts it succeeds."""
+    from vlmforge.cli import main
+
+    assert main(["pack", "--recipe", "tiny/pretrain", "--in", str(captions), "--out", str(out),
+                 "--tokenizer", tokenizer, "--no-progress", "--set", f"pack.max_len={max_len}"]) == 0
+    return out
+
+
+def index_sft(root: Path, images: Path, tokenizer: str) -> Path:
+    """`vlmforge sft-index` of ``root/sft.json`` into ``root/index``; asserts it succeeds."""
+    from vlmforge.cli import main
+
+    assert main(["sft-index", "--recipe", "tiny/sft", "--input", str(root / "sft.json"), "--out", str(root / "index"),
+                 "--image-root", str(images), "--tokenizer", tokenizer, "--set", "sft.index_workers=1"]) == 0
+    return root / "index"
 
 
 def tiny_recipe(overrides=()):

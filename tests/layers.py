@@ -14,7 +14,7 @@ from pathlib import Path
 LAYERS: list[list[str]] = [
     ["vlmforge"],  # the package itself: __version__
     ["errors"],  # UserError, ConfigError
-    ["config", "files", "dist", "plugins"],  # recipe schemas and loader; manifests and atomic writes; torchrun; plug-in folders
+    ["config", "files", "dist", "plugins", "imagedecode"],  # recipe schemas and loader; manifests and atomic writes; torchrun; plug-in folders; image bytes -> RGB
     ["clitools", "shards", "arch", "report"],  # recipe flags; webdataset shards; model/data contract; run reports
     ["images", "text"],  # pixel preprocessing; tokenizers and chat encoding
     ["synth"],  # the built-in synthetic world

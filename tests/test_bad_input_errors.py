@@ -164,6 +164,25 @@ def test_curate_resumes_in_a_non_empty_out_but_refuses_a_file(tmp_path, capsys):
     assert "is a file, not a folder" in one_error_line(capsys)
 
 
+
+def test_train_refuses_a_run_dir_that_is_a_file_or_cannot_be_made(tmp_path, tiny_tokenizer_dir, capsys):
+    import random
+
+    from fixtures_train import pack_captions, write_caption_shards
+
+    captions = write_caption_shards(tmp_path / "captions", random.Random(0), n=8)
+    packed = pack_captions(captions, tmp_path / "packed", str(tiny_tokenizer_dir))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for run_dir, why in ((blocker, "is a file, not a folder"), (blocker / "run", "cannot create the folder")):
+        rc = main(["train", "--recipe", "tiny/pretrain", "--set", f"train.data_path={packed}",
+                   "--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=1", "--set", "train.report=false",
+                   "--set", "train.progress_bar=false", "--set", "train.tensorboard=false"])
+        assert rc == 2, run_dir
+        line = one_error_line(capsys)
+        assert f"train.run_dir {run_dir}" in line and why in line, line
+    assert blocker.read_text() == "x"
+
 # -- wrong file types, empty input ------------------------------------------------------------
 def test_sft_index_refuses_input_without_a_usable_record(tmp_path, capsys):
     bad = tmp_path / "notes.txt"

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from vlmforge.cli import main
-from vlmforge.shards import ImageDecodeError, ImageTooLargeError, ShardWriter, decode_image
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.shards import ShardWriter
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:

@@ -5,7 +5,6 @@ train.skip_nonfinite_steps is on."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -16,9 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
+from fixtures_train import (
+    build_tiny_vlm,
+    one_torch_thread,
+    pack_captions,
+    synthetic_loader,
+    tiny_recipe,
+    write_caption_shards,
+)
 from nonfinite_worker import poison_at
-from PIL import Image
 
 from vlmforge.cli import main
 from vlmforge.config import load_recipe
@@ -121,12 +126,7 @@ def test_cli_refuses_before_any_work(tmp_path, capsys):
 # ---------------------------------------------------------------- non-finite training steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_torch_thread)
 
 
 def _trainer(run_dir: Path, poison_step: int | None, what: str = "loss", extra=(), steps: int = 5):
@@ -230,21 +230,9 @@ def test_two_ranks_stop_together_when_one_rank_sees_nan(tmp_path):
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, tiny_tokenizer_dir):
-    from vlmforge.shards import ShardWriter
-
     root = tmp_path_factory.mktemp("numbers_data")
-    rng = random.Random(0)
-    w = ShardWriter(str(root / "captions"), samples_per_shard=16)
-    for i in range(24):
-        c = rng.choice(["red", "green", "blue"])
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 64), {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}[c]).save(
-            buf, format="PNG")
-        w.write(f"{i:05d}", buf.getvalue(), f"A {c} square on a plain background.", {"uid": f"u{i}"})
-    w.close()
-    assert main(["pack", "--recipe", "tiny/pretrain", "--in", str(root / "captions"), "--out", str(root / "packed"),
-                 "--tokenizer", str(tiny_tokenizer_dir), "--no-progress", "--set", "pack.max_len=96"]) == 0
-    return root / "packed"
+    write_caption_shards(root / "captions", random.Random(0), colours=["red", "green", "blue"])
+    return pack_captions(root / "captions", root / "packed", str(tiny_tokenizer_dir))
 
 
 def _train_args(packed: Path, run: Path, *sets: str) -> list[str]:

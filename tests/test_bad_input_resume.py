@@ -3,15 +3,13 @@ and tokenizer that do not belong together. Each is refused before anything is wr
 differs; an unchanged rerun still resumes, and train.resume=false starts the run over cleanly."""
 
 import hashlib
-import io
 import json
 import random
 import shutil
 
 import pytest
-import torch
 from fixtures_tokenizer import shape_sentences
-from PIL import Image
+from fixtures_train import index_sft, one_torch_thread, pack_captions, write_caption_shards, write_sft_json
 
 from vlmforge.cli import main
 
@@ -19,58 +17,29 @@ FAST = ["train.progress_bar=false", "train.tensorboard=false", "train.report=fal
         "train.global_batch_size=4", "train.max_steps=0", "train.epochs=1", "train.checkpoint_every=1",
         "train.keep_last=5"]
 SFT_BATCH = ["train.micro_batch_size=1", "train.global_batch_size=1"]  # the tiny index makes few SFT rows
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_torch_thread)
 
 
 def _sets(items):
     return [a for s in items for a in ("--set", s)]
 
 
-def _png(colour):
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), COLOURS[colour]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_tokenizer_dir):
     """Caption shards packed twice (two different packings) and an SFT index, all with tokenizer A
     (tiny_tokenizer_dir); tokenizer B has a smaller vocabulary."""
-    from vlmforge.shards import ShardWriter
     from vlmforge.text.tokenization import train_tokenizer
 
     root = tmp_path_factory.mktemp("resume_data")
     rng = random.Random(0)
-    w = ShardWriter(str(root / "captions"), samples_per_shard=16)
-    for i in range(24):
-        c = rng.choice(sorted(COLOURS))
-        w.write(f"{i:05d}", _png(c), f"A {c} square on a plain background.", {"uid": f"u{i}"})
-    w.close()
-    images = root / "images"
-    images.mkdir()
-    records = []
-    for i in range(12):
-        c = rng.choice(sorted(COLOURS))
-        Image.new("RGB", (64, 64), COLOURS[c]).save(images / f"{i}.png")
-        records.append({"image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the square?"},
-            {"from": "gpt", "value": f"The square is {c}."}]})
-    (root / "sft.json").write_text(json.dumps(records))
+    write_caption_shards(root / "captions", rng)
+    images = write_sft_json(root, rng)
     train_tokenizer(shape_sentences(), root / "tok_b", vocab_size=300, min_frequency=2)
     tok = str(tiny_tokenizer_dir)
     for name, max_len in (("packed", 96), ("packed2", 128)):
-        assert main(["pack", "--recipe", "tiny/pretrain", "--in", str(root / "captions"), "--out", str(root / name),
-                     "--tokenizer", tok, "--no-progress", "--set", f"pack.max_len={max_len}"]) == 0
-    assert main(["sft-index", "--recipe", "tiny/sft", "--input", str(root / "sft.json"), "--out", str(root / "index"),
-                 "--image-root", str(images), "--tokenizer", tok, "--set", "sft.index_workers=1"]) == 0
+        pack_captions(root / "captions", root / name, tok, max_len)
+    index_sft(root, images, tok)
     return root
 
 

@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_curate import make_world
+from fixtures_model import tiny_checkpoint
 
 from vlmforge.cli import main
-from vlmforge.shards import decode_image, iter_raw_samples, list_shards
+from vlmforge.imagedecode import decode_image
+from vlmforge.shards import iter_raw_samples, list_shards
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +153,7 @@ def test_parse_score():
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    from fixtures_tokenizer import shape_sentences
-
-    from vlmforge.config import load_recipe
-    from vlmforge.model.build import build_vlm
-    from vlmforge.model.saving import save_vlm
-    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp("vlm")
-    train_tokenizer(shape_sentences(), d / "tok", vocab_size=512, min_frequency=2)
-    tok = load_tokenizer(d / "tok")
-    cfg = load_recipe(None, ["model.projector.pool_size=2"])  # 4 visual tokens: short prompts
-    model = build_vlm(cfg.model, tok, seed=0).eval()
-    save_vlm(model, tok, cfg, d / "ckpt")
-    return d / "ckpt", model, tok
+    return tiny_checkpoint(tmp_path_factory.mktemp("vlm"))
 
 
 def test_mlm_expected_value_matches_reference(tiny_vlm):

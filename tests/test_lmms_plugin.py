@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import dataclass
 
 import pytest
+from fixtures_model import tiny_checkpoint
 from PIL import Image
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -37,20 +38,7 @@ def _restore_pil_truncation_setting():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from fixtures_tokenizer import shape_sentences
-
-    from vlmforge.config import load_recipe
-    from vlmforge.model.build import build_vlm
-    from vlmforge.model.saving import save_vlm
-    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp("lmms_vlm")
-    train_tokenizer(shape_sentences(), d / "tok", vocab_size=512, min_frequency=2)
-    tok = load_tokenizer(d / "tok")
-    cfg = load_recipe(None, ["model.projector.pool_size=2"])  # 4 visual tokens: short prompts
-    model = build_vlm(cfg.model, tok, seed=0).eval()
-    save_vlm(model, tok, cfg, d / "ckpt")
-    return d / "ckpt", model, tok
+    return tiny_checkpoint(tmp_path_factory.mktemp("lmms_vlm"))
 
 
 @dataclass

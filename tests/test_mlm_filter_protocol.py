@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_curate import make_world
+from fixtures_model import tiny_checkpoint
 
 from vlmforge.cli import main
 from vlmforge.shards import iter_raw_samples, list_shards
@@ -85,20 +86,7 @@ def test_parse_like_open_qwen2vl():
 
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory):
-    from fixtures_tokenizer import shape_sentences
-
-    from vlmforge.config import load_recipe
-    from vlmforge.model.build import build_vlm
-    from vlmforge.model.saving import save_vlm
-    from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp("judge")
-    train_tokenizer(shape_sentences(), d / "tok", vocab_size=512, min_frequency=2)
-    tok = load_tokenizer(d / "tok")
-    cfg = load_recipe(None, ["model.projector.pool_size=2"])  # 4 visual tokens: short prompts
-    model = build_vlm(cfg.model, tok, seed=0).eval()
-    save_vlm(model, tok, cfg, d / "ckpt")
-    return d / "ckpt", model, tok
+    return tiny_checkpoint(tmp_path_factory.mktemp("judge"))
 
 
 def test_prompt_ids_expand_image_and_append_whitespace(tiny_judge):

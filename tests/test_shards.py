@@ -14,12 +14,11 @@ import webdataset as wds
 from PIL import Image
 
 from vlmforge.errors import UserError
+from vlmforge.imagedecode import ImageDecodeError, decode_image
 from vlmforge.shards import (
     STANDARD_FIELDS,
-    ImageDecodeError,
     NoShardsError,
     ShardWriter,
-    decode_image,
     img2dataset_key,
     iter_raw_samples,
     list_shards,

@@ -15,14 +15,8 @@ from PIL import Image
 
 from vlmforge.cli import main
 from vlmforge.config import load_recipe
-from vlmforge.shards import (
-    ImageDecodeError,
-    decode_image,
-    iter_raw_samples,
-    list_shards,
-    read_shard_stats,
-    read_shard_table,
-)
+from vlmforge.imagedecode import ImageDecodeError, decode_image
+from vlmforge.shards import iter_raw_samples, list_shards, read_shard_stats, read_shard_table
 from vlmforge.synth.faults import FAULT_TYPES
 from vlmforge.synth.world import COLORS, SHAPE_PLURALS, SHAPES
 from vlmforge.synth.writer import generate_world

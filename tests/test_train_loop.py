@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
+from fixtures_train import build_tiny_vlm, one_torch_thread, synthetic_loader, tiny_recipe
 
 from vlmforge.files import read_metrics
 from vlmforge.train.loop import KILL_ENV, Trainer
@@ -24,12 +24,7 @@ def _fit(tmp_path, name, overrides, steps=3, model=None):
     return trainer.fit(), trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_torch_thread)
 
 
 def test_accumulation_split_gives_same_update(tmp_path):

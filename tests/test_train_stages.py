@@ -1,60 +1,29 @@
 """`vlmforge train` end to end on real files: caption shards -> pack -> pretrain -> SFT from the
 pretraining checkpoint. Also: impossible recipes fail before training with a clear message."""
 
-import io
 import json
 import random
 
 import pytest
 import torch
-from PIL import Image
+from fixtures_train import index_sft, one_torch_thread, pack_captions, write_caption_shards, write_sft_json
 
 from vlmforge.cli import main
 
 FAST = ["train.progress_bar=false", "train.tensorboard=false", "train.micro_batch_size=2", "train.global_batch_size=4"]
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier on a shared CPU
-    yield
-    torch.set_num_threads(old)
-
-
-def _png(colour):
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), COLOURS[colour]).save(buf, format="PNG")
-    return buf.getvalue()
+_one_thread = pytest.fixture(autouse=True, name="_one_thread")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_tokenizer_dir):
-    from vlmforge.shards import ShardWriter
-
     root = tmp_path_factory.mktemp("stage_data")
     rng = random.Random(0)
-    w = ShardWriter(str(root / "captions"), samples_per_shard=16)
-    for i in range(24):
-        c = rng.choice(sorted(COLOURS))
-        w.write(f"{i:05d}", _png(c), f"A {c} square on a plain background.", {"uid": f"u{i}"})
-    w.close()
-    images = root / "images"
-    images.mkdir()
-    records = []
-    for i in range(12):
-        c = rng.choice(sorted(COLOURS))
-        Image.new("RGB", (64, 64), COLOURS[c]).save(images / f"{i}.png")
-        records.append({"image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the square?"},
-            {"from": "gpt", "value": f"The square is {c}."}]})
-    (root / "sft.json").write_text(json.dumps(records))
+    write_caption_shards(root / "captions", rng)
+    images = write_sft_json(root, rng)
     tok = str(tiny_tokenizer_dir)
-    assert main(["pack", "--recipe", "tiny/pretrain", "--in", str(root / "captions"), "--out", str(root / "packed"),
-                 "--tokenizer", tok, "--no-progress", "--set", "pack.max_len=96"]) == 0
-    assert main(["sft-index", "--recipe", "tiny/sft", "--input", str(root / "sft.json"), "--out", str(root / "index"),
-                 "--image-root", str(images), "--tokenizer", tok, "--set", "sft.index_workers=1"]) == 0
+    pack_captions(root / "captions", root / "packed", tok)
+    index_sft(root, images, tok)
     return root
 
 

@@ -3,7 +3,7 @@
 Same steps as ``SiglipImageProcessor`` (PIL backend): convert to RGB, resize to size x size with
 PIL bicubic on the uint8 image, rescale by 1/255, normalise with mean/std, channels first.
 The spec comes from :func:`vlmforge.arch.geometry.image_preprocess_spec` (size, mean, std, rescale).
-Decoding (and RGB conversion of grayscale/CMYK/RGBA) is :func:`vlmforge.shards.decode_image`.
+Decoding (and RGB conversion of grayscale/CMYK/RGBA) is :func:`vlmforge.imagedecode.decode_image`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmforge.shards import decode_image
+from vlmforge.imagedecode import decode_image
 
 
 def _scale_offset(spec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -56,5 +56,5 @@ def preprocess_batch(images, spec: dict) -> torch.Tensor:
 
 
 def load_pixel_values(image_bytes: bytes, spec: dict) -> torch.Tensor:
-    """Encoded bytes -> FloatTensor[3, size, size]; raises ``vlmforge.shards.ImageDecodeError``."""
+    """Encoded bytes -> FloatTensor[3, size, size]; raises ``vlmforge.imagedecode.ImageDecodeError``."""
     return preprocess(decode_image(image_bytes), spec)

@@ -1,4 +1,4 @@
-"""Caption shards in img2dataset's webdataset layout: write, list, read raw, decode.
+"""Caption shards in img2dataset's webdataset layout: write, list, read raw (decoding: ``imagedecode``).
 
 Layout (what ``img2dataset --output_format webdataset`` produces, so real downloads and the
 synthetic world are read by the same code)::
@@ -12,8 +12,8 @@ digits; ShardWriter uses img2dataset's default key space (10**4 per shard), so k
 for up to 10,000 samples per shard, e.g. ``000010012`` = shard 1, sample 12.
 
 Reading never decodes images (``iter_raw_samples``); damaged members come back with ``error`` set
-instead of raising, so long jobs can skip and count them. ``decode_image`` is the one place that
-turns bytes into an RGB ``PIL.Image``.
+instead of raising, so long jobs can skip and count them. ``vlmforge.imagedecode.decode_image`` is
+the one place that turns bytes into an RGB ``PIL.Image``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
@@ -58,17 +57,6 @@ STANDARD_FIELDS = (
     "sha256",
 )
 _INT_FIELDS = ("width", "height", "original_width", "original_height")
-
-
-class ImageDecodeError(ValueError):
-    """Bytes that are not a decodable image (truncated, not an image, unsupported)."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """An image over the pixel cap (``decode_image(max_pixels=...)`` or PIL's decompression-bomb
-    limit); counted as ``image_too_large``, not as undecodable. The message names the cap."""
-
-    reason = "image_too_large"
 
 
 class NoShardsError(UserError, FileNotFoundError):
@@ -403,54 +391,3 @@ def shard_shortfall(tar_path: str | os.PathLike, n_read: int) -> dict | None:
     if not isinstance(expected, int) or n_read >= expected:
         return None
     return {"shard": str(tar_path), "expected": expected, "read": int(n_read), "missing": expected - int(n_read)}
-
-
-# -- decoding ------------------------------------------------------------------------------
-def _to_8bit(im):
-    """A high-depth single-channel image (``I;16*``, ``I``, ``F``) as mode ``L``, scaled, not clipped:
-    16-bit values 0..65535 map to 0..255 (divide by 257); ``I`` is read as 16-bit data (what PNG and
-    TIFF decoders give), clipped to 0..65535 first; ``F`` in [0, 1] is scaled by 255, otherwise read
-    as 0..255 (or as 16-bit when its maximum is above 255)."""
-    arr = np.asarray(im)
-    if im.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        top = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 1 / 257)
-        out = arr * scale
-    else:
-        out = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
-
-
-def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
-    """Bytes -> fully loaded RGB ``PIL.Image`` (8 bits per channel). Grayscale/CMYK/palette are
-    converted; 16-bit and float images are scaled to 8 bits (``_to_8bit``), not clipped; alpha is
-    composited on white (dropping it would expose arbitrary colours under transparent pixels).
-    Raises ``ImageTooLargeError`` over the pixel cap, ``ImageDecodeError`` for anything that does
-    not decode completely."""
-    if not data:
-        raise ImageDecodeError("empty image bytes")
-    try:
-        im = Image.open(io.BytesIO(data))
-        if max_pixels is not None and im.width * im.height > max_pixels:
-            raise ImageTooLargeError(
-                f"image too large: {im.width}x{im.height} = {im.width * im.height} pixels, "
-                f"over the cap of {max_pixels} pixels"
-            )
-        im.load()  # truncated files fail here, not at open()
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as e:  # PIL's own cap (Image.MAX_IMAGE_PIXELS), hit in open()
-        raise ImageTooLargeError(f"image too large: {e} (PIL's cap Image.MAX_IMAGE_PIXELS)") from e
-    except Exception as e:  # PIL raises many types for bad data
-        raise ImageDecodeError(f"cannot decode image: {e}") from e
-    if im.mode.startswith("I") or im.mode == "F":
-        im = _to_8bit(im)
-    elif im.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
-        im = im.convert("RGBA") if im.mode == "RGBa" else im.convert("LA")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return im.convert("RGB") if im.mode != "RGB" else im

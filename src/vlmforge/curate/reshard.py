@@ -42,15 +42,8 @@ from vlmforge.curate.io import (
     write_parquet_atomic,
 )
 from vlmforge.files import write_json, write_manifest
-from vlmforge.shards import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    ShardWriter,
-    decode_image,
-    iter_raw_samples,
-    list_shards,
-    shard_shortfall,
-)
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.shards import ShardWriter, iter_raw_samples, list_shards, shard_shortfall
 
 CORRUPT = "corrupt"
 TOO_LARGE = ImageTooLargeError.reason  # an image over the pixel cap: its own reason, not corrupt

@@ -37,7 +37,8 @@ from vlmforge.curate.io import (
 )
 from vlmforge.errors import UserError
 from vlmforge.files import write_manifest
-from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
+from vlmforge.imagedecode import ImageDecodeError, decode_image
+from vlmforge.shards import iter_raw_samples
 
 
 class _ScoreBatches:

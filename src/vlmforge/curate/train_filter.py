@@ -42,9 +42,13 @@ from vlmforge.curate.scorers.base import resolve_device
 from vlmforge.curate.scorers.clip import features, is_siglip, text_inputs
 from vlmforge.errors import UserError
 from vlmforge.files import write_json, write_manifest
-from vlmforge.shards import ImageDecodeError, decode_image, iter_raw_samples
+from vlmforge.imagedecode import ImageDecodeError, decode_image
+from vlmforge.shards import iter_raw_samples
 from vlmforge.text.tokenization import load_tokenizer, train_tokenizer
+from vlmforge.train.finite import require_finite
 from vlmforge.train.optim import adamw_with_decay_split, warmup_cosine_scheduler
+
+HINT = "lower curate.train_filter.lr or check the data"  # a non-finite step stops the run
 
 
 def read_trusted(shards: list[str], exclude: set, max_samples: int | None = None):
@@ -171,9 +175,11 @@ def train_filter(shards: list[str], out_dir, tf: TrainFilterConfig, exclude: set
             idx = torch.tensor(train[b * tf.batch_size : (b + 1) * tf.batch_size])
             batch = {k: v[idx].to(dev) for k, v in text.items()}
             loss = model(pixel_values=pix[idx].to(dev), return_loss=True, **batch).loss
+            step = epoch * steps_per_epoch + b + 1
+            require_finite(step, "loss", loss, hint=HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            require_finite(step, "gradient norm", torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), hint=HINT)
             opt.step()
             sched.step()
             with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmforge.files import PathOutsideRootError, resolve_inside
-from vlmforge.shards import decode_image
+from vlmforge.imagedecode import decode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Row fields kept as item metadata (per-category metrics, POPE splits, math units).
@@ -54,7 +54,7 @@ class ImageRef:
         return self.value
 
     def load(self):
-        """The decoded RGB image (``vlmforge.shards.decode_image``: 16-bit scaled, alpha on white,
+        """The decoded RGB image (``vlmforge.imagedecode.decode_image``: 16-bit scaled, alpha on white,
         ``ImageTooLargeError`` over the pixel cap)."""
         return decode_image(self.read_bytes())
 

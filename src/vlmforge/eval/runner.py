@@ -37,9 +37,9 @@ from vlmforge.eval.kind import Scored, count_unresolved
 from vlmforge.eval.specs import parse_task_specs
 from vlmforge.eval.tasks import Task, load_task
 from vlmforge.files import atomic_write_text, write_json, write_manifest
+from vlmforge.imagedecode import ImageTooLargeError
 from vlmforge.model.decoding import generate
 from vlmforge.model.likelihood import continuation_logprobs
-from vlmforge.shards import ImageTooLargeError
 
 GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
 # (prompts, images, candidate answers per prompt) -> one log-likelihood per candidate

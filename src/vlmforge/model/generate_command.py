@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
     from vlmforge.arch.tokens import IMAGE_TOKEN
     from vlmforge.errors import UserError
+    from vlmforge.imagedecode import ImageDecodeError, decode_image
     from vlmforge.model.decoding import generate
     from vlmforge.model.saving import load_vlm
-    from vlmforge.shards import ImageDecodeError, decode_image
 
     images = []
     for path in args.image:

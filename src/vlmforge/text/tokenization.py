@@ -69,8 +69,15 @@ def train_tokenizer(
     return load_tokenizer(out)
 
 
-def _looks_local(path: str) -> bool:
-    """Hub ids look like "name" or "org/name"; an absolute, ./, ~ or deeper path is a local folder."""
+def looks_local(path: str, *, bare_name_is_local: bool = False) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id, by its shape alone.
+
+    Hub ids look like "name" or "org/name"; an absolute, ./, ~ or deeper path is a local folder.
+    ``bare_name_is_local`` also takes a bare "name" (no slash) for a local folder, for callers
+    that accept only "org/name" hub ids.
+    """
+    if bare_name_is_local and "/" not in path:
+        return True
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "")
 
 
@@ -82,7 +89,7 @@ def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = Fals
     by one: the model's embeddings must be sized from ``len(tokenizer)``, not ``vocab_size``.
     """
     path = str(path_or_id)
-    if not os.path.exists(path) and _looks_local(path):  # (a hub id that fails, e.g. offline, is one line below)
+    if not os.path.exists(path) and looks_local(path):  # (a hub id that fails, e.g. offline, is one line below)
         raise UserError(f"{key} {path}: no such folder; give a tokenizer folder (`vlmforge tokenizer train`) or a hub id")
     try:
         tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)

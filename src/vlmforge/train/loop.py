@@ -27,8 +27,8 @@ from torch import nn
 
 from vlmforge import dist as vdist
 from vlmforge.config.train import TrainConfig
-from vlmforge.errors import UserError
 from vlmforge.train import checkpoint as ckpt
+from vlmforge.train.finite import NonFiniteStepError
 from vlmforge.train.metrics import MetricsLogger
 from vlmforge.train.objectives import token_weights, weighted_token_ce
 from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
@@ -37,10 +37,6 @@ from vlmforge.train.parallel import autocast_context, place_model
 MODEL_INPUTS = ("input_ids", "pixel_values", "position_ids", "seq_ids", "v2pe_delta")
 # Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
 KILL_ENV = "VLMFORGE_KILL_AFTER_STEP"
-
-
-class NonFiniteStepError(UserError):
-    """A training step's loss or gradient norm (or the weights before a save) is NaN or infinite."""
 
 
 @dataclass

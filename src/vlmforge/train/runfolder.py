@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.errors import UserError
-from vlmforge.files import write_json
+from vlmforge.files import prepare_out_dir, write_json
 
 RUN_FILE = "run.json"
 RUN_FILE_VERSION = 1
@@ -132,8 +132,10 @@ def check_run_folder(run_dir: str | Path, settings: dict[str, Any], resume: bool
 
 def accept_run(run_dir: str | Path, settings: dict[str, Any], decision: str, info: dict[str, Any]) -> None:
     """Main rank, after :func:`check_run_folder` accepted the run on every rank: clear a previous
-    run (``restart``) and write run.json for a new run (kept as it is on a resume)."""
+    run (``restart``) and write run.json for a new run (kept as it is on a resume). A run_dir that is
+    a file, or cannot be created or written, is refused as one line naming train.run_dir."""
     run_dir = Path(run_dir)
+    prepare_out_dir(run_dir, resumable=True, flag="train.run_dir")
     if decision == "restart":
         gone = previous_outputs(run_dir)
         for p in gone:
@@ -143,7 +145,6 @@ def accept_run(run_dir: str | Path, settings: dict[str, Any], decision: str, inf
                 p.unlink()
         print(f"train.resume=false: starting over in {run_dir} (removed the previous run's "
               f"{', '.join(p.name for p in gone)})", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_FILE
     if decision == "resume":
         if path.is_file():

@@ -31,7 +31,7 @@ from vlmforge.data.sft.loader import build_sft_loader
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.model.build import build_vlm
 from vlmforge.model.saving import load_vlm, save_vlm
-from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
+from vlmforge.text.tokenization import load_tokenizer, looks_local, tokenizer_fingerprint
 from vlmforge.train.checkpoint import full_model_state
 from vlmforge.train.loop import grad_accum_steps
 
@@ -90,7 +90,7 @@ def validate(cfg: Recipe, world_size: int) -> None:
     if init_problem:
         raise init_problem
     tok = stage_tokenizer(cfg)
-    if tok and not t.init_from and _looks_local(tok) and not Path(tok).exists():
+    if tok and not t.init_from and looks_local(tok, bare_name_is_local=True) and not Path(tok).exists():
         raise ConfigError(f"tokenizer.path: {tok} does not exist")
 
 
@@ -128,11 +128,6 @@ def _manifest_stage(path: Path) -> str | None:
         return json.loads(path.read_text()).get("stage")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _looks_local(path: str) -> bool:
-    """Hub ids look like "org/name"; anything else (absolute, ./, more parts) is a local path."""
-    return os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or Path(path).exists()
 
 
 def stage_tokenizer(cfg: Recipe) -> str | None:

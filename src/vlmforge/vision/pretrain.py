@@ -33,6 +33,7 @@ from vlmforge.errors import UserError
 from vlmforge.files import PathOutsideRootError, numbered_lines, resolve_inside, write_json, write_manifest
 from vlmforge.images import preprocess_batch
 from vlmforge.model.tower import patch_features
+from vlmforge.train.finite import require_finite
 from vlmforge.train.optim import adamw_with_decay_split, warmup_cosine_scheduler
 
 NONE = "none"  # label of an empty cell
@@ -45,6 +46,7 @@ POSITION_NAMES_3X3 = {
     (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
 }  # fmt: skip
 
+HINT = "lower vision_pretrain.lr or check the data"  # a non-finite step stops the run
 
 def _cell_of(obj: dict, grid: int, where: str) -> int:
     if "cell" in obj:
@@ -220,9 +222,11 @@ def pretrain_vision(data: str | Path, out_dir: str | Path, vp: VisionPretrainCon
                        for j, k in enumerate(vocab))
             if where is not None:
                 loss = loss + nn.functional.cross_entropy(where.flatten(0, 1), cell_ids.repeat(len(idx)))
+            step = epoch * steps_per_epoch + b + 1
+            require_finite(step, "loss", loss, hint=HINT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            require_finite(step, "gradient norm", torch.nn.utils.clip_grad_norm_(params, 1.0), hint=HINT)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))

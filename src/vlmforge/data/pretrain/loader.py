@@ -39,8 +39,8 @@ from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.errors import ConfigError, UserError
+from vlmforge.imagedecode import ImageDecodeError, decode_image
 from vlmforge.images import preprocess_batch
-from vlmforge.shards import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,8 @@ from vlmforge.data.pretrain.packed_shards import INDEX_SUFFIX, PackedShardWriter
 from vlmforge.data.pretrain.text_corpus import iter_text_chunks, resolve_corpus
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import prepare_out_dir, write_manifest
-from vlmforge.shards import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    decode_image,
-    iter_raw_samples,
-    list_shards,
-    shard_shortfall,
-)
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.shards import iter_raw_samples, list_shards, shard_shortfall
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 
 EXAMPLES_PER_REASON = 5

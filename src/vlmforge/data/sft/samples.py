@@ -18,8 +18,8 @@ from vlmforge.data.collate import IGNORE_INDEX
 from vlmforge.data.sft.index import SFTIndex, open_index
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.files import PathOutsideRootError, resolve_inside
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError
 from vlmforge.images import load_pixel_values
-from vlmforge.shards import ImageDecodeError, ImageTooLargeError
 from vlmforge.text.chat import encode_conversation
 from vlmforge.text.tokenization import image_token_id
 

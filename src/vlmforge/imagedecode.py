@@ -1,0 +1,75 @@
+"""Image bytes -> a fully loaded 8-bit RGB ``PIL.Image``: the one place vlmforge decodes an image.
+
+Shards, pretraining and SFT data, curation, evaluation and generation all decode with
+:func:`decode_image`, so every stage sees the same pixels from the same bytes; what does not
+decode raises :class:`ImageDecodeError` (over the pixel cap: :class:`ImageTooLargeError`), which
+long jobs catch, skip and count.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a decodable image (truncated, not an image, unsupported)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image over the pixel cap (``decode_image(max_pixels=...)`` or PIL's decompression-bomb
+    limit); counted as ``image_too_large``, not as undecodable. The message names the cap."""
+
+    reason = "image_too_large"
+
+
+def _to_8bit(im):
+    """A high-depth single-channel image (``I;16*``, ``I``, ``F``) as mode ``L``, scaled, not clipped:
+    16-bit values 0..65535 map to 0..255 (divide by 257); ``I`` is read as 16-bit data (what PNG and
+    TIFF decoders give), clipped to 0..65535 first; ``F`` in [0, 1] is scaled by 255, otherwise read
+    as 0..255 (or as 16-bit when its maximum is above 255)."""
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 1 / 257)
+        out = arr * scale
+    else:
+        out = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
+
+
+def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
+    """Bytes -> fully loaded RGB ``PIL.Image`` (8 bits per channel). Grayscale/CMYK/palette are
+    converted; 16-bit and float images are scaled to 8 bits (``_to_8bit``), not clipped; alpha is
+    composited on white (dropping it would expose arbitrary colours under transparent pixels).
+    Raises ``ImageTooLargeError`` over the pixel cap, ``ImageDecodeError`` for anything that does
+    not decode completely."""
+    if not data:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise ImageTooLargeError(
+                f"image too large: {im.width}x{im.height} = {im.width * im.height} pixels, "
+                f"over the cap of {max_pixels} pixels"
+            )
+        im.load()  # truncated files fail here, not at open()
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own cap (Image.MAX_IMAGE_PIXELS), hit in open()
+        raise ImageTooLargeError(f"image too large: {e} (PIL's cap Image.MAX_IMAGE_PIXELS)") from e
+    except Exception as e:  # PIL raises many types for bad data
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
+    elif im.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+        im = im.convert("RGBA") if im.mode == "RGBa" else im.convert("LA")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB") if im.mode != "RGB" else im
