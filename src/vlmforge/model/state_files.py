@@ -9,7 +9,6 @@ arbitrary objects, i.e. run code): such a file is refused with the reason, never
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -56,7 +55,9 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A .bin state dict through torch.load(weights_only=True); anything else is refused."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+    # weights_only refusals come as pickle.UnpicklingError, a bare Exception subclass; a damaged file as
+    # RuntimeError/EOFError. Every one of them is the user's file refused, so all become one UserError.
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"{path}: refused: torch.load(weights_only=True) will not read it ({first}). "
