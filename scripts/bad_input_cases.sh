@@ -241,7 +241,7 @@ echo "== 6. images"
 cat > png16.py <<'EOF2'
 import io, numpy as np
 from PIL import Image
-from vlmforge.shards import decode_image
+from vlmforge.imagedecode import decode_image
 vals = np.array([[0, 1000, 32896, 65535]], dtype=np.uint16)
 b = io.BytesIO(); Image.fromarray(vals).save(b, format="PNG")
 print("modes", Image.open(io.BytesIO(b.getvalue())).mode)
