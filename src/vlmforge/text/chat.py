@@ -204,8 +204,8 @@ def conversation_lengths(tok, conversations: Sequence[Sequence[dict]], chat_temp
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]  # pragma: no cover
 
 
-# Counting a very long text (a 10 MB turn) in one call builds a Rust Encoding of ~600 bytes per
-# token (ids, offsets, token strings, masks): gigabytes. Such texts are counted in pieces of about
+# Counting a very long text in one call builds a Rust Encoding that holds ids, offsets, token
+# strings and masks for every token at once, so one huge turn costs gigabytes. Such texts are counted in pieces of about
 # COUNT_PIECE_CHARS, cut where a byte-level BPE's pre-tokenizer cuts anyway, so the sum is exact.
 COUNT_PIECE_CHARS = 1 << 16
 _COUNT_BATCH_CHARS = 1 << 20  # characters encoded per batch call while counting in pieces

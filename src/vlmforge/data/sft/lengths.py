@@ -65,7 +65,7 @@ class LengthModel:
         self.conversation_overhead = max(0, sys_len - self.turn_overhead)
         x, y = [], []
         # conversation_lengths: the counts exact() gives, in one batch, and a huge record counted in
-        # pieces (a whole-text encode of a 10 MB turn takes gigabytes)
+        # pieces (a whole-text encode of a huge turn holds every token's offsets and strings at once)
         for msgs, n in zip(samples, conversation_lengths(tok, samples)):
             x.append(text_bytes(msgs))
             y.append(max(1, n - self.fixed_tokens(msgs)))
