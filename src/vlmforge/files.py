@@ -173,3 +173,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
     return rows
+
+
+# A manifest lists this many examples (file:line or shard/key) of each reason it dropped samples for.
+EXAMPLES_PER_REASON = 5
+
+
+def note_example(examples: dict[str, list[dict]], reason: str, example: dict) -> None:
+    """Keep ``example`` under ``reason`` if that reason has fewer than EXAMPLES_PER_REASON so far."""
+    kept = examples.setdefault(reason, [])
+    if len(kept) < EXAMPLES_PER_REASON:
+        kept.append(example)

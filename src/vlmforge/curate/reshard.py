@@ -41,13 +41,12 @@ from vlmforge.curate.io import (
     worker_items,
     write_parquet_atomic,
 )
-from vlmforge.files import write_json, write_manifest
+from vlmforge.files import note_example, write_json, write_manifest
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
 from vlmforge.shards import ShardWriter, iter_raw_samples, list_shards, shard_shortfall
 
 CORRUPT = "corrupt"
 TOO_LARGE = ImageTooLargeError.reason  # an image over the pixel cap: its own reason, not corrupt
-EXAMPLES_PER_REASON = 5
 
 # (sample, decoded PIL image or None) -> extra columns for that sample.
 ExtraFn = Callable[[Any, Any], dict]
@@ -174,8 +173,8 @@ def build_plan(job: Job, work: Path) -> dict:
     in_index, keys = table.column("in_index").to_pylist(), table.column("key").to_pylist()
     examples: dict[str, list[dict]] = {}  # every reason: its first few samples, with shard and key
     for i, r in enumerate(reasons):
-        if r is not None and len(examples.setdefault(r, [])) < EXAMPLES_PER_REASON:
-            examples[r].append({"shard": job.shards[int(in_index[i])], "key": keys[i], "error": errors[i]})
+        if r is not None:
+            note_example(examples, r, {"shard": job.shards[int(in_index[i])], "key": keys[i], "error": errors[i]})
     read = Counter(int(i) for i, k in zip(in_index, keys) if k)  # keyless rows: a tar cut before any member
     missing = [m for j, path in enumerate(job.shards) if (m := shard_shortfall(path, read.get(j, 0))) is not None]
     decisions = {

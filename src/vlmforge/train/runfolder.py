@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.errors import UserError
-from vlmforge.files import prepare_out_dir, write_json
+from vlmforge.files import METRICS_FILE, prepare_out_dir, write_json
 
 RUN_FILE = "run.json"
 RUN_FILE_VERSION = 1
@@ -43,7 +43,7 @@ HARMLESS_MODEL_KEYS = frozenset({"attn_backend", "trust_remote_code"})
 HARMLESS_DATA_KEYS = frozenset({"num_workers", "strict"})
 HARMLESS_SFT_KEYS = frozenset({"sources", "index", "lengths", "check_images", "strict", "index_workers", "num_workers"})
 # What a vlmforge run writes into its folder: removed when train.resume=false starts it over.
-RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "plots", "metrics.jsonl", "report.html", "manifest.json",
+RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "plots", METRICS_FILE, "report.html", "manifest.json",
                RUN_FILE, "config.yaml")
 
 

@@ -290,8 +290,6 @@ class MLMJudgeScorer:
         bad = [m for m in self.metrics if m not in METRIC_PROMPTS]
         if bad:
             raise UserError(f"unknown MLM-Filter metric(s) {bad}; choose from {', '.join(METRIC_PROMPTS)}")
-        if protocol not in ("vlmforge", "mlm_filter"):
-            raise UserError(f"unknown MLM judge protocol {protocol!r}; choose vlmforge or mlm_filter")
         self.protocol = protocol
         self.score_from = score_from
         self.max_new_tokens = max_new_tokens

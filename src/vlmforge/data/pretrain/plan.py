@@ -28,12 +28,10 @@ from vlmforge.data.packer import lower_bound, plan_packs
 from vlmforge.data.pretrain.packed_shards import INDEX_SUFFIX, PackedShardWriter
 from vlmforge.data.pretrain.text_corpus import iter_text_chunks, resolve_corpus
 from vlmforge.errors import ConfigError, UserError
-from vlmforge.files import prepare_out_dir, write_manifest
+from vlmforge.files import note_example, prepare_out_dir, write_manifest
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
 from vlmforge.shards import iter_raw_samples, list_shards, shard_shortfall
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
-
-EXAMPLES_PER_REASON = 5
 
 
 def _error_reason(error: str) -> str:
@@ -97,9 +95,7 @@ class _PackStage:
         if self.pc.strict:
             raise UserError(f"{sample.shard}: sample {sample.key!r}: {reason}: {detail}")
         self.st.dropped[reason] += 1
-        ex = self.st.examples.setdefault(reason, [])
-        if len(ex) < EXAMPLES_PER_REASON:
-            ex.append({"shard": sample.shard, "key": sample.key, "error": detail})
+        note_example(self.st.examples, reason, {"shard": sample.shard, "key": sample.key, "error": detail})
 
     def window(self, raw: list, shard_index: int, last: bool) -> None:
         """Validate, tokenize, mix, plan and write one window of raw samples as shard ``shard_index``."""

@@ -25,10 +25,8 @@ from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.parallel import make_jobs, parse_jobs
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.data.sft.scan import scan_records
-from vlmforge.files import write_manifest
+from vlmforge.files import note_example, write_manifest
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
-
-EXAMPLES_PER_REASON = 5
 
 
 def build_index(
@@ -185,9 +183,7 @@ def _dropped(jobs: list[dict], results: list[dict]) -> tuple[dict[str, int], dic
     for job, res in zip(jobs, results):
         for i, reason, msg in res["bad"]:
             dropped[reason] = dropped.get(reason, 0) + 1
-            ex = examples.setdefault(reason, [])
-            if len(ex) < EXAMPLES_PER_REASON:
-                ex.append({"file": job["path"], "line": int(job["lines"][i]), "error": msg})
+            note_example(examples, reason, {"file": job["path"], "line": int(job["lines"][i]), "error": msg})
     return dropped, examples
 
 

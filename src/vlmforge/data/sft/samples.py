@@ -107,8 +107,6 @@ class SFTDataset:
                 paths = [resolve_inside(self.image_root or ".", p, allow_absolute=self.allow_absolute_paths,
                                         dir_cache=self._dirs) for p in images]
                 pixel_values = torch.stack([load_pixels(str(p), self.image_spec) for p in paths])
-            except PathOutsideRootError as e:
-                raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
-            except SFTDataError as e:
+            except (PathOutsideRootError, SFTDataError) as e:
                 raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
