@@ -79,7 +79,9 @@ def test_the_world_gets_the_demos_sft_mix(demo_dir):
     """The demo's SFT data settings reach synth (they once sat unused in the pipeline module)."""
     from omegaconf import OmegaConf
 
-    from vlmforge.demo.presets import DEMO_SFT_DATA, DEMO_TURN_WEIGHTS
+    from vlmforge.demo.presets import shared_sft_settings
+
+    DEMO_SFT_DATA, DEMO_TURN_WEIGHTS = shared_sft_settings()
 
     synth = OmegaConf.load(demo_dir / "world" / "config.yaml").synth
     assert dict(synth.sft_turn_weights) == pytest.approx(DEMO_TURN_WEIGHTS)

@@ -65,3 +65,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or None): CUDA when available, else CPU; any other name as torch spells it."""
+    if not device or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

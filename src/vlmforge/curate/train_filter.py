@@ -38,8 +38,8 @@ from vlmforge.arch.geometry import build_image_processor
 from vlmforge.config import save_resolved
 from vlmforge.config.curate import TrainFilterConfig
 from vlmforge.config.recipe import Recipe
-from vlmforge.curate.scorers.base import resolve_device
 from vlmforge.curate.scorers.clip import features, is_siglip, text_inputs
+from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
 from vlmforge.files import write_json, write_manifest
 from vlmforge.imagedecode import ImageDecodeError, decode_image

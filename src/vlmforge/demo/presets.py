@@ -67,7 +67,8 @@ def load_preset(size: str) -> DemoPreset:
     )
 
 
-# The demo's SFT data mix and turn weights, as recipes/demo/world.yaml sets them for every size.
-_SHARED = load_recipe_files(DEMO_DIR / "world.yaml").synth
-DEMO_TURN_WEIGHTS = dict(_SHARED.sft_turn_weights)
-DEMO_SFT_DATA = {k: v for k, v in _SHARED.items() if k.startswith("sft_") and k != "sft_turn_weights"}
+def shared_sft_settings() -> tuple[dict, dict]:
+    """The demo's SFT data settings and turn weights, as recipes/demo/world.yaml sets them for every size."""
+    synth = load_recipe_files(DEMO_DIR / "world.yaml").synth
+    data = {k: v for k, v in synth.items() if k.startswith("sft_") and k != "sft_turn_weights"}
+    return data, dict(synth.sft_turn_weights)

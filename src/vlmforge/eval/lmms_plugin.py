@@ -25,16 +25,11 @@ try:  # lmms-eval >= 0.7 passes every response through unwrap_generation_output
 except ImportError:  # older lmms-eval: responses are used as returned
     GenerationResult = unwrap_generation_output = None
 
+from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
 from vlmforge.eval.lmms_adapter import run_generate_until, run_loglikelihood
 from vlmforge.model import decoding, likelihood
 from vlmforge.model.saving import load_vlm
-
-
-def _device(name: str | None) -> torch.device:
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _tuples_mangled() -> bool:
@@ -53,7 +48,7 @@ class VlmforgeLMM(lmms):
         if unused:
             raise UserError(f"unknown vlmforge model_args {sorted(unused)}; known: ckpt, device, batch_size, "
                             "max_new_tokens, end_of_turn, seed")
-        self._device = _device(str(device) if device is not None else None)
+        self._device = resolve_device(str(device) if device is not None else None)
         self.model, self.tokenizer, _ = load_vlm(str(ckpt), device=self._device)
         self.batch_size = 1 if str(batch_size) == "auto" else max(1, int(batch_size))
         self.max_new_tokens = int(max_new_tokens)

@@ -15,8 +15,11 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from vlmforge.config.curate import ScoreConfig
-from vlmforge.curate.scorers.base import DTYPES, resolve_device
+from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
+
+# The weights' dtype during scoring, by the names curate.score.dtype takes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def features(out) -> torch.Tensor:

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 from vlmforge.config.curate import ScoreConfig
-from vlmforge.curate.scorers.base import resolve_device
+from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
 from vlmforge.images import preprocess_batch
 from vlmforge.model import attention as attn
