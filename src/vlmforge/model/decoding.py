@@ -41,8 +41,15 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return out
 
 
-def _stop_ids(tokenizer) -> set[int]:
-    return set(end_of_turn_ids(tokenizer))
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of token ids as one left-padded batch: ids [B, T] and the mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        valid[i, width - len(r):] = True
+    return ids, valid
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -142,13 +149,8 @@ def generate(
         return []
     dev = next(model.parameters()).device
     rows = [prompt_ids(model, tokenizer, m, len(ims), i) for i, (m, ims) in enumerate(zip(prompts, images))]
-    width = max(len(r) for r in rows)
     pad = int(tokenizer.pad_token_id)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        valid[i, width - len(r):] = True
+    ids, valid = left_padded(rows, pad)
     flat = [im for ims in images for im in ims]
     pv = None
     if flat:
@@ -157,7 +159,7 @@ def generate(
     model.eval()
     try:
         new = generate_ids(
-            model, ids.to(dev), valid.to(dev), pv, _stop_ids(tokenizer), pad,
+            model, ids.to(dev), valid.to(dev), pv, set(end_of_turn_ids(tokenizer)), pad,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, use_cache=use_cache, seed=seed,
         )
     finally:

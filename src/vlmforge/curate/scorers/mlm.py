@@ -311,16 +311,9 @@ class MLMJudgeScorer:
 
     def _greedy_rows(self, rows: list[list[int]], pixel_values: torch.Tensor, max_new_tokens: int) -> list[str]:
         """Greedy answers to prompts given as token ids (left-padded into one batch, padding masked)."""
-        width = max(len(r) for r in rows)
         pad = int(self.tokenizer.pad_token_id)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            valid[i, width - len(r):] = True
-        stops = {self.tokenizer.convert_tokens_to_ids(IM_END)}
-        if self.tokenizer.eos_token_id is not None:
-            stops.add(int(self.tokenizer.eos_token_id))
+        ids, valid = decoding.left_padded(rows, pad)
+        stops = set(decoding.end_of_turn_ids(self.tokenizer))
         new = decoding.generate_ids(self.model, ids.to(self.device), valid.to(self.device), pixel_values, stops, pad,
                                     max_new_tokens=max_new_tokens, temperature=0.0)
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in new]
