@@ -20,8 +20,9 @@ LAYERS: list[list[str]] = [
     ["synth"],  # the built-in synthetic world
     ["model", "data"],  # the VLM; the pretraining and SFT data paths
     ["train"],  # the one training loop, its objectives, optimizers and checkpoints
-    ["curate", "vision"],  # caption curation (scores, filter network, dedup, mix); vision tower pretraining
+    ["curate", "vision", "plan"],  # caption curation (scores, filter network, dedup, mix); vision tower pretraining; cost planner
     ["eval"],  # benchmarks: tasks, prompts, scorers
+    ["preference"],  # preference pairs made from a model's own samples, judged by the eval scorers
     ["cli"],  # `vlmforge <command>`
     ["demo"],  # the whole pipeline, run command by command
     ["__main__"],

@@ -8,6 +8,8 @@ from vlmforge.config.curate import CurateConfig
 from vlmforge.config.data import DataConfig, PackConfig
 from vlmforge.config.eval import EvalConfig
 from vlmforge.config.model import ModelConfig
+from vlmforge.config.mpo import MPOConfig
+from vlmforge.config.preference import PreferenceDataConfig
 from vlmforge.config.sft import SFTDataConfig
 from vlmforge.config.synth import SynthConfig
 from vlmforge.config.tokenizer import TokenizerConfig
@@ -25,7 +27,9 @@ class Recipe:
     pack: PackConfig = field(default_factory=PackConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    preference: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mpo: MPOConfig = field(default_factory=MPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from vlmforge.config.ranges import ranged
 
-Stage = Literal["pretrain", "sft"]
+Stage = Literal["pretrain", "sft", "mpo"]
 # InternVL's per-token weights: token 1, sample 1/n, square 1/sqrt(n) (n = the sample's supervised tokens)
 LossReduction = Literal["token", "sample", "square"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -22,7 +22,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 @dataclass
 class TrainConfig:
-    stage: Stage = "pretrain"  # pretrain: packed captions; sft: conversations
+    stage: Stage = "pretrain"  # pretrain: packed captions; sft: conversations; mpo: preference pairs (see `mpo`)
     # Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, report.html.
     run_dir: str = "runs/${name}"
 
@@ -40,8 +40,13 @@ class TrainConfig:
     resume: bool = True
 
     # --- objective ---
-    objective: Literal["next_token"] = "next_token"
+    objective: Literal["next_token", "mpo"] = "next_token"  # stage mpo uses mpo
     loss_reduction: LossReduction = "token"
+    # LM head + cross-entropy in chunks of this many tokens with a custom backward (no
+    # [tokens, vocab] logits tensor alive); 0 = the full logits. `fused`: a maintained fused kernel
+    # (liger_kernel or cut_cross_entropy extra) on GPU instead of our chunks.
+    loss_chunk_tokens: int = ranged(0, ge=0)
+    fused_loss: Literal["off", "liger", "cce"] = "off"
 
     # --- schedule ---
     global_batch_size: int = ranged(8, ge=1)  # rows per optimizer step over all ranks and accumulation steps
@@ -76,6 +81,7 @@ class TrainConfig:
     device: Device = "auto"
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (before sharding, as torchtitan orders it)
     fsdp: bool = True  # shard with FSDP2 when launched with several processes
     seed: Optional[int] = None  # None = the recipe's top-level seed
 

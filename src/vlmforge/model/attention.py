@@ -6,6 +6,10 @@ own sample (block-diagonal causal). We always build an explicit additive float m
 a boolean 4D mask is silently wrong with eager attention, and no mask at all lets transformers
 guess packed sequences from position_ids (wrong for V2PE's fractional positions).
 Padding (seq_id -1) sees only itself so that no softmax row is empty (no NaN).
+
+Preference pairs in the shared-prompt layout ([prompt][chosen][rejected] in one row) add
+``branch_ids`` (0 prompt, 1 chosen, 2 rejected): a query sees keys of its own branch and of the
+prompt, never the other response, so the prompt is computed once for both.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 MODES = ("causal", "document")
 
 
-def allowed(seq_ids: torch.Tensor, mode: str) -> torch.Tensor:
+def allowed(seq_ids: torch.Tensor, mode: str, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [B, L, L]: may query i attend to key j."""
     if mode not in MODES:
         raise ValueError(f"attention mode {mode!r} is not one of {', '.join(MODES)}")
@@ -27,14 +31,17 @@ def allowed(seq_ids: torch.Tensor, mode: str) -> torch.Tensor:
     ok = causal[None] & real_k
     if mode == "document":
         ok = ok & (seq_ids[:, :, None] == seq_ids[:, None, :])
+    if branch_ids is not None:
+        k_branch = branch_ids[:, None, :]
+        ok = ok & ((k_branch == 0) | (k_branch == branch_ids[:, :, None]))
     pad_q = (seq_ids < 0)[:, :, None]
     eye = torch.eye(n, dtype=torch.bool, device=seq_ids.device)[None]
     return torch.where(pad_q, eye, ok)
 
 
-def additive_mask(seq_ids: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(seq_ids: torch.Tensor, mode: str, dtype: torch.dtype, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Float [B, 1, L, L]: 0 where attention is allowed, finfo(dtype).min elsewhere."""
-    ok = allowed(seq_ids, mode)
+    ok = allowed(seq_ids, mode, branch_ids)
     mask = torch.zeros(ok.shape, dtype=dtype, device=seq_ids.device)
     return mask.masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
 

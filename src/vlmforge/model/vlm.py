@@ -15,6 +15,7 @@ from torch import nn
 from vlmforge.arch.geometry import preprocess_spec_for
 from vlmforge.config.model import ModelConfig
 from vlmforge.model import attention as attn
+from vlmforge.model.lm_head import token_logprobs
 from vlmforge.model import positions as pos
 from vlmforge.model.tower import encoder_layers, inner, layers_used, patch_features
 
@@ -35,6 +36,7 @@ class VisionLanguageModel(nn.Module):
         self.v2pe_delta = float(model_cfg.v2pe_delta)
         self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
         self.use_flash = False  # set by build_vlm when flash-attn varlen is chosen
+        self.loss_chunk_tokens = 0  # train.loss_chunk_tokens: the head in chunks of this many tokens (0 = at once)
         self.tokens_per_image  # noqa: B018 - fail at build time on an impossible geometry (odd grid for pixel shuffle)
         self.apply_freeze(model_cfg)
 
@@ -150,12 +152,20 @@ class VisionLanguageModel(nn.Module):
                 f"{n_images}; the data layer must expand each image to {t} tokens"
             )
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, seq_ids=None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, seq_ids=None,
+              image_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features scattered in. ``image_map`` [n]: the k-th image in the
+        rows (in order of appearance) is ``pixel_values[image_map[k]]``, so an image used by several
+        rows (a preference pair's chosen and rejected rows) is encoded once."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_map is not None:
+            n_images = int(image_map.numel())
         self.check_placeholders(input_ids, seq_ids, n_images)
         if n_images:
             feats = self.encode_images(pixel_values).to(embeds.dtype)
+            if image_map is not None:
+                feats = feats[image_map]
             where = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(where, feats.reshape(-1, feats.shape[-1]))
         return embeds
@@ -183,16 +193,28 @@ class VisionLanguageModel(nn.Module):
         seq_ids: torch.Tensor | None = None,
         v2pe_delta: float | torch.Tensor | None = None,
         output: str = "logits",
+        branch_ids: torch.Tensor | None = None,
+        image_map: torch.Tensor | None = None,
+        pred_index: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, L, V] (or, with output="hidden", the final normed hidden states [B, L, D]
-        for a chunked loss). `seq_ids` None = one sample per row, no padding.
+        """What ``output`` names: "logits" [B, L, V]; "hidden", the final normed hidden states
+        [B, L, D]; "target_logprobs", fp32 [T] log p(target_ids[t]) read at the flat position
+        ``pred_index[t]`` (row * L + column) - what every training objective needs, computed without
+        the full logits (in chunks of ``loss_chunk_tokens``). Computed inside forward so that
+        FSDP2 holds the head's weights unsharded.
+
+        `seq_ids` None = one sample per row, no padding. `branch_ids`: the shared-prompt layout of
+        preference pairs (see vlmforge.model.attention). `image_map`: see :meth:`embed`.
         `v2pe_delta`: a float, or one value per image; None = drawn in training, config value in eval."""
+        if output not in ("logits", "hidden", "target_logprobs"):
+            raise ValueError(f"output must be logits, hidden or target_logprobs, got {output!r}")
         if seq_ids is None:
             seq_ids = torch.zeros_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values, seq_ids)
+        embeds = self.embed(input_ids, pixel_values, seq_ids, image_map)
         positions = self.position_ids_for(input_ids, seq_ids, position_ids, v2pe_delta)
-        if self.use_flash and not embeds.is_cuda:
-            self.use_sdpa()
+        if self.use_flash and (not embeds.is_cuda or branch_ids is not None):
+            self.use_sdpa()  # flash varlen has no CPU kernel and no branch mask
         if self.use_flash:
             b, n, d = embeds.shape
             out = self.llm.base_model(
@@ -203,9 +225,15 @@ class VisionLanguageModel(nn.Module):
             )
             hidden = out.last_hidden_state.reshape(b, n, -1)
         else:
-            mask = attn.additive_mask(seq_ids, self.attention, embeds.dtype)
+            mask = attn.additive_mask(seq_ids, self.attention, embeds.dtype, branch_ids)
             out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
             hidden = out.last_hidden_state
         if output == "hidden":
             return hidden
-        return self.llm.get_output_embeddings()(hidden)
+        head = self.llm.get_output_embeddings()
+        if output == "target_logprobs":
+            if pred_index is None or target_ids is None:
+                raise ValueError('output="target_logprobs" needs pred_index and target_ids')
+            picked = hidden.reshape(-1, hidden.shape[-1])[pred_index]
+            return token_logprobs(picked, head, target_ids, int(self.loss_chunk_tokens))
+        return head(hidden)
