@@ -34,6 +34,8 @@ def allowed(seq_ids: torch.Tensor, mode: str, branch_ids: torch.Tensor | None = 
     if branch_ids is not None:
         k_branch = branch_ids[:, None, :]
         ok = ok & ((k_branch == 0) | (k_branch == branch_ids[:, :, None]))
+        if mode != "document":  # pairs packed in one row never see each other, in either mode
+            ok = ok & (seq_ids[:, :, None] == seq_ids[:, None, :])
     pad_q = (seq_ids < 0)[:, :, None]
     eye = torch.eye(n, dtype=torch.bool, device=seq_ids.device)[None]
     return torch.where(pad_q, eye, ok)
