@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
 
-from vlmforge.train.objectives import token_weights, weighted_token_ce
+from vlmforge.train.objectives import NextTokenObjective, forward_fn, token_weights, weighted_token_ce
 from vlmforge.train.optim import OptimizerChain, build_optimizer, build_scheduler, lr_factor, param_groups
+from vlmforge.train.parallel import Placement
 
 # Row 0 packs two samples (A: positions 0-2, B: 3-6) and one pad; row 1 holds one sample (C) and pads.
 LABELS = torch.tensor(
@@ -72,6 +75,39 @@ def test_split_over_micro_batches_equals_whole():
     whole = weighted_token_ce(logits, LABELS, w) / w.sum()
     parts = [weighted_token_ce(logits[i : i + 1], LABELS[i : i + 1], token_weights(LABELS[i : i + 1], SEQ_IDS[i : i + 1], "sample")) for i in range(2)]
     assert float(sum(parts) / w.sum()) == pytest.approx(float(whole), abs=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["token", "square"])
+def test_next_token_objective_equals_cross_entropy_on_full_logits(reduction):
+    """The objective reads log p(target) through the model's target_logprobs output (the head on
+    the supervised positions only); loss and gradients equal F.cross_entropy on the full logits."""
+    cfg = tiny_recipe(["train.micro_batch_size=3"])
+    model = build_tiny_vlm(cfg)
+    batch = synthetic_loader(cfg, model).batch(0)
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "position_ids", "seq_ids")}
+    logits = model(**inputs)
+    labels = batch["labels"]
+    if reduction == "token":  # the plain mean over supervised tokens, as transformers computes it
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        w = token_weights(labels, batch["seq_ids"], reduction)
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+        want = (ce * w).sum() / w.sum()
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    obj = NextTokenObjective(reduction)
+    obj.begin_step(obj.step_stats([batch]))
+    run = forward_fn(model, Placement(torch.device("cpu"), 1, False, torch.float32))
+    loss, parts = obj.micro_loss(run, batch, 0)
+    loss.backward()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    assert obj.end_step({k: float(v) for k, v in parts.items()}, obj.step_stats([batch]), True)["loss"] == pytest.approx(
+        want.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        if n in want_grads:
+            assert torch.allclose(p.grad, want_grads[n], atol=1e-6), n
 
 
 def test_unknown_reduction_rejected():

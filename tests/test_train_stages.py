@@ -68,7 +68,8 @@ def test_pretrain_then_sft_loads_exactly_the_saved_weights(data, tmp_path):
         (["train.data_path=/nonexistent/packed"], "train.data_path: /nonexistent/packed does not exist"),
         (["train.global_batch_size=5"], "must be a multiple of train.micro_batch_size"),
         (["train.loss_reduction=mean"], "train.loss_reduction must be one of"),
-        (["train.stage=mpo"], "train.stage must be one of"),
+        (["train.stage=dpo"], "train.stage must be one of"),
+        (["train.stage=mpo"], "MPO reads its pairs from preference.index"),
     ],
 )
 def test_impossible_recipe_fails_before_training(data, tmp_path, capsys, overrides, message):

@@ -21,7 +21,7 @@ class MPOConfig:
     # The BCO reward shift delta, updated once per optimizer step from all micro-batches and ranks:
     # cumulative (running mean of every reward seen: InternVL / TRL), ema (momentum, NeMo-RL), none (0).
     reward_shift: Literal["cumulative", "ema", "none"] = "cumulative"
-    reward_shift_momentum: float = ranged(0.9, ge=0, lt=1)  # ema only
+    reward_shift_momentum: float = ranged(0.99, ge=0, lt=1)  # ema only (NeMo-RL's default)
     # precompute: the initial model's log-probs over the preference data, once, stored in the run
     # folder (one model in memory); live: a frozen copy of the initial model next to the policy.
     reference: Literal["precompute", "live"] = "precompute"

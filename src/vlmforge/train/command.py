@@ -1,6 +1,8 @@
-"""Train a stage of a recipe: pretraining on packed caption shards or SFT on conversations.
+"""Train a stage of a recipe: pretraining on packed caption shards, SFT on conversations, or MPO
+(InternVL's Mixed Preference Optimization) on preference pairs from an SFT checkpoint.
 
   vlmforge train --recipe tiny/pretrain --set train.data_path=out/packed --set tokenizer.path=out/tok
+  vlmforge train --recipe tiny/mpo --set preference.index=out/pref-index --set train.init_from=runs/tiny-sft
   torchrun --nproc-per-node 8 [--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT] \\
       -m vlmforge train --recipe open_qwen2vl/sft --set train.init_from=runs/pretrain ...
 
@@ -9,9 +11,11 @@ gloo on CPU). The run folder (train.run_dir) holds config.yaml, metrics.jsonl, t
 checkpoints/ (every train.checkpoint_every steps and at the end, the last train.keep_last kept),
 final/ (model.safetensors + config.yaml + tokenizer/, read by eval and export), manifest.json and
 report.html, and run.json (the settings that define the run, with the fingerprints of its data and
-tokenizer). Running the same command again resumes from checkpoints/latest and reproduces the
-per-step losses of an uninterrupted run (bit-identical on CPU); a rerun with other run settings is
-refused before anything is written, listing each changed key (train.resume=false starts over).
+tokenizer); an MPO run also reference/ (the initial model's log-probs of every pair, computed once
+before training with mpo.reference=precompute). Running the same command again resumes from
+checkpoints/latest and reproduces the per-step losses of an uninterrupted run (bit-identical on
+CPU); a rerun with other run settings is refused before anything is written, listing each changed
+key (train.resume=false starts over).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: this module stays light for `vlmforge --h
     from vlmforge.config.recipe import Recipe
     from vlmforge.train.loop import TrainResult
 
-HELP = "train a stage (pretrain | sft) with FSDP2, resumable checkpoints and a run report"
+HELP = "train a stage (pretrain | sft | mpo) with FSDP2, resumable checkpoints and a run report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +101,7 @@ def train_from_config(cfg: Recipe) -> TrainResult:
         device=info.device,
         export_fn=lambda model, out: export_final(model, pieces.tokenizer, cfg, out),
         on_end=on_end,
+        objective=pieces.objective,
     )
     result = trainer.fit()
     if info.is_main:

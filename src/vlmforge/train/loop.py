@@ -2,9 +2,13 @@
 freeze policy it hands in; this file knows nothing about where batches come from.
 
 One optimizer step = ``accum`` micro-batches per rank. The step's micro-batches are fetched
-first, so the global weight sum W (see ``objectives``) is known before any backward, and each
-micro-batch's loss ``sum(w * CE) / W`` is scaled by the world size because FSDP averages
-gradients over ranks: the update equals that of one process seeing the whole global batch.
+first, so the objective's global denominators (next-token: the weight sum W; MPO: the number of
+pairs P; see ``objectives``) are known before any backward: the objective's local statistics and
+the loop's counters are all-reduced in one call. Each micro-batch's loss (already divided by those
+global denominators) is scaled by the world size because FSDP averages gradients over ranks: the
+update equals that of one process seeing the whole global batch. After the backward passes the
+objective's metric sums are all-reduced in one call, and the objective updates its state (MPO's
+reward shift) once; that state is part of the checkpoint.
 
 A step whose loss or gradient norm is not finite (NaN / inf) applies no update. By default the run
 stops there with :class:`NonFiniteStepError` (a UserError: one line, exit 2), nothing saved, so
@@ -30,11 +34,10 @@ from vlmforge.config.train import TrainConfig
 from vlmforge.train import checkpoint as ckpt
 from vlmforge.train.finite import NonFiniteStepError
 from vlmforge.train.metrics import MetricsLogger
-from vlmforge.train.objectives import token_weights, weighted_token_ce
+from vlmforge.train.objectives import Objective, build_objective, forward_fn
 from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
-from vlmforge.train.parallel import autocast_context, place_model
+from vlmforge.train.parallel import place_model
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "position_ids", "seq_ids", "v2pe_delta")
 # Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
 KILL_ENV = "VLMFORGE_KILL_AFTER_STEP"
 
@@ -59,7 +62,9 @@ def grad_accum_steps(tcfg: TrainConfig, world_size: int) -> int:
 
 class Trainer:
     """Runs optimizer steps ``start .. total_steps`` over ``loader`` (an iterable of micro-batch
-    dicts with ``state_dict()/load_state_dict()`` for exact resume; ``set_epoch(e)`` if it has one)."""
+    dicts with ``state_dict()/load_state_dict()`` for exact resume; ``set_epoch(e)`` if it has one).
+    ``objective``: what the micro-batches are trained for (default: next-token prediction with
+    ``train.loss_reduction``; the mpo stage hands in an :class:`~vlmforge.train.objectives.MPOObjective`)."""
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class Trainer:
         device: torch.device,
         export_fn: Callable[[nn.Module, Path], None] | None = None,
         on_end: Callable[[Path], None] | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.tcfg = tcfg
         self.world = vdist.world_size()
@@ -81,14 +87,18 @@ class Trainer:
         self.loader = loader
         self.export_fn = export_fn
         self.on_end = on_end
+        self.objective = objective if objective is not None else build_objective(tcfg)
+        self.objective.setup(model, tcfg, device, self.world)  # before placing: a live reference copies the model
         self.model, self.place = place_model(model, tcfg, device, self.world)
         self.model.train()
+        self._run = forward_fn(self.model, self.place)
         self.optimizer = build_optimizer(self.model, tcfg)
         self.scheduler = build_scheduler(self.optimizer, tcfg, self.total_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
         self.epoch = 0
         self.counters = {"tokens": 0, "real_tokens": 0, "supervised_tokens": 0, "rows": 0}
+        self.counters.update({k: 0 for k in self.objective.counters})
         if tcfg.skip_nonfinite_steps:
             self.counters["skipped_steps"] = 0  # steps whose update was skipped (non-finite loss / grad norm)
         self._it = None
@@ -128,6 +138,7 @@ class Trainer:
         trainer_state, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
         self.step = int(trainer_state["step"])
         self.counters.update(trainer_state.get("counters", {}))
+        self.objective.load_state_dict(trainer_state.get("objective", {}))
         self.epoch = int(rank_state["epoch"])
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.epoch)
@@ -167,7 +178,8 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             rank_state=self._rank_state(),
-            trainer_state={"counters": self.counters, "total_steps": self.total_steps},
+            trainer_state={"counters": self.counters, "total_steps": self.total_steps,
+                           "objective": self.objective.state_dict()},
             keep_last=int(self.tcfg.keep_last),
         )
 
@@ -186,36 +198,33 @@ class Trainer:
             batch = self._next_batch()
             wait += time.perf_counter() - tw
             micro.append(self._to_device(batch))
-        reduction = str(self.tcfg.loss_reduction)
-        weights = [token_weights(b["labels"], b.get("seq_ids"), reduction) for b in micro]
         dev = self.place.device
-        # [weight sum, tokens, real tokens, supervised tokens, rows] summed over ranks in one call
-        stats = torch.zeros(5, dtype=torch.float64, device=dev)
-        for b, w in zip(micro, weights):
-            seq = b.get("seq_ids")
-            stats[0] += w.double().sum()
-            stats[1] += b["input_ids"].numel()
-            stats[2] += int((seq >= 0).sum()) if seq is not None else b["input_ids"].numel()
-            stats[3] += int((w > 0).sum())
-            stats[4] += b["input_ids"].shape[0]
-        vdist.all_reduce_sum(stats)
-        total_w = float(stats[0])
-        scale = self.world / total_w if total_w > 0 else 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        for b, w in zip(micro, weights):
-            inputs = {k: b[k] for k in MODEL_INPUTS if b.get(k) is not None}
-            with autocast_context(self.place):
-                logits = self.model(**inputs)
-            ce = weighted_token_ce(logits, b["labels"], w)
-            (ce * scale).backward()
-            loss_sum += ce.detach().double()
-        vdist.all_reduce_sum(loss_sum)
+        # the objective's local statistics and the loop's counters, summed over ranks in one call
+        local = dict(self.objective.step_stats(micro))
+        local["tokens"] = sum(b["input_ids"].numel() for b in micro)
+        local["real_tokens"] = sum(int((b["seq_ids"] >= 0).sum()) if b.get("seq_ids") is not None
+                                   else b["input_ids"].numel() for b in micro)
+        local["rows"] = sum(b["input_ids"].shape[0] for b in micro)
+        names = list(local)
+        packed = torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=dev) for k in names])
+        vdist.all_reduce_sum(packed)
+        stats = dict(zip(names, packed.tolist()))
+        self.objective.begin_step(stats)
+        sums: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(micro):
+            loss, parts = self.objective.micro_loss(self._run, b, i)
+            (loss * self.world).backward()
+            for k, v in parts.items():
+                sums[k] = sums[k] + v.double() if k in sums else v.double()
+        keys = list(sums)
+        loss_sums = torch.stack([sums[k].to(dev) for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=dev)
+        vdist.all_reduce_sum(loss_sums)  # the step's metric sums over ranks, one call
         max_norm = float(self.tcfg.grad_clip) if self.tcfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         # [loss non-finite, grad norm non-finite] on any rank: every rank takes the same decision
-        flags = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(grad_norm.to(dev))]).double()
+        flags = torch.stack([~torch.isfinite(loss_sums).all(), ~torch.isfinite(grad_norm.to(dev))]).double()
         vdist.all_reduce_sum(flags)
         bad_loss, bad_grad = (f > 0 for f in flags.tolist())
         lrs = current_lrs(self.optimizer)  # the lr this step used
@@ -228,13 +237,14 @@ class Trainer:
         step_time = time.perf_counter() - t0
         # data wait: the slowest rank's wait bounds the step; report rank-0's (a cheap, honest proxy)
         self.step += 1
-        tokens, real, sup, rows = (float(x) for x in stats[1:])
-        for k, v in zip(("tokens", "real_tokens", "supervised_tokens", "rows"), (tokens, real, sup, rows)):
-            self.counters[k] += int(v)
+        tokens, real, sup, rows = (stats[k] for k in ("tokens", "real_tokens", "supervised_tokens", "rows"))
+        for k in ("tokens", "real_tokens", "supervised_tokens", "rows", *self.objective.counters):
+            self.counters[k] += int(stats[k])
+        metrics = self.objective.end_step(dict(zip(keys, loss_sums.tolist())), stats, applied=not (bad_loss or bad_grad))
         row = {
             "step": self.step,
             "epoch": int(getattr(self.loader, "epoch", self.epoch)),
-            "loss": float(loss_sum) / total_w if total_w > 0 else 0.0,
+            "loss": metrics.pop("loss"),
             **lrs,
             "grad_norm": float(grad_norm),
             "tokens_per_s": real / step_time,
@@ -244,6 +254,7 @@ class Trainer:
             "step_time": step_time,
             "data_wait": wait,
             "data_wait_fraction": wait / step_time if step_time > 0 else 0.0,
+            **metrics,
         }
         if bad_loss or bad_grad:
             row["nonfinite"] = "loss" if bad_loss else "grad_norm"
@@ -266,6 +277,8 @@ class Trainer:
     # ------------------------------------------------------------ the run
 
     def fit(self) -> TrainResult:
+        # before a resume loads a checkpoint: the model still holds its initial weights
+        self.objective.before_training(self._run, self.model, self.run_dir, self.tcfg, self.place.device)
         start = self.maybe_resume()
         result = TrainResult(run_dir=self.run_dir, start_step=start, final_step=start)
         log = MetricsLogger(

@@ -3,8 +3,9 @@ run and nothing else.
 
 ``run.json`` holds the settings that define the run: the model section, the optimizer, schedule
 and batch sizes of the train section, the batching of the data (``data.*`` in pretraining,
-``sft.*`` in SFT), the seed, the number of processes, the weights it started from, and the
-fingerprints of its data folder and its tokenizer. It is written when a new run starts. A rerun
+``sft.*`` in SFT, ``preference.*`` and the ``mpo`` section in MPO), the seed, the number of
+processes, the weights it started from, and the fingerprints of its data folder and its
+tokenizer. It is written when a new run starts. A rerun
 that would resume a checkpoint compares its own settings with it before anything is written, and
 refuses a change, listing each changed key with its old and new value. Settings that do not change
 what is trained (logging, reports, checkpoint frequency, where the run folder is, the device and
@@ -42,9 +43,11 @@ HARMLESS_MODEL_KEYS = frozenset({"attn_backend", "trust_remote_code"})
 # data.* (pretraining loader) and sft.* (SFT loader) keys that do not change the batches.
 HARMLESS_DATA_KEYS = frozenset({"num_workers", "strict"})
 HARMLESS_SFT_KEYS = frozenset({"sources", "index", "lengths", "check_images", "strict", "index_workers", "num_workers"})
-# What a vlmforge run writes into its folder: removed when train.resume=false starts it over.
+HARMLESS_PREFERENCE_KEYS = frozenset({"sources", "index", "strict", "num_workers"})
+# What a vlmforge run writes into its folder: removed when train.resume=false starts it over
+# (reference/: MPO's precomputed reference log-probs, see vlmforge.train.reference).
 RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "plots", METRICS_FILE, "report.html", "manifest.json",
-               RUN_FILE, "config.yaml")
+               RUN_FILE, "config.yaml", "reference")
 
 
 def _flat(prefix: str, node: Any, skip: frozenset = frozenset()) -> dict[str, Any]:
@@ -71,6 +74,11 @@ def run_settings(cfg: Recipe, world_size: int, fingerprints: dict[str, Any]) -> 
         out.update(_flat("sft", c["sft"], HARMLESS_SFT_KEYS))
         if out.get("sft.image_root"):
             out["sft.image_root"] = os.path.abspath(out["sft.image_root"])
+    elif cfg.train.stage == "mpo":
+        out.update(_flat("preference", c["preference"], HARMLESS_PREFERENCE_KEYS))
+        if out.get("preference.image_root"):
+            out["preference.image_root"] = os.path.abspath(out["preference.image_root"])
+        out.update(_flat("mpo", c["mpo"]))
     else:
         out.update(_flat("data", c["data"], HARMLESS_DATA_KEYS))
     out["world_size"] = int(world_size)

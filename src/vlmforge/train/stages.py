@@ -4,7 +4,8 @@ checkpoint that does not exist, batch sizes that do not divide) is checked by :f
 before any model is built; the schema itself (choice fields included) is checked when it loads.
 
 Each stage reads its data from one place: pretraining from ``train.data_path`` (packed shards),
-SFT from ``sft.index`` (and ``sft.image_root``).
+SFT from ``sft.index`` (and ``sft.image_root``), MPO from ``preference.index`` (and
+``preference.image_root``), starting from ``train.init_from`` (an SFT checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers.initialization import no_init_weights
 from vlmforge import dist as vdist
 from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.config.train import TrainConfig
+from vlmforge.data.preference.loader import build_preference_loader
 from vlmforge.data.pretrain.loader import build_pretrain_loader
 from vlmforge.data.sft.loader import build_sft_loader
 from vlmforge.errors import ConfigError, UserError
@@ -34,6 +36,8 @@ from vlmforge.model.saving import load_vlm, save_vlm
 from vlmforge.text.tokenization import load_tokenizer, looks_local, tokenizer_fingerprint
 from vlmforge.train.checkpoint import full_model_state
 from vlmforge.train.loop import grad_accum_steps
+from vlmforge.train.objectives import MPOObjective
+from vlmforge.train.reference import checkpoint_fingerprint
 
 ARCH_KEYS = (
     ("vision", "preset"),
@@ -60,8 +64,20 @@ def resolve_init_from(path: str) -> Path:
     )
 
 
+def settle_objective(cfg: Recipe) -> None:
+    """train.objective follows the stage: stage mpo trains the mpo objective (set here), the other
+    stages next-token prediction (train.objective=mpo elsewhere is refused)."""
+    t = cfg.train
+    if t.stage == "mpo":
+        t.objective = "mpo"
+    elif t.objective == "mpo":
+        raise ConfigError(f"train.objective=mpo trains on preference pairs: set train.stage=mpo (now {t.stage})")
+
+
 def validate(cfg: Recipe, world_size: int) -> None:
-    """Fail fast, with the offending key in the message, before any heavy work."""
+    """Fail fast, with the offending key in the message, before any heavy work (also settles
+    train.objective, see :func:`settle_objective`)."""
+    settle_objective(cfg)
     t = cfg.train
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no GPU is visible")
@@ -89,13 +105,17 @@ def validate(cfg: Recipe, world_size: int) -> None:
         raise ConfigError(f"{e}; also {init_problem}" if init_problem else str(e)) from None
     if init_problem:
         raise init_problem
+    if t.stage == "mpo" and not t.init_from:
+        raise ConfigError("train.init_from: MPO starts from an SFT checkpoint; set it to a run folder or checkpoint "
+                          "folder (the initial model is also the reference)")
     tok = stage_tokenizer(cfg)
     if tok and not t.init_from and looks_local(tok, bare_name_is_local=True) and not Path(tok).exists():
         raise ConfigError(f"tokenizer.path: {tok} does not exist")
 
 
 def _validate_data(cfg: Recipe) -> None:
-    """The stage's data keys: train.data_path (pretraining) or sft.index / sft.image_root (SFT)."""
+    """The stage's data keys: train.data_path (pretraining), sft.index / sft.image_root (SFT) or
+    preference.index / preference.image_root (MPO)."""
     t = cfg.train
     if t.stage == "pretrain":
         if not t.data_path:
@@ -104,23 +124,45 @@ def _validate_data(cfg: Recipe) -> None:
             raise ConfigError(f"train.data_path: {t.data_path} does not exist")
         if not t.init_from and not stage_tokenizer(cfg):
             raise ConfigError("tokenizer.path: pretraining from scratch needs the tokenizer the shards were packed with")
-    else:
-        if t.data_path:
-            raise ConfigError(f"train.data_path={t.data_path} is pretraining's packed data; SFT reads its index "
-                              "from sft.index (and its images from sft.image_root)")
-        index = cfg.sft.index
-        if not index:
-            raise ConfigError("sft.index: set it to an SFT index folder from `vlmforge sft-index`")
-        if not Path(index).exists():
-            raise ConfigError(f"sft.index: {index} does not exist; build it with `vlmforge sft-index --out {index}`")
-        if not Path(index, "manifest.json").is_file():
-            raise ConfigError(f"sft.index: {index} is not an SFT index folder (no manifest.json)")
-        stage = _manifest_stage(Path(index, "manifest.json"))
-        if stage != "sft-index":
-            raise ConfigError(f"sft.index: {index} holds a {stage!r} folder, not an SFT index from `vlmforge sft-index`")
-        root = cfg.sft.image_root
-        if root and not Path(root).is_dir():
-            raise ConfigError(f"sft.image_root: {root} is not a folder")
+        return
+    ix = _INDEXES[t.stage]
+    section, label, command = ix.section, ix.label, ix.command
+    if t.data_path:
+        raise ConfigError(f"train.data_path={t.data_path} is pretraining's packed data; {ix.stage_label} reads "
+                          f"its {ix.reads} from {section}.index (and its images from {section}.image_root)")
+    index = cfg[section].index
+    if not index:
+        raise ConfigError(f"{section}.index: set it to a {label} index folder from `vlmforge {command}`")
+    if not Path(index).exists():
+        raise ConfigError(f"{section}.index: {index} does not exist; build it with `vlmforge {command} --out {index}`")
+    if not Path(index, "manifest.json").is_file():
+        raise ConfigError(f"{section}.index: {index} is not a {label} index folder (no manifest.json)")
+    stage = _manifest_stage(Path(index, "manifest.json"))
+    if stage != ix.manifest_stage:
+        raise ConfigError(f"{section}.index: {index} holds a {stage!r} folder, not a {label} index from "
+                          f"`vlmforge {command}`")
+    root = cfg[section].image_root
+    if root and not Path(root).is_dir():
+        raise ConfigError(f"{section}.image_root: {root} is not a folder")
+
+
+@dataclass(frozen=True)
+class _Index:
+    """The index a stage reads: its recipe section, what it is called, the command that writes it
+    and the stage its manifest names."""
+
+    section: str
+    label: str
+    command: str
+    manifest_stage: str
+    stage_label: str
+    reads: str  # what the stage reads from it
+
+
+_INDEXES = {
+    "sft": _Index("sft", "SFT", "sft-index", "sft-index", "SFT", "index"),
+    "mpo": _Index("preference", "preference", "preference index", "preference-index", "MPO", "pairs"),
+}
 
 
 def _manifest_stage(path: Path) -> str | None:
@@ -153,8 +195,12 @@ _WARNED_UNRECORDED: set[str] = set()  # data folders already warned about (once 
 
 
 def data_folder(cfg: Recipe) -> Path:
-    """The stage's data folder: packed shards (train.data_path) or the SFT index (sft.index)."""
-    return Path(cfg.sft.index if cfg.train.stage == "sft" else cfg.train.data_path)
+    """The stage's data folder: packed shards (train.data_path), the SFT index (sft.index) or the
+    preference index (preference.index)."""
+    stage = cfg.train.stage
+    if stage in _INDEXES:
+        return Path(cfg[_INDEXES[stage].section].index)
+    return Path(cfg.train.data_path)
 
 
 def data_fingerprint(folder: Path) -> str:
@@ -214,9 +260,9 @@ def check_data_tokenizer(cfg: Recipe, tok_path: str, fp: dict) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         manifest = {}
-    pretrain = cfg.train.stage != "sft"
+    pretrain = cfg.train.stage not in _INDEXES
     recorded = manifest.get("geometry", {}) if pretrain else manifest
-    command = "pack" if pretrain else "sft-index"
+    command = "pack" if pretrain else _INDEXES[cfg.train.stage].command
     if "tokenizer_fingerprint" not in recorded:
         if str(folder) not in _WARNED_UNRECORDED:
             _WARNED_UNRECORDED.add(str(folder))
@@ -255,6 +301,7 @@ class StagePieces:
     loader: Any
     total_steps: int
     info: dict  # for the run manifest
+    objective: Any = None  # None: the loop's next-token objective
 
 
 def _check_same_architecture(cfg: Recipe, ckpt_cfg: Recipe, ckpt_dir: Path) -> None:
@@ -269,19 +316,22 @@ def _check_same_architecture(cfg: Recipe, ckpt_cfg: Recipe, ckpt_dir: Path) -> N
 
 def build_model(cfg: Recipe, seed: int):
     """(model, tokenizer): loaded from train.init_from, or built from the recipe's model section.
-    The recipe's run settings (freeze flags, pool size, attention/positions) apply either way."""
+    The recipe's run settings (freeze flags, pool size, attention/positions) apply either way, and
+    the LM head runs in chunks of train.loss_chunk_tokens."""
     t = cfg.train
     if t.init_from:
         ckpt = resolve_init_from(t.init_from)
         model, tok, ckpt_cfg = load_vlm(ckpt)
         _check_same_architecture(cfg, ckpt_cfg, ckpt)
         model.apply_run_settings(cfg.model)  # this stage's pool size, freezing, attention, positions
-        return model, tok
-    path = stage_tokenizer(cfg)
-    if not path:
-        raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
-    tok = load_tokenizer(path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
-    return build_vlm(cfg.model, tok, seed=seed), tok
+    else:
+        path = stage_tokenizer(cfg)
+        if not path:
+            raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
+        tok = load_tokenizer(path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
+        model = build_vlm(cfg.model, tok, seed=seed)
+    model.loss_chunk_tokens = int(t.loss_chunk_tokens)
+    return model, tok
 
 
 def _steps(tcfg: TrainConfig, micro_batches_per_epoch: int, accum: int) -> int:
@@ -296,15 +346,56 @@ def _steps(tcfg: TrainConfig, micro_batches_per_epoch: int, accum: int) -> int:
     return steps
 
 
+def preference_layout(cfg: Recipe, model) -> str:
+    """preference.layout, with auto resolved: the shared-prompt layout needs an explicit attention
+    mask (its rejected response must not see the chosen one) and positions the data sets (rejected's
+    continue from the prompt's end), so flash-attn varlen, V2PE and ``continue`` positions get the
+    duplicated rows."""
+    layout = str(cfg.preference.layout)
+    if layout != "auto":
+        return layout
+    return "duplicated" if model.use_flash or str(cfg.model.positions) != "restart" else "shared"
+
+
+def reference_key(cfg: Recipe, model) -> dict[str, Any]:
+    """What MPO's precomputed reference log-probs depend on: the preference data, the initial
+    checkpoint and the run settings that change a log-prob (see vlmforge.train.reference)."""
+    index = Path(cfg.preference.index)
+    init = resolve_init_from(cfg.train.init_from)
+    return {
+        "data": {"path": os.path.abspath(index), "fingerprint": data_fingerprint(index)},
+        "init": {"path": str(init.resolve()), "fingerprint": checkpoint_fingerprint(init)},
+        "model": {"tokens_per_image": int(model.tokens_per_image), "positions": str(model.positions),
+                  "attention": str(model.attention), "v2pe_delta": float(model.v2pe_delta)},
+    }
+
+
+def _preference_loader(cfg: Recipe, tok, model, micro: int, seed: int, rank: int, world: int):
+    return build_preference_loader(
+        cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world,
+        visual_tokens=int(model.tokens_per_image), image_spec=model.preprocess_spec(),
+        layout=preference_layout(cfg, model),
+    )
+
+
 def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
+    settle_objective(cfg)
     seed = run_seed(cfg)
     model, tok = build_model(cfg, seed)
     accum = grad_accum_steps(cfg.train, world)
-    micro = int(cfg.train.micro_batch_size)  # rows per forward pass per rank, in either stage
+    micro = int(cfg.train.micro_batch_size)  # rows (pretrain, SFT) or pairs (MPO) per forward pass per rank
+    objective = None
     if cfg.train.stage == "sft":
         loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
         per_epoch = loader.batches_per_epoch(0)
         data = cfg.sft.index
+    elif cfg.train.stage == "mpo":
+        loader = _preference_loader(cfg, tok, model, micro, seed, rank, world)
+        per_epoch = loader.batches_per_epoch(0)
+        data = cfg.preference.index
+        objective = MPOObjective(cfg.mpo, loader=loader, reference_key=reference_key(cfg, model),
+                                 v2pe_delta=float(cfg.model.v2pe_delta), reference_batch_size=micro,
+                                 progress=bool(cfg.train.progress_bar))
     else:
         loader = build_pretrain_loader(cfg, tokenizer=tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
         per_epoch = len(loader)
@@ -319,7 +410,10 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
         "total_steps": total,
         "visual_tokens_per_image": int(model.tokens_per_image),
     }
-    return StagePieces(model=model, tokenizer=tok, loader=loader, total_steps=total, info=info)
+    if cfg.train.stage == "mpo":
+        info.update(objective="mpo", preference_layout=preference_layout(cfg, model), reference=str(cfg.mpo.reference),
+                    pairs=int(loader.num_pairs))
+    return StagePieces(model=model, tokenizer=tok, loader=loader, total_steps=total, info=info, objective=objective)
 
 
 def export_final(model, tokenizer, cfg: Recipe, out_dir: Path) -> None:
