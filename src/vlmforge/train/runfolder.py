@@ -37,6 +37,7 @@ HARMLESS_TRAIN_KEYS = frozenset({
     "run_dir", "resume", "data_path", "init_from",  # where things are (the data and weights are fingerprinted)
     "log_every", "progress_bar", "report", "tensorboard", "checkpoint_every", "keep_last",
     "device", "activation_checkpointing", "fsdp",  # the same update either way
+    "loss_chunk_tokens", "fused_loss", "compile",  # the same loss by other kernels (tested equal)
     "skip_nonfinite_steps",  # a run stopped at a NaN step may be resumed with skipping on
 })
 HARMLESS_MODEL_KEYS = frozenset({"attn_backend", "trust_remote_code"})
