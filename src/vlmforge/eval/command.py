@@ -19,6 +19,11 @@ Examples:
   vlmforge eval --ckpt C --tasks mmb=mmbench:MMBench_DEV_EN.tsv,vqa:textvqa_val.jsonl --limit 200
   vlmforge eval --ckpt C --tasks synth-vqa --synth-dir W --shots 0,8 --seeds 0,1,2
   vlmforge eval --ckpt C --tasks synth-mcq --synth-dir W --mc-protocol generate,likelihood
+  torchrun --nproc-per-node 8 -m vlmforge eval --ckpt C --tasks mmb=mmbench:MMBench_DEV_EN.tsv
+
+Under torchrun each rank loads the model on its own device and runs every world_size-th batch
+(batches sorted by prompt length); rank 0 merges the predictions in input order and writes the
+outputs, which equal a one-process run's.
 """
 
 from __future__ import annotations
@@ -59,12 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip and count bad rows / undecodable images instead of stopping")
     parser.add_argument("--allow-absolute-paths", dest="allow_absolute_paths", action="store_const", const=True,
                         help="accept absolute image paths in task rows (default: refused as path_outside_root)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available, else cpu); under torchrun: cpu or cuda "
+                             "(each rank takes cuda:LOCAL_RANK)")
     add_recipe_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from omegaconf.errors import ValidationError
@@ -72,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
     from vlmforge.config import load_recipe
     from vlmforge.errors import UserError
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("vlmforge eval runs in one process (one device); start it without torchrun")
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint folder {ckpt} not found")
@@ -108,25 +112,32 @@ def run(args: argparse.Namespace) -> int:
     except TaskError as e:
         raise UserError(str(e)) from None
 
-    import torch
-
+    from vlmforge import dist
     from vlmforge.files import prepare_out_dir
     from vlmforge.model.saving import load_vlm
 
     out = Path(args.out) if args.out else ckpt / "eval"
+    # Every rank checks the folder before any collective, so none can see rank 0's outputs in it.
     prepare_out_dir(out, overwrite=args.overwrite, flag="--out" if args.out else "--out (default CKPT/eval)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).
-    model, tokenizer, _ = load_vlm(str(ckpt), overrides=args.overrides, device=device)
+    if dist.launched_by_torchrun():
+        device = dist.init_distributed(args.device or "auto").device
+    else:
+        device = dist.resolve_device(args.device)
+    is_main = dist.is_main()  # asked now: after cleanup every process reads as rank 0
     try:
-        results = evaluate(
-            model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-            shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, mc_protocols=list(ev.mc_protocols),
-            out_dir=out, config=cfg,
-            info={"ckpt": str(ckpt)},
-        )
-    except TaskError as e:
-        raise UserError(str(e)) from None
-    print(summary_table(results))
-    print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}")
+        # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).
+        model, tokenizer, _ = load_vlm(str(ckpt), overrides=args.overrides, device=str(device))
+        try:
+            results = evaluate(
+                model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, mc_protocols=list(ev.mc_protocols),
+                out_dir=out, config=cfg, info={"ckpt": str(ckpt)}, progress=is_main,
+            )
+        except TaskError as e:
+            raise UserError(str(e)) from None
+    finally:
+        dist.cleanup()
+    if is_main:
+        print(summary_table(results))
+        print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}")
     return 0

@@ -13,6 +13,10 @@ lists of PIL images.
 
 Each task runs once per shot count k; k > 0 runs once per seed (different demonstrations) and
 reports the mean and the sample standard deviation over seeds. Greedy decoding throughout.
+
+Requests run in batches sorted by prompt length (less padding); under torchrun the batches are
+split over ranks and the outputs merged in input order (:mod:`vlmforge.eval.ranks`), so any number
+of ranks gives the one-rank results.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from vlmforge import dist
 from vlmforge.config import save_resolved
 from vlmforge.config.recipe import Recipe
+from vlmforge.eval import ranks
 from vlmforge.eval.fewshot import DemoPool, build_messages
 from vlmforge.eval.items import TaskError
 from vlmforge.eval.kind import Scored, count_unresolved
@@ -38,7 +44,7 @@ from vlmforge.eval.specs import parse_task_specs
 from vlmforge.eval.tasks import Task, load_task
 from vlmforge.files import atomic_write_text, write_json, write_manifest
 from vlmforge.imagedecode import ImageTooLargeError
-from vlmforge.model.decoding import generate
+from vlmforge.model.decoding import generate, prompt_ids
 from vlmforge.model.likelihood import continuation_logprobs
 
 GenerateFn = Callable[[list[list[dict]], list[list[Any]]], list[str]]
@@ -74,6 +80,44 @@ def _load_images(refs, item_id: str) -> list:
         raise ImageLoadError(f"item {item_id!r}: cannot decode image: {e}") from None
 
 
+def model_prompt_length(model, tokenizer) -> Callable[[list[dict], int], int]:
+    """The prompt's length in model tokens (chat template, images expanded to visual tokens)."""
+    def length(messages: list[dict], n_images: int) -> int:
+        try:
+            return len(prompt_ids(model, tokenizer, messages, n_images))
+        except ValueError:  # a marker/image mismatch: generation reports it
+            return 0
+    return length
+
+
+def _run_batch(task: Task, batch: list, generate_fn: GenerateFn, rank_fn: RankFn | None) -> dict[int, dict]:
+    """``{request index: output}`` for one batch of (index, request): ``{"text": reply}``,
+    ``{"logprobs": [...]}`` (likelihood protocol) or ``{"dropped": reason, "error": message}``."""
+    out: dict[int, dict] = {}
+    ready, images = [], []
+    for index, req in batch:
+        try:
+            images.append(_load_images(req[3], req[0].id))
+        except ImageLoadError as e:
+            out[index] = {"dropped": e.reason, "error": str(e)}
+            continue
+        ready.append((index, req))
+    if not ready:
+        return out
+    prompts = [req[2] for _, req in ready]
+    if rank_fn is None:
+        replies = generate_fn(prompts, images)
+        if len(replies) != len(ready):
+            raise RuntimeError(f"generate returned {len(replies)} outputs for {len(ready)} prompts")
+        out.update({index: {"text": text} for (index, _), text in zip(ready, replies)})
+    else:
+        ranked = rank_fn(prompts, images, [list(req[0].options.values()) for _, req in ready])
+        if len(ranked) != len(ready):
+            raise RuntimeError(f"rank_fn returned {len(ranked)} outputs for {len(ready)} prompts")
+        out.update({index: {"logprobs": [float(x) for x in lps]} for (index, _), lps in zip(ready, ranked)})
+    return out
+
+
 def run_task_once(
     task: Task,
     generate_fn: GenerateFn,
@@ -83,12 +127,21 @@ def run_task_once(
     strict: bool = True,
     progress: bool = True,
     rank_fn: RankFn | None = None,
+    *,
+    prompt_length: Callable[[list[dict], int], int] | None = None,
+    distributed: bool | None = None,
 ) -> tuple[list[Scored], list[dict], dict[str, int]]:
     """One pass over a task: (scored records, prediction rows, dropped-item counts).
 
     With ``rank_fn`` (the likelihood protocol, multiple choice at 0 shots) the query is asked as an
     open question (no option list, short-answer suffix) and the option text the model finds most
-    likely is its answer; otherwise ``generate_fn``'s text is parsed by the task's scorer."""
+    likely is its answer; otherwise ``generate_fn``'s text is parsed by the task's scorer.
+
+    Requests run in batches sorted by ``prompt_length(messages, n_images)``, longest first (None: in
+    input order); under torchrun each rank runs every world_size-th batch and the outputs are merged
+    (``eval.ranks``), then scored in input order, so records and rows are those of one rank.
+    ``distributed``: None = split when a process group is initialised; False = this process runs
+    every batch alone (no collectives, e.g. rank 0 evaluating while the others wait)."""
     pool = DemoPool(task.support_items if task.support_items is not None else task.items) if shots > 0 else None
     requests = []
     for item in task.items:
@@ -96,50 +149,51 @@ def run_task_once(
         messages, refs = build_messages(task.kind, task.scorer, item, demos, likelihood=rank_fn is not None)
         requests.append((item, demos, messages, refs))
 
+    lengths = [prompt_length(req[2], len(req[3])) if prompt_length else 0 for req in requests]
+    split = dist.world_size() > 1 if distributed is None else bool(distributed)
+    batches = ranks.length_sorted_batches(lengths, batch_size)
+    mine = ranks.rank_batches(batches) if split else batches
+    label = task.name + (f" {shots}-shot seed {seed}" if shots else "")
+    outputs: dict[int, dict] = {}
+    for batch in tqdm(mine, desc=f"eval {label}", unit="batch", disable=not progress or (split and not dist.is_main())):
+        found = _run_batch(task, [(i, requests[i]) for i in batch], generate_fn, rank_fn)
+        outputs.update(found)
+        if strict and any("dropped" in o for o in found.values()):
+            break  # this rank stops at its first bad image; the merge below reports it on every rank
+    if split:
+        outputs = ranks.merge_outputs(outputs)
+
     records: list[Scored] = []
     rows: list[dict] = []
     dropped: dict[str, int] = {}
-    label = task.name + (f" {shots}-shot seed {seed}" if shots else "")
-    batches = range(0, len(requests), batch_size)
-    for start in tqdm(batches, desc=f"eval {label}", unit="batch", disable=not progress):
-        batch, images = [], []
-        for req in requests[start:start + batch_size]:
-            try:
-                images.append(_load_images(req[3], req[0].id))
-            except ImageLoadError as e:
-                if strict:
-                    raise TaskError(f"task {task.name!r} ({req[0].meta.get('source')}): {e}") from None
-                dropped[e.reason] = dropped.get(e.reason, 0) + 1
-                continue
-            batch.append(req)
-        if not batch:
+    for index, (item, demos, messages, refs) in enumerate(requests):
+        got = outputs.get(index)
+        if got is None:  # not run: another request failed first in strict mode
             continue
-        ranked: list = [None] * len(batch)
-        if rank_fn is None:
-            outputs = generate_fn([req[2] for req in batch], images)
-        else:
-            ranked = rank_fn([req[2] for req in batch], images, [list(req[0].options.values()) for req in batch])
-            outputs = [max(zip(lp, req[0].options), key=lambda pair: pair[0])[1] for req, lp in zip(batch, ranked)]
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"generate returned {len(outputs)} outputs for {len(batch)} prompts")
-        for (item, demos, messages, refs), out, lps in zip(batch, outputs, ranked):
-            if lps is None:
-                text = out
-                rec = task.scorer.score_prediction(text, item)
-            else:  # ``out`` is the chosen letter, known exactly: no text parsing
-                text = item.options[out]
-                rec = Scored(item=item, prediction=text, extracted=out, score=float(task.scorer.score(out, item)))
-            records.append(rec)
-            row = {
-                "task": task.name, "shots": shots, "seed": seed if shots else None, "id": item.id,
-                "prompt": messages[-1]["content"], "demos": [d.id for d in demos], "n_images": len(refs),
-                "prediction": text, "extracted": rec.extracted,
-                "answer": item.answers if item.answers is not None else item.answer,
-                "score": rec.score, "correct": rec.score == 1.0,
-            }
-            if lps is not None:
-                row["option_logprobs"] = dict(zip(item.options, lps))
-            rows.append(row)
+        if "dropped" in got:
+            if strict:
+                raise TaskError(f"task {task.name!r} ({item.meta.get('source')}): {got['error']}")
+            dropped[got["dropped"]] = dropped.get(got["dropped"], 0) + 1
+            continue
+        lps = got.get("logprobs")
+        if lps is None:
+            text = got["text"]
+            rec = task.scorer.score_prediction(text, item)
+        else:  # the most likely option's letter is the answer, known exactly: no text parsing
+            letter = max(zip(lps, item.options), key=lambda pair: pair[0])[1]
+            text = item.options[letter]
+            rec = Scored(item=item, prediction=text, extracted=letter, score=float(task.scorer.score(letter, item)))
+        records.append(rec)
+        row = {
+            "task": task.name, "shots": shots, "seed": seed if shots else None, "id": item.id,
+            "prompt": messages[-1]["content"], "demos": [d.id for d in demos], "n_images": len(refs),
+            "prediction": text, "extracted": rec.extracted,
+            "answer": item.answers if item.answers is not None else item.answer,
+            "score": rec.score, "correct": rec.score == 1.0,
+        }
+        if lps is not None:
+            row["option_logprobs"] = dict(zip(item.options, lps))
+        rows.append(row)
     return records, rows, dropped
 
 
@@ -159,16 +213,20 @@ def evaluate_task(
     strict: bool = True,
     progress: bool = True,
     rank_fn: RankFn | None = None,
+    *,
+    prompt_length: Callable[[list[dict], int], int] | None = None,
+    distributed: bool | None = None,
 ) -> tuple[dict, list[dict]]:
     """Metrics of one task at one shot count (mean/std over seeds when k > 0), and prediction rows.
-    ``rank_fn``: the likelihood protocol (see ``run_task_once``)."""
+    ``rank_fn``: the likelihood protocol; ``prompt_length``: the batching order (see ``run_task_once``)."""
     run_seeds = list(seeds) if shots > 0 else [0]
     if shots > 0 and not run_seeds:
         raise ValueError("k-shot evaluation needs at least one seed")
     per_seed, all_rows, unresolved, dropped = [], [], [], {}
     n_scored = 0
     for seed in run_seeds:
-        records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress, rank_fn)
+        records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress, rank_fn,
+                                            prompt_length=prompt_length, distributed=distributed)
         per_seed.append(task.scorer.aggregate(records))
         unresolved.append(count_unresolved(records))
         all_rows += rows
@@ -224,6 +282,8 @@ def evaluate(
     config: Recipe | None = None,
     info: dict | None = None,
     progress: bool = True,
+    prompt_length: Callable[[list[dict], int], int] | None = None,
+    distributed: bool | None = None,
 ) -> dict[str, dict]:
     """Evaluate on tasks; return ``{task_key: {metrics, chance, counts, primary, ...}}``.
 
@@ -233,6 +293,13 @@ def evaluate(
     SEED-Bench style, 0-shot only; results under ``name@likelihood``). Other tasks always generate.
     ``out_dir``: when given, write ``results.json``, ``predictions.jsonl`` (and ``config.yaml``
     when ``config`` is a recipe) and ``manifest.json``.
+
+    Under torchrun (a process group is initialised) every rank calls this with the same arguments:
+    each runs its share of the batches, all get the same results, rank 0 writes the outputs. Each
+    rank runs its own forward passes (a different number per rank), so the model must not be
+    FSDP-sharded; ``distributed=False`` makes the calling process evaluate everything alone.
+    Batches are sorted by prompt length: in model tokens with a model, else by ``prompt_length``
+    when given, else they follow the input order.
     """
     bad = [p for p in mc_protocols if p not in MC_PROTOCOLS]
     if bad or not mc_protocols:
@@ -245,6 +312,8 @@ def evaluate(
         if model is None or tokenizer is None:
             raise ValueError("the likelihood protocol needs a model and tokenizer, or a rank_fn")
         rank_fn = model_rank_fn(model, tokenizer)
+    if prompt_length is None and model is not None and tokenizer is not None:
+        prompt_length = model_prompt_length(model, tokenizer)
     loaded = []
     for entry in [tasks] if isinstance(tasks, str) else list(tasks):
         if isinstance(entry, Task):
@@ -273,21 +342,27 @@ def evaluate(
         by_likelihood = "likelihood" in mc_protocols and task.scorer.supports_likelihood
         for k in shots:
             if "generate" in mc_protocols or not task.scorer.supports_likelihood:
-                res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress)
+                res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress,
+                                          prompt_length=prompt_length, distributed=distributed)
                 results[result_key(task.name, k)] = res
                 predictions += rows
         if by_likelihood:
             # The options are not in the prompt, so CircularEval's rotations would all rank alike:
             # score each question once (its circular accuracy is then its plain accuracy).
             once = dataclasses.replace(task, items=[it for it in task.items if it.meta.get("rotation", 0) == 0])
-            res, rows = evaluate_task(once, generate_fn, 0, seeds, batch_size, strict, progress, rank_fn)
+            res, rows = evaluate_task(once, generate_fn, 0, seeds, batch_size, strict, progress, rank_fn,
+                                      prompt_length=prompt_length, distributed=distributed)
             results[result_key(task.name, 0, "likelihood")] = res
             predictions += [dict(r, protocol="likelihood") for r in rows]
 
-    if out_dir is not None:
+    split = dist.world_size() > 1 if distributed is None else bool(distributed)
+    if out_dir is not None and (dist.is_main() or not split):
         settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                    "shots": shots, "seeds": list(seeds), "strict": strict, "mc_protocols": list(mc_protocols)}
+                    "shots": shots, "seeds": list(seeds), "strict": strict, "mc_protocols": list(mc_protocols),
+                    "world_size": dist.world_size() if split else 1}
         write_outputs(out_dir, results, predictions, settings, config, info or {}, time.time() - started)
+    if split:
+        dist.barrier()
     return results
 
 

@@ -3,11 +3,14 @@ temperature/top-p sampling, stop at `<|im_end|>` (or EOS).
 
 Prompts are left-padded; we pass explicit additive masks (padding keys masked) and explicit
 positions (restart per prompt, or V2PE with the configured delta) at prefill and at every step,
-so cached and uncached decoding compute the same thing.
+so cached and uncached decoding compute the same thing. Sampling draws each prompt's tokens from
+its own generator (seeded per prompt), so a prompt's answer does not depend on the batch it is in.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -52,7 +55,29 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, valid
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters  # deprecate_kwarg keeps the signature
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(lm, cache) -> dict:
+    """The KV-cache keyword of ``lm``'s forward: ``cache`` since transformers 5.24 (which deprecates
+    ``past_key_values``, to be removed in 5.40), ``past_key_values`` in older versions."""
+    return {_cache_argument(type(lm)): cache}
+
+
+def row_generators(seed: int | Sequence[int] | None, rows: int, device) -> list[torch.Generator] | None:
+    """One generator per prompt: ``seed`` an int (every prompt seeded alike) or one seed per prompt."""
+    if seed is None:
+        return None
+    seeds = [int(seed)] * rows if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator] | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -61,7 +86,10 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
         keep = sp.cumsum(-1) - sp < top_p  # smallest prefix whose mass reaches top_p (top-1 always kept)
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    if gens is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[r : r + 1], 1, generator=g) for r, g in enumerate(gens)]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -76,14 +104,17 @@ def generate_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     v2pe_delta: float | None = None,
 ) -> list[list[int]]:
-    """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded)."""
+    """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded).
+
+    Sampling (temperature > 0): ``seed`` seeds each row's own generator (an int: every row alike;
+    a sequence: one seed per row; None: torch's global generator)."""
     model.use_sdpa()  # cached decoding uses explicit 4D masks
     b = input_ids.shape[0]
     dev = input_ids.device
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    gens = row_generators(seed, b, dev) if temperature > 0 else None
     seq_ids = torch.where(key_valid, 0, -1)
     embeds = model.embed(input_ids, pixel_values, seq_ids)
     delta = model.v2pe_delta if v2pe_delta is None else v2pe_delta
@@ -97,14 +128,14 @@ def generate_ids(
     pos = positions(input_ids, seq_ids)
     cache = DynamicCache(config=model.llm.config) if use_cache else None
     mask = attn.additive_mask(seq_ids, "causal", embeds.dtype)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=use_cache)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **cache_kwargs(lm, cache))
     logits = head(out.last_hidden_state[:, -1])
     new = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     ids_all, embeds_all, valid_all = input_ids, embeds, key_valid
     for _ in range(max_new_tokens):
         logits[:, model.image_token_id] = torch.finfo(logits.dtype).min  # never emit a placeholder
-        tok = _pick(logits, temperature, top_p, gen)
+        tok = _pick(logits, temperature, top_p, gens)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         for r, t in enumerate(tok.tolist()):
             if not done[r]:
@@ -120,7 +151,7 @@ def generate_ids(
         if use_cache:
             pos = pos[:, -1:] + 1  # the previous token is text: +1 in every position mode
             mask = attn.key_padding_mask(valid_all, 1, emb.dtype)
-            out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(lm, cache))
         else:
             embeds_all = torch.cat([embeds_all, emb], 1)
             sids = torch.where(valid_all, 0, -1)
@@ -139,10 +170,13 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
-    seed: int | None = 0,
+    seed: int | Sequence[int] | None = 0,
     return_ids: bool = False,
 ):
-    """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i."""
+    """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i.
+
+    Sampling seeds are per prompt (``seed``: one int for all, or one per prompt), so a prompt's
+    sampled answer is the same in any batch."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     if not prompts:
