@@ -1,18 +1,22 @@
 """``curate score`` throughput vs the bare model forward on the same batches, side by side.
 
 Builds caption shards of synthetic JPEGs (default 256x192, photo-like) unless ``--in`` is given,
-then measures in one run:
+then measures side by side, each repeat running every row once (the order rotates):
 
   bare forward   the model's own forward (image + text towers, logits) on batches that are
-                 already preprocessed tensors: the ceiling for scoring
-  score (w=0)    ``vlmforge curate score`` end to end: read tar, decode, preprocess, forward,
-                 cosine, write parquet sidecar; reader work in the main process
-  score (w=N)    the same with N DataLoader reader workers
+                 already preprocessed tensors: the ceiling for scoring, at the torch threads the
+                 scoring main process uses next to N readers (``curate.score.model_threads``)
+  score w=N      ``vlmforge curate score`` end to end: read tar, decode, preprocess (N DataLoader
+                 reader workers; 0 = in the main process), forward, cosine, write parquet sidecars
+
+"vs bare" compares with the bare forward at the same thread count. CPU time per image of the main
+process and of the readers is printed too (on a machine whose cores are shared, wall-clock rates
+measure the neighbours as well).
 
 The model is a random CLIP: ``--size tiny`` (the filter-network architecture, 64 px) or
 ``--size base`` (ViT-B/32 geometry, 224 px), unless ``--model DIR`` names a CLIP/SigLIP folder.
 
-    python bench/bench_curate.py --images 512 --batch-size 64 --workers 2
+    python bench/bench_curate.py --images 512 --batch-size 64 --workers 0,1,2 --repeats 3
     python bench/bench_curate.py --images 256 --size base
 """
 
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,11 +65,26 @@ def random_model(out: Path, size: str) -> Path:
     return out
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its children that have exited (the reader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, n: int) -> tuple[float, float, float]:
+    """(images/s, CPU s per image here, in exited children) of ``fn()`` over ``n`` images."""
+    t, (own, kids) = time.perf_counter(), cpu_seconds()
+    fn()
+    wall = time.perf_counter() - t
+    own2, kids2 = cpu_seconds()
+    return n / wall, (own2 - own) / n, (kids2 - kids) / n
+
+
 def main() -> None:
     import torch
 
     from vlmforge.config.curate import ScoreConfig
-    from vlmforge.curate.score import score_shards
+    from vlmforge.curate.score import model_threads, score_shards
     from vlmforge.curate.scorers import load_scorer
     from vlmforge.imagedecode import decode_image
     from vlmforge.shards import iter_raw_samples, list_shards
@@ -76,7 +97,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--image-size", default="256x192", help="synthetic JPEG size WxH")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="0,1,2", help="comma-separated reader worker counts")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -102,27 +124,47 @@ def main() -> None:
                for i in range(0, len(images), args.batch_size)]
     n = len(images)
     scorer.bare_forward(batches[0])  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in batches:
-        scorer.bare_forward(b)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    bare = n / (time.perf_counter() - t0)
+    workers = [int(w) for w in args.workers.split(",")]
 
-    rows = [("bare forward (preprocessed batches)", bare)]
-    for workers in sorted({0, args.workers}):
-        out = tmp / f"scores_w{workers}"
-        t0 = time.perf_counter()
-        score_shards(shards, out, scorer, batch_size=args.batch_size, num_workers=workers)
-        rows.append((f"curate score, {workers} reader workers", n / (time.perf_counter() - t0)))
+    def bare():
+        for b in batches:
+            scorer.bare_forward(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def score(w):
+        out = tmp / f"scores_w{w}_{time.perf_counter_ns()}"
+        score_shards(shards, out, scorer, batch_size=args.batch_size, num_workers=w)
+
+    rows = []
+    for w in workers:
+        with model_threads(dev, w):
+            threads = torch.get_num_threads()
+        if not any(r[0] == f"bare forward, {threads} threads" for r in rows):
+            rows.append((f"bare forward, {threads} threads", 0, threads))
+        rows.append((f"curate score, {w} reader workers", w, threads))
+    results: dict[str, list] = {r[0]: [] for r in rows}
+    for rep in range(args.repeats):
+        k = rep % len(rows)
+        for name, w, threads in rows[k:] + rows[:k]:
+            if name.startswith("bare"):
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                results[name].append(timed(bare, n))
+                torch.set_num_threads(before)
+            else:
+                results[name].append(timed(lambda w=w: score(w), n))
 
     print(f"\n{n} images in {len(shards)} shards, batch {args.batch_size}, device {dev}, model "
-          f"{scorer.info()['model_class']} ({args.model_size + ' random' if args.model is None else args.model})")
-    print(f"{'':40s} {'images/s':>10s} {'vs bare':>8s}")
-    for name, ips in rows:
-        print(f"{name:40s} {ips:10.1f} {ips / bare:8.2f}")
+          f"{scorer.info()['model_class']} ({args.model_size + ' random' if args.model is None else args.model}); "
+          f"{args.repeats} repeats, medians")
+    print(f"{'':36}{'images/s':>9}{'vs bare':>8}{'CPU ms/img main/readers':>25}   each repeat: images/s")
+    med = {name: [statistics.median(col) for col in zip(*runs)] for name, runs in results.items()}
+    for name, _, threads in rows:
+        rate, own, kids = med[name]
+        bare_rate = med[f"bare forward, {threads} threads"][0]
+        each = " ".join(f"{r:.0f}" for r, _, _ in results[name])
+        print(f"{name:36}{rate:9.1f}{rate / bare_rate:8.2f}{f'{own * 1000:.2f} / {kids * 1000:.2f}':>25}   {each}")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,22 @@ Columns: ``key``, ``uid``, ``score`` (float, null where the sample is damaged or
 decode), ``error`` (why), plus scorer-specific columns. Shards are split over torchrun ranks
 (round-robin) and each rank's over DataLoader workers, which read, decode and preprocess whole
 shards; the main process runs the model and writes a shard's sidecar atomically when its last
-batch arrives, with the shard's size, mtime and sha256 in its metadata. A restarted run skips
+batch arrives, with the shard's size, mtime and sha256 in its metadata. On CPU the model's
+intra-op threads leave the readers their cores (``model_threads``). A restarted run skips
 shards whose sidecar exists and rescores a shard whose bytes changed since its sidecar was written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 import torch.utils.data as tud
 
 from vlmforge import dist
@@ -104,6 +108,47 @@ def _py(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+@contextlib.contextmanager
+def model_threads(device: torch.device, workers: int):
+    """The model's intra-op threads on CPU while ``workers`` reader processes run: the cores they
+    leave, at least one. Intra-op threads that share cores with busy readers wait on each other at
+    every parallel op; the readers get one thread each from DataLoader already."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _score_items(loader, scorer, out: Path, stems: list[str], bar) -> int:
+    """Score the prepared batches as they come; write each shard's sidecar at its last batch.
+    Returns the samples scored."""
+    pending: dict[int, list] = {}
+    n_scored = 0
+    for item in loader:
+        i = item["index"]
+        rows = pending.setdefault(i, [])
+        for p, k, u, e in item["errors"]:
+            rows.append({"_pos": p, "key": k, "uid": u, "score": None, "error": e})
+        if item["batch"] is not None:
+            cols = scorer.score(item["batch"])
+            n_scored += len(item["keys"])
+            for j, (p, k, u) in enumerate(zip(item["pos"], item["keys"], item["uids"])):
+                row = {"_pos": p, "key": k, "uid": u, "error": None}
+                for col, vals in cols.items():
+                    v = _py(vals[j])
+                    row[col] = None if isinstance(v, float) and np.isnan(v) else v
+                rows.append(row)
+        if item["last"]:
+            write_parquet_atomic(_sidecar_table(pending.pop(i)), out / f"{stems[i]}.parquet",
+                                 signature=item["signature"])
+            next(bar, None)
+    return n_scored
+
+
 def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_workers: int = 0,
                  config: Recipe | None = None, settings: dict | None = None) -> dict:
     out = Path(out_dir)
@@ -127,31 +172,16 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
         print(f"curate score: {len(changed)} shard(s) changed since they were scored (or predate recorded signatures), rescoring: "
               + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""), flush=True)
     t0, n_scored = time.time(), 0
+    workers = min(num_workers, len(todo))
     if todo:
         ds = as_iterable_dataset(_ScoreBatches(todo, scorer, batch_size))
-        loader = tud.DataLoader(ds, batch_size=None, num_workers=min(num_workers, len(todo)))
-        pending: dict[int, list] = {}
+        loader = tud.DataLoader(ds, batch_size=None, num_workers=workers)
         bar = progress(range(len(todo)), total=len(todo), desc=f"score ({scorer.info()['scorer']})")
-        for item in loader:
-            i = item["index"]
-            rows = pending.setdefault(i, [])
-            for p, k, u, e in item["errors"]:
-                rows.append({"_pos": p, "key": k, "uid": u, "score": None, "error": e})
-            if item["batch"] is not None:
-                cols = scorer.score(item["batch"])
-                n_scored += len(item["keys"])
-                for j, (p, k, u) in enumerate(zip(item["pos"], item["keys"], item["uids"])):
-                    row = {"_pos": p, "key": k, "uid": u, "error": None}
-                    for col, vals in cols.items():
-                        v = _py(vals[j])
-                        row[col] = None if isinstance(v, float) and np.isnan(v) else v
-                    rows.append(row)
-            if item["last"]:
-                write_parquet_atomic(_sidecar_table(pending.pop(i)), out / f"{stems[i]}.parquet",
-                                     signature=item["signature"])
-                next(bar, None)
+        with model_threads(torch.device(getattr(scorer, "device", "cpu")), workers):
+            n_scored = _score_items(loader, scorer, out, stems, bar)
         for _ in bar:
             pass
+    elapsed = time.time() - t0
     elapsed = time.time() - t0
     dist.barrier()
 

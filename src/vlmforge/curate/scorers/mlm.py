@@ -236,7 +236,7 @@ def expected_scores(model, prompt: list[int], pixel_values: torch.Tensor, cands:
     lm, head = model.llm.model, model.llm.get_output_embeddings()
     cache = DynamicCache(config=model.llm.config)
     out = lm(inputs_embeds=embeds, attention_mask=attn.additive_mask(seq, "causal", embeds.dtype),
-             position_ids=pos, past_key_values=cache, use_cache=True)
+             position_ids=pos, use_cache=True, **decoding.cache_kwargs(lm, cache))
     first = torch.log_softmax(head(out.last_hidden_state[:, -1]).float(), -1)  # [1, V]
     cand_ids, lens = _candidate_batch(cands)
     k = cand_ids.shape[1]
@@ -248,7 +248,7 @@ def expected_scores(model, prompt: list[int], pixel_values: torch.Tensor, cands:
                                  causal_offset=p)
     c_pos = pos[:, -1:] + 1 + torch.arange(fed, device=dev)[None]  # text after the prompt: +1 per token
     out = lm(inputs_embeds=c_emb, attention_mask=mask, position_ids=c_pos.expand(n, -1),
-             past_key_values=cache, use_cache=True)
+             use_cache=True, **decoding.cache_kwargs(lm, cache))
     rest = torch.log_softmax(head(out.last_hidden_state).float(), -1)  # [n, fed, V]
     logp = torch.cat([first.expand(n, -1)[:, None], rest], 1)
     total = _sum_logprobs(logp[:, :k], cand_ids, lens)

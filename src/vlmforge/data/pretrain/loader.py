@@ -18,6 +18,15 @@ or left out (``"drop"``; with fewer packs than one global batch it wraps anyway)
 workers take the rank's batches round-robin and torch returns them in order, so the batch order
 does not depend on ``num_workers``. ``state_dict()`` = {epoch, batch consumed}; after
 ``load_state_dict`` the loader yields exactly the batches it would have yielded next.
+
+A pack's images are preprocessed into one buffer that the collated batch uses as it is
+(:func:`pixels_of`). Worker processes hand their batches over through shared memory, whose pages
+cost far more to fill than the process's own (no transparent huge pages for shared memory), so a
+float32 batch of large images is dear to hand over next to its decoding. So workers send the
+resized images as uint8, a quarter of the bytes, through buffers they reuse (:class:`PixelSlots`),
+and the main process rescales and normalises them (:func:`receive_from_worker`, the arithmetic of
+:func:`vlmforge.images.preprocess_into`, so the values are bit-identical to a batch built in one
+process).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.utils.data as tud
+from PIL import Image
 
 from vlmforge import dist
 from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
@@ -40,11 +50,12 @@ from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.imagedecode import ImageDecodeError, decode_image
-from vlmforge.images import preprocess_batch
+from vlmforge.images import preprocess_into
 
 log = logging.getLogger(__name__)
 
 REMAINDER = ("wrap", "drop")
+PREFETCH = 2  # batches each DataLoader worker prepares ahead (torch's default)
 
 
 class PackedDataError(UserError, ValueError):
@@ -89,6 +100,122 @@ def text_sample(
     if add_sep and not supervise_sep:
         labels[-1] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def resize_uint8_into(image, spec: dict, out: np.ndarray) -> None:
+    """The first steps of :func:`vlmforge.images.preprocess_into` (RGB, bicubic resize, channels
+    first) into a uint8 [3, size, size] array; :func:`normalise_pixels` does the rest."""
+    size = int(spec["size"])
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    np.copyto(out, np.asarray(image).transpose(2, 0, 1))
+
+
+def normalise_pixels(pixels: torch.Tensor, spec: dict) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 rescaled and normalised, with the operations and operand
+    dtypes of :func:`vlmforge.images.preprocess_into` (bit-identical values); one image at a time,
+    so the second and third pass find it in cache."""
+    mean = np.asarray(spec["mean"], np.float32)
+    std = np.asarray(spec["std"], np.float32)
+    scale = (np.float32(spec.get("rescale", 1 / 255)) / std)[:, None, None]
+    offset = (-mean / std)[:, None, None]
+    src = pixels.numpy()
+    out = np.empty(src.shape, dtype=np.float32)
+    for k in range(src.shape[0]):
+        np.copyto(out[k], src[k], casting="unsafe")
+        out[k] *= scale
+        out[k] += offset
+    return torch.from_numpy(out)
+
+
+def pixels_of(images: Sequence, spec: dict, as_uint8: bool = False) -> torch.Tensor:
+    """Decoded images -> one [N, 3, size, size] buffer: preprocessed float32
+    (:func:`vlmforge.images.preprocess_into`), or (``as_uint8``) resized uint8 images for
+    :func:`normalise_pixels`."""
+    size = int(spec["size"])
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8 if as_uint8 else np.float32)
+    fill = resize_uint8_into if as_uint8 else preprocess_into
+    for k, im in enumerate(images):
+        fill(im, spec, out[k])
+    return torch.from_numpy(out)
+
+
+class PixelSlots:
+    """Shared-memory buffers that DataLoader workers reuse to hand uint8 pixels to the main process.
+
+    A fresh shared-memory segment per batch pays a page fault on each of its pages (no huge pages
+    for shared memory), so each worker cycles through ``per_worker`` buffers of its own. A buffer is
+    busy from the worker's copy until the main process has normalised the batch
+    (:func:`receive_from_worker`, before it asks for the next one); a worker that finds its buffers busy
+    sends the batch in a fresh segment instead, so nothing waits and nothing is overwritten early.
+    With DataLoader's in-order delivery a worker holds at most ``prefetch_factor`` batches the main
+    process has not taken, so ``prefetch_factor + 2`` buffers are never all busy."""
+
+    def __init__(self, workers: int, per_worker: int):
+        self.per_worker = int(per_worker)
+        self.busy = torch.zeros(int(workers) * self.per_worker, dtype=torch.int32).share_memory_()
+        self.buffers: dict[int, torch.Tensor] = {}  # a worker's own buffers (none in the main process)
+        self.next = 0
+        self.held: dict[int, torch.Tensor] = {}  # main process: the last tensor of each buffer, mapped once
+
+    def put(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """In a worker: ``pixels`` copied into a free buffer of this worker, and the buffer's number
+        (-1 and ``pixels`` itself when all are busy, or outside a worker)."""
+        info = tud.get_worker_info()
+        if info is None:
+            return pixels, -1
+        for step in range(self.per_worker):
+            k = (self.next + step) % self.per_worker
+            slot = info.id * self.per_worker + k
+            if int(self.busy[slot]) == 0:
+                break
+        else:
+            return pixels, -1
+        self.next = (k + 1) % self.per_worker
+        n = pixels.numel()
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[slot] = torch.empty(n + n // 4, dtype=torch.uint8).share_memory_()
+        self.busy[slot] = 1
+        out = buf[:n].view(pixels.shape)
+        out.copy_(pixels)
+        return out, slot
+
+    def release(self, slot: int, pixels: torch.Tensor) -> None:
+        """In the main process, once ``pixels`` (from buffer ``slot``) is no longer read."""
+        if slot >= 0:
+            self.held[slot] = pixels  # keeps the mapping: the next batch in this buffer maps nothing new
+            self.busy[slot] = 0
+
+
+def send_from_worker(batch: dict, slots: PixelSlots) -> dict:
+    """In a worker, a collated batch as it crosses to the main process: the uint8 pixels in one of
+    the worker's shared buffers, the other tensors as numpy arrays (pickled through the pipe: a
+    shared-memory segment per small tensor costs more than its bytes)."""
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            out[key], out["pixel_slot"] = slots.put(value)
+        else:
+            out[key] = value.numpy() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def receive_from_worker(batch: dict, spec: dict, slots: PixelSlots) -> dict:
+    """In the main process, the training batch from what :func:`send_from_worker` sent: tensors
+    back, the uint8 pixels rescaled and normalised (in a new buffer) and the worker's buffer freed."""
+    slot = batch.pop("pixel_slot", -1)
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    pv = out.get("pixel_values")
+    if pv is not None and pv.dtype == torch.uint8:
+        out["pixel_values"] = normalise_pixels(pv, spec)
+    slots.release(int(slot), pv)
+    return out
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -140,6 +267,10 @@ class PackedDataset:
         return r, i - int(self.offsets[r])
 
     def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return self.load(i)
+
+    def load(self, i: int, as_uint8: bool = False) -> list[dict[str, Any]]:
+        """Pack ``i`` (``as_uint8``: its images resized but not normalised, see :func:`pixels_of`)."""
         r, j = self._locate(int(i))
         meta, tokens, images = self.readers[r].read_pack(j)
         kept, decoded, at, img = [], [], 0, 0
@@ -163,7 +294,7 @@ class PackedDataset:
             kept.append((s, ids))
         # All images of the pack go into one buffer; samples hold consecutive views of it, so
         # collating a one-pack batch needs no copy.
-        pixels = preprocess_batch(decoded, self.image_spec) if decoded else torch.zeros(0)
+        pixels = pixels_of(decoded, self.image_spec, as_uint8) if decoded else torch.zeros(0)
         samples, k = [], 0
         for s, ids in kept:
             if s["kind"] == "text":
@@ -179,14 +310,28 @@ class PackedDataset:
         return samples
 
 
-class _Collate:
-    """Picklable collate_fn (DataLoader workers under spawn)."""
+class _WorkerPacks(tud.Dataset):
+    """The packs as DataLoader workers read them: images resized, as uint8 (see the module docstring)."""
 
-    def __init__(self, pad_id: int, pad_to: int | None, positions: str):
-        self.pad_id, self.pad_to, self.positions = pad_id, pad_to, positions
+    def __init__(self, dataset: PackedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset.load(i, as_uint8=True)
+
+
+class _Collate:
+    """Picklable collate_fn (DataLoader workers under spawn); in workers the pixels go to ``slots``."""
+
+    def __init__(self, pad_id: int, pad_to: int | None, positions: str, slots: PixelSlots | None = None):
+        self.pad_id, self.pad_to, self.positions, self.slots = pad_id, pad_to, positions, slots
 
     def __call__(self, packs):
-        return collate_packs(packs, self.pad_id, pad_to=self.pad_to, positions=self.positions)
+        batch = collate_packs(packs, self.pad_id, pad_to=self.pad_to, positions=self.positions)
+        return batch if self.slots is None else send_from_worker(batch, self.slots)
 
 
 class PackedLoader:
@@ -275,16 +420,20 @@ class PackedLoader:
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (empty if it is used up); afterwards the next epoch is current."""
         plan = self.epoch_plan(self.epoch)[self.batch :]
+        workers = self.num_workers > 0
+        slots = PixelSlots(self.num_workers, PREFETCH + 2) if workers else None
+        c = self.collate
         dl = tud.DataLoader(
-            self.dataset,
+            _WorkerPacks(self.dataset) if workers else self.dataset,
             batch_sampler=[[int(i) for i in b] for b in plan],
-            collate_fn=self.collate,
+            collate_fn=_Collate(c.pad_id, c.pad_to, c.positions, slots),
             num_workers=self.num_workers,
+            prefetch_factor=PREFETCH if workers else None,
             persistent_workers=False,
         )
         for batch in dl:
             self.batch += 1
-            yield batch
+            yield receive_from_worker(batch, self.dataset.image_spec, slots) if workers else batch
         self.epoch, self.batch = self.epoch + 1, 0
 
     # -- resume -------------------------------------------------------------------------

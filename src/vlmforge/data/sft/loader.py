@@ -14,6 +14,10 @@ of ``world_size`` batches so ranks never wait on each other); DataLoader workers
 batches round-robin too, and torch returns worker results in order, so the batch order does not
 depend on ``num_workers``. A bad sample (:mod:`.samples`) is skipped and counted by reason
 (``loader.skipped``); in strict mode it raises.
+
+A batch's images are preprocessed into one buffer that the collated batch uses as it is. Workers
+send them resized as uint8 and the main process normalises them, for the reason and with the
+arithmetic of the packed loader (:func:`vlmforge.data.pretrain.loader.receive_from_worker`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from vlmforge.config.recipe import Recipe
 from vlmforge.config.sft import SFTDataConfig
 from vlmforge.data.collate import collate_packs
 from vlmforge.data.packer import plan_packs
+from vlmforge.data.pretrain.loader import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.data.sft.samples import SFTDataset
 
@@ -97,14 +102,18 @@ class _Worker(tud.IterableDataset):
     """The rank's batches j = start + worker id + k * workers of the epoch plan (runs in DataLoader
     workers, or in this process)."""
 
-    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int):
+    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int, slots: PixelSlots | None = None):
         self.loader, self.plan, self.start, self.n_local = loader, plan, start, n_local
+        self.slots = slots  # set in workers: uint8 pixels through reused shared buffers
 
     def __iter__(self):
         info = tud.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for j in range(self.start + wid, self.n_local, nw):
-            yield self.loader.build_batch(self.plan, j)
+            item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None)
+            if self.slots is not None and item["batch"] is not None:
+                item["batch"] = send_from_worker(item["batch"], self.slots)
+            yield item
 
 
 def _as_is(item):
@@ -185,16 +194,19 @@ class SFTLoader:
 
     # -- building -----------------------------------------------------------------------
     def _sample(self, i: int, skipped: dict) -> dict | None:
+        """Record ``i`` as a sample whose ``images`` are decoded, not yet preprocessed."""
         try:
-            return self.ds[int(i)]
+            ids, labels, images = self.ds.decoded(int(i))
         except SFTDataError as e:
             if self.strict:
                 raise
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             return None
+        return {"input_ids": ids, "labels": labels, "images": images}
 
-    def build_batch(self, plan, j: int) -> dict:
-        """Rank-local batch ``j`` of the plan (global batch ``j * world + rank``)."""
+    def build_batch(self, plan, j: int, as_uint8: bool = False) -> dict:
+        """Rank-local batch ``j`` of the plan (global batch ``j * world + rank``); ``as_uint8``:
+        its pixel values resized but not normalised (``receive_from_worker`` finishes them)."""
         records, row_starts, batch_starts = plan
         g = j * self.world + self.rank
         skipped: dict[str, int] = {}
@@ -214,23 +226,36 @@ class SFTLoader:
                 used += n
             if row:
                 rows.append(row)
+        # every image of the batch into one buffer, in the collator's order; samples hold views of it
+        images = [im for row in rows for s in row for im in s["images"]]
+        pixels = pixels_of(images, self.ds.image_spec, as_uint8) if images else None
+        at = 0
+        for row in rows:
+            for s in row:
+                n = len(s.pop("images"))
+                s["pixel_values"] = pixels[at : at + n] if n else None
+                at += n
         batch = collate_packs(rows, self.pad_id) if rows else None
         return {"batch": batch, "skipped": skipped, "j": j}
 
     # -- iteration ----------------------------------------------------------------------
     def _epoch_items(self, plan, start: int, n_local: int) -> Iterator[dict]:
-        worker = _Worker(self, plan, start, n_local)
         if self.num_workers <= 0:
-            yield from worker
+            yield from _Worker(self, plan, start, n_local)
             return
+        slots = PixelSlots(self.num_workers, PREFETCH + 2)
         dl = tud.DataLoader(
-            worker,
+            _Worker(self, plan, start, n_local, slots),
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_as_is,
+            prefetch_factor=PREFETCH,
             persistent_workers=False,
         )
-        yield from dl
+        for item in dl:
+            if item["batch"] is not None:
+                item["batch"] = receive_from_worker(item["batch"], self.ds.image_spec, slots)
+            yield item
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; afterwards the next epoch is current."""

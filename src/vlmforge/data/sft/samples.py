@@ -18,14 +18,14 @@ from vlmforge.data.collate import IGNORE_INDEX
 from vlmforge.data.sft.index import SFTIndex, open_index
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.files import PathOutsideRootError, resolve_inside
-from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError
-from vlmforge.images import load_pixel_values
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.images import preprocess, preprocess_batch
 from vlmforge.text.chat import encode_conversation
 from vlmforge.text.tokenization import image_token_id
 
 
-def load_pixels(path: str, spec: dict) -> torch.Tensor:
-    """Image file -> FloatTensor[3, size, size]; SFTDataError(reason missing_image | bad_image |
+def read_image(path: str):
+    """Image file -> decoded RGB ``PIL.Image``; SFTDataError(reason missing_image | bad_image |
     image_too_large)."""
     try:
         with open(path, "rb") as f:
@@ -33,11 +33,16 @@ def load_pixels(path: str, spec: dict) -> torch.Tensor:
     except FileNotFoundError:
         raise SFTDataError(f"image file not found: {path}", "missing_image") from None
     try:
-        return load_pixel_values(data, spec)
+        return decode_image(data)
     except ImageTooLargeError as e:
         raise SFTDataError(f"{path}: {e}", "image_too_large") from None
     except ImageDecodeError as e:
         raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
+
+
+def load_pixels(path: str, spec: dict) -> torch.Tensor:
+    """Image file -> FloatTensor[3, size, size]; SFTDataError as :func:`read_image`."""
+    return preprocess(read_image(path), spec)
 
 
 class SFTDataset:
@@ -97,16 +102,19 @@ class SFTDataset:
             raise SFTDataError(f"{self.index.where(i)}: {ids.size} tokens > max_len {self.max_len}", "too_long")
         return ids, labels, images
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def decoded(self, i: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """(input_ids, labels, decoded RGB images) of record ``i``; SFTDataError names the record."""
         ids, labels, images = self.tokens(i)
-        pixel_values = None
-        if images:
-            if self.image_spec is None:
-                raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
-            try:
-                paths = [resolve_inside(self.image_root or ".", p, allow_absolute=self.allow_absolute_paths,
-                                        dir_cache=self._dirs) for p in images]
-                pixel_values = torch.stack([load_pixels(str(p), self.image_spec) for p in paths])
-            except (PathOutsideRootError, SFTDataError) as e:
-                raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
+        if images and self.image_spec is None:
+            raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
+        try:
+            paths = [resolve_inside(self.image_root or ".", p, allow_absolute=self.allow_absolute_paths,
+                                    dir_cache=self._dirs) for p in images]
+            return ids, labels, [read_image(str(p)) for p in paths]
+        except (PathOutsideRootError, SFTDataError) as e:
+            raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, labels, images = self.decoded(i)
+        pixel_values = preprocess_batch(images, self.image_spec) if images else None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
