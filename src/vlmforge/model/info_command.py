@@ -1,7 +1,9 @@
 """Show a model's size without weights: the recipe's architecture is built on the meta device.
 
 Prints parameters per component (trainable / frozen, from the recipe's freeze policy), visual
-tokens per image, the patch grid and training FLOPs per token (formula printed). Architectures
+tokens per image, the patch grid and training FLOPs per token and per image (formula printed) -
+the same figures the trainer's per-step MFU counts (vlmforge.model.flops), at a span of
+pack.max_len tokens (causal attention over a full pack; document attention spans are shorter). Architectures
 come from the shipped config files (model.vision.preset / model.llm.preset), so this works
 offline for the real Open-Qwen2VL and InternVL3-style recipes.
 
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
           f"-> {info['visual_tokens_per_image']} visual tokens per image")
     print(f"attention {info['attention']}, positions {info['positions']}")
     f = info["flops"]
-    print(f"training FLOPs per LLM token (context {f['context']}): {_fmt(f['llm_per_token'])}")
+    print(f"training FLOPs per LLM token at a {f['context']}-token attention span: {_fmt(f['llm_per_token'])} "
+          f"= matmuls {_fmt(f['llm_matmul_per_token'])} (N = {_fmt(f['llm_params'])} non-embedding params + head) "
+          f"+ attention {_fmt(f['attention_per_token'])}")
     print(f"training FLOPs per image (tower + projector): {_fmt(f['per_image'])}; "
           f"per visual token incl. its share of the image: {_fmt(f['per_visual_token'])}")
     print(f"formula: {f['formula']}")

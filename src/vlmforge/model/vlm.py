@@ -15,8 +15,8 @@ from torch import nn
 from vlmforge.arch.geometry import preprocess_spec_for
 from vlmforge.config.model import ModelConfig
 from vlmforge.model import attention as attn
-from vlmforge.model.lm_head import token_logprobs
 from vlmforge.model import positions as pos
+from vlmforge.model.lm_head import token_logprobs
 from vlmforge.model.tower import encoder_layers, inner, layers_used, patch_features
 
 
@@ -37,6 +37,7 @@ class VisionLanguageModel(nn.Module):
         self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
         self.use_flash = False  # set by build_vlm when flash-attn varlen is chosen
         self.loss_chunk_tokens = 0  # train.loss_chunk_tokens: the head in chunks of this many tokens (0 = at once)
+        self.fused_loss = "off"  # train.fused_loss (set by place_model)
         self.tokens_per_image  # noqa: B018 - fail at build time on an impossible geometry (odd grid for pixel shuffle)
         self.apply_freeze(model_cfg)
 
@@ -235,5 +236,5 @@ class VisionLanguageModel(nn.Module):
             if pred_index is None or target_ids is None:
                 raise ValueError('output="target_logprobs" needs pred_index and target_ids')
             picked = hidden.reshape(-1, hidden.shape[-1])[pred_index]
-            return token_logprobs(picked, head, target_ids, int(self.loss_chunk_tokens))
+            return token_logprobs(picked, head, target_ids, int(self.loss_chunk_tokens), self.fused_loss)
         return head(hidden)

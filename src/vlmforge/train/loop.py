@@ -34,6 +34,7 @@ from vlmforge.config.train import TrainConfig
 from vlmforge.train import checkpoint as ckpt
 from vlmforge.train.finite import NonFiniteStepError
 from vlmforge.train.metrics import MetricsLogger
+from vlmforge.train.mfu import StepFlops
 from vlmforge.train.objectives import Objective, build_objective, forward_fn
 from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
 from vlmforge.train.parallel import place_model
@@ -90,6 +91,9 @@ class Trainer:
         self.objective = objective if objective is not None else build_objective(tcfg)
         self.objective.setup(model, tcfg, device, self.world)  # before placing: a live reference copies the model
         self.model, self.place = place_model(model, tcfg, device, self.world)
+        self.step_flops = StepFlops(self.model, tcfg, self.place.device)
+        if vdist.is_main() and tcfg.progress_bar:
+            print(self.step_flops.describe(), flush=True)
         self.model.train()
         self._run = forward_fn(self.model, self.place)
         self.optimizer = build_optimizer(self.model, tcfg)
@@ -205,6 +209,7 @@ class Trainer:
         local["real_tokens"] = sum(int((b["seq_ids"] >= 0).sum()) if b.get("seq_ids") is not None
                                    else b["input_ids"].numel() for b in micro)
         local["rows"] = sum(b["input_ids"].shape[0] for b in micro)
+        local["model_flops"] = float(self.step_flops.flops(micro)["total"])
         names = list(local)
         packed = torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=dev) for k in names])
         vdist.all_reduce_sum(packed)
@@ -254,6 +259,7 @@ class Trainer:
             "step_time": step_time,
             "data_wait": wait,
             "data_wait_fraction": wait / step_time if step_time > 0 else 0.0,
+            **self.step_flops.metrics(stats["model_flops"], step_time, self.world),
             **metrics,
         }
         if bad_loss or bad_grad:

@@ -62,7 +62,8 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, row["step"])
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+            self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                                  **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
 
     def close(self) -> None:
         if self._file is not None:

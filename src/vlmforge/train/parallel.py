@@ -5,11 +5,18 @@ parameters never share a unit except in the root (FSDP2 handles that: it only re
 that exist). On GPU the mixed-precision policy computes in bf16 and reduces gradients in fp32
 while the sharded master weights stay fp32. Activation checkpointing uses transformers' own
 gradient checkpointing on the vision tower and the LLM (non-reentrant).
+
+``train.compile``: each decoder layer is compiled before it is sharded (torchtitan's order) with
+``nn.Module.compile``, which keeps the module tree and state-dict keys (checkpoints load either
+way). Layers share one compiled graph (the same code; parameters are graph inputs). transformers
+checkpoints a layer's ``forward`` inside the compiled call, so checkpointing is traced into the
+graph, and FSDP2's hooks (which dynamo does not trace) run between the compiled regions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from vlmforge.config.train import TrainConfig
+from vlmforge.model.lm_head import require_fused
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -65,6 +73,26 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             target.gradient_checkpointing_enable(**kwargs)
 
 
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile every decoder layer in place; returns how many."""
+    layers = _decoder_layers(model)
+    with warnings.catch_warnings():
+        # the first torch.compile imports inductor, whose own modules still use torch.jit.script_method
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.* is deprecated", category=DeprecationWarning)
+        for layer in layers:
+            layer.compile()
+    return len(layers)
+
+
+def apply_loss_settings(model: nn.Module, tcfg: TrainConfig, device: torch.device) -> None:
+    """train.loss_chunk_tokens / train.fused_loss onto the model (its forward computes the loss's log-probs)."""
+    require_fused(str(tcfg.fused_loss), device)
+    if hasattr(model, "loss_chunk_tokens"):
+        model.loss_chunk_tokens = int(tcfg.loss_chunk_tokens)
+    if hasattr(model, "fused_loss"):
+        model.fused_loss = str(tcfg.fused_loss)
+
+
 def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     mp = None
     if compute_dtype != torch.float32:
@@ -79,11 +107,15 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
 
 
 def place_model(model: nn.Module, tcfg: TrainConfig, device: torch.device, world_size: int) -> tuple[nn.Module, Placement]:
-    """Move to device, enable activation checkpointing, shard when several processes run."""
+    """Move to device, set the loss path, enable activation checkpointing, compile the decoder
+    layers (train.compile), then shard when several processes run."""
     compute = resolve_precision(tcfg, device)
+    apply_loss_settings(model, tcfg, device)
     model.to(device)
     if tcfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if tcfg.compile:
+        compile_decoder_layers(model)
     sharded = world_size > 1 and bool(tcfg.fsdp)
     if world_size > 1 and not sharded:
         raise ValueError("several processes need train.fsdp=true (the only data-parallel wrapper here)")

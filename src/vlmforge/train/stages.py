@@ -316,8 +316,8 @@ def _check_same_architecture(cfg: Recipe, ckpt_cfg: Recipe, ckpt_dir: Path) -> N
 
 def build_model(cfg: Recipe, seed: int):
     """(model, tokenizer): loaded from train.init_from, or built from the recipe's model section.
-    The recipe's run settings (freeze flags, pool size, attention/positions) apply either way, and
-    the LM head runs in chunks of train.loss_chunk_tokens."""
+    The recipe's run settings (freeze flags, pool size, attention/positions) apply either way (the
+    loss settings, train.loss_chunk_tokens / fused_loss, when the trainer places the model)."""
     t = cfg.train
     if t.init_from:
         ckpt = resolve_init_from(t.init_from)
@@ -330,7 +330,6 @@ def build_model(cfg: Recipe, seed: int):
             raise ConfigError("tokenizer.path: set it (or train.init_from) to train from scratch")
         tok = load_tokenizer(path, trust_remote_code=bool(cfg.tokenizer.trust_remote_code))
         model = build_vlm(cfg.model, tok, seed=seed)
-    model.loss_chunk_tokens = int(t.loss_chunk_tokens)
     return model, tok
 
 
