@@ -64,6 +64,13 @@ class SynthConfig:
     num_pope_images: int = ranged(100, ge=0)  # each gives pope_per_image yes + pope_per_image no questions
     pope_per_image: int = ranged(2, ge=0)
     num_preference: int = ranged(500, ge=0)
+    # Training-split questions in the eval rows' formats (questions/{mcq,vqa,pope}.jsonl) and long
+    # answers for dropout next-token prediction (questions/long_answers.jsonl), on fresh training
+    # images: what `vlmforge preference build` asks (never the benchmarks).
+    num_train_mcq: int = ranged(200, ge=0)
+    num_train_vqa: int = ranged(200, ge=0)
+    num_train_pope_images: int = ranged(50, ge=0)  # pope_per_image yes + as many no questions each
+    num_long_answers: int = ranged(100, ge=0)
     num_text: int = ranged(3000, ge=0)  # lines of the text corpus
     # Labelled object images (vision/objects.jsonl: shape, colour, size and grid cell of every
     # object), a detection-style set for pretraining a vision tower (`vlmforge vision-pretrain`).

@@ -13,6 +13,10 @@ colours, two sizes and the cells of a 3x3 grid. From one seed it writes:
   DIR/sft/llava.json                LLaVA instruction data (single- and multi-turn), images in sft/images/
   DIR/eval/{mcq,vqa,pope}.jsonl     held-out benchmarks on unseen images (eval/images/)
   DIR/preference/pairs.jsonl        {prompt, image, chosen, rejected} pairs (preference/images/)
+  DIR/questions/{mcq,vqa,pope}.jsonl  training-split questions in the eval formats, on training images
+                                    (questions/images/, no scene an eval image shows), and
+  DIR/questions/long_answers.jsonl  {image, question, answer} detailed descriptions: what
+                                    `vlmforge preference build` asks (never the eval sets)
   DIR/text/corpus.txt               text-only corpus about the same world, one document per line
   DIR/vision/objects.jsonl          labelled images ({id, image, objects: [{shape, color, size,
                                     position}]}) for `vlmforge vision-pretrain` (vision/images/)

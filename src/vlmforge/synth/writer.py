@@ -26,14 +26,21 @@ from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import prepare_out_dir, write_manifest
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
 from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
-from vlmforge.synth.language import CAPTION_STYLES
+from vlmforge.synth.language import CAPTION_STYLES, detailed_caption, pick
 from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.questions import MCQ_CATEGORIES
 from vlmforge.synth.render import encode_jpeg, render_scene
 from vlmforge.synth.world import SceneSampler
 
-OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text", "vision")
-STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8, "vision": 9}
+OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text", "vision", "questions")
+STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8, "vision": 9,
+           "train_scenes": 10, "train_mcq": 11, "train_vqa": 12, "train_pope": 13, "long_answers": 14}
+# Training-split questions (questions/): MCQ, VQA and POPE rows as eval/ writes them but on training
+# images, and long answers for dropout next-token prediction; what `vlmforge preference build` asks.
+# Sized for the default demo until the synth section has a knob for them.
+# Give up looking for a training scene unlike every eval scene after this many draws in a row
+# (a world so small that the benchmarks show every scene it has); fewer questions then.
+FRESH_SCENE_TRIES = 1000
 URL_BASE = "https://synth.vlmforge.invalid/img"
 
 
@@ -164,14 +171,18 @@ def _sft(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> di
             "turn_categories": dict(sorted(cats.items()))}
 
 
+def _mcq_categories(world: SceneSampler) -> list[str]:
+    """Multiple choice: only categories with >= 4 possible values can have 4 options."""
+    cats = [c for c in MCQ_CATEGORIES if c not in ("shape",) or len(world.shapes) >= 4]
+    return [c for c in cats if c != "color" or len(world.colors) >= 4]
+
+
 def _eval(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter, progress: bool) -> dict:
     folder = out / "eval"
     images = _Images(folder, cfg)
     counts = {}
     scenes = []  # ground truth per eval image, for analysis and tests
-    # Multiple choice: only categories with >= 4 possible values can have 4 options.
-    cats = [c for c in MCQ_CATEGORIES if c not in ("shape",) or len(world.shapes) >= 4]
-    cats = [c for c in cats if c != "color" or len(world.colors) >= 4]
+    cats = _mcq_categories(world)
 
     def mcq_row(i, rid, rel, scene, rng):
         scenes.append({"image": rel, "scene": scene.to_dict()})
@@ -208,6 +219,62 @@ def _eval(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter,
     counts["pope_yes"] = sum(r["answer"] == "yes" for r in rows)
     counts["images"] = cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images
     return counts
+
+
+def _scene_signature(scene: dict) -> tuple:
+    """What a scene shows (``Scene.to_dict``), as a set key."""
+    return tuple(sorted((o["shape"], o["color"], o["size"], o["position"]) for o in scene["objects"]))
+
+
+def _train_questions(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter, progress: bool,
+                     counts: dict[str, int] | None = None) -> dict:
+    """``questions/{mcq,vqa,pope}.jsonl`` in the eval rows' formats and ``questions/long_answers.jsonl``
+    ({id, image, question, answer}: detailed descriptions), on fresh training images: no scene of
+    them shows what an eval scene shows. Every file has its own random stream and image i is the
+    same whatever the counts, so the eval sets and the other outputs do not change."""
+    counts = dict(counts or {})
+    folder = out / "questions"
+    images = _Images(folder, cfg)
+    held_out = {_scene_signature(r["scene"]) for r in map(json.loads, (out / "eval" / "scenes.jsonl").read_text().splitlines())}
+    rng = _rng(cfg.seed, "train_scenes")
+    pool, redrawn = [], 0
+    for i in tqdm(range(max(counts.values())), desc="synth questions", disable=not progress, leave=False):
+        for _ in range(FRESH_SCENE_TRIES):
+            scene = world.sample(rng)
+            if _scene_signature(scene.to_dict()) not in held_out:
+                break
+            redrawn += 1
+        else:
+            break
+        rid = f"train-{i:05d}"
+        pool.append((images.save(rid, scene), scene))
+    _write_jsonl(folder / "scenes.jsonl", ({"image": rel, "scene": scene.to_dict()} for rel, scene in pool))
+
+    cats = _mcq_categories(world)
+    rng = _rng(cfg.seed, "train_mcq")
+    done = {"images": len(pool), "eval_lookalikes_redrawn": redrawn}
+    done["mcq"] = _write_jsonl(folder / "mcq.jsonl", (
+        benchmarks.mcq_row(f"train-mcq-{i:05d}", rel, scene, cats[i % len(cats)], rng, world)
+        for i, (rel, scene) in enumerate(pool[: counts["mcq"]])))
+    rng = _rng(cfg.seed, "train_vqa")
+    cat = benchmarks.VQA_CATEGORIES
+    done["vqa"] = _write_jsonl(folder / "vqa.jsonl", (
+        benchmarks.vqa_row(f"train-vqa-{i:05d}", rel, scene, cat[i % len(cat)], rng, world)
+        for i, (rel, scene) in enumerate(pool[: counts["vqa"]])))
+    rng = _rng(cfg.seed, "train_pope")
+    k = cfg.pope_per_image
+    fit = [(rel, scene) for rel, scene in pool if k > 0 and len({o.name for o in scene.objects}) >= k]
+    rows = []
+    for i, (rel, scene) in enumerate(fit[: counts["pope_images"]]):
+        sampling = benchmarks.POPE_SAMPLINGS[i % len(benchmarks.POPE_SAMPLINGS)]
+        rows += benchmarks.pope_rows(f"train-pope-{i:05d}", rel, scene, sampling, k, rng, world, popularity)
+    done["pope"] = _write_jsonl(folder / "pope.jsonl", rows)
+    done["pope_images"] = min(len(fit), counts["pope_images"])
+    rng = _rng(cfg.seed, "long_answers")
+    done["long_answers"] = _write_jsonl(folder / "long_answers.jsonl", (
+        {"id": f"long-{i:05d}", "image": rel, "question": pick(rng, instructions.DESCRIBE_LONG), "answer": detailed_caption(scene, rng)}
+        for i, (rel, scene) in enumerate(pool[: counts["long_answers"]])))
+    return done
 
 
 def _preference(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> dict:
@@ -250,7 +317,7 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
     recipe = _as_recipe(cfg)
     s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
     for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text",
-                 "num_vision"):
+                 "num_vision", "num_train_mcq", "num_train_vqa", "num_train_pope_images", "num_long_answers"):
         if getattr(s, name) < 0:
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
@@ -274,6 +341,9 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
         summary["sft"] = _sft(s, world, tmp, progress)
         summary["eval"] = _eval(s, world, tmp, popularity, progress)
         summary["preference"] = _preference(s, world, tmp, progress)
+        summary["questions"] = _train_questions(s, world, tmp, popularity, progress, counts={
+            "mcq": s.num_train_mcq, "vqa": s.num_train_vqa, "pope_images": s.num_train_pope_images,
+            "long_answers": s.num_long_answers})
         summary["text"] = _text(s, world, tmp)
         summary["vision"] = _vision(s, world, tmp, progress)
         for name in (*OUTPUT_DIRS, "manifest.json", "config.yaml"):
@@ -304,6 +374,11 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
             "pope": "eval/pope.jsonl",
             "eval_scenes": "eval/scenes.jsonl",
             "preference": "preference/pairs.jsonl",
+            "train_mcq": "questions/mcq.jsonl",
+            "train_vqa": "questions/vqa.jsonl",
+            "train_pope": "questions/pope.jsonl",
+            "long_answers": "questions/long_answers.jsonl",
+            "train_scenes": "questions/scenes.jsonl",
             "text": "text/corpus.txt",
             "vision": "vision/objects.jsonl",
         },
