@@ -12,19 +12,22 @@ def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     # overrides: one for every stage, one per training stage (checked below)
     assert main(["demo", "--size", "tiny", "--out", str(out), "--threads", "1", "--set", "synth.num_text=250",
-                 "--pretrain-set", "train.lr=0.0015", "--sft-set", "train.lr=0.0025"]) == 0
+                 "--pretrain-set", "train.lr=0.0015", "--sft-set", "train.lr=0.0025", "--mpo-set", "mpo.beta=0.2"]) == 0
     return out
 
 
 def test_every_stage_wrote_its_folder_config_and_manifest(demo_dir):
     for stage in ("world", "vision", "curate/filter", "curate/scores", "curate/filtered", "curate/curated", "packed",
-                  "sft_index", "runs/pretrain", "runs/sft", "eval/init", "eval/pretrain", "eval/sft"):
+                  "sft_index", "runs/pretrain", "runs/sft", "eval/init", "eval/pretrain", "eval/sft",
+                  "preference/pairs", "preference/index", "runs/mpo", "eval/mpo"):
         folder = demo_dir / stage
         assert folder.is_dir(), stage
     for stage in ("world", "vision", "curate/filtered", "curate/curated", "packed", "sft_index", "runs/pretrain", "runs/sft",
-                  "eval/sft"):
+                  "eval/sft", "preference/index", "runs/mpo", "eval/mpo"):
         assert (demo_dir / stage / "manifest.json").is_file(), stage
         assert (demo_dir / stage / "config.yaml").is_file(), stage
+    # preference build takes no recipe: its settings are in inputs.json next to its manifest
+    assert (demo_dir / "preference" / "pairs" / "manifest.json").is_file()
 
 
 def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
@@ -33,10 +36,10 @@ def test_report_shows_every_benchmark_at_every_phase_next_to_chance(demo_dir):
     assert {r["benchmark"] for r in rows} == {"synth-mcq", "synth-mcq@likelihood", "synth-vqa", "synth-pope"}
     for r in rows:
         assert r["chance"] is not None
-        for phase in ("before training", "after pretraining", "after SFT"):
+        for phase in ("before training", "after pretraining", "after SFT", "after MPO"):
             assert isinstance(r[phase], float) and 0.0 <= r[phase] <= 1.0
     html = (demo_dir / "report.html").read_text()
-    assert "after SFT" in html and "chance" in html and "plots/scores.png" in html
+    assert "after SFT" in html and "after MPO" in html and "chance" in html and "plots/scores.png" in html
     assert (demo_dir / "plots" / "scores.png").stat().st_size > 1000
     assert (demo_dir / "runs" / "sft" / "plots" / "loss.png").is_file()
     # the report says what was trained, so a reader knows the vision tower's status
@@ -68,6 +71,12 @@ def test_overrides_reach_their_stages(demo_dir):
     assert OmegaConf.load(demo_dir / "runs" / "pretrain" / "config.yaml").train.lr == 0.0015
     sft = OmegaConf.load(demo_dir / "runs" / "sft" / "config.yaml")
     assert sft.train.lr == 0.0025 and sft.synth.num_text == 250
+    mpo = OmegaConf.load(demo_dir / "runs" / "mpo" / "config.yaml")
+    assert mpo.mpo.beta == 0.2 and sft.mpo.beta == 0.1 and mpo.train.stage == "mpo"
+    # MPO starts from the SFT run, on pairs the SFT model made from training-split questions
+    assert json.loads((demo_dir / "runs" / "mpo" / "manifest.json").read_text())["inputs"]["init_from"].endswith("sft/final")
+    pairs = json.loads((demo_dir / "preference" / "pairs" / "manifest.json").read_text())
+    assert all("/questions/" in i["path"] for i in pairs["inputs"])
 
 
 def test_demo_refuses_to_overwrite_without_flag(demo_dir, capsys):

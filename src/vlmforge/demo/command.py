@@ -2,7 +2,8 @@
 
 synth -> tokenizer -> vision-pretrain (the VLM's frozen vision tower, on labelled objects) ->
 curate (train a filter network, score, filter, dedup) -> pack -> pretrain -> SFT ->
-eval (before training, after pretraining, after SFT) -> report.
+preference build (the SFT model's own replies to training questions, judged right or wrong) ->
+MPO -> eval (before training, after pretraining, after SFT, after MPO) -> report.
 
 Everything lands in --out: one folder per stage (each with its config.yaml and manifest.json)
 and report.html with loss curves and every benchmark score next to chance level.
@@ -12,13 +13,14 @@ Examples:
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
   vlmforge demo --pretrain-set train.epochs=4 --sft-set train.epochs=8   # change any stage's config
+  vlmforge demo --mpo-set train.lr=1e-4 --mpo-set mpo.beta=0.2
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "run synth -> curate -> pack -> pretrain -> SFT -> eval -> report on the built-in world"
+HELP = "run synth -> curate -> pack -> pretrain -> SFT -> MPO -> eval -> report on the built-in world"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override for the pretraining stage only, e.g. train.lr=1e-3")
     p.add_argument("--sft-set", dest="sft_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the SFT stage only, e.g. train.epochs=8")
+    p.add_argument("--mpo-set", dest="mpo_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the MPO stage (and its preference index) only, e.g. mpo.beta=0.2")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         pretrain_overrides=args.pretrain_overrides,
         sft_overrides=args.sft_overrides,
+        mpo_overrides=args.mpo_overrides,
     )
     return 0

@@ -65,19 +65,23 @@ def _save_initial_checkpoint(tok_dir: Path, vision_dir: Path, out: Path, seed: i
 
 def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True,
              overwrite: bool = False, threads: int = 0, overrides: list[str] | None = None,
-             pretrain_overrides: list[str] | None = None, sft_overrides: list[str] | None = None) -> Path:
+             pretrain_overrides: list[str] | None = None, sft_overrides: list[str] | None = None,
+             mpo_overrides: list[str] | None = None) -> Path:
     """``overrides`` (KEY=VALUE) go to every stage after the demo's own settings, so e.g.
     ``synth.image_size=72`` or ``model.projector.kind=pixel_shuffle_mlp`` change the whole run;
-    ``pretrain_overrides`` / ``sft_overrides`` only reach that training stage (pretraining's also
-    reach the packer and the initial model). ``size`` names a folder of recipes/demo/."""
+    ``pretrain_overrides`` / ``sft_overrides`` / ``mpo_overrides`` only reach that training stage
+    (pretraining's also reach the packer and the initial model, MPO's the preference index).
+    ``size`` names a folder of recipes/demo/."""
     s = load_preset(size)  # every recipe of the size is validated here, before any work
     pretrain_kv = [*(overrides or []), *(pretrain_overrides or [])]
     every_sets = [a for kv in overrides or [] for a in ("--set", kv)]
     pretrain_sets = [a for kv in pretrain_kv for a in ("--set", kv)]
     sft_sets = every_sets + [a for kv in sft_overrides or [] for a in ("--set", kv)]
+    mpo_sets = every_sets + [a for kv in mpo_overrides or [] for a in ("--set", kv)]
     # the overrides meet the schema here too (a wrong key or choice fails before any stage runs)
     load_recipe(PRETRAIN_RECIPE, pretrain_kv)
     load_recipe(SFT_RECIPE, [*(overrides or []), *(sft_overrides or [])])
+    load_recipe(s.mpo_recipe, [*(overrides or []), *(mpo_overrides or [])])
     out_dir = Path(out)
     if prepare_out_dir(out_dir, overwrite=overwrite):  # not empty, and --overwrite: start from an empty folder
         shutil.rmtree(out_dir)
@@ -140,6 +144,20 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
         train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_sets])
     log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *eval_args, "--out", str(evals / "sft")])
+
+    # MPO on pairs the SFT model makes itself: its sampled replies to training-split questions
+    # (never the benchmarks) judged right or wrong by the eval scorers, plus dropout next-token
+    # prediction on long answers.
+    questions, prefs = world / "questions", out_dir / "preference"
+    log.run("preference build", [
+        "preference", "build", "--ckpt", str(runs / "sft" / "final"), "--out", str(prefs / "pairs"),
+        "--questions", *(f"{kind}:{questions / (kind + '.jsonl')}" for kind in ("mcq", "vqa", "pope")),
+        "--long-answers", str(questions / "long_answers.jsonl"), "--seed", str(seed), "--quiet"])
+    log.run("preference index", ["preference", "index", "--recipe", s.mpo_recipe, "--input", str(prefs / "pairs" / "meta.json"),
+                                 "--tokenizer", str(tok), "--out", str(prefs / "index"), *common, *mpo_sets])
+    log.run("mpo", ["train", "--recipe", s.mpo_recipe, *common, *_sets(
+        preference__index=prefs / "index", train__init_from=runs / "sft", train__run_dir=runs / "mpo"), *mpo_sets])
+    log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *eval_args, "--out", str(evals / "mpo")])
 
     report = write_demo_report(out_dir, log.rows, size=size, curated=curate)
     total = time.perf_counter() - log.started

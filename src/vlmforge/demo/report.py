@@ -14,7 +14,7 @@ from vlmforge.files import atomic_write_text, write_json
 from vlmforge.report.builder import Section, build_report
 from vlmforge.report.plots import plt
 
-PHASES = [("before training", "init"), ("after pretraining", "pretrain"), ("after SFT", "sft")]
+PHASES = [("before training", "init"), ("after pretraining", "pretrain"), ("after SFT", "sft"), ("after MPO", "mpo")]
 
 
 def _read_json(path: Path) -> dict:
@@ -66,20 +66,22 @@ def _scores_text(rows: list[dict]) -> str:
 def _score_plot(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.0, 4.6), dpi=100)
     x = np.arange(len(rows))
-    width = 0.26
+    width = 0.8 / len(PHASES)
+    half = len(PHASES) / 2
     for i, (label, _) in enumerate(PHASES):
-        ax.bar(x + (i - 1) * width, [r[label] or 0.0 for r in rows], width, label=label)
+        ax.bar(x + (i - half + 0.5) * width, [r[label] or 0.0 for r in rows], width, label=label)
     for xi, r in zip(x, rows):
         if r["chance"] is not None:
-            ax.hlines(r["chance"], xi - 1.5 * width, xi + 1.5 * width, colors="k", linestyles="dashed",
+            ax.hlines(r["chance"], xi - half * width, xi + half * width, colors="k", linestyles="dashed",
                       label="chance" if xi == 0 else None)
-    ax.set_xticks(x, [f"{r['benchmark']}\n({r['metric']})" for r in rows], fontsize=8)
+    # two-line labels, slanted, so neighbours never overlap
+    ax.set_xticks(x, [f"{r['benchmark']}\n{r['metric']}" for r in rows], fontsize=8, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
     ax.set_title("Held-out synthetic benchmarks")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", ncol=len(PHASES) + 1)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,21 @@ def _what_was_trained(out_dir: Path) -> str:
         f"Language model: {m.llm.preset}, randomly initialised, trained in both stages. "
         f"Attention over packs: {m.attention}; positions: {m.positions}. "
         f"Optimizer: pretraining {_optimizer(pre.train)}; SFT {_optimizer(cfg.train)}."
+        + _what_mpo_did(out_dir)
     )
+
+
+def _what_mpo_did(out_dir: Path) -> str:
+    if not (out_dir / "runs" / "mpo" / "config.yaml").is_file():
+        return ""
+    mpo = load_recipe(out_dir / "runs" / "mpo" / "config.yaml")
+    counts = _read_json(out_dir / "preference" / "pairs" / "manifest.json").get("counts", {})
+    pairs = counts.get("pairs_by_recipe", {})
+    return (f" MPO: {counts.get('pairs', '?')} pairs the SFT model made itself ({pairs.get('correctness', 0)} right vs wrong "
+            f"sampled replies to training-split questions, sample accuracy {counts.get('sample_accuracy', 0):.2f}; "
+            f"{pairs.get('dropout_ntp', 0)} by dropout next-token prediction), DPO {mpo.mpo.preference_weight:g} + "
+            f"BCO {mpo.mpo.quality_weight:g} + LM {mpo.mpo.generation_weight:g}, beta {mpo.mpo.beta:g}, "
+            f"{_optimizer(mpo.train)}.")
 
 
 def _optimizer(tcfg: TrainConfig) -> str:
@@ -135,8 +151,8 @@ def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated:
     sections = [Section("What was trained", text=_what_was_trained(out_dir))]
     plot = _score_plot(rows, out_dir / "plots" / "scores.png")
     sections.append(Section("Benchmarks (held-out images) vs chance", table=rows, images=[plot] if plot else []))
-    for stage in ("pretrain", "sft"):
-        for name in ("loss.png", "throughput.png"):
+    for stage in ("pretrain", "sft", "mpo"):
+        for name in ("loss.png", "throughput.png", "rewards.png"):
             png = out_dir / "runs" / stage / "plots" / name
             if png.is_file():
                 sections.append(Section(f"{stage}: {name[:-4]}", images=[png],

@@ -51,7 +51,8 @@ def plot_series(
 
 
 def training_plots(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[tuple[str, Path]]:
-    """The standard training plots: loss, learning rates, throughput, time per step."""
+    """The standard training plots: loss, learning rates, throughput, time per step, MFU (and
+    MPO's loss terms and rewards when the run has them)."""
     out = Path(out_dir)
     lr_keys = sorted({k for r in rows for k in r if k.startswith("lr/")})
     specs = [
@@ -60,6 +61,10 @@ def training_plots(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[tup
         ("Throughput (real tokens/s)", ["tokens_per_s"], "throughput.png", "tokens/s"),
         ("Step time and data wait", ["step_time", "data_wait"], "step_time.png", "seconds"),
         ("Gradient norm", ["grad_norm"], "grad_norm.png", "norm"),
+        ("Model FLOPs utilisation", ["mfu"], "mfu.png", "MFU"),
+        # MPO runs: the loss terms and the rewards (chosen - rejected margin, reward shift)
+        ("MPO loss terms", ["loss/preference", "loss/quality", "loss/generation"], "mpo_losses.png", "loss"),
+        ("MPO rewards", ["rewards/margin", "rewards/accuracy", "reward_shift"], "rewards.png", ""),
     ]
     made = []
     for title, keys, name, ylabel in specs:
