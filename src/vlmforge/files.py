@@ -184,3 +184,18 @@ def note_example(examples: dict[str, list[dict]], reason: str, example: dict) ->
     kept = examples.setdefault(reason, [])
     if len(kept) < EXAMPLES_PER_REASON:
         kept.append(example)
+
+
+def file_stamp(path: str | os.PathLike) -> dict:
+    """What an index records of a source file to notice later that it changed: path, size, mtime."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def stamp_problem(stamp: dict) -> str | None:
+    """None if the file still matches its :func:`file_stamp`, else "gone" or "changed"."""
+    try:
+        st = os.stat(stamp["path"])
+    except FileNotFoundError:
+        return "gone"
+    return None if (st.st_size, st.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"]) else "changed"

@@ -18,15 +18,12 @@ against the task's ``image_root``, default the file's folder. A bad row is an er
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from vlmforge.eval.items import EvalItem, ImageRoot, RowError, TaskError
+from vlmforge.eval.asking import read_questions
+from vlmforge.eval.items import EvalItem, TaskError
 from vlmforge.eval.kind import Kind
 from vlmforge.eval.kinds import get_kind
-from vlmforge.eval.readers import read_rows
 from vlmforge.eval.specs import TaskSpec, check_kind
 
 
@@ -49,27 +46,8 @@ def load_items(
 
     Image paths must resolve inside the image root (symlinks resolved), else the row is a
     ``path_outside_root`` error; ``allow_absolute_paths`` accepts absolute ones."""
-    check_kind(kind, str(path))
-    rules = get_kind(kind)
-    root = ImageRoot(image_root if image_root is not None else Path(path).parent)
-    root.allow_absolute_paths = bool(allow_absolute_paths)
-    items, skipped = [], Counter()
-    seen: set[str] = set()
-    for where, row in read_rows(path):
-        try:
-            if isinstance(row, RowError):
-                raise row
-            item = rules.parse_row(row, root, where)
-            if item.id in seen:
-                raise RowError(f"duplicate id {item.id!r}")
-            seen.add(item.id)
-        except RowError as e:
-            if strict:
-                raise TaskError(f"{where}: {e}") from None
-            skipped[re.split(r"[:(]", str(e))[0].strip()] += 1
-            continue
-        items.append(item)
-    return items, dict(skipped)
+    read = read_questions(path, kind, image_root, strict=strict, allow_absolute_paths=allow_absolute_paths)
+    return read.items, read.skipped
 
 
 def limit_questions(items: list[EvalItem], limit: int | None) -> list[EvalItem]:

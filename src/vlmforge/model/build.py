@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from vlmforge.arch.presets import llm_config
 from vlmforge.arch.projectors import build_projector
@@ -105,3 +107,14 @@ def build_vlm(
     model = VisionLanguageModel(vision, projector, llm, model_cfg, image_token_id)
     model.use_flash = llm.config._attn_implementation == "flash_attention_2"
     return model
+
+
+def build_meta_vlm(model_cfg) -> VisionLanguageModel:
+    """The recipe's architecture on the meta device (no memory, no weights, no download): what
+    model-info and the planner count."""
+    arch = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
+    arch.vision.pretrained = None  # architecture only: the shipped preset config
+    arch.llm.pretrained = None
+    arch.attn_backend = "sdpa"
+    with no_init_weights():
+        return build_vlm(arch, device=torch.device("meta"))

@@ -30,19 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_info(cfg: Recipe) -> dict:
     """Everything model-info prints, as a dict (built on the meta device: no memory, no weights)."""
-    import torch
-    from omegaconf import OmegaConf
-    from transformers.initialization import no_init_weights
-
-    from vlmforge.model.build import build_vlm
+    from vlmforge.model.build import build_meta_vlm
     from vlmforge.model.flops import count_parameters, training_flops
 
-    arch = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    arch.vision.pretrained = None  # architecture only: the shipped preset config
-    arch.llm.pretrained = None
-    arch.attn_backend = "sdpa"
-    with no_init_weights():
-        model = build_vlm(arch, device=torch.device("meta"))
+    model = build_meta_vlm(cfg.model)
     counts = {name: count_parameters(getattr(model, name)) for name in ("vision", "projector", "llm")}
     flops = training_flops(model, int(cfg.pack.max_len))
     return {

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from omegaconf import OmegaConf
-from transformers.initialization import no_init_weights
-
 from vlmforge.config.recipe import Recipe
-from vlmforge.model.build import build_vlm
+from vlmforge.model.build import build_meta_vlm
 from vlmforge.model.flops import count_parameters, training_flops
 from vlmforge.model.tower import layers_used
 from vlmforge.train.optim import muon_params
@@ -62,12 +58,7 @@ def _unit_params(unit) -> tuple[int, int]:
 
 
 def model_shape(cfg: Recipe) -> ModelShape:
-    arch = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    arch.vision.pretrained = None  # architecture only: the shipped preset config
-    arch.llm.pretrained = None
-    arch.attn_backend = "sdpa"
-    with no_init_weights():
-        model = build_vlm(arch, device=torch.device("meta"))
+    model = build_meta_vlm(cfg.model)
 
     counts = count_parameters(model)
     units = [*model.vision_layers(), *model.llm_layers()]

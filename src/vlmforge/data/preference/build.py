@@ -32,7 +32,14 @@ from vlmforge.data.preference.formats import (
 from vlmforge.data.preference.index import ARRAYS, INDEX_VERSION, STAGE
 from vlmforge.data.preference.tokens import prompt_lengths, response_lengths
 from vlmforge.data.sft.scan import scan_records
-from vlmforge.files import PathOutsideRootError, atomic_write_bytes, note_example, resolve_inside, write_manifest
+from vlmforge.files import (
+    PathOutsideRootError,
+    atomic_write_bytes,
+    file_stamp,
+    note_example,
+    resolve_inside,
+    write_manifest,
+)
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 
 ROWS_PER_CHUNK = 2048  # rows parsed, then tokenized in one batch call per field
@@ -82,7 +89,7 @@ def build_preference_index(
     manifest = write_manifest(
         out,
         STAGE,
-        inputs=[_stamp(str(p)) for p in inputs],
+        inputs=[file_stamp(str(p)) for p in inputs],
         config=config,
         counts=_counts(cols, described),
         dropped=dict(sorted(ctx.dropped.items())),
@@ -255,11 +262,6 @@ def _counts(cols: dict[str, np.ndarray], sources: list[dict]) -> dict[str, Any]:
         "longest_row_max": int(longest.max()) if n else 0,
         "shared_tokens_mean": float(shared.mean()) if n else 0.0,
     }
-
-
-def _stamp(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmforge.data.preference.formats import PreferenceDataError, PreferencePair, parse_row
+from vlmforge.files import stamp_problem
 
 ARRAYS = {
     "offsets": np.uint64,
@@ -56,11 +57,10 @@ class PreferenceIndex:
         self.sources: list[dict] = list(self.manifest["sources"])
         if check_stale:
             for s in self.sources:
-                try:
-                    st = os.stat(s["path"])
-                except FileNotFoundError:
-                    raise PreferenceDataError(f"{self.dir}: row file {s['path']} is gone") from None
-                if st.st_size != s["size"] or st.st_mtime_ns != s["mtime_ns"]:
+                problem = stamp_problem(s)
+                if problem == "gone":
+                    raise PreferenceDataError(f"{self.dir}: row file {s['path']} is gone")
+                if problem:
                     raise PreferenceDataError(
                         f"{self.dir}: index is stale: {s['path']} changed since it was indexed; rebuild it with "
                         "`vlmforge preference index ... --overwrite`"

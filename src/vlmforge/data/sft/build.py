@@ -25,7 +25,7 @@ from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.parallel import make_jobs, parse_jobs
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.data.sft.scan import scan_records
-from vlmforge.files import note_example, write_manifest
+from vlmforge.files import file_stamp, note_example, write_manifest
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 
 
@@ -114,7 +114,7 @@ def build_index(
     manifest = write_manifest(
         out,
         "sft-index",
-        inputs=[_source_stamp(p) for p in sources],
+        inputs=[file_stamp(p) for p in sources],
         config=config,
         counts=_counts(cols, total),
         dropped=dropped,
@@ -185,11 +185,6 @@ def _dropped(jobs: list[dict], results: list[dict]) -> tuple[dict[str, int], dic
             dropped[reason] = dropped.get(reason, 0) + 1
             note_example(examples, reason, {"file": job["path"], "line": int(job["lines"][i]), "error": msg})
     return dropped, examples
-
-
-def _source_stamp(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

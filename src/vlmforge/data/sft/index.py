@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
+from vlmforge.files import stamp_problem
 
 ARRAYS = {
     "offsets": np.uint64,
@@ -59,11 +60,10 @@ class SFTIndex:
         self.sources = [s["path"] for s in self.manifest["inputs"]]
         if check_stale:
             for s in self.manifest["inputs"]:
-                try:
-                    st = os.stat(s["path"])
-                except FileNotFoundError:
-                    raise SFTDataError(f"{self.dir}: source file {s['path']} is gone") from None
-                if st.st_size != s["size"] or st.st_mtime_ns != s["mtime_ns"]:
+                problem = stamp_problem(s)
+                if problem == "gone":
+                    raise SFTDataError(f"{self.dir}: source file {s['path']} is gone")
+                if problem:
                     raise SFTDataError(
                         f"{self.dir}: index is stale: {s['path']} changed since it was indexed; rebuild it"
                     )
