@@ -85,7 +85,7 @@ def test_a_killed_precompute_continues_from_its_finished_parts(tmp_path):
     assert json.loads((folder / KEY_FILE).read_text())["complete"] is True
     got = ref.pair_logps({"pair_ids": torch.tensor([8, 0])})
     assert torch.equal(got, torch.tensor([[-9.0, -16.5], [-1.0, -0.5]]))
-    with pytest.raises(KeyError, match="pair ids \\[9\\]"):
+    with pytest.raises(UserError, match="pair ids \\[9\\]"):
         ref.pair_logps({"pair_ids": torch.tensor([9])})
     third = InitialModel()
     _precompute(tmp_path, third)

@@ -19,11 +19,11 @@ from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_imag
 from vlmforge.config import load_recipe
 from vlmforge.data.preference.build import build_preference_index
 from vlmforge.data.preference.formats import PreferenceDataError
-from vlmforge.data.preference.layouts import pair_logprob_sums
 from vlmforge.data.preference.loader import build_preference_loader
 from vlmforge.errors import ConfigError
 from vlmforge.model.tower import inner
 from vlmforge.text.tokenization import load_tokenizer
+from vlmforge.train.mpo import pair_logps
 
 MODEL = ["model.projector.pool_size=2"]  # 4 visual tokens per image: short rows
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40), (160, 40, 200), (240, 140, 30)]
@@ -76,7 +76,8 @@ def _pair_sums(model, batch) -> dict[int, tuple[float, float]]:
     with torch.no_grad():
         lp = model(batch["input_ids"], output="target_logprobs", pred_index=batch["pred_index"],
                    target_ids=batch["target_ids"], **extra)
-    chosen, rejected = pair_logprob_sums(lp, batch)
+    sums, _ = pair_logps(lp, batch["target_pair"], batch["target_side"], int(batch["pair_ids"].numel()))
+    chosen, rejected = sums[:, 0], sums[:, 1]
     return {int(p): (float(c), float(r)) for p, c, r in zip(batch["pair_ids"], chosen, rejected)}
 
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from vlmforge.plan.hardware import GIB, GPU
 from vlmforge.plan.shape import ModelShape
 
-RESERVE_BYTES = 1.5 * GIB  # CUDA context (~0.5-0.8 GiB) + NCCL buffers
+RESERVE_BYTES = 1.5 * GIB  # CUDA context + NCCL buffers (an assumption, printed with the plan)
 RESERVE_FRACTION = 0.05  # caching-allocator fragmentation
-# An MFU assumed when none is measured: a dense bf16 FSDP run of a 1-2B model at 4k tokens on one
-# node commonly reaches 30-45%; the low end of that range.
+# An MFU assumed when none is measured (an assumption, printed with the plan): measure the real one
+# with bench/gpu_check.sh.
 DEFAULT_MFU = 0.35
 ATTENTION_KERNELS = ("flash", "sdpa", "eager")
 

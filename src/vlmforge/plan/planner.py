@@ -57,7 +57,10 @@ def packed_visual_fraction(folder: str | None, tokens_per_image: int) -> float |
     path = Path(folder) / "manifest.json" if folder else None
     if path is None or not path.is_file():
         return None
-    m = json.loads(path.read_text())
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the packed data's manifest ({e})") from None
     mix = m.get("text_mix", {})
     images = m.get("counts", {}).get("image_samples")
     total = mix.get("multimodal_tokens", 0) + mix.get("text_tokens", 0)
@@ -138,7 +141,8 @@ def workload_from_recipe(cfg: Recipe, shape: ModelShape, gpus: int, visual_fract
     if kernel not in estimate.ATTENTION_KERNELS:
         raise UserError(f"--attention-kernel {kernel!r} is not one of {', '.join(estimate.ATTENTION_KERNELS)}")
     w = estimate.Workload(
-        gpus=gpus, micro_batch=int(cfg.train.micro_batch_size), seq_len=sequence_length(cfg),
+        # MPO counts pairs: at most two rows of preference.max_len each (the duplicated layout)
+        gpus=gpus, micro_batch=int(cfg.train.micro_batch_size) * (2 if stage == "mpo" else 1), seq_len=sequence_length(cfg),
         visual_fraction=float(visual_fraction), supervised_fraction=1.0 - float(visual_fraction),
         compute_bytes=4 if precision == "fp32" else 2,  # auto: bf16 on GPUs
         optimizer=str(cfg.train.optimizer), sharded=bool(cfg.train.fsdp), attention_kernel=kernel,

@@ -26,8 +26,8 @@ from vlmforge.train.parallel import resolve_precision
 PEAK_TFLOPS = (
     ("GB200", 2500.0),
     ("B200", 2250.0),
-    ("H200", 989.0),
     ("GH200", 989.0),
+    ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM

@@ -29,7 +29,7 @@ def pair_logps(token_logps: torch.Tensor, target_pair: torch.Tensor, target_side
     """(log-prob sums, token counts), both [P, 2] (column 0 chosen, 1 rejected), from per-token
     log-probs [T] and the pair / side each target token belongs to."""
     key = target_pair * 2 + target_side
-    # fp64 sums: a response's ~100 token log-probs summed in fp32 drift past 1e-5 from scoring it alone
+    # fp64 sums: in fp32 a response's summed log-probs drift from scoring it alone
     sums = torch.zeros(num_pairs * 2, dtype=torch.float64, device=token_logps.device)
     sums = sums.scatter_add(0, key, token_logps.double())
     counts = torch.bincount(key, minlength=num_pairs * 2)

@@ -76,12 +76,13 @@ class PrecomputedReference:
             self.table = self.table.to(ids.device)
         n = self.table.shape[0]
         if n == 0:
-            raise KeyError(f"no precomputed reference log-probs for pair ids {ids.tolist()[:8]}")
+            raise UserError(f"no precomputed reference log-probs for pair ids {ids.tolist()[:8]}; remove the run's "
+                            "reference/ folder to compute them again")
         out = self.table[ids.clamp(0, n - 1)]
         known = (ids >= 0) & (ids < n) & ~torch.isnan(out).any(dim=1)
         if not bool(known.all()):
-            raise KeyError(f"pair ids {ids[~known].tolist()[:8]} have no precomputed reference log-probs "
-                           f"({self.num_pairs} pairs stored)")
+            raise UserError(f"pair ids {ids[~known].tolist()[:8]} have no precomputed reference log-probs "
+                            f"({self.num_pairs} pairs stored); remove the run's reference/ folder to compute them again")
         return out
 
 
@@ -184,8 +185,8 @@ def _compute_missing(folder: Path, batches, pair_logps_fn: Callable[[dict], torc
                 if not todo:
                     stand_in = batch if batch is not None else last
                     if stand_in is None:
-                        raise RuntimeError("a rank has no preference pair to compute reference log-probs on "
-                                           "(fewer pairs than ranks)")
+                        raise UserError("a rank has no preference pair to compute reference log-probs on "
+                                        "(fewer pairs than ranks)")
                     pair_logps_fn(stand_in)
                     continue
             elif batch is None:
@@ -215,8 +216,8 @@ def _merge(folder: Path, num_pairs: int, unloadable: int) -> None:
         for i, row in zip(part["pair_ids"].tolist(), part["logps"]):
             found.setdefault(int(i), row)
     if len(found) + unloadable != num_pairs:
-        raise RuntimeError(f"{folder}: the reference precompute covered {len(found)} of {num_pairs} pairs "
-                           f"({unloadable} could not be loaded)")
+        raise UserError(f"{folder}: the reference precompute covered {len(found)} of {num_pairs} pairs "
+                        f"({unloadable} could not be loaded); remove {folder} to compute them again")
     order = sorted(found)
     pair_ids = torch.tensor(order, dtype=torch.long)
     logps = torch.stack([found[i] for i in order]).double().contiguous() if order else torch.zeros(0, 2, dtype=torch.float64)
@@ -254,12 +255,20 @@ def load_or_precompute(
         unloadable = torch.tensor(float(sum(getattr(loader, "reference_skipped", {}).values())),
                                   dtype=torch.float64, device=device)
         vdist.all_reduce_sum(unloadable)  # also the barrier after every rank's last part
+        failed, problem = torch.zeros((), dtype=torch.float64, device=device), ""
         if vdist.is_main():
             num = int(loader.num_pairs)
-            _merge(folder, num, int(unloadable))
-            _write_key(folder, key, complete=True, num_pairs=num, unloadable=int(unloadable))
-            for p in _parts(folder):
-                p.unlink()
-        vdist.barrier()
+            try:
+                _merge(folder, num, int(unloadable))
+            except UserError as e:
+                failed += 1
+                problem = str(e)
+            else:
+                _write_key(folder, key, complete=True, num_pairs=num, unloadable=int(unloadable))
+                for p in _parts(folder):
+                    p.unlink()
+        vdist.all_reduce_sum(failed)  # every rank stops together (no rank left waiting at a barrier)
+        if float(failed) > 0:
+            raise UserError(problem or f"{folder}: the reference precompute is incomplete (see rank 0's message)")
     stored = load_file(str(folder / LOGPS_FILE))
     return PrecomputedReference(stored["pair_ids"], stored["logps"])

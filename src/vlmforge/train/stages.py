@@ -365,7 +365,10 @@ def reference_key(cfg: Recipe, model) -> dict[str, Any]:
         "data": {"path": os.path.abspath(index), "fingerprint": data_fingerprint(index)},
         "init": {"path": str(init.resolve()), "fingerprint": checkpoint_fingerprint(init)},
         "model": {"tokens_per_image": int(model.tokens_per_image), "positions": str(model.positions),
-                  "attention": str(model.attention), "v2pe_delta": float(model.v2pe_delta)},
+                  "attention": str(model.attention), "v2pe_delta": float(model.v2pe_delta),
+                  "preprocess": model.preprocess_spec()},
+        # which pairs are valid (a pair longer than max_len is left out)
+        "max_len": int(cfg.preference.max_len),
     }
 
 
@@ -392,6 +395,9 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
         loader = _preference_loader(cfg, tok, model, micro, seed, rank, world)
         per_epoch = loader.batches_per_epoch(0)
         data = cfg.preference.index
+        if loader.num_pairs < world:
+            raise ConfigError(f"preference.index {cfg.preference.index} has {loader.num_pairs} usable pair(s), fewer than "
+                              f"the {world} processes: every rank needs at least one")
         objective = MPOObjective(cfg.mpo, loader=loader, reference_key=reference_key(cfg, model),
                                  v2pe_delta=float(cfg.model.v2pe_delta), reference_batch_size=micro,
                                  progress=bool(cfg.train.progress_bar))

@@ -152,17 +152,6 @@ def build_batch(samples: Sequence[PairSample], layout: str, pad_id: int, max_len
     raise ValueError(f"preference layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
-def pair_logprob_sums(logprobs: torch.Tensor, batch: dict, dtype: torch.dtype = torch.float64
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair sums of the target log-probs (``model(..., output="target_logprobs")``): (chosen [P],
-    rejected [P]). Summed in float64 by default: a 150-token response sums to hundreds, where fp32
-    keeps only about five decimals."""
-    n_pairs = int(batch["pair_ids"].numel())
-    slot = batch["target_pair"].to(logprobs.device) * 2 + batch["target_side"].to(logprobs.device)
-    sums = torch.zeros(2 * n_pairs, dtype=dtype, device=logprobs.device).scatter_add(0, slot, logprobs.to(dtype))
-    return sums[0::2], sums[1::2]
-
-
 class _Targets:
     """Target columns collected pair by pair, in order."""
 

@@ -292,9 +292,8 @@ def build_preference_loader(
     ``preference.layout`` and the model).
 
     The shared layout needs ``model.positions: restart`` (its rejected positions restart from the
-    prompt's end; ``continue`` and ``v2pe`` compute their own). It packs several pairs per row only
-    under ``model.attention: document``: with ``causal`` attention the pairs of a row would see each
-    other, so each pair gets a row of its own."""
+    prompt's end; ``continue`` and ``v2pe`` compute their own). It packs several pairs per row in
+    either attention mode: the branch mask keeps a row's pairs from seeing each other."""
     pref = cfg.preference
     if not pref.index:
         raise PreferenceDataError(
