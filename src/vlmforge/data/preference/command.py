@@ -53,10 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
 
     from vlmforge.arch.geometry import visual_tokens_per_image
-    from vlmforge.clitools import recipe_from_args
+    from vlmforge.clitools import image_root_arg, input_files, recipe_from_args
     from vlmforge.config import save_resolved
     from vlmforge.data.preference.build import build_preference_index
     from vlmforge.errors import UserError
@@ -64,17 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = recipe_from_args(args)
     pref = cfg.preference
-    sources = args.input or list(pref.sources)
-    flag = "--input" if args.input else "preference.sources"
-    if not sources:
-        raise UserError("no preference files: pass --input FILE... (or set preference.sources in the recipe)")
-    for src in sources:
-        if not os.path.isfile(src):
-            raise UserError(f"{flag} {src}: no such file (an MMPR / synth .jsonl or an InternVL meta.json)")
-    image_root = args.image_root or pref.image_root
-    if image_root and not os.path.isdir(image_root):
-        key = "--image-root" if args.image_root else "preference.image_root"
-        raise UserError(f"{key} {image_root}: no such folder (the folder the rows' image paths are relative to)")
+    sources = input_files(args.input, pref.sources, "preference.sources", "an MMPR / synth .jsonl or an InternVL meta.json")
+    image_root = image_root_arg(args.image_root, pref.image_root, "preference.image_root")
     tokenizer = args.tokenizer or cfg.tokenizer.path
     if not tokenizer:
         raise UserError("no tokenizer: pass --tokenizer DIR (or set tokenizer.path); token lengths need it")
@@ -101,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     dropped = ", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none"
     if c["pairs"] == 0:  # an index of nothing would only fail later, in training
         raise UserError(
-            f"{flag} {' '.join(map(str, sources))}: no usable pair of {c['rows_read']} rows read (skipped: {dropped}); "
+            f"{'--input' if args.input else 'preference.sources'} {' '.join(map(str, sources))}: no usable pair of {c['rows_read']} rows read (skipped: {dropped}); "
             f"examples with file:line in {args.out}/manifest.json; fix the data and rerun with --overwrite"
         )
     print(

@@ -45,10 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
 
     from vlmforge.arch.geometry import visual_tokens_per_image
-    from vlmforge.clitools import recipe_from_args
+    from vlmforge.clitools import image_root_arg, input_files, recipe_from_args
     from vlmforge.config import save_resolved
     from vlmforge.data.sft.build import build_index
     from vlmforge.errors import UserError
@@ -56,16 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = recipe_from_args(args)
     sft = cfg.sft
-    sources = args.input or list(sft.sources)
-    if not sources:
-        raise UserError("no SFT files: pass --input FILE... (or set sft.sources in the recipe)")
-    for src in sources:
-        if not os.path.isfile(src):
-            raise UserError(f"{'--input' if args.input else 'sft.sources'} {src}: no such file (a LLaVA .json or .jsonl)")
-    image_root = args.image_root or sft.image_root
-    if image_root and not os.path.isdir(image_root):
-        flag = "--image-root" if args.image_root else "sft.image_root"
-        raise UserError(f"{flag} {image_root}: no such folder (the folder the records' image paths are relative to)")
+    sources = input_files(args.input, sft.sources, "sft.sources", "a LLaVA .json or .jsonl")
+    image_root = image_root_arg(args.image_root, sft.image_root, "sft.image_root")
     tokenizer = args.tokenizer or cfg.tokenizer.path
     lengths = args.lengths or sft.lengths
     if lengths == "exact" and not tokenizer:
