@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from fixtures_train import build_tiny_vlm, synthetic_loader, tiny_recipe
 
-from vlmforge.train.objectives import NextTokenObjective, forward_fn, token_weights, weighted_token_ce
+from vlmforge.train.objectives import NextTokenObjective, forward_fn, token_weights
 from vlmforge.train.optim import OptimizerChain, build_optimizer, build_scheduler, lr_factor, param_groups
 from vlmforge.train.parallel import Placement
 
@@ -21,6 +21,16 @@ LABELS = torch.tensor(
 SEQ_IDS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1], [0, 0, 0, 0, -1, -1, -1, -1]])
 # Supervised targets (labels[:, 1:]): A -> t=0,1 (n=2); B -> t=3,4,5 (n=3); C -> row 1 t=0,1,2 (n=3).
 GROUPS = {"A": [(0, 0), (0, 1)], "B": [(0, 3), (0, 4), (0, 5)], "C": [(1, 0), (1, 1), (1, 2)]}
+
+
+def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_t w_t * CE_t`` (a scalar, fp32) from full logits [B, L, V] (HF convention: position t
+    predicts labels[t+1]); the reference the next-token objective is tested against (not used by training)."""
+    active = weights > 0
+    if not bool(active.any()):
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits[:, :-1][active].float(), labels[:, 1:][active], reduction="none")
+    return (ce * weights[active].to(ce.dtype)).sum()
 
 
 def _logits():

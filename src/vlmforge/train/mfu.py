@@ -81,8 +81,9 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 class StepFlops:
     """Per-step FLOPs and MFU for the trainer. Build once after the model is placed
     (``StepFlops(model, tcfg, device)``), then per step
-    ``row.update(step_flops.step_metrics(micro_batches, step_time))`` on every rank (one all-reduce of
-    a scalar when distributed, so every rank must call it)."""
+    ``step_flops.metrics(step_total, step_time, world)`` with the step's FLOPs summed over ranks (the
+    trainer sums ``flops(micro_batches)`` in its own all-reduce); ``step_metrics`` does both for
+    callers without one (bench/gpu_check.py), one scalar all-reduce, so every rank must call it."""
 
     def __init__(self, model, tcfg: TrainConfig, device: torch.device) -> None:
         self.device = torch.device(device)

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any, Callable, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmforge.config.mpo import MPOConfig
@@ -80,16 +79,6 @@ def token_weights(labels: torch.Tensor, seq_ids: torch.Tensor | None, reduction:
     n = counts[key].clamp(min=1.0)
     w = 1.0 / n if reduction == "sample" else n.rsqrt()
     return torch.where(supervised, w, torch.zeros_like(w))
-
-
-def weighted_token_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_t w_t * CE_t`` (a scalar, fp32) from full logits [B, L, V] (HF convention: position t
-    predicts labels[t+1]); the reference the next-token objective is tested against."""
-    active = weights > 0
-    if not bool(active.any()):
-        return logits.sum() * 0.0
-    ce = F.cross_entropy(logits[:, :-1][active].float(), labels[:, 1:][active], reduction="none")
-    return (ce * weights[active].to(ce.dtype)).sum()
 
 
 def target_positions(weights: torch.Tensor, row_length: int) -> tuple[torch.Tensor, torch.Tensor]:
