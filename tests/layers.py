@@ -19,10 +19,11 @@ LAYERS: list[list[str]] = [
     ["images", "text"],  # pixel preprocessing; tokenizers and chat encoding
     ["synth"],  # the built-in synthetic world
     ["model", "data"],  # the VLM; the pretraining and SFT data paths
-    ["train"],  # the one training loop, its objectives, optimizers and checkpoints
+    ["train", "critic"],  # the one training loop, its objectives, optimizers and checkpoints; process reward scoring
     ["curate", "vision", "plan"],  # caption curation (scores, filter network, dedup, mix); vision tower pretraining; cost planner
     ["eval"],  # benchmarks: tasks, prompts, scorers
     ["preference"],  # preference pairs made from a model's own samples, judged by the eval scorers
+    ["rollouts"],  # process reward data: sampled solutions, Monte Carlo step labels (`prm-data`)
     ["cli"],  # `vlmforge <command>`
     ["demo"],  # the whole pipeline, run command by command
     ["__main__"],

@@ -34,6 +34,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "vlmforge.train.command"),
     ("generate", "vlmforge.model.generate_command"),
     ("preference", "vlmforge.preference.command"),
+    ("prm-data", "vlmforge.rollouts.command"),
+    ("prm-score", "vlmforge.critic.command"),
     ("eval", "vlmforge.eval.command"),
     ("export", "vlmforge.model.export_command"),
     ("import", "vlmforge.model.import_command"),

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from vlmforge.config.ranges import ranged
 
-Stage = Literal["pretrain", "sft", "mpo"]
+Stage = Literal["pretrain", "sft", "mpo", "prm"]
 # InternVL's per-token weights: token 1, sample 1/n, square 1/sqrt(n) (n = the sample's supervised tokens)
 LossReduction = Literal["token", "sample", "square"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -22,7 +22,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 @dataclass
 class TrainConfig:
-    stage: Stage = "pretrain"  # pretrain: packed captions; sft: conversations; mpo: preference pairs (see `mpo`)
+    stage: Stage = "pretrain"  # pretrain: packed captions; sft: conversations; mpo: preference pairs (see `mpo`); prm: +/- step labels
     # Run folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, report.html.
     run_dir: str = "runs/${name}"
 

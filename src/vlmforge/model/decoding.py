@@ -172,17 +172,24 @@ def generate(
     use_cache: bool = True,
     seed: int | Sequence[int] | None = 0,
     return_ids: bool = False,
+    reply_prefixes: Sequence[str] | None = None,
 ):
     """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i.
 
     Sampling seeds are per prompt (``seed``: one int for all, or one per prompt), so a prompt's
-    sampled answer is the same in any batch."""
+    sampled answer is the same in any batch. ``reply_prefixes[i]`` (optional): the start of the
+    assistant's reply to prompt i, which the model continues; the returned text is the
+    continuation only (Monte Carlo rollouts from a partial solution)."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if reply_prefixes is not None and len(reply_prefixes) != len(prompts):
+        raise ValueError(f"{len(reply_prefixes)} reply prefixes for {len(prompts)} prompts")
     if not prompts:
         return []
     dev = next(model.parameters()).device
     rows = [prompt_ids(model, tokenizer, m, len(ims), i) for i, (m, ims) in enumerate(zip(prompts, images))]
+    if reply_prefixes is not None:
+        rows = [r + (tokenizer.encode(p, add_special_tokens=False) if p else []) for r, p in zip(rows, reply_prefixes)]
     pad = int(tokenizer.pad_token_id)
     ids, valid = left_padded(rows, pad)
     flat = [im for ims in images for im in ims]
