@@ -243,3 +243,18 @@ def test_muon_matches_torch_muon():
         moved = (p - p0).abs().max()
         assert moved > 0.01
         assert (p - q).abs().max() < 0.02 * moved  # bf16 keeps ~3 significant digits
+
+
+def test_muon_batches_same_shape_matrices_as_one_by_one():
+    """Same-shape matrices go through one batched Newton-Schulz iteration: the same updates as
+    orthogonalising each on its own (fp32 rounding apart), tall, wide and square alike."""
+    from vlmforge.train.muon import orthogonalise, orthogonalise_all
+
+    torch.manual_seed(0)
+    mats = [torch.randn(*s) for s in [(24, 8), (16, 16), (24, 8), (8, 24), (16, 16), (24, 8), (8, 24)]]
+    coeffs = (3.4445, -4.7750, 2.0315)
+    batched = orthogonalise_all(mats, coeffs, 5, 1e-7)
+    for m, got in zip(mats, batched):
+        want = orthogonalise(m, coeffs, 5, 1e-7)
+        assert got.shape == m.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

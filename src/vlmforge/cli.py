@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            if e.name == modname:  # stage not present in this build
+            if e.name and (modname == e.name or modname.startswith(e.name + ".")):  # stage not in this build
                 continue
             raise
         doc = (mod.__doc__ or "").strip()
