@@ -25,3 +25,14 @@ class EvalConfig:
     # Multiple choice: generate (parse the letter of the reply) and/or likelihood (rank the option
     # texts by the model's likelihood, SEED-Bench style; results under NAME@likelihood).
     mc_protocols: list[Literal["generate", "likelihood"]] = field(default_factory=lambda: ["generate"])
+    # Best-of-N (InternVL / VisualPRM), generate protocol: N replies per question, candidate 0 greedy and
+    # the others sampled at temperature / top_p; one is selected and the BoN-k curves reported. 1: off.
+    best_of_n: int = ranged(1, ge=1)
+    critic: Optional[str] = None  # process reward model checkpoint (train.stage=prm) scoring every step
+    # prm: best aggregate of step scores; orm: best last-step score; majority: most frequent answer;
+    # first: greedy. None: prm with a critic, else majority.
+    select: Optional[Literal["prm", "orm", "majority", "first"]] = None
+    aggregate: Literal["mean", "min", "last", "product"] = "mean"  # a candidate's PRM score from its steps
+    temperature: float = ranged(0.7, gt=0)
+    top_p: float = ranged(0.95, gt=0, le=1)
+    sample_seed: int = 0  # candidate j of item i draws from hash(sample_seed, run seed, i, j)

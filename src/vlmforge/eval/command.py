@@ -20,6 +20,16 @@ Examples:
   vlmforge eval --ckpt C --tasks synth-vqa --synth-dir W --shots 0,8 --seeds 0,1,2
   vlmforge eval --ckpt C --tasks synth-mcq --synth-dir W --mc-protocol generate,likelihood
   torchrun --nproc-per-node 8 -m vlmforge eval --ckpt C --tasks mmb=mmbench:MMBench_DEV_EN.tsv
+  vlmforge eval --ckpt C --tasks synth-math --synth-dir W --max-new-tokens 128 --best-of-n 8 --critic PRM_CKPT
+
+Best-of-N (--best-of-n N > 1, generate protocol): candidate 0 is the greedy reply, candidates 1..N-1
+are sampled (--temperature 0.7, --top-p 0.95, seeded per item and candidate); a process reward
+model (--critic, a vlmforge checkpoint trained with train.stage=prm) scores every step of every
+candidate. --select picks one per question: prm (best --aggregate of the step scores: mean, min,
+last, product), orm (best last-step score), majority (most frequent answer) or first (greedy);
+default prm with a critic, else majority. The task's metrics are the selected candidates';
+results.json adds the BoN-k curves (every rule and the oracle pass@k at k = 1, 2, 4, ..., N) and
+predictions.jsonl each row's candidates.
 
 Under torchrun each rank loads the model on its own device and runs every world_size-th batch
 (batches sorted by prompt length); rank 0 merges the predictions in input order and writes the
@@ -34,7 +44,9 @@ HELP = "evaluate a checkpoint on MCQ / VQA / POPE / math tasks (results.json + p
 # eval section key -> the flag that sets it
 FLAGS = {"tasks": "--tasks", "synth_dir": "--synth-dir", "limit": "--limit", "batch_size": "--batch-size",
          "max_new_tokens": "--max-new-tokens", "shots": "--shots", "seeds": "--seeds", "strict": "--no-strict",
-         "mc_protocols": "--mc-protocol", "allow_absolute_paths": "--allow-absolute-paths"}
+         "mc_protocols": "--mc-protocol", "allow_absolute_paths": "--allow-absolute-paths",
+         "best_of_n": "--best-of-n", "critic": "--critic", "select": "--select", "aggregate": "--aggregate",
+         "temperature": "--temperature", "top_p": "--top-p", "sample_seed": "--sample-seed"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,6 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip and count bad rows / undecodable images instead of stopping")
     parser.add_argument("--allow-absolute-paths", dest="allow_absolute_paths", action="store_const", const=True,
                         help="accept absolute image paths in task rows (default: refused as path_outside_root)")
+    parser.add_argument("--best-of-n", dest="best_of_n", type=int,
+                        help="Best-of-N: N candidate replies per question (greedy + N-1 sampled); 1 = off (default)")
+    parser.add_argument("--critic", help="process reward model checkpoint (train.stage=prm) scoring each step")
+    parser.add_argument("--select", help="Best-of-N selection: prm | orm | majority | first "
+                                         "(default: prm with --critic, else majority)")
+    parser.add_argument("--aggregate", help="a candidate's PRM score from its step scores: mean (default) | min | "
+                                            "last | product")
+    parser.add_argument("--temperature", type=float, help="sampling temperature of candidates 1..N-1 (default 0.7)")
+    parser.add_argument("--top-p", dest="top_p", type=float, help="nucleus sampling of candidates 1..N-1 (default 0.95)")
+    parser.add_argument("--sample-seed", dest="sample_seed", type=int, help="seed of the sampled candidates (default 0)")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu); under torchrun: cpu or cuda "
                              "(each rank takes cuda:LOCAL_RANK)")
@@ -98,6 +120,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit must be positive")
     if ev.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    from vlmforge.eval.bestofn import BestOfN, check_settings, critic_scorer
+
+    bon = BestOfN(n=ev.best_of_n, select=ev.select, aggregate=ev.aggregate, temperature=ev.temperature,
+                  top_p=ev.top_p, seed=ev.sample_seed)
+    try:
+        check_settings(bon, bool(ev.critic))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    critic = Path(ev.critic) if ev.critic and bon.on else None  # best_of_n 1: no candidates to score
+    if critic is not None and not critic.is_dir():
+        raise UserError(f"--critic: checkpoint folder {critic} not found")
     from vlmforge.eval.items import TaskError
     from vlmforge.eval.runner import MC_PROTOCOLS, evaluate, summary_table
 
@@ -127,11 +160,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         # --set overrides reach the model too (e.g. model.projector.pool_size=null for full resolution).
         model, tokenizer, _ = load_vlm(str(ckpt), overrides=args.overrides, device=str(device))
+        info: dict = {"ckpt": str(ckpt)}
+        scorer = None
+        if critic is not None:  # the critic's own recipe: --set overrides are the policy's
+            critic_model, critic_tok, _ = load_vlm(str(critic), device=str(device))
+            scorer = critic_scorer(critic_model, critic_tok, batch_size=ev.batch_size)
+            info["critic"] = str(critic)
         try:
             results = evaluate(
                 model, tokenizer, tasks, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                 shots=list(ev.shots), seeds=list(ev.seeds), strict=ev.strict, mc_protocols=list(ev.mc_protocols),
-                out_dir=out, config=cfg, info={"ckpt": str(ckpt)}, progress=is_main,
+                out_dir=out, config=cfg, info=info, progress=is_main,
+                best_of_n=bon if bon.on else None, step_scorer=scorer,
             )
         except TaskError as e:
             raise UserError(str(e)) from None

@@ -12,7 +12,10 @@ Python API (what ``vlmforge eval`` runs, and through it ``vlmforge demo``)::
 lists of PIL images.
 
 Each task runs once per shot count k; k > 0 runs once per seed (different demonstrations) and
-reports the mean and the sample standard deviation over seeds. Greedy decoding throughout.
+reports the mean and the sample standard deviation over seeds. Greedy decoding, unless Best-of-N
+(``best_of_n=BestOfN(n=8)``, :mod:`vlmforge.eval.bestofn`) adds N-1 sampled candidates to each
+generated reply, selects one (by a critic's step scores or by majority) and reports the BoN-k
+curves; the task's metrics are then those of the selected candidates.
 
 Requests run in batches sorted by prompt length (less padding); under torchrun the batches are
 split over ranks and the outputs merged in input order (:mod:`vlmforge.eval.ranks`), so any number
@@ -36,7 +39,8 @@ from tqdm.auto import tqdm
 from vlmforge import dist
 from vlmforge.config import save_resolved
 from vlmforge.config.recipe import Recipe
-from vlmforge.eval import ranks
+from vlmforge.eval import bestofn, ranks
+from vlmforge.eval.bestofn import BestOfN, SampleFn, StepScorer
 from vlmforge.eval.fewshot import DemoPool, build_messages
 from vlmforge.eval.items import TaskError
 from vlmforge.eval.kind import Scored, count_unresolved
@@ -90,9 +94,21 @@ def model_prompt_length(model, tokenizer) -> Callable[[list[dict], int], int]:
     return length
 
 
-def _run_batch(task: Task, batch: list, generate_fn: GenerateFn, rank_fn: RankFn | None) -> dict[int, dict]:
+@dataclasses.dataclass(frozen=True)
+class BonRun:
+    """Best-of-N during one pass: the settings, the sampler, the critic (None: none) and the run's seed."""
+
+    settings: BestOfN
+    sample_fn: SampleFn
+    step_scorer: StepScorer | None = None
+    run_seed: int = 0
+
+
+def _run_batch(task: Task, batch: list, generate_fn: GenerateFn, rank_fn: RankFn | None,
+               bon: BonRun | None = None) -> dict[int, dict]:
     """``{request index: output}`` for one batch of (index, request): ``{"text": reply}``,
-    ``{"logprobs": [...]}`` (likelihood protocol) or ``{"dropped": reason, "error": message}``."""
+    ``{"logprobs": [...]}`` (likelihood protocol), ``{"texts": [N candidates], "step_scores"?: [...]}``
+    (Best-of-N) or ``{"dropped": reason, "error": message}``."""
     out: dict[int, dict] = {}
     ready, images = [], []
     for index, req in batch:
@@ -109,12 +125,29 @@ def _run_batch(task: Task, batch: list, generate_fn: GenerateFn, rank_fn: RankFn
         replies = generate_fn(prompts, images)
         if len(replies) != len(ready):
             raise RuntimeError(f"generate returned {len(replies)} outputs for {len(ready)} prompts")
-        out.update({index: {"text": text} for (index, _), text in zip(ready, replies)})
+        if bon is None:
+            out.update({index: {"text": text} for (index, _), text in zip(ready, replies)})
+        else:
+            out.update(_candidates(ready, prompts, images, replies, bon))
     else:
         ranked = rank_fn(prompts, images, [list(req[0].options.values()) for _, req in ready])
         if len(ranked) != len(ready):
             raise RuntimeError(f"rank_fn returned {len(ranked)} outputs for {len(ready)} prompts")
         out.update({index: {"logprobs": [float(x) for x in lps]} for (index, _), lps in zip(ready, ranked)})
+    return out
+
+
+def _candidates(ready: list, prompts: list, images: list, greedy: list[str], bon: BonRun) -> dict[int, dict]:
+    """Best-of-N outputs of a batch: the greedy replies plus the sampled ones, and the critic's step scores."""
+    texts = bestofn.candidate_texts(greedy, prompts, images, [req[0].id for _, req in ready], bon.settings,
+                                    bon.sample_fn, bon.run_seed)
+    out = {index: {"texts": t} for (index, _), t in zip(ready, texts)}
+    if bon.step_scorer is not None:
+        # The query's own images are the last ones (k-shot demonstrations come first).
+        query_images = [ims[len(ims) - len(req[0].images):] for (_, req), ims in zip(ready, images)]
+        scores = bestofn.candidate_step_scores(bon.step_scorer, prompts, query_images, texts)
+        for (index, _), s in zip(ready, scores):
+            out[index]["step_scores"] = s
     return out
 
 
@@ -130,6 +163,7 @@ def run_task_once(
     *,
     prompt_length: Callable[[list[dict], int], int] | None = None,
     distributed: bool | None = None,
+    best_of_n: BonRun | None = None,
 ) -> tuple[list[Scored], list[dict], dict[str, int]]:
     """One pass over a task: (scored records, prediction rows, dropped-item counts).
 
@@ -141,7 +175,11 @@ def run_task_once(
     input order); under torchrun each rank runs every world_size-th batch and the outputs are merged
     (``eval.ranks``), then scored in input order, so records and rows are those of one rank.
     ``distributed``: None = split when a process group is initialised; False = this process runs
-    every batch alone (no collectives, e.g. rank 0 evaluating while the others wait)."""
+    every batch alone (no collectives, e.g. rank 0 evaluating while the others wait).
+    ``best_of_n`` (generate protocol only): every item gets N candidates; its record is the selected
+    one's (a ``bestofn.Chosen``, holding all of them) and its row lists them."""
+    if rank_fn is not None:
+        best_of_n = None
     pool = DemoPool(task.support_items if task.support_items is not None else task.items) if shots > 0 else None
     requests = []
     for item in task.items:
@@ -156,7 +194,7 @@ def run_task_once(
     label = task.name + (f" {shots}-shot seed {seed}" if shots else "")
     outputs: dict[int, dict] = {}
     for batch in tqdm(mine, desc=f"eval {label}", unit="batch", disable=not progress or (split and not dist.is_main())):
-        found = _run_batch(task, [(i, requests[i]) for i in batch], generate_fn, rank_fn)
+        found = _run_batch(task, [(i, requests[i]) for i in batch], generate_fn, rank_fn, best_of_n)
         outputs.update(found)
         if strict and any("dropped" in o for o in found.values()):
             break  # this rank stops at its first bad image; the merge below reports it on every rank
@@ -176,7 +214,12 @@ def run_task_once(
             dropped[got["dropped"]] = dropped.get(got["dropped"], 0) + 1
             continue
         lps = got.get("logprobs")
-        if lps is None:
+        if "texts" in got:
+            bon = best_of_n.settings
+            cands = bestofn.scored_candidates(task.scorer, item, got["texts"], got.get("step_scores"), bon.aggregate)
+            rec = bestofn.choose(item, cands, bon.rule(best_of_n.step_scorer is not None))
+            text = rec.prediction
+        elif lps is None:
             text = got["text"]
             rec = task.scorer.score_prediction(text, item)
         else:  # the most likely option's letter is the answer, known exactly: no text parsing
@@ -193,6 +236,9 @@ def run_task_once(
         }
         if lps is not None:
             row["option_logprobs"] = dict(zip(item.options, lps))
+        if isinstance(rec, bestofn.Chosen):
+            row["candidates"] = [c.row() for c in rec.candidates]
+            row["selected"] = rec.selected
         rows.append(row)
     return records, rows, dropped
 
@@ -216,18 +262,30 @@ def evaluate_task(
     *,
     prompt_length: Callable[[list[dict], int], int] | None = None,
     distributed: bool | None = None,
+    best_of_n: BestOfN | None = None,
+    sample_fn: SampleFn | None = None,
+    step_scorer: StepScorer | None = None,
 ) -> tuple[dict, list[dict]]:
     """Metrics of one task at one shot count (mean/std over seeds when k > 0), and prediction rows.
-    ``rank_fn``: the likelihood protocol; ``prompt_length``: the batching order (see ``run_task_once``)."""
+    ``rank_fn``: the likelihood protocol; ``prompt_length``: the batching order (see ``run_task_once``);
+    ``best_of_n`` (with ``sample_fn``, and ``step_scorer`` for a critic): Best-of-N, adding
+    ``result["best_of_n"]`` (curves averaged over seeds when k > 0)."""
+    bon = best_of_n if best_of_n is not None and best_of_n.on and rank_fn is None else None
+    if bon is not None and sample_fn is None:
+        raise ValueError("Best-of-N needs a sample_fn (or a model)")
     run_seeds = list(seeds) if shots > 0 else [0]
     if shots > 0 and not run_seeds:
         raise ValueError("k-shot evaluation needs at least one seed")
-    per_seed, all_rows, unresolved, dropped = [], [], [], {}
+    per_seed, all_rows, unresolved, dropped, bon_curves = [], [], [], {}, []
     n_scored = 0
     for seed in run_seeds:
+        run = BonRun(bon, sample_fn, step_scorer, seed) if bon is not None else None
         records, rows, drop = run_task_once(task, generate_fn, shots, seed, batch_size, strict, progress, rank_fn,
-                                            prompt_length=prompt_length, distributed=distributed)
+                                            prompt_length=prompt_length, distributed=distributed, best_of_n=run)
         per_seed.append(task.scorer.aggregate(records))
+        if bon is not None:
+            bon_curves.append(bestofn.curves(task.scorer, records, bestofn.bon_ks(bon.n),
+                                             bon.rules(step_scorer is not None)))
         unresolved.append(count_unresolved(records))
         all_rows += rows
         n_scored = len(records)
@@ -253,6 +311,8 @@ def evaluate_task(
         result["per_seed"] = per_seed
     else:
         result["metrics"] = per_seed[0]
+    if bon is not None:
+        result["best_of_n"] = bestofn.result_block(bon, step_scorer is not None, bestofn.mean_curves(bon_curves))
     return result, all_rows
 
 
@@ -284,6 +344,9 @@ def evaluate(
     progress: bool = True,
     prompt_length: Callable[[list[dict], int], int] | None = None,
     distributed: bool | None = None,
+    best_of_n: BestOfN | None = None,
+    sample_fn: SampleFn | None = None,
+    step_scorer: StepScorer | None = None,
 ) -> dict[str, dict]:
     """Evaluate on tasks; return ``{task_key: {metrics, chance, counts, primary, ...}}``.
 
@@ -300,6 +363,12 @@ def evaluate(
     FSDP-sharded; ``distributed=False`` makes the calling process evaluate everything alone.
     Batches are sorted by prompt length: in model tokens with a model, else by ``prompt_length``
     when given, else they follow the input order.
+
+    ``best_of_n`` (``BestOfN``; None or n = 1: off): every generated reply gets N-1 sampled siblings
+    (``sample_fn(prompts, images, seeds)``, default: the model at the settings' temperature and
+    top-p), scored per step by ``step_scorer`` (a critic, ``bestofn.critic_scorer``; None: no critic)
+    and one selected; results gain ``best_of_n`` (the BoN-k curves), prediction rows ``candidates``
+    and ``selected``. Likelihood-protocol tasks are unaffected.
     """
     bad = [p for p in mc_protocols if p not in MC_PROTOCOLS]
     if bad or not mc_protocols:
@@ -314,6 +383,16 @@ def evaluate(
         rank_fn = model_rank_fn(model, tokenizer)
     if prompt_length is None and model is not None and tokenizer is not None:
         prompt_length = model_prompt_length(model, tokenizer)
+    bon = best_of_n if best_of_n is not None and best_of_n.on else None
+    if best_of_n is not None:
+        try:
+            bestofn.check_settings(best_of_n, step_scorer is not None)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
+    if bon is not None and sample_fn is None:
+        if model is None or tokenizer is None:
+            raise ValueError("Best-of-N needs a model and tokenizer, or a sample_fn")
+        sample_fn = bestofn.model_sample_fn(model, tokenizer, max_new_tokens, bon.temperature, bon.top_p)
     loaded = []
     for entry in [tasks] if isinstance(tasks, str) else list(tasks):
         if isinstance(entry, Task):
@@ -343,7 +422,8 @@ def evaluate(
         for k in shots:
             if "generate" in mc_protocols or not task.scorer.supports_likelihood:
                 res, rows = evaluate_task(task, generate_fn, k, seeds, batch_size, strict, progress,
-                                          prompt_length=prompt_length, distributed=distributed)
+                                          prompt_length=prompt_length, distributed=distributed, best_of_n=bon,
+                                          sample_fn=sample_fn, step_scorer=step_scorer)
                 results[result_key(task.name, k)] = res
                 predictions += rows
         if by_likelihood:
@@ -360,6 +440,8 @@ def evaluate(
         settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                     "shots": shots, "seeds": list(seeds), "strict": strict, "mc_protocols": list(mc_protocols),
                     "world_size": dist.world_size() if split else 1}
+        if bon is not None:
+            settings["best_of_n"] = bestofn.settings_dict(bon, step_scorer is not None)
         write_outputs(out_dir, results, predictions, settings, config, info or {}, time.time() - started)
     if split:
         dist.barrier()
@@ -409,7 +491,8 @@ def headline(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def summary_table(results: dict[str, dict]) -> str:
-    """A plain-text table: task, headline metric (± std over seeds), chance, n, unresolved."""
+    """A plain-text table: task, headline metric (± std over seeds), chance, n, unresolved; under a
+    Best-of-N task one row per curve (the selected rule starred), the metric at k = 1, 2, 4, ..., N."""
     lines = [f"{'task':<28} {'metric':<18} {'score':>14} {'chance':>7} {'n':>6} {'unres.':>7}"]
     for name, r in results.items():
         metric = r["primary"]
@@ -420,4 +503,15 @@ def summary_table(results: dict[str, dict]) -> str:
             f"{name:<28} {metric:<18} {score:>14} {chance if chance is None else f'{chance:.3f}':>7} "
             f"{r['counts']['n']:>6} {r['counts']['unresolved']:>7}"
         )
+        if "best_of_n" in r:
+            lines += _bon_rows(r["best_of_n"])
     return "\n".join(lines)
+
+
+def _bon_rows(bon: dict) -> list[str]:
+    head = f"  best-of-{bon['n']}" + (f" ({bon['aggregate']})" if bon["select"] == "prm" else "")
+    lines = [f"{head:<28} {'k':<18} " + " ".join(f"{k:>6}" for k in bon["ks"])]
+    for name, values in bon["curves"].items():
+        label = f"  {name}{' *' if name == bon['select'] else ''}"
+        lines.append(f"{label:<28} {'':<18} " + " ".join(f"{v:.4f}" for v in values))
+    return lines
