@@ -4,6 +4,8 @@ Same steps as ``SiglipImageProcessor`` (PIL backend): convert to RGB, resize to 
 PIL bicubic on the uint8 image, rescale by 1/255, normalise with mean/std, channels first.
 The spec comes from :func:`vlmforge.arch.geometry.image_preprocess_spec` (size, mean, std, rescale).
 Decoding (and RGB conversion of grayscale/CMYK/RGBA) is :func:`vlmforge.imagedecode.decode_image`.
+:func:`dynamic_tiles` cuts an image into InternVL's dynamic-resolution tiles (grid from
+:mod:`vlmforge.arch.tiles`); each tile is then preprocessed like any image.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmforge.arch.tiles import DEFAULT_MAX_TILES, DEFAULT_MIN_TILES, DEFAULT_TILE, grid_for
 from vlmforge.imagedecode import decode_image
 
 
@@ -58,3 +61,20 @@ def preprocess_batch(images, spec: dict) -> torch.Tensor:
 def load_pixel_values(image_bytes: bytes, spec: dict) -> torch.Tensor:
     """Encoded bytes -> FloatTensor[3, size, size]; raises ``vlmforge.imagedecode.ImageDecodeError``."""
     return preprocess(decode_image(image_bytes), spec)
+
+
+def dynamic_tiles(image: Image.Image, tile: int = DEFAULT_TILE, min_tiles: int = DEFAULT_MIN_TILES,
+                  max_tiles: int = DEFAULT_MAX_TILES, thumbnail: bool = True) -> list[Image.Image]:
+    """InternVL's dynamic high resolution: ``tile x tile`` PIL tiles, row-major, thumbnail last.
+
+    The image is resized (bicubic, PIL's default for RGB, as InternVL's ``image.resize``) to
+    ``(tile * cols, tile * rows)`` for the grid of :func:`vlmforge.arch.tiles.grid_for`, cut left to
+    right, top to bottom; with more than one tile the whole image resized to ``tile x tile`` follows
+    when ``thumbnail`` is set. A multi-image sample passes each image
+    ``Tiling.for_images(n).max_tiles`` as ``max_tiles``."""
+    cols, rows = grid_for(image.width, image.height, tile, min_tiles, max_tiles)
+    resized = image.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    if thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
+    return tiles

@@ -1,0 +1,110 @@
+"""InternVL's dynamic high resolution: the tile grid an image is cut into, and how many tiles it costs.
+
+An image becomes ``cols x rows`` tiles of ``tile x tile`` pixels (plus, when there is more than
+one tile, a thumbnail of the whole image), each tile one pass of the vision tower. The grid is the
+one InternVL's training data uses (``dynamic_preprocess``): among the grids with
+``min_tiles <= cols * rows <= max_tiles``, taken in order of tile count, the grid whose aspect
+ratio ``cols / rows`` is closest to the image's ``width / height`` wins; on an exact tie a later
+(larger or equal) grid replaces the earlier only if the image's area exceeds half the area its
+tiles cover (``W * H > 0.5 * tile^2 * cols * rows``), so a small image is not blown up.
+
+Grids with the same tile count are taken with fewer columns first, as transformers' InternVL
+image processor does. InternVL's own code takes them in Python set order; the two can differ only
+on an exact tie between two grids of the same tile count, which cannot happen when 1x1 is a
+candidate (min_tiles = 1, every InternVL3 recipe), so the choice is the same there.
+
+Pure arithmetic on sizes (no pixels): the data layer counts an image's ``<image>`` tokens from it
+before decoding, and :func:`vlmforge.images.dynamic_tiles` cuts the pixels with the same grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from vlmforge.errors import ConfigError
+
+# InternVL3's recipes: --force_image_size 448, --max_dynamic_patch 12, --min_dynamic_patch 1 (the
+# default), --use_thumbnail True.
+DEFAULT_TILE = 448
+DEFAULT_MIN_TILES = 1
+DEFAULT_MAX_TILES = 12
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images are tiled: tile side in pixels, tile-count range per image, thumbnail on/off."""
+
+    tile: int = DEFAULT_TILE
+    min_tiles: int = DEFAULT_MIN_TILES
+    max_tiles: int = DEFAULT_MAX_TILES
+    thumbnail: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile < 1:
+            raise ConfigError(f"tiling: tile={self.tile} must be >= 1 pixel")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got min_tiles={self.min_tiles}, "
+                              f"max_tiles={self.max_tiles}")
+
+    def for_images(self, n_images: int) -> Tiling:
+        """The tiling each image of an ``n_images``-image sample gets: the tile budget is shared,
+        ``max(1, max_tiles // n_images)`` tiles each (InternVL's multi-image rule). A ``min_tiles``
+        above that budget is lowered to it (InternVL would find no grid and fall back to 1x1; with
+        min_tiles = 1, InternVL3's setting, the two agree)."""
+        budget = tile_budget(self.max_tiles, n_images)
+        return Tiling(self.tile, min(self.min_tiles, budget), budget, self.thumbnail)
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        return grid_for(width, height, self.tile, self.min_tiles, self.max_tiles)
+
+    def tiles(self, width: int, height: int) -> int:
+        return tiles_per_image(width, height, self.tile, self.min_tiles, self.max_tiles, self.thumbnail)
+
+
+def tile_budget(max_tiles: int, n_images: int) -> int:
+    """Most tiles each image of an ``n_images``-image sample may take: ``max(1, max_tiles // n_images)``."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    return max(1, int(max_tiles) // int(n_images))
+
+
+@lru_cache(maxsize=256)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """Every (cols, rows) with min_tiles <= cols * rows <= max_tiles, by tile count, then fewer columns first."""
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1) if c * r >= min_tiles]
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))  # stable: columns ascending within a count
+
+
+def grid_for(width: int, height: int, tile: int = DEFAULT_TILE, min_tiles: int = DEFAULT_MIN_TILES,
+             max_tiles: int = DEFAULT_MAX_TILES) -> tuple[int, int]:
+    """(cols, rows) of the tile grid for a ``width x height`` image; see the module docstring."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height  # float arithmetic as InternVL's: exact ties are ties of these floats
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(int(min_tiles), int(max_tiles)):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and 2 * width * height > tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tiles_per_image(width: int, height: int, tile: int = DEFAULT_TILE, min_tiles: int = DEFAULT_MIN_TILES,
+                    max_tiles: int = DEFAULT_MAX_TILES, thumbnail: bool = True) -> int:
+    """Vision-tower passes for one image: the grid's tiles, plus the thumbnail when the grid has more than one."""
+    cols, rows = grid_for(width, height, tile, min_tiles, max_tiles)
+    n = cols * rows
+    return n + 1 if thumbnail and n > 1 else n
+
+
+def sample_tiles(sizes: list[tuple[int, int]], tiling: Tiling = Tiling()) -> list[int]:
+    """Tiles per image of one sample whose images have these (width, height) sizes (budget shared)."""
+    if not sizes:
+        return []
+    each = tiling.for_images(len(sizes))
+    return [each.tiles(w, h) for w, h in sizes]
