@@ -45,7 +45,7 @@ def parse_count(text: str, what: str = "--tokens") -> float:
 
 def sequence_length(cfg: Recipe) -> int:
     stage = str(cfg.train.stage)
-    if stage == "sft":
+    if stage in ("sft", "prm"):
         return int(cfg.sft.max_len)
     if stage == "mpo":
         return int(cfg.preference.max_len)
@@ -197,7 +197,7 @@ def make_plan(cfg: Recipe, *, gpus: int, gpu: str, tokens: float, mfu: float | N
         "step_tokens": step_tokens, "steps": math.ceil(tokens / step_tokens),
         "notes": [],
     }
-    if plan["stage"] == "sft" and str(cfg.sft.batching) == "length_group":
+    if plan["stage"] in ("sft", "prm") and str(cfg.sft.batching) == "length_group":
         plan["notes"].append("sft.batching=length_group puts one conversation in a row; rows are taken as full "
                              f"({w.seq_len} tokens), so memory and attention FLOPs are upper bounds")
     if plan["fused_loss"] != "off":

@@ -1,8 +1,10 @@
-"""Train a stage of a recipe: pretraining on packed caption shards, SFT on conversations, or MPO
-(InternVL's Mixed Preference Optimization) on preference pairs from an SFT checkpoint.
+"""Train a stage of a recipe: pretraining on packed caption shards, SFT on conversations, MPO
+(InternVL's Mixed Preference Optimization) on preference pairs from an SFT checkpoint, or a
+process reward model (prm) on critic conversations, the loss on their '+' / '-' verdicts.
 
   vlmforge train --recipe tiny/pretrain --set train.data_path=out/packed --set tokenizer.path=out/tok
   vlmforge train --recipe tiny/mpo --set preference.index=out/pref-index --set train.init_from=runs/tiny-sft
+  vlmforge train --recipe tiny/prm --set sft.index=out/prm-index --set sft.image_root=IMAGES
   torchrun --nproc-per-node 8 [--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT] \\
       -m vlmforge train --recipe open_qwen2vl/sft --set train.init_from=runs/pretrain ...
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: this module stays light for `vlmforge --h
     from vlmforge.config.recipe import Recipe
     from vlmforge.train.loop import TrainResult
 
-HELP = "train a stage (pretrain | sft | mpo) with FSDP2, resumable checkpoints and a run report"
+HELP = "train a stage (pretrain | sft | mpo | prm) with FSDP2, resumable checkpoints and a run report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -160,6 +160,39 @@ class NextTokenObjective(Objective):
         return {"loss": sums["weighted_ce"] / total if total > 0 else 0.0}
 
 
+class VerdictObjective(NextTokenObjective):
+    """Next-token prediction on a process reward model's verdicts (stage prm, where the only
+    supervised tokens are the '+' / '-' replies): the same loss, plus ``verdict_accuracy``, the
+    share of verdicts where argmax over {'+', '-'} is the label ('+' on a tie). The other verdict's
+    log-prob is read in the same forward pass, at the same positions."""
+
+    def __init__(self, reduction: str, plus: int, minus: int) -> None:
+        super().__init__(reduction)
+        self.plus, self.minus = int(plus), int(minus)
+
+    def micro_loss(self, run, batch, index):
+        weights = self._weights[index]
+        pred_index, active = target_positions(weights, batch["input_ids"].shape[1])
+        targets = batch["labels"][:, 1:][active]
+        other = torch.where(targets == self.plus, torch.full_like(targets, self.minus), torch.full_like(targets, self.plus))
+        logp = run(batch, output="target_logprobs", pred_index=torch.cat([pred_index, pred_index]),
+                   target_ids=torch.cat([targets, other]))
+        n = targets.numel()
+        label, rival = logp[:n], logp[n:]
+        ce = -(label * weights[active].to(label.dtype)).sum()
+        says_plus = torch.where(targets == self.plus, label >= rival, rival >= label)
+        correct = (says_plus == (targets == self.plus)).sum()
+        scale = 1.0 / self._total if self._total > 0 else 0.0
+        return ce * scale, {"weighted_ce": ce.detach(), "verdicts_correct": correct.detach(),
+                            "verdicts": torch.tensor(float(n), device=ce.device)}
+
+    def end_step(self, sums, stats, applied):
+        row = super().end_step(sums, stats, applied)
+        n = sums["verdicts"]
+        row["verdict_accuracy"] = sums["verdicts_correct"] / n if n > 0 else 0.0
+        return row
+
+
 # ---------------------------------------------------------------- MPO
 
 

@@ -3,7 +3,7 @@ run and nothing else.
 
 ``run.json`` holds the settings that define the run: the model section, the optimizer, schedule
 and batch sizes of the train section, the batching of the data (``data.*`` in pretraining,
-``sft.*`` in SFT, ``preference.*`` and the ``mpo`` section in MPO), the seed, the number of
+``sft.*`` in SFT and PRM training, ``preference.*`` and the ``mpo`` section in MPO), the seed, the number of
 processes, the weights it started from, and the fingerprints of its data folder and its
 tokenizer. It is written when a new run starts. A rerun
 that would resume a checkpoint compares its own settings with it before anything is written, and
@@ -71,7 +71,7 @@ def run_settings(cfg: Recipe, world_size: int, fingerprints: dict[str, Any]) -> 
     out = {**_flat("train", c["train"], HARMLESS_TRAIN_KEYS), **_flat("model", c["model"], HARMLESS_MODEL_KEYS)}
     out.pop("train.seed", None)
     out["seed"] = run_seed(cfg)
-    if cfg.train.stage == "sft":
+    if cfg.train.stage in ("sft", "prm"):  # prm reads an SFT index too
         out.update(_flat("sft", c["sft"], HARMLESS_SFT_KEYS))
         if out.get("sft.image_root"):
             out["sft.image_root"] = os.path.abspath(out["sft.image_root"])

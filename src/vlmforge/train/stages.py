@@ -5,7 +5,9 @@ before any model is built; the schema itself (choice fields included) is checked
 
 Each stage reads its data from one place: pretraining from ``train.data_path`` (packed shards),
 SFT from ``sft.index`` (and ``sft.image_root``), MPO from ``preference.index`` (and
-``preference.image_root``), starting from ``train.init_from`` (an SFT checkpoint).
+``preference.image_root``), starting from ``train.init_from`` (an SFT checkpoint). A process
+reward model (stage ``prm``) reads an SFT index too, of critic conversations (``vlmforge
+prm-data``'s prm.json), and learns only their '+' / '-' verdict tokens, by next-token prediction.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from vlmforge.config.train import TrainConfig
 from vlmforge.data.preference.loader import build_preference_loader
 from vlmforge.data.pretrain.loader import build_pretrain_loader
 from vlmforge.data.sft.loader import build_sft_loader
+from vlmforge.data.sft.records import SFTDataError
+from vlmforge.data.sft.verdicts import verdict_ids
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.model.build import build_vlm
 from vlmforge.model.saving import load_vlm, save_vlm
 from vlmforge.text.tokenization import load_tokenizer, looks_local, tokenizer_fingerprint
 from vlmforge.train.checkpoint import full_model_state
 from vlmforge.train.loop import grad_accum_steps
-from vlmforge.train.objectives import MPOObjective
+from vlmforge.train.objectives import MPOObjective, VerdictObjective
 from vlmforge.train.reference import checkpoint_fingerprint
 
 ARCH_KEYS = (
@@ -162,7 +166,11 @@ class _Index:
 _INDEXES = {
     "sft": _Index("sft", "SFT", "sft-index", "sft-index", "SFT", "index"),
     "mpo": _Index("preference", "preference", "preference index", "preference-index", "MPO", "pairs"),
+    "prm": _Index("sft", "SFT", "sft-index", "sft-index", "PRM training", "step-labelled conversations"),
 }
+# Records of an index checked before a PRM run starts: if none is a critic conversation, the index
+# is other SFT data (a run would skip every record).
+PRM_PROBE_RECORDS = 16
 
 
 def _manifest_stage(path: Path) -> str | None:
@@ -387,10 +395,14 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
     accum = grad_accum_steps(cfg.train, world)
     micro = int(cfg.train.micro_batch_size)  # rows (pretrain, SFT) or pairs (MPO) per forward pass per rank
     objective = None
-    if cfg.train.stage == "sft":
-        loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
+    verdicts = verdict_ids(tok) if cfg.train.stage == "prm" else None
+    if cfg.train.stage in ("sft", "prm"):
+        loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world, verdicts=verdicts)
         per_epoch = loader.batches_per_epoch(0)
         data = cfg.sft.index
+        if verdicts is not None:
+            check_prm_records(loader.ds, str(cfg.sft.index))
+            objective = VerdictObjective(str(cfg.train.loss_reduction), *verdicts)
     elif cfg.train.stage == "mpo":
         loader = _preference_loader(cfg, tok, model, micro, seed, rank, world)
         per_epoch = loader.batches_per_epoch(0)
@@ -415,10 +427,30 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
         "total_steps": total,
         "visual_tokens_per_image": int(model.tokens_per_image),
     }
+    if verdicts is not None:
+        info.update(objective="next_token", supervised="verdicts", verdict_ids={"+": verdicts[0], "-": verdicts[1]})
     if cfg.train.stage == "mpo":
         info.update(objective="mpo", preference_layout=preference_layout(cfg, model), reference=str(cfg.mpo.reference),
                     pairs=int(loader.num_pairs))
     return StagePieces(model=model, tokenizer=tok, loader=loader, total_steps=total, info=info, objective=objective)
+
+
+def check_prm_records(dataset, index: str) -> None:
+    """Refuse an index none of whose first records is a critic conversation (every assistant turn
+    one '+' or '-'), naming the first record and what it replies; single bad records are skipped and
+    counted (``bad_verdict``) by the loader, or stop the run with sft.strict."""
+    first = None
+    for i in range(min(len(dataset), PRM_PROBE_RECORDS)):
+        try:
+            dataset.tokens(i)
+            return
+        except SFTDataError as e:
+            if e.reason != "bad_verdict":
+                return  # another problem of that record: the loader counts it
+            first = first or e
+    if first is not None:
+        raise ConfigError(f"sft.index {index} does not hold critic conversations: {first} (train.stage=prm learns "
+                          "'+' / '-' replies, e.g. `vlmforge prm-data`'s prm.json indexed with `vlmforge sft-index`)")
 
 
 def export_final(model, tokenizer, cfg: Recipe, out_dir: Path) -> None:

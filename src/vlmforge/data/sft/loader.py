@@ -288,10 +288,12 @@ def build_sft_loader(
     seed: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    verdicts: tuple[int, int] | None = None,
 ) -> SFTLoader:
     """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
     ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``
-    (``sft_cfg``, default ``recipe.sft``), ``batch_size`` rows per batch on this rank."""
+    (``sft_cfg``, default ``recipe.sft``), ``batch_size`` rows per batch on this rank.
+    ``verdicts`` (ids of '+' and '-', stage prm): only each assistant turn's verdict is supervised."""
     sft = sft_cfg if sft_cfg is not None else recipe.sft
     if not sft.index:
         raise SFTDataError("sft.index is not set: build one with `vlmforge sft-index` and set sft.index=DIR")
@@ -303,6 +305,7 @@ def build_sft_loader(
         image_root=sft.image_root,
         max_len=sft.max_len,
         allow_absolute_paths=sft.allow_absolute_paths,
+        verdicts=verdicts,
     )
     return SFTLoader(
         ds, sft, batch_size=batch_size, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size

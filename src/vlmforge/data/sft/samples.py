@@ -2,7 +2,9 @@
 
 The chat template is applied with the loss only on assistant turns (reply + end-of-turn token),
 each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and the first token is
--100 (nothing learns to predict across a sample boundary). A bad sample raises
+-100 (nothing learns to predict across a sample boundary). With ``verdicts`` (stage ``prm``, see
+:mod:`.verdicts`) only the verdict token of each assistant turn is supervised, and a turn that is
+not one ``+`` / ``-`` token is a bad sample (``bad_verdict``). A bad sample raises
 :class:`SFTDataError` with its ``reason``; the loader skips and counts it.
 """
 
@@ -17,6 +19,7 @@ import torch
 from vlmforge.data.collate import IGNORE_INDEX
 from vlmforge.data.sft.index import SFTIndex, open_index
 from vlmforge.data.sft.records import SFTDataError
+from vlmforge.data.sft.verdicts import VerdictError, end_of_turn_ids, verdict_mask
 from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
 from vlmforge.images import preprocess, preprocess_batch
@@ -40,6 +43,29 @@ def read_image(path: str):
         raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
 
 
+def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visual_tokens: int,
+                        verdicts: tuple[int, int] | None = None,
+                        end_ids: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(input_ids with every ``<image>`` expanded to ``visual_tokens`` ids, labels, images marked) of
+    one conversation: labels are the ids on assistant replies (with ``verdicts``: on each turn's
+    verdict token only; VerdictError naming the turn when a reply is not one verdict), -100 elsewhere
+    and on the first token. What SFT and PRM training learn, and where ``prm-score`` reads."""
+    ids, mask = encode_conversation(tokenizer, messages)
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.asarray(mask, dtype=bool)
+    if verdicts is not None:
+        mask = verdict_mask(tokenizer, ids, mask, verdicts, end_ids)
+    is_img = ids == image_id
+    n_img = int(is_img.sum())
+    labels = np.where(mask & ~is_img, ids, IGNORE_INDEX)
+    if n_img and visual_tokens != 1:
+        reps = np.where(is_img, visual_tokens, 1)
+        ids, labels = np.repeat(ids, reps), np.repeat(labels, reps)
+    if labels.size:
+        labels[0] = IGNORE_INDEX
+    return ids, labels, n_img
+
+
 def load_pixels(path: str, spec: dict) -> torch.Tensor:
     """Image file -> FloatTensor[3, size, size]; SFTDataError as :func:`read_image`."""
     return preprocess(read_image(path), spec)
@@ -59,6 +85,7 @@ class SFTDataset:
         image_root: str | os.PathLike | None = None,
         max_len: int | None = None,
         allow_absolute_paths: bool = False,
+        verdicts: tuple[int, int] | None = None,
     ):
         self.index = index if isinstance(index, SFTIndex) else open_index(index)
         self.tok = tokenizer
@@ -70,6 +97,9 @@ class SFTDataset:
         self.allow_absolute_paths = bool(allow_absolute_paths or self.index.manifest.get("allow_absolute_paths"))
         self._dirs: dict[str, str] = {}
         self.image_id = image_token_id(tokenizer)
+        # stage prm: (id of '+', id of '-'); only those tokens are supervised
+        self.verdicts = tuple(verdicts) if verdicts is not None else None
+        self._end_ids = end_of_turn_ids(tokenizer) if verdicts is not None else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -81,23 +111,18 @@ class SFTDataset:
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O."""
         msgs, images = self.index.messages(i)
-        ids, mask = encode_conversation(self.tok, msgs)
-        ids = np.asarray(ids, dtype=np.int64)
-        mask = np.asarray(mask, dtype=bool)
-        is_img = ids == self.image_id
-        n_img = int(is_img.sum())
+        try:
+            ids, labels, n_img = conversation_sample(self.tok, msgs, image_id=self.image_id,
+                                                     visual_tokens=self.visual_tokens, verdicts=self.verdicts,
+                                                     end_ids=self._end_ids)
+        except VerdictError as e:  # a reply that is not one verdict token (stage prm)
+            raise SFTDataError(f"{self.index.where(i)}: {e}", "bad_verdict") from None
         if n_img != len(images):
             raise SFTDataError(
                 f"{self.index.where(i)}: {n_img} {self.tok.convert_ids_to_tokens(self.image_id)} token(s) "
                 f"for {len(images)} image(s)",
                 "image_token_mismatch",
             )
-        labels = np.where(mask & ~is_img, ids, IGNORE_INDEX)
-        if n_img and self.visual_tokens != 1:
-            reps = np.where(is_img, self.visual_tokens, 1)
-            ids, labels = np.repeat(ids, reps), np.repeat(labels, reps)
-        if labels.size:
-            labels[0] = IGNORE_INDEX
         if self.max_len is not None and ids.size > self.max_len:
             raise SFTDataError(f"{self.index.where(i)}: {ids.size} tokens > max_len {self.max_len}", "too_long")
         return ids, labels, images
