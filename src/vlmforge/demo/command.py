@@ -1,15 +1,28 @@
 """Run the whole pipeline on the built-in synthetic world and show that the model learned.
 
-synth -> tokenizer -> vision-pretrain (the VLM's frozen vision tower, on labelled objects) ->
-curate (train a filter network, score, filter, dedup) -> pack -> pretrain -> SFT ->
-preference build (the SFT model's own replies to training questions, judged right or wrong) ->
-MPO -> eval (before training, after pretraining, after SFT, after MPO) -> report.
+What it trains: a small VLM from scratch on images of coloured shapes on a 3x3 grid. A vision
+tower is pretrained on the world's labelled objects and frozen; a filter network learns to spot
+mismatched captions and curates the caption crawl; a 4-layer Qwen2 LM with a projector is
+pretrained on the packed captions, fine-tuned on instructions (SFT), then trained with MPO on
+right-vs-wrong pairs of its own sampled replies to training questions.
 
-Everything lands in --out: one folder per stage (each with its config.yaml and manifest.json)
-and report.html with loss curves and every benchmark score next to chance level.
+synth -> tokenizer -> vision-pretrain -> curate (train filter, score, filter, dedup) -> pack ->
+pretrain -> SFT -> preference build -> MPO, with eval on held-out images before training and
+after every stage, then the report.
+
+What the numbers mean (scores.txt and report.html in --out, each next to its chance level):
+  MCQ, likelihood    the option text the model finds most likely is the right one (chance 0.25)
+  MCQ, letters       CircularEval: the right letter in all 4 rotations of the options (chance
+                     1/256); "accuracy" counts the first rotation only (chance 0.25)
+  VQA accuracy       one-word answers vs 10 references, VQAv2's min(matches / 3, 1) (chance ~0)
+  POPE F1            "Is there a <object>?" yes/no; F1 of "yes" (always answering yes: 0.67)
+  MPO reward margin  how much more than SFT the model prefers the right reply (> 0: MPO learned)
+The report also shows a dozen held-out questions answered after SFT and after MPO, what curation
+kept and dropped per injected fault, the loss curves, and each stage's time and exact command
+(rerun any stage by pasting it).
 
 Examples:
-  vlmforge demo                          # default size: minutes on a laptop CPU
+  vlmforge demo                          # default size: about 11 minutes on a 2-core CPU
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
   vlmforge demo --pretrain-set train.epochs=4 --sft-set train.epochs=8   # change any stage's config
