@@ -6,14 +6,17 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import pytest
 from test_eval import FakeModel, make_world
 
 import vlmforge.eval.kinds as kinds_package
 from vlmforge.eval import evaluate
 from vlmforge.eval.choices import lettered
-from vlmforge.eval.items import common_item, require
+from vlmforge.eval.items import RowError, common_item, require
 from vlmforge.eval.kind import Kind
 from vlmforge.eval.kinds import KINDS, get_kind
+from vlmforge.eval.kinds.math import MathKind
+from vlmforge.eval.prompt_parts import INTEGER_SUFFIX, REASONING_SUFFIX
 
 
 def _kind_modules() -> list[str]:
@@ -83,3 +86,34 @@ def test_the_likelihood_protocol_takes_exactly_the_kinds_that_support_it(tmp_pat
     assert set(res) == {f"{n}@likelihood" for n in ranked} | {n for n in kind_of if n not in ranked}
     assert res["yn@likelihood"]["metrics"]["accuracy"] == 0.5  # ties go to A ("yes"): right on half
     assert len(seen) == 8 + 16 and not any("A. yes" in p for p in seen)  # open questions, no options
+
+
+# --------------------------------------------------------------------------------- math, solved in steps
+
+def _math_item(tmp_path, **row):
+    (tmp_path / "i.png").write_bytes(b"")
+    base = {"id": "m1", "image": "i.png", "question": "How many more circles than squares are there?", "answer": "1",
+            "answer_type": "integer", "question_type": "free_form"}
+    return MathKind(), MathKind().parse_row({**base, **row}, tmp_path, "math.jsonl:1")
+
+
+def test_math_rows_solved_in_steps_are_asked_for_a_worked_solution(tmp_path):
+    steps = ["There are 2 circles.", "There is 1 square.", "2 - 1 = 1.", "The answer is 1."]
+    kind, item = _math_item(tmp_path, solve="steps", steps=steps)
+    assert kind.build_prompt(item) == f"How many more circles than squares are there?\n{REASONING_SUFFIX}"
+    assert kind.build_prompt(_math_item(tmp_path)[1]).endswith(f"\n{INTEGER_SUFFIX}")  # rows without solve: as before
+    gold = "\n\n".join(steps)
+    assert kind.demo_answer(item) == gold  # a k-shot demonstration shows the worked steps
+    assert kind.score_prediction(gold, item).score == 1.0
+    # the number after "answer is" counts, not the last number written
+    wrong = "There are 3 circles.\n\nThere is 1 square.\n\n3 - 1 = 2.\n\nThe answer is 2."
+    assert kind.score_prediction(wrong, item).score == 0.0
+    assert kind.score_prediction("The answer is 1.\n\nThere are 2 circles.", item).score == 1.0
+    r = kind.score_prediction("There are 2 circles.\n\nThere is 1 square.\n\n2 - 1 = 1.", item)  # cut short
+    assert (r.extracted, r.score) == (1.0, 1.0)
+    assert kind.score_prediction("There are no circles.", item).extracted is None
+    assert kind.demo_answer(_math_item(tmp_path, solve="steps")[1]) == "The answer is 1."
+    for bad, message in (({"solve": "think"}, "solve must be"), ({"solve": "steps", "steps": "a b"}, "list of strings"),
+                         ({"solve": "steps", "answer_type": "text", "answer": "red"}, "integer or float")):
+        with pytest.raises(RowError, match=message):
+            _math_item(tmp_path, **bad)

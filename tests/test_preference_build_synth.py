@@ -56,7 +56,7 @@ def test_questions_in_the_eval_formats_on_training_images(worlds):
     q = w / "questions"
     m = json.loads((w / "manifest.json").read_text())
     assert m["counts"]["questions"] == {"images": 24, "eval_lookalikes_redrawn": m["counts"]["questions"]["eval_lookalikes_redrawn"],
-                                        "mcq": 24, "vqa": 12, "pope": 24, "pope_images": 6, "long_answers": 8}
+                                        "mcq": 24, "vqa": 12, "pope": 24, "pope_images": 6, "long_answers": 8, "math": 0}
     assert {m["outputs"][k] for k in ("train_mcq", "train_vqa", "train_pope", "long_answers", "train_scenes")} == {
         "questions/mcq.jsonl", "questions/vqa.jsonl", "questions/pope.jsonl", "questions/long_answers.jsonl",
         "questions/scenes.jsonl"}

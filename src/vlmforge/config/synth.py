@@ -51,7 +51,8 @@ class SynthConfig:
     sft_multi_turn_frac: float = ranged(0.5, ge=0, le=1)
     sft_max_turns: int = ranged(4, ge=1)
     # Relative frequency of each turn kind in the SFT conversations (see synth.instructions);
-    # empty = the built-in mix. Kinds: color shape count position existence size describe mcq.
+    # empty = the built-in mix. Kinds: color shape count position existence size describe mcq math
+    # (math: a reasoning problem answered with its worked steps; 0 in the built-in mix).
     sft_turn_weights: dict[str, float] = ranged(factory=dict, ge=0)
     # Share of question turns answered in a word (LLaVA-1.5's short-answer prompt) vs a sentence.
     sft_short_answer_frac: float = ranged(0.5, ge=0, le=1)
@@ -63,6 +64,12 @@ class SynthConfig:
     num_vqa: int = ranged(200, ge=0)
     num_pope_images: int = ranged(100, ge=0)  # each gives pope_per_image yes + pope_per_image no questions
     pope_per_image: int = ranged(2, ge=0)
+    # The reasoning task (synth.reasoning: count things, then add, subtract or multiply):
+    # eval/math.jsonl (the built-in eval task synth-math) and eval/math_steps.jsonl (solutions
+    # with a known first wrong step, '+'/'-' labels per step, for process reward models), on
+    # held-out images. 0 by default: the task is opt-in (the demo world turns it on).
+    num_math: int = ranged(0, ge=0)
+    num_math_steps: int = ranged(0, ge=0)
     num_preference: int = ranged(500, ge=0)
     # Training-split questions in the eval rows' formats (questions/{mcq,vqa,pope}.jsonl) and long
     # answers for dropout next-token prediction (questions/long_answers.jsonl), on fresh training
@@ -71,6 +78,7 @@ class SynthConfig:
     num_train_vqa: int = ranged(200, ge=0)
     num_train_pope_images: int = ranged(50, ge=0)  # pope_per_image yes + as many no questions each
     num_long_answers: int = ranged(100, ge=0)
+    num_train_math: int = ranged(0, ge=0)  # questions/math.jsonl: reasoning problems (what prm-data asks)
     num_text: int = ranged(3000, ge=0)  # lines of the text corpus
     # Labelled object images (vision/objects.jsonl: shape, colour, size and grid cell of every
     # object), a detection-style set for pretraining a vision tower (`vlmforge vision-pretrain`).

@@ -6,9 +6,17 @@ multiple choice, and one answer-format instruction on the last line.
 
 from __future__ import annotations
 
+# REASONING_SUFFIX (questions solved step by step, ending "The answer is N.") is the synthetic
+# world's SFT suffix itself, so that training and evaluation ask with one string.
+from vlmforge.synth.language import REASONING_SUFFIX
+
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 INTEGER_SUFFIX = "Answer the question using a single integer number."
+
+
+__all__ = ["INTEGER_SUFFIX", "MCQ_SUFFIX", "REASONING_SUFFIX", "SHORT_SUFFIX", "float_suffix", "multiple_choice",
+           "open_question", "with_hint", "with_options"]
 
 
 def float_suffix(precision: int | None) -> str:

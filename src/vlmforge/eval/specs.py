@@ -2,9 +2,11 @@
 
 ``--tasks`` (comma separated) takes ``KIND:PATH``, ``NAME=KIND:PATH``, a YAML task file (``*.yaml``:
 a list of ``{name, kind, path, image_root?, support?}``, paths relative to the YAML), or a built-in
-name of the synthetic world (``synth-mcq``, ``synth-vqa``, ``synth-pope``, ``synth`` for all of
-them): ``SYNTH_DIR/eval/{mcq,vqa,pope}.jsonl`` as ``vlmforge synth`` writes them (their extra
-``prompt`` field is ignored: prompts are built from the kind, in the same format).
+name of the synthetic world (``synth-mcq``, ``synth-vqa``, ``synth-pope``, ``synth-math``, and
+``synth`` for the short-answer three: mcq, vqa, pope): ``SYNTH_DIR/eval/{mcq,vqa,pope,math}.jsonl``
+as ``vlmforge synth`` writes them (their extra ``prompt`` field is ignored: prompts are built from
+the kind, in the same format). ``synth-math`` is asked for worked solutions, which need far more
+new tokens than a one-word answer, so it is named on its own rather than joining ``synth``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from vlmforge.eval.kinds import KINDS
 
 BUILTIN_SYNTH = {"synth-mcq": ("mmbench", "mcq.jsonl"), "synth-vqa": ("vqa", "vqa.jsonl"),
                  "synth-pope": ("pope", "pope.jsonl"), "synth-math": ("math", "math.jsonl")}
+SYNTH_GROUP = ("synth-mcq", "synth-vqa", "synth-pope")  # what ``synth`` names
+# the synth setting that writes a built-in task's file, for the message when it is missing
+SYNTH_COUNTS = {"synth-math": "synth.num_math"}
 
 
 @dataclass
@@ -71,14 +76,18 @@ def _synth_specs(name: str, synth_dir) -> list[TaskSpec]:
     if synth_dir is None:
         raise TaskError(f"task {name!r} is a built-in synthetic-world task: give --synth-dir (the `vlmforge synth` output)")
     root = Path(synth_dir)
-    wanted = BUILTIN_SYNTH if name == "synth" else {name: BUILTIN_SYNTH[name]}
+    wanted = {n: BUILTIN_SYNTH[n] for n in (SYNTH_GROUP if name == "synth" else (name,))}
     specs = []
     for task_name, (kind, filename) in wanted.items():
         path = root / "eval" / filename
         if not path.is_file():
             if name == "synth":
                 continue  # "synth" = whichever benchmarks the world has
-            raise TaskError(f"task {task_name!r}: {path} not found (is {root} a `vlmforge synth` output folder?)")
+            how = f"; it is written when {SYNTH_COUNTS[task_name]} > 0" if task_name in SYNTH_COUNTS else ""
+            raise TaskError(f"task {task_name!r}: {path} not found (is {root} a `vlmforge synth` output folder?{how})")
+        if task_name in SYNTH_COUNTS and path.stat().st_size == 0:
+            setting = SYNTH_COUNTS[task_name]
+            raise TaskError(f"task {task_name!r}: {path} is empty (the world was made with {setting}=0)")
         # `vlmforge synth` writes image paths relative to the jsonl's folder (the default root).
         specs.append(TaskSpec(name=task_name, kind=kind, path=str(path)))
     if not specs:

@@ -5,6 +5,10 @@ Rows refer to images by a path relative to the jsonl file's folder. Schemas:
 - mcq:  {id, image, question, options: {A,B,C,D}, answer: letter, category, prompt}
 - vqa:  {id, image, question, answers: [10 strings], answer: canonical, category, prompt}
 - pope: {id, image, question, answer: "yes"|"no", object, sampling: random|popular|adversarial, prompt}
+- math: {id, image, question, answer: "7", answer_type: "integer", question_type: "free_form",
+  solve: "steps", category, steps: [gold steps], prompt} (MathVista's fields; ``synth.reasoning``)
+- math_steps: {id, image, question, prompt, answer, steps, labels: ["+"|"-" per step], first_wrong:
+  int | None, category, error}: a solution with a known first wrong step (``answer`` is the right one)
 
 ``prompt`` is the ready model input (LLaVA-1.5 style suffixes); ``question`` is the bare question.
 """
@@ -15,6 +19,7 @@ from collections import Counter
 
 import numpy as np
 
+from vlmforge.synth import reasoning
 from vlmforge.synth.language import MCQ_SUFFIX, SHORT_ANSWER_SUFFIX, with_article
 from vlmforge.synth.questions import absent_objects, ask, format_mcq_prompt, mcq, vqa_answers
 from vlmforge.synth.world import Scene, SceneSampler
@@ -93,3 +98,36 @@ def pope_rows(
         )
     return rows
 
+
+def math_row(row_id: str, image: str, scene: Scene, category: str, rng, world: SceneSampler) -> dict:
+    p = reasoning.ask(category, scene, rng, world)
+    return {
+        "id": row_id,
+        "image": image,
+        "question": p.question,
+        "answer": str(p.answer),
+        "answer_type": "integer",
+        "question_type": "free_form",
+        "solve": "steps",
+        "category": p.category,
+        "steps": p.steps,
+        "prompt": reasoning.prompt(p.question),
+    }
+
+
+def math_steps_row(row_id: str, image: str, scene: Scene, category: str, error: str, rng,
+                   world: SceneSampler) -> dict:
+    p = reasoning.ask(category, scene, rng, world)
+    s = reasoning.wrong_solution(p, error, rng)
+    return {
+        "id": row_id,
+        "image": image,
+        "question": p.question,
+        "prompt": reasoning.prompt(p.question),
+        "answer": str(p.answer),
+        "steps": s.steps,
+        "labels": s.labels,
+        "first_wrong": s.first_wrong,
+        "category": p.category,
+        "error": s.error,
+    }

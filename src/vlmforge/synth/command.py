@@ -12,8 +12,12 @@ colours, two sizes and the cells of a 3x3 grid. From one seed it writes:
   DIR/captions/scenes.jsonl         what each image shows ({key, scene: {objects: [...]}})
   DIR/sft/llava.json                LLaVA instruction data (single- and multi-turn), images in sft/images/
   DIR/eval/{mcq,vqa,pope}.jsonl     held-out benchmarks on unseen images (eval/images/)
+  DIR/eval/math.jsonl               held-out reasoning problems (count, then add / subtract /
+                                    multiply) with worked steps (synth.num_math; task synth-math)
+  DIR/eval/math_steps.jsonl         solutions with a known first wrong step, '+'/'-' per step
+                                    (synth.num_math_steps; process reward model evaluation)
   DIR/preference/pairs.jsonl        {prompt, image, chosen, rejected} pairs (preference/images/)
-  DIR/questions/{mcq,vqa,pope}.jsonl  training-split questions in the eval formats, on training images
+  DIR/questions/{mcq,vqa,pope,math}.jsonl  training-split questions in the eval formats, on training images
                                     (questions/images/, no scene an eval image shows), and
   DIR/questions/long_answers.jsonl  {image, question, answer} detailed descriptions: what
                                     `vlmforge preference build` asks (never the eval sets)
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         f"synthetic world (seed {cfg.synth.seed}) written to {args.out} in {time.perf_counter() - t0:.1f}s: "
         f"{c['captions']} captions in {c['shards']} shards ({c['captions'] - c['clean']} faulty), "
         f"{summary['sft']['conversations']} SFT conversations, "
-        f"{summary['eval']['mcq']} MCQ / {summary['eval']['vqa']} VQA / {summary['eval']['pope']} POPE questions, "
+        f"{summary['eval']['mcq']} MCQ / {summary['eval']['vqa']} VQA / {summary['eval']['pope']} POPE / "
+        f"{summary['eval']['math']} math questions, "
         f"{summary['preference']['pairs']} preference pairs, {summary['text']['lines']} text lines"
     )
     if not args.quiet:

@@ -4,7 +4,8 @@ Record: ``{"id", "image", "conversations": [{"from": "human"|"gpt", "value": str
 ``<image>`` on its own line at the start of the first human turn. A text-only record has no
 ``image``; its first human turn starts with the scene described in words instead. Short answers
 are asked with LLaVA-1.5's "single word or phrase" suffix and multiple choice with its letter
-suffix, the same prompts the evaluation sets use.
+suffix, the same prompts the evaluation sets use; a reasoning turn (``math``) asks a
+``synth.reasoning`` problem with the step-by-step suffix and answers with its gold steps.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlmforge.arch.tokens import IMAGE_TOKEN
+from vlmforge.synth import reasoning
 from vlmforge.synth.language import (
     MCQ_SUFFIX,
     SHORT_ANSWER_SUFFIX,
@@ -23,7 +25,9 @@ from vlmforge.synth.language import (
 from vlmforge.synth.questions import MCQ_CATEGORIES, ask, format_mcq_prompt, mcq
 from vlmforge.synth.world import Scene, SceneSampler
 
-# Turn kinds and how often they are drawn.
+# Turn kinds and how often they are drawn. "math" (worked counting-and-arithmetic solutions) is
+# off in the built-in mix, so worlds made without it keep their SFT data byte for byte (a zero
+# weight last draws the same kinds); recipes/demo/world.yaml turns it on.
 TURN_WEIGHTS = {
     "color": 0.14,
     "shape": 0.14,
@@ -33,6 +37,7 @@ TURN_WEIGHTS = {
     "size": 0.06,
     "describe": 0.10,
     "mcq": 0.10,
+    "math": 0.0,
 }
 
 DESCRIBE_LONG = [
@@ -59,6 +64,9 @@ def turn(kind: str, scene: Scene, rng: np.random.Generator, world: SceneSampler,
         if r < 0.75:
             return "describe", pick(rng, DESCRIBE_SHORT), short_caption(scene, rng)
         return "describe", pick(rng, DESCRIBE_POSITIONS), positional_caption(scene, rng)
+    if kind == "math":
+        p = reasoning.ask(pick(rng, reasoning.categories(world)), scene, rng, world)
+        return "math", reasoning.prompt(p.question), reasoning.join(p.steps)
     if kind == "mcq":
         cats = [c for c in MCQ_CATEGORIES if len(_options_of(c, world)) >= 4]
         qa = ask(pick(rng, cats), scene, rng, world)

@@ -12,6 +12,9 @@ from vlmforge.synth.world import NUMBER_WORDS, SHAPE_PLURALS, Obj, Scene
 # and evaluation, so a model learns when to answer in one word.
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
+# Questions solved step by step (synth.reasoning): defined here once, for the SFT turns and for the
+# math kind's prompt (vlmforge.eval.prompt_parts imports it), so both ask with the same words.
+REASONING_SUFFIX = 'Solve it step by step, then end with "The answer is N." where N is the number.'
 
 
 def pick(rng: np.random.Generator, items):

@@ -25,7 +25,7 @@ from vlmforge.config.synth import SynthConfig
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import prepare_out_dir, write_manifest
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
-from vlmforge.synth import benchmarks, corpus, faults, instructions, preference
+from vlmforge.synth import benchmarks, corpus, faults, instructions, preference, reasoning
 from vlmforge.synth.language import CAPTION_STYLES, detailed_caption, pick
 from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.questions import MCQ_CATEGORIES
@@ -34,9 +34,11 @@ from vlmforge.synth.world import SceneSampler
 
 OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text", "vision", "questions")
 STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8, "vision": 9,
-           "train_scenes": 10, "train_mcq": 11, "train_vqa": 12, "train_pope": 13, "long_answers": 14}
-# Training-split questions (questions/): MCQ, VQA and POPE rows as eval/ writes them but on training
-# images, and long answers for dropout next-token prediction; what `vlmforge preference build` asks.
+           "train_scenes": 10, "train_mcq": 11, "train_vqa": 12, "train_pope": 13, "long_answers": 14,
+           "math": 15, "math_steps": 16, "train_math": 17}
+# Training-split questions (questions/): MCQ, VQA, POPE and math rows as eval/ writes them but on
+# training images, and long answers for dropout next-token prediction; what `vlmforge preference
+# build` (and `vlmforge prm-data`, the math rows) asks.
 # Sized for the default demo until the synth section has a knob for them.
 # Give up looking for a training scene unlike every eval scene after this many draws in a row
 # (a world so small that the benchmarks show every scene it has); fewer questions then.
@@ -215,9 +217,31 @@ def _eval(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter,
         scenes.append({"image": rel, "scene": scene.to_dict()})
         rows += benchmarks.pope_rows(rid, rel, scene, sampling, k, rng, world, popularity)
     counts["pope"] = _write_jsonl(folder / "pope.jsonl", rows)
-    _write_jsonl(folder / "scenes.jsonl", scenes)
     counts["pope_yes"] = sum(r["answer"] == "yes" for r in rows)
-    counts["images"] = cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images
+
+    # The reasoning task: its own streams and images, its scenes after the others' in scenes.jsonl
+    # (a world without it keeps every file as it was).
+    math_cats = reasoning.categories(world)
+
+    def math_row(i, rid, rel, scene, rng):
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        return benchmarks.math_row(rid, rel, scene, math_cats[i % len(math_cats)], rng, world)
+
+    def math_steps_row(i, rid, rel, scene, rng):
+        scenes.append({"image": rel, "scene": scene.to_dict()})
+        error = reasoning.ERRORS[i % len(reasoning.ERRORS)]
+        # the category turns on by one every len(ERRORS) rows: every error meets every category
+        cat = math_cats[(i + i // len(reasoning.ERRORS)) % len(math_cats)]
+        return benchmarks.math_steps_row(rid, rel, scene, cat, error, rng, world)
+
+    rows = _scene_rows(cfg.seed, "math", cfg.num_math, "math-{:05d}", world, images, progress, math_row)
+    counts["math"] = _write_jsonl(folder / "math.jsonl", rows)
+    rows = _scene_rows(cfg.seed, "math_steps", cfg.num_math_steps, "math-steps-{:05d}", world, images, progress,
+                       math_steps_row)
+    counts["math_steps"] = _write_jsonl(folder / "math_steps.jsonl", rows)
+    counts["math_steps_errors"] = dict(sorted(Counter(r["error"] for r in rows).items()))
+    _write_jsonl(folder / "scenes.jsonl", scenes)
+    counts["images"] = cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images + cfg.num_math + cfg.num_math_steps
     return counts
 
 
@@ -228,7 +252,7 @@ def _scene_signature(scene: dict) -> tuple:
 
 def _train_questions(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter, progress: bool,
                      counts: dict[str, int] | None = None) -> dict:
-    """``questions/{mcq,vqa,pope}.jsonl`` in the eval rows' formats and ``questions/long_answers.jsonl``
+    """``questions/{mcq,vqa,pope,math}.jsonl`` in the eval rows' formats and ``questions/long_answers.jsonl``
     ({id, image, question, answer}: detailed descriptions), on fresh training images: no scene of
     them shows what an eval scene shows. Every file has its own random stream and image i is the
     same whatever the counts, so the eval sets and the other outputs do not change."""
@@ -274,6 +298,11 @@ def _train_questions(cfg: SynthConfig, world: SceneSampler, out: Path, popularit
     done["long_answers"] = _write_jsonl(folder / "long_answers.jsonl", (
         {"id": f"long-{i:05d}", "image": rel, "question": pick(rng, instructions.DESCRIBE_LONG), "answer": detailed_caption(scene, rng)}
         for i, (rel, scene) in enumerate(pool[: counts["long_answers"]])))
+    rng = _rng(cfg.seed, "train_math")
+    math_cats = reasoning.categories(world)
+    done["math"] = _write_jsonl(folder / "math.jsonl", (
+        benchmarks.math_row(f"train-math-{i:05d}", rel, scene, math_cats[i % len(math_cats)], rng, world)
+        for i, (rel, scene) in enumerate(pool[: counts["math"]])))
     return done
 
 
@@ -317,7 +346,8 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
     recipe = _as_recipe(cfg)
     s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
     for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text",
-                 "num_vision", "num_train_mcq", "num_train_vqa", "num_train_pope_images", "num_long_answers"):
+                 "num_vision", "num_train_mcq", "num_train_vqa", "num_train_pope_images", "num_long_answers",
+                 "num_math", "num_math_steps", "num_train_math"):
         if getattr(s, name) < 0:
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
@@ -343,7 +373,7 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
         summary["preference"] = _preference(s, world, tmp, progress)
         summary["questions"] = _train_questions(s, world, tmp, popularity, progress, counts={
             "mcq": s.num_train_mcq, "vqa": s.num_train_vqa, "pope_images": s.num_train_pope_images,
-            "long_answers": s.num_long_answers})
+            "long_answers": s.num_long_answers, "math": s.num_train_math})
         summary["text"] = _text(s, world, tmp)
         summary["vision"] = _vision(s, world, tmp, progress)
         for name in (*OUTPUT_DIRS, "manifest.json", "config.yaml"):
@@ -372,12 +402,15 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
             "mcq": "eval/mcq.jsonl",
             "vqa": "eval/vqa.jsonl",
             "pope": "eval/pope.jsonl",
+            "math": "eval/math.jsonl",
+            "math_steps": "eval/math_steps.jsonl",
             "eval_scenes": "eval/scenes.jsonl",
             "preference": "preference/pairs.jsonl",
             "train_mcq": "questions/mcq.jsonl",
             "train_vqa": "questions/vqa.jsonl",
             "train_pope": "questions/pope.jsonl",
             "long_answers": "questions/long_answers.jsonl",
+            "train_math": "questions/math.jsonl",
             "train_scenes": "questions/scenes.jsonl",
             "text": "text/corpus.txt",
             "vision": "vision/objects.jsonl",

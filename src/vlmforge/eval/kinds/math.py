@@ -1,10 +1,15 @@
 """MathVista style: multiple choice or a number, compared at the task's precision.
 
 Row: ``{id, image, question, answer, question_type?: multi_choice|free_form, choices?: [..],
-answer_type?: integer|float|text, precision?: int, unit?}``. Item fields: ``meta.question_type``
-multi_choice | free_form, ``options`` for choices, ``answer`` (the choice text or the number as text), ``meta.answer_type``
-integer | float | text, ``meta.precision`` (decimal places for floats; default: the number of
-decimals written in the reference answer).
+answer_type?: integer|float|text, precision?: int, unit?, solve?: "steps", steps?: [..]}``. Item
+fields: ``meta.question_type`` multi_choice | free_form, ``options`` for choices, ``answer`` (the
+choice text or the number as text), ``meta.answer_type`` integer | float | text,
+``meta.precision`` (decimal places for floats; default: the number of decimals written in the
+reference answer), ``meta.solve`` / ``meta.steps``.
+
+A free-form numeric row with ``solve: "steps"`` (the synthetic world's reasoning task) is asked
+for a worked solution ending in "The answer is N." (``REASONING_SUFFIX``) instead of a bare
+number; its ``steps`` (the gold solution) are the k-shot demonstration's reply.
 
 Extraction: for choices, the MCQ option extraction (a letter or a choice text) mapped to the
 choice text; for numbers, the number after "answer is"/"answer:" when present, else the last
@@ -15,11 +20,19 @@ from __future__ import annotations
 
 import re
 
+from vlmforge.critic.steps import join_steps
 from vlmforge.eval.answers import normalize_answer
 from vlmforge.eval.choices import extract_option, lettered
 from vlmforge.eval.items import RowError, common_item, literal, require
 from vlmforge.eval.kind import Kind
-from vlmforge.eval.prompt_parts import INTEGER_SUFFIX, SHORT_SUFFIX, float_suffix, multiple_choice, with_hint
+from vlmforge.eval.prompt_parts import (
+    INTEGER_SUFFIX,
+    REASONING_SUFFIX,
+    SHORT_SUFFIX,
+    float_suffix,
+    multiple_choice,
+    with_hint,
+)
 
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _NUMBER = re.compile(rf"(?<![\w.]){_NUM}")
@@ -93,6 +106,18 @@ class MathKind(Kind):
             except ValueError:
                 raise RowError(f"answer {item.answer!r} is not a number but answer_type is {atype}") from None
         item.meta.update(question_type=qtype, answer_type=atype)
+        solve = row.get("solve")
+        if solve not in (None, "", "steps"):
+            raise RowError(f"solve must be 'steps' (or absent), got {solve!r}")
+        if solve == "steps":
+            if qtype != "free_form" or atype not in ("integer", "float"):
+                raise RowError("solve: steps needs a free_form question with an integer or float answer")
+            steps = literal(row.get("steps"))
+            if steps is not None and (not isinstance(steps, list) or not all(isinstance(s, str) for s in steps)):
+                raise RowError("steps must be a list of strings")
+            item.meta["solve"] = "steps"
+            if steps:
+                item.meta["steps"] = list(steps)
         if row.get("precision") is not None:
             item.meta["precision"] = int(float(row["precision"]))
         return item
@@ -101,6 +126,8 @@ class MathKind(Kind):
         if _is_choice(item):
             return multiple_choice(item)
         atype = item.meta.get("answer_type")
+        if item.meta.get("solve") == "steps":
+            return f"{with_hint(item)}\n{REASONING_SUFFIX}"
         if atype == "integer":
             return f"{with_hint(item)}\n{INTEGER_SUFFIX}"
         if atype == "float":
@@ -136,6 +163,9 @@ class MathKind(Kind):
             for letter, text in item.options.items():
                 if normalize_answer(text) == normalize_answer(str(item.answer)):
                     return letter
+        if item.meta.get("solve") == "steps":
+            steps = item.meta.get("steps")
+            return join_steps(steps) if steps else f"The answer is {item.answer}."
         return str(item.answer)
 
 
