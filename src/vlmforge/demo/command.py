@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override for the SFT stage only, e.g. train.epochs=8")
     p.add_argument("--mpo-set", dest="mpo_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the MPO stage (and its preference index) only, e.g. mpo.beta=0.2")
+    p.add_argument("--prm-set", dest="prm_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the process reward model's training (and its index) only, e.g. train.epochs=3")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
         pretrain_overrides=args.pretrain_overrides,
         sft_overrides=args.sft_overrides,
         mpo_overrides=args.mpo_overrides,
+        prm_overrides=args.prm_overrides,
     )
     return 0

@@ -24,6 +24,12 @@ from vlmforge.model.saving import save_vlm
 from vlmforge.text.tokenization import load_tokenizer
 
 PRETRAIN_RECIPE = "demo/pretrain"
+# Best-of-N on the reasoning problems: VisualPRM's N = 8; prm-data's solutions per problem and
+# Monte Carlo continuations per step (the issue's defaults 4 and 8); generation length of a solution.
+BEST_OF_N = 8
+PRM_SOLUTIONS = 4
+PRM_ROLLOUTS = 8
+MATH_TOKENS = 64
 SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
 
@@ -66,11 +72,12 @@ def _save_initial_checkpoint(tok_dir: Path, vision_dir: Path, out: Path, seed: i
 def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True,
              overwrite: bool = False, threads: int = 0, overrides: list[str] | None = None,
              pretrain_overrides: list[str] | None = None, sft_overrides: list[str] | None = None,
-             mpo_overrides: list[str] | None = None) -> Path:
+             mpo_overrides: list[str] | None = None, prm_overrides: list[str] | None = None) -> Path:
     """``overrides`` (KEY=VALUE) go to every stage after the demo's own settings, so e.g.
     ``synth.image_size=72`` or ``model.projector.kind=pixel_shuffle_mlp`` change the whole run;
-    ``pretrain_overrides`` / ``sft_overrides`` / ``mpo_overrides`` only reach that training stage
-    (pretraining's also reach the packer and the initial model, MPO's the preference index).
+    ``pretrain_overrides`` / ``sft_overrides`` / ``mpo_overrides`` / ``prm_overrides`` only reach that
+    training stage (pretraining's also reach the packer and the initial model, MPO's the preference
+    index, PRM's the critic's SFT index).
     ``size`` names a folder of recipes/demo/."""
     s = load_preset(size)  # every recipe of the size is validated here, before any work
     pretrain_kv = [*(overrides or []), *(pretrain_overrides or [])]
@@ -78,10 +85,12 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     pretrain_sets = [a for kv in pretrain_kv for a in ("--set", kv)]
     sft_sets = every_sets + [a for kv in sft_overrides or [] for a in ("--set", kv)]
     mpo_sets = every_sets + [a for kv in mpo_overrides or [] for a in ("--set", kv)]
+    prm_sets = every_sets + [a for kv in prm_overrides or [] for a in ("--set", kv)]
     # the overrides meet the schema here too (a wrong key or choice fails before any stage runs)
     load_recipe(PRETRAIN_RECIPE, pretrain_kv)
     load_recipe(SFT_RECIPE, [*(overrides or []), *(sft_overrides or [])])
     load_recipe(s.mpo_recipe, [*(overrides or []), *(mpo_overrides or [])])
+    load_recipe(s.prm_recipe, [*(overrides or []), *(prm_overrides or [])])
     out_dir = Path(out)
     if prepare_out_dir(out_dir, overwrite=overwrite):  # not empty, and --overwrite: start from an empty folder
         shutil.rmtree(out_dir)
@@ -158,6 +167,32 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("mpo", ["train", "--recipe", s.mpo_recipe, *common, *_sets(
         preference__index=prefs / "index", train__init_from=runs / "sft", train__run_dir=runs / "mpo"), *mpo_sets])
     log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *eval_args, "--out", str(evals / "mpo")])
+
+    # Test-time scaling (VisualPRM): the final policy solves training-split reasoning problems,
+    # Monte Carlo continuations from every step label it '+' or '-', a process reward model learns
+    # the labels, and the held-out problems are answered Best-of-N, the critic picking the answer.
+    prm = out_dir / "prm"
+    log.run("prm data", ["prm-data", "--policy", str(runs / "mpo" / "final"),
+                         "--questions", f"math:{questions / 'math.jsonl'}", "--image-root", str(questions),
+                         "--out", str(prm / "data"), "--solutions", str(PRM_SOLUTIONS), "--rollouts", str(PRM_ROLLOUTS),
+                         "--max-new-tokens", str(MATH_TOKENS), "--seed", str(seed), "--quiet"])
+    log.run("prm index", ["sft-index", "--recipe", s.prm_recipe, "--input", str(prm / "data" / "prm.json"),
+                          "--image-root", str(questions), "--tokenizer", str(tok), "--out", str(prm / "index"),
+                          *common, *prm_sets])
+    log.run("prm", ["train", "--recipe", s.prm_recipe, *common, *_sets(
+        sft__index=prm / "index", sft__image_root=questions, train__init_from=runs / "mpo",
+        train__run_dir=runs / "prm"), *prm_sets])
+    bon = ["--tasks", "synth-math", "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", str(MATH_TOKENS),
+           *every_sets]
+    if s.eval_limit is not None:
+        bon += ["--limit", str(s.eval_limit)]
+    log.run(f"eval best-of-{BEST_OF_N}", ["eval", "--ckpt", str(runs / "mpo" / "final"), *bon, "--best-of-n", str(BEST_OF_N),
+                                         "--critic", str(runs / "prm" / "final"), "--select", "prm",
+                                         "--out", str(evals / "best_of_n")])
+    # where the critic fails: its verdicts on held-out solutions whose first wrong step is known
+    log.run("prm score: known wrong steps", ["prm-score", "--critic", str(runs / "prm" / "final"),
+                                             "--input", str(world / "eval" / "math_steps.jsonl"),
+                                             "--out", str(evals / "prm_steps" / "scores.jsonl"), *every_sets])
 
     report = write_demo_report(out_dir, log.rows, size=size, curated=curate)
     total = time.perf_counter() - log.started

@@ -1,6 +1,6 @@
 """What each `vlmforge demo --size` runs: every setting lives in the recipes under recipes/demo/,
 one folder per size (``<size>/world.yaml``, ``<size>/pretrain.yaml``, ``<size>/sft.yaml``,
-``<size>/mpo.yaml``); this
+``<size>/mpo.yaml``, ``<size>/prm.yaml``); this
 module only finds a size's folder and reads the values the pipeline passes to its commands."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from vlmforge.errors import ConfigError
 
 DEMO_DIR = BUILTIN_DIR / "demo"
 SIZES = sorted(p.parent.name for p in DEMO_DIR.glob("*/world.yaml"))
-STAGES = ("world", "pretrain", "sft", "mpo")  # the recipe files of a size folder
+STAGES = ("world", "pretrain", "sft", "mpo", "prm")  # the recipe files of a size folder
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class DemoPreset:
     pretrain_epochs: Any  # <size>/pretrain.yaml train.epochs
     sft_epochs: Any  # <size>/sft.yaml train.epochs
     mpo_recipe: str  # <size>/mpo.yaml, the MPO stage's recipe as it is (batch sizes differ by size)
+    prm_recipe: str  # <size>/prm.yaml, the process reward model's recipe
 
 
 def _flat(section: DictConfig, prefix: str) -> list[tuple[str, Any]]:
@@ -67,6 +68,7 @@ def load_preset(size: str) -> DemoPreset:
         pretrain_epochs=_required(files["pretrain"], "train.epochs", names["pretrain"]),
         sft_epochs=_required(files["sft"], "train.epochs", names["sft"]),
         mpo_recipe=names["mpo"],
+        prm_recipe=names["prm"],
     )
 
 
