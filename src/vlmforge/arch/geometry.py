@@ -16,6 +16,7 @@ from vlmforge.errors import ConfigError
 
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+IMAGENET_MEAN_STD = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # InternViT (InternVL's image processor)
 
 
 def image_size(model_cfg: ModelConfig) -> int:
@@ -40,8 +41,13 @@ def visual_tokens_per_image(model_cfg: ModelConfig) -> int:
 
 def preprocess_spec_for(model_type: str, size: int) -> dict:
     """Resize to size x size, multiply by `rescale`, normalise with mean/std (per channel, RGB):
-    CLIP's statistics for CLIP towers, SigLIP's (0.5) otherwise."""
-    mean, std = CLIP_MEAN_STD if model_type.startswith("clip") else SIGLIP_MEAN_STD
+    CLIP's statistics for CLIP towers, ImageNet's for InternViT, SigLIP's (0.5) otherwise."""
+    if model_type.startswith("clip"):
+        mean, std = CLIP_MEAN_STD
+    elif model_type == "internvl_vision":
+        mean, std = IMAGENET_MEAN_STD
+    else:
+        mean, std = SIGLIP_MEAN_STD
     return dict(size=int(size), mean=list(mean), std=list(std), rescale=1 / 255)
 
 

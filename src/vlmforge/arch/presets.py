@@ -11,13 +11,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from transformers import CONFIG_MAPPING, AutoConfig, CLIPVisionConfig, SiglipVisionConfig
+from transformers import CONFIG_MAPPING, AutoConfig, CLIPVisionConfig, InternVLVisionConfig, SiglipVisionConfig
 
 from vlmforge.config.model import LLMConfig, VisionConfig
 from vlmforge.errors import ConfigError
 
 CONFIG_DIR = Path(str(resources.files("vlmforge") / "assets" / "configs"))
-VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
+VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model", "internvl_vision")
+VISION_CONFIG_CLASSES = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig,
+                         "internvl_vision": InternVLVisionConfig}
 
 
 def shipped_presets() -> list[str]:
@@ -53,6 +55,20 @@ def _vision_part(d: dict[str, Any]) -> dict[str, Any]:
         sub = dict(d["vision_config"])
         sub["model_type"] = d["model_type"] + "_vision_model"
         return sub
+    return _square_sides(d)
+
+
+def _square_sides(d: dict[str, Any]) -> dict[str, Any]:
+    """InternViT configs write image_size / patch_size as [height, width]; the geometry reads one side."""
+    if d.get("model_type") != "internvl_vision":
+        return d
+    d = dict(d)
+    for key in ("image_size", "patch_size"):
+        value = d.get(key)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ConfigError(f"vision tower {key} {list(value)} is not square; vlmforge runs square images")
+            d[key] = int(value[0])
     return d
 
 
@@ -73,10 +89,10 @@ def vision_config_dict(vision_cfg: VisionConfig) -> dict[str, Any]:
 
 
 def vision_config(vision_cfg: VisionConfig):
-    """transformers config object of the vision tower (SiglipVisionConfig or CLIPVisionConfig)."""
+    """transformers config object of the vision tower (SiglipVisionConfig, CLIPVisionConfig or InternVLVisionConfig)."""
     d = dict(vision_config_dict(vision_cfg))
     kind = d.get("model_type", "siglip_vision_model")
-    cls = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}.get(kind)
+    cls = VISION_CONFIG_CLASSES.get(kind)
     if cls is None:
         raise ConfigError(f"vision tower model_type {kind!r} is not supported ({', '.join(VISION_MODEL_TYPES)})")
     d.pop("transformers_version", None)

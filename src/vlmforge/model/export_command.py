@@ -1,6 +1,7 @@
-"""Export a checkpoint as a standard transformers LLaVA folder (LlavaForConditionalGeneration).
+"""Export a checkpoint as a standard transformers folder: LlavaForConditionalGeneration, or
+InternVLForConditionalGeneration for an InternViT + pixel_shuffle_mlp model.
 
-The folder holds config.json (vision_feature_select_strategy "full" for SigLIP, the matching
+LLaVA: the folder holds config.json (vision_feature_select_strategy "full" for SigLIP, the matching
 vision_feature_layer), model.safetensors, the tokenizer with its chat template (string content
 as in training, and content parts: an image part is `<image>` + newline), generation_config.json
 (stops at <|im_end|>, pad id) and the image processor, and loads offline with
@@ -9,15 +10,27 @@ vlmforge_config.yaml and manifest.json. Models LLaVA cannot express (a pooled av
 pixel_shuffle_mlp, V2PE with delta != 1, an interpolated tower resolution) are refused with the
 reason; a pooled checkpoint can be exported at full grid with --set model.projector.pool_size=null.
 
-Example:
+InternVL: config.json (InternViT, the multi_modal_projector, the LM; image_seq_length = visual tokens
+per tile), model.safetensors, generation_config.json, the tokenizer with InternVLProcessor's named
+image tokens (context token <image>; start / end <img> / </img> when the checkpoint writes images
+that way, as an imported InternVL does, else none) and the chat template, and processor_config.json
+(InternVLProcessor, GotOcr2 image processor: one tile per image at the tower's size, vlmforge's
+mean / std). Refused with the reason: a SigLIP / CLIP tower, another projector, V2PE with delta != 1.
+
+--format auto (the default): internvl for a pixel_shuffle_mlp model, else llava.
+
+Examples:
   vlmforge export --ckpt runs/sft/final --out exported/my-vlm
+  vlmforge export --ckpt runs/internvl3-1b --out exported/internvl3-1b-hf
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "write a checkpoint as a transformers LlavaForConditionalGeneration folder"
+HELP = "write a checkpoint as a transformers LlavaForConditionalGeneration or InternVLForConditionalGeneration folder"
+FORMATS = ("auto", "llava", "internvl")
+FORMAT_CLASSES = {"llava": "LlavaForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created; must be empty if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="write over an existing export in --out")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="llava or internvl; auto: internvl for a pixel_shuffle_mlp projector, else llava")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run setting of the checkpoint's recipe before exporting (repeatable)")
 
@@ -38,20 +53,29 @@ def run(args: argparse.Namespace) -> int:
     from vlmforge.errors import UserError
     from vlmforge.files import prepare_out_dir, write_manifest
     from vlmforge.model.export import ExportRefused, export_llava
+    from vlmforge.model.internvl_format import export_internvl
     from vlmforge.model.saving import load_vlm
 
     out = Path(args.out)
     prepare_out_dir(out, overwrite=args.overwrite)
     model, tok, cfg = load_vlm(args.ckpt, overrides=args.overrides)
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "internvl" if model.projector.kind == "pixel_shuffle_mlp" else "llava"
+    dtype = getattr(torch, args.dtype)
     try:
-        export_llava(model, tok, out, dtype=getattr(torch, args.dtype))
+        if fmt == "internvl":
+            export_internvl(model, tok, out, dtype=dtype, trust_remote_code=bool(cfg.model.trust_remote_code))
+        else:
+            export_llava(model, tok, out, dtype=dtype)
     except ExportRefused as e:
-        raise UserError(str(e)) from None
+        also = "; LlavaForConditionalGeneration has no pixel-shuffle projector either" if args.format == "auto" and fmt == "internvl" else ""
+        raise UserError(f"{e}{also}") from None
     save_resolved(cfg, out, name="vlmforge_config.yaml")
     write_manifest(
         out, "export", inputs={"ckpt": str(Path(args.ckpt).resolve())}, config=cfg,
-        counts={"visual_tokens_per_image": model.tokens_per_image}, format="transformers LlavaForConditionalGeneration",
+        counts={"visual_tokens_per_image": model.tokens_per_image}, format=f"transformers {FORMAT_CLASSES[fmt]}",
         dtype=args.dtype,
     )
-    print(f"exported to {out} (LlavaForConditionalGeneration, {model.tokens_per_image} visual tokens per image)")
+    print(f"exported to {out} ({FORMAT_CLASSES[fmt]}, {model.tokens_per_image} visual tokens per image)")
     return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmforge.model.tower import inner, is_clip, layers_used
+from vlmforge.model.tower import has_cls_token, inner, is_clip, layers_used, patch_embedding
 
 FORMULA = (
     "per LLM token f*N + a*layers*heads*head_dim*S (S = tokens of its attention span; a step sums "
@@ -117,7 +117,7 @@ def flops_counts(model) -> FlopsCounts:
 
     tower = inner(model.vision)
     used = layers_used(model.vision, model.feature_layer)
-    vision_modules = [*list(model.vision_layers())[:used], tower.embeddings.patch_embedding]
+    vision_modules = [*list(model.vision_layers())[:used], patch_embedding(model.vision)]
     if is_clip(model.vision):
         vision_modules.append(tower.pre_layrnorm)
     vision_factor = _matmul_factor(vision_trains, False)
@@ -130,7 +130,7 @@ def flops_counts(model) -> FlopsCounts:
         vision_factor=vision_factor,
         vision_attention=used * model.vision.config.hidden_size,
         vision_attention_factor=12 if vision_trains else 4,
-        patches=model.patch_grid**2 + (1 if is_clip(model.vision) else 0),
+        patches=model.patch_grid**2 + (1 if has_cls_token(model.vision) else 0),
         projector_params=_numel([model.projector]),
         projector_factor=_matmul_factor(proj_trains, vision_trains),
         tokens_per_image=model.tokens_per_image,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from vlmforge.config.recipe import Recipe
 from vlmforge.model.build import build_meta_vlm
 from vlmforge.model.flops import count_parameters, training_flops
-from vlmforge.model.tower import layers_used
+from vlmforge.model.tower import has_cls_token, layers_used
 from vlmforge.train.optim import muon_params
 
 
@@ -87,7 +87,7 @@ def model_shape(cfg: Recipe) -> ModelShape:
         vision_hidden=int(vc.hidden_size),
         vision_heads=int(vc.num_attention_heads),
         vision_intermediate=int(vc.intermediate_size),
-        patches=model.patch_grid**2 + (1 if vc.model_type == "clip_vision_model" else 0),
+        patches=model.patch_grid**2 + (1 if has_cls_token(model.vision) else 0),
         vision_trains=vision_trains,
         projector_trains=any(p.requires_grad for p in model.projector.parameters()),
         tokens_per_image=int(model.tokens_per_image),
