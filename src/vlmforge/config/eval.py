@@ -10,7 +10,7 @@ from vlmforge.config.ranges import ranged
 
 @dataclass
 class EvalConfig:
-    # Task specs: built-in names (synth-mcq, synth-vqa, synth-pope, synth), KIND:PATH, NAME=KIND:PATH, or a .yaml.
+    # Task specs: built-in names (synth-mcq, synth-vqa, synth-pope, synth-math, synth-multi, synth = the first three), KIND:PATH, NAME=KIND:PATH, or a .yaml.
     tasks: list[str] = field(default_factory=list)
     synth_dir: Optional[str] = None  # `vlmforge synth` output folder, for the built-in task names
     limit: Optional[int] = ranged(None, ge=1)  # first N questions per task (a circular question counts once)

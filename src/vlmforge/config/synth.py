@@ -60,6 +60,10 @@ class SynthConfig:
     # questions (multiple choice included) are answered from the text, as LLaVA-665k mixes in
     # text-only conversations. 0 keeps every conversation (and the random stream) as before.
     sft_text_only_frac: float = ranged(0.0, ge=0, le=1)
+    # Share of the num_sft conversations that show two images ("image": [first, second], two <image>
+    # lines) and ask what only both answer (synth.multi_image: which image has more circles, ...).
+    # They come from their own stream, after the one-image ones: 0 keeps sft/ byte for byte.
+    sft_multi_image_frac: float = ranged(0.0, ge=0, le=1)
     num_mcq: int = ranged(200, ge=0)
     num_vqa: int = ranged(200, ge=0)
     num_pope_images: int = ranged(100, ge=0)  # each gives pope_per_image yes + pope_per_image no questions
@@ -70,6 +74,9 @@ class SynthConfig:
     # held-out images. 0 by default: the task is opt-in (the demo world turns it on).
     num_math: int = ranged(0, ge=0)
     num_math_steps: int = ranged(0, ge=0)
+    # Two-image questions on held-out image pairs: eval/multi.jsonl (the built-in eval task
+    # synth-multi, multiple choice with "images": [first, second]). 0 by default (opt-in).
+    num_multi: int = ranged(0, ge=0)
     num_preference: int = ranged(500, ge=0)
     # Training-split questions in the eval rows' formats (questions/{mcq,vqa,pope}.jsonl) and long
     # answers for dropout next-token prediction (questions/long_answers.jsonl), on fresh training

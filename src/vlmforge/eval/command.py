@@ -10,7 +10,7 @@ a scorer kind:
   math     MathVista style: choice or number, compared at the task's precision
 
 --tasks takes a comma-separated list of KIND:PATH, NAME=KIND:PATH, a YAML task file, or the
-synthetic world's built-in benchmarks (synth-mcq, synth-vqa, synth-pope, synth-math; synth = the first three;
+synthetic world's built-in benchmarks (synth-mcq, synth-vqa, synth-pope, synth-math, synth-multi; synth = the first three;
 needs --synth-dir). Writes OUT/results.json (metrics, chance levels, counts) and
 OUT/predictions.jsonl (per sample: prompt, prediction, extracted answer, score).
 

@@ -14,6 +14,11 @@ def question_text(kind: str, item, likelihood: bool = False) -> str:
 
 
 def user_turn(kind: str, item, likelihood: bool = False) -> dict:
-    """A user message: one image marker per image of the item (before the text), then the query."""
+    """A user message: one image marker per image of the item (before the text), then the query.
+    A query that holds exactly one ``<image>`` marker per image (interleaved, MMMU style) keeps
+    them where they are; other markers in it are dropped (as ``lmms_adapter.user_messages`` does)."""
+    text = question_text(kind, item, likelihood)
+    if item.images and text.count(IMAGE_TOKEN) == len(item.images):
+        return {"role": "user", "content": text}
     markers = "".join(f"{IMAGE_TOKEN}\n" for _ in item.images)
-    return {"role": "user", "content": markers + question_text(kind, item, likelihood)}
+    return {"role": "user", "content": markers + text.replace(IMAGE_TOKEN, "").lstrip("\n")}

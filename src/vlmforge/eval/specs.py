@@ -2,8 +2,9 @@
 
 ``--tasks`` (comma separated) takes ``KIND:PATH``, ``NAME=KIND:PATH``, a YAML task file (``*.yaml``:
 a list of ``{name, kind, path, image_root?, support?}``, paths relative to the YAML), or a built-in
-name of the synthetic world (``synth-mcq``, ``synth-vqa``, ``synth-pope``, ``synth-math``, and
-``synth`` for the short-answer three: mcq, vqa, pope): ``SYNTH_DIR/eval/{mcq,vqa,pope,math}.jsonl``
+name of the synthetic world (``synth-mcq``, ``synth-vqa``, ``synth-pope``, ``synth-math``,
+``synth-multi`` (two images per question, multiple choice), and ``synth`` for the short-answer
+three: mcq, vqa, pope): ``SYNTH_DIR/eval/{mcq,vqa,pope,math,multi}.jsonl``
 as ``vlmforge synth`` writes them (their extra ``prompt`` field is ignored: prompts are built from
 the kind, in the same format). ``synth-math`` is asked for worked solutions, which need far more
 new tokens than a one-word answer, so it is named on its own rather than joining ``synth``.
@@ -22,10 +23,11 @@ from vlmforge.eval.items import TaskError
 from vlmforge.eval.kinds import KINDS
 
 BUILTIN_SYNTH = {"synth-mcq": ("mmbench", "mcq.jsonl"), "synth-vqa": ("vqa", "vqa.jsonl"),
-                 "synth-pope": ("pope", "pope.jsonl"), "synth-math": ("math", "math.jsonl")}
+                 "synth-pope": ("pope", "pope.jsonl"), "synth-math": ("math", "math.jsonl"),
+                 "synth-multi": ("mcq", "multi.jsonl")}
 SYNTH_GROUP = ("synth-mcq", "synth-vqa", "synth-pope")  # what ``synth`` names
 # the synth setting that writes a built-in task's file, for the message when it is missing
-SYNTH_COUNTS = {"synth-math": "synth.num_math"}
+SYNTH_COUNTS = {"synth-math": "synth.num_math", "synth-multi": "synth.num_multi"}
 
 
 @dataclass

@@ -16,6 +16,10 @@ colours, two sizes and the cells of a 3x3 grid. From one seed it writes:
                                     multiply) with worked steps (synth.num_math; task synth-math)
   DIR/eval/math_steps.jsonl         solutions with a known first wrong step, '+'/'-' per step
                                     (synth.num_math_steps; process reward model evaluation)
+  DIR/eval/multi.jsonl              held-out questions about two images at once ("images": [a, b];
+                                    which image has more circles, ...; synth.num_multi; task
+                                    synth-multi); synth.sft_multi_image_frac of the SFT
+                                    conversations show two images the same way
   DIR/preference/pairs.jsonl        {prompt, image, chosen, rejected} pairs (preference/images/)
   DIR/questions/{mcq,vqa,pope,math}.jsonl  training-split questions in the eval formats, on training images
                                     (questions/images/, no scene an eval image shows), and
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         f"{c['captions']} captions in {c['shards']} shards ({c['captions'] - c['clean']} faulty), "
         f"{summary['sft']['conversations']} SFT conversations, "
         f"{summary['eval']['mcq']} MCQ / {summary['eval']['vqa']} VQA / {summary['eval']['pope']} POPE / "
-        f"{summary['eval']['math']} math questions, "
+        f"{summary['eval']['math']} math / {summary['eval']['multi']} two-image questions, "
         f"{summary['preference']['pairs']} preference pairs, {summary['text']['lines']} text lines"
     )
     if not args.quiet:

@@ -25,7 +25,7 @@ from vlmforge.config.synth import SynthConfig
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import prepare_out_dir, write_manifest
 from vlmforge.shards import ShardWriter, sequential_key, shard_name
-from vlmforge.synth import benchmarks, corpus, faults, instructions, preference, reasoning
+from vlmforge.synth import benchmarks, corpus, faults, instructions, multi_image, preference, reasoning
 from vlmforge.synth.language import CAPTION_STYLES, detailed_caption, pick
 from vlmforge.synth.language import caption as make_caption
 from vlmforge.synth.questions import MCQ_CATEGORIES
@@ -35,7 +35,7 @@ from vlmforge.synth.world import SceneSampler
 OUTPUT_DIRS = ("captions", "sft", "eval", "preference", "text", "vision", "questions")
 STREAMS = {"captions": 1, "faults": 2, "sft": 3, "mcq": 4, "vqa": 5, "pope": 6, "preference": 7, "text": 8, "vision": 9,
            "train_scenes": 10, "train_mcq": 11, "train_vqa": 12, "train_pope": 13, "long_answers": 14,
-           "math": 15, "math_steps": 16, "train_math": 17}
+           "math": 15, "math_steps": 16, "train_math": 17, "multi": 18, "sft_multi": 19}
 # Training-split questions (questions/): MCQ, VQA, POPE and math rows as eval/ writes them but on
 # training images, and long answers for dropout next-token prediction; what `vlmforge preference
 # build` (and `vlmforge prm-data`, the math rows) asks.
@@ -155,7 +155,8 @@ def _sft(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> di
     rng = _rng(cfg.seed, "sft")
     images = _Images(out / "sft", cfg)
     records, cats, text_only_n = [], Counter(), 0
-    for i in tqdm(range(cfg.num_sft), desc="synth sft", disable=not progress, leave=False):
+    two_image = int(cfg.sft_multi_image_frac * cfg.num_sft + 0.5)
+    for i in tqdm(range(cfg.num_sft - two_image), desc="synth sft", disable=not progress, leave=False):
         scene = world.sample(rng)
         rid = f"sft-{i:06d}"
         multi = rng.random() < cfg.sft_multi_turn_frac
@@ -167,9 +168,21 @@ def _sft(cfg: SynthConfig, world: SceneSampler, out: Path, progress: bool) -> di
         text_only_n += text_only
         cats.update(rec["categories"])
         records.append(rec)
+    # Two-image conversations: their own stream, after the others (the one-image ones stay as they were).
+    rng = _rng(cfg.seed, "sft_multi")
+    kinds = multi_image.CATEGORIES
+    for i in tqdm(range(two_image), desc="synth sft two-image", disable=not progress, leave=False):
+        first, second, qa = multi_image.draw(kinds[i % len(kinds)], rng, world)
+        rid = f"sft-multi-{i:06d}"
+        pair = [images.save(f"{rid}-1", first), images.save(f"{rid}-2", second)]
+        multi = rng.random() < cfg.sft_multi_turn_frac
+        turns = int(rng.integers(2, max(2, cfg.sft_max_turns) + 1)) if multi else 1
+        rec = multi_image.conversation(rid, pair, first, second, qa, rng, world, turns, cfg.sft_short_answer_frac)
+        cats.update(rec["categories"])
+        records.append(rec)
     path = out / "sft" / "llava.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return {"conversations": len(records), "text_only": text_only_n, "turns": sum(cats.values()),
+    return {"conversations": len(records), "text_only": text_only_n, "two_image": two_image, "turns": sum(cats.values()),
             "turn_categories": dict(sorted(cats.items()))}
 
 
@@ -240,8 +253,21 @@ def _eval(cfg: SynthConfig, world: SceneSampler, out: Path, popularity: Counter,
                        math_steps_row)
     counts["math_steps"] = _write_jsonl(folder / "math_steps.jsonl", rows)
     counts["math_steps_errors"] = dict(sorted(Counter(r["error"] for r in rows).items()))
+
+    # Two-image questions: two held-out images per row, their scenes after the reasoning task's.
+    rng = _rng(cfg.seed, "multi")
+    kinds = multi_image.CATEGORIES
+    rows = []
+    for i in tqdm(range(cfg.num_multi), desc="synth multi", disable=not progress, leave=False):
+        first, second, qa = multi_image.draw(kinds[i % len(kinds)], rng, world)
+        rid = f"multi-{i:05d}"
+        pair = [images.save(f"{rid}-1", first), images.save(f"{rid}-2", second)]
+        scenes += [{"image": rel, "scene": sc.to_dict()} for rel, sc in zip(pair, (first, second))]
+        rows.append(multi_image.eval_row(rid, pair, qa, rng))
+    counts["multi"] = _write_jsonl(folder / "multi.jsonl", rows)
     _write_jsonl(folder / "scenes.jsonl", scenes)
-    counts["images"] = cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images + cfg.num_math + cfg.num_math_steps
+    counts["images"] = (cfg.num_mcq + cfg.num_vqa + cfg.num_pope_images + cfg.num_math + cfg.num_math_steps
+                        + 2 * cfg.num_multi)
     return counts
 
 
@@ -347,12 +373,12 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
     s = OmegaConf.to_object(recipe.synth)  # plain dataclass: attribute access in hot loops is cheap
     for name in ("num_captions", "num_sft", "num_mcq", "num_vqa", "num_pope_images", "num_preference", "num_text",
                  "num_vision", "num_train_mcq", "num_train_vqa", "num_train_pope_images", "num_long_answers",
-                 "num_math", "num_math_steps", "num_train_math"):
+                 "num_math", "num_math_steps", "num_train_math", "num_multi"):
         if getattr(s, name) < 0:
             raise UserError(f"synth.{name} must be >= 0")
     if s.samples_per_shard < 1 or s.image_size < 8:
         raise UserError("synth.samples_per_shard must be >= 1 and synth.image_size >= 8")
-    for name in ("sft_short_answer_frac", "sft_text_only_frac"):
+    for name in ("sft_short_answer_frac", "sft_text_only_frac", "sft_multi_image_frac"):
         if not 0.0 <= getattr(s, name) <= 1.0:
             raise UserError(f"synth.{name} must be between 0 and 1")
     # before anything is written
@@ -404,6 +430,7 @@ def generate_world(cfg: Recipe | SynthConfig, out_dir: str | os.PathLike, *, ove
             "pope": "eval/pope.jsonl",
             "math": "eval/math.jsonl",
             "math_steps": "eval/math_steps.jsonl",
+            "multi": "eval/multi.jsonl",
             "eval_scenes": "eval/scenes.jsonl",
             "preference": "preference/pairs.jsonl",
             "train_mcq": "questions/mcq.jsonl",
