@@ -440,3 +440,41 @@ def test_epoch_protocol_matches_the_trainer(exact_index, tok):
     assert len(rest) == n - 2 and all((a == b).all() for a, b in zip(rest, epoch0[2:]))
     with pytest.raises(SFTDataError, match="seed"):
         SFTLoader(ds, _cfg(), batch_size=BATCH, seed=5, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_a_plain_index_lists_its_files_as_sources(world, tmp_path, tiny_tokenizer_dir):
+    """Per file: rows read, kept and dropped reconcile with the index's counts; shares add up."""
+    d, recs = world
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(recs[0]) + "\n{not json\n" + json.dumps({**recs[0], "image": "img/none.png"}) + "\n")
+    m = build_index([d / "data.jsonl", bad], tmp_path / "i", visual_tokens=VT, image_root=d, lengths="estimate",
+                    progress=False)
+    a, b = m["sources"]
+    assert (a["rows"], a["rows_read"], a["rows_kept"], a["samples"], a["dropped"]) == (120, 120, 120, 120, {})
+    assert (b["rows"], b["rows_kept"], b["dropped"]) == (3, 1, {"json_error": 1, "missing_image": 1})
+    assert a["name"] is None and a["meta_file"] is None and a["data_augment"] is None and a["repeat_time"] == 1.0
+    assert a["image_root"] == str(d) and m["meta_files"] == []
+    assert a["share_samples"] == pytest.approx(120 / 121) and a["share_tokens"] + b["share_tokens"] == pytest.approx(1)
+    assert m["counts"]["records"] == a["samples"] + b["samples"]
+
+
+def test_an_index_from_before_sources_reads_as_before(exact_index, tok, tmp_path):
+    """An index whose manifest has no ``sources`` (built before meta files): one image root for all
+    files, and sft.jpeg_augment on every record."""
+    import shutil
+
+    import torch
+
+    old = tmp_path / "old"
+    shutil.copytree(exact_index, old)
+    man = json.loads((old / "manifest.json").read_text())
+    del man["sources"], man["meta_files"]
+    (old / "manifest.json").write_text(json.dumps(man))
+    new_ds, old_ds = SFTDataset(exact_index, tok, image_spec=SPEC), SFTDataset(old, tok, image_spec=SPEC)
+    assert old_ds.source(0) is None and new_ds.source(0)["rows"] == 120
+    a = list(SFTLoader(new_ds, _cfg(), batch_size=BATCH, seed=1, rank=0, world_size=1))
+    b = list(SFTLoader(old_ds, _cfg(), batch_size=BATCH, seed=1, rank=0, world_size=1))
+    assert len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+    aug = SFTDataset(old, tok, image_spec=SPEC, jpeg_augment=True)
+    assert all(aug.augments(i) for i in range(len(aug)))

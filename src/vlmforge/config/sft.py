@@ -10,11 +10,12 @@ from vlmforge.config.ranges import ranged
 
 @dataclass
 class SFTDataConfig:
-    # LLaVA-format sources (.json arrays or .jsonl) that `vlmforge sft-index` indexes.
+    # LLaVA-format sources (.json arrays or .jsonl) that `vlmforge sft-index` indexes, or InternVL
+    # meta files (named sources, each with its own root, repeat_time, data_augment, max_dynamic_patch).
     sources: List[str] = field(default_factory=list)
     # The index folder (written by `vlmforge sft-index`, read by SFT training).
     index: Optional[str] = None
-    # Folder image paths in the records are relative to.
+    # Folder image paths in the records are relative to (a meta file's sources bring their own root).
     image_root: Optional[str] = None
     # Paths must stay inside image_root (symlinks resolved): others are skipped as path_outside_root.
     # True: also accept absolute image paths (read as they are); relative ones are still checked.
@@ -34,5 +35,9 @@ class SFTDataConfig:
     pack_window: int = ranged(10000, ge=1)  # records planned together by the packer
     group_factor: int = ranged(32, ge=1)  # length_group: sort within mega-batches of micro_batch_size x group_factor
     shuffle: bool = True
+    # Training only: re-encode each image as JPEG at a quality drawn from 75..100 (InternVL's
+    # augmentation), deterministic per (seed, epoch, record). For plain record files; a meta
+    # file's sources follow their own data_augment.
+    jpeg_augment: bool = False
     drop_last: bool = True  # drop the epoch's last, incomplete batch
     num_workers: int = ranged(0, ge=0)

@@ -7,7 +7,8 @@
 - InternVL's meta.json: ``{name: {"root": IMAGES, "annotation": FILE.jsonl, "repeat_time": r}}``,
   a list of MMPR files, each with its own image root; ``repeat_time`` < 1 keeps the first
   ``int(rows * r)`` rows of the file (as InternVL does, before its shuffle), > 1 repeats the file's
-  pairs (``floor(r)`` copies, plus the first rows again for a fractional part).
+  pairs (``floor(r)`` copies, plus the first rows again for a fractional part). The reader is
+  shared with SFT (:mod:`vlmforge.data.sft.meta`).
 
 A row that gives images but no ``<image>`` marker gets ``"<image>\\n"`` once per image before the
 question, as InternVL does. Fields other than the question, responses and images are kept as the
@@ -17,15 +18,15 @@ pair's ``meta`` (``answer_gt``, synth's ``id`` / ``category`` / ``error``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from vlmforge.arch.tokens import IMAGE_TOKEN
+from vlmforge.data.sft.meta import SourceFile, meta_sources, read_meta
+from vlmforge.data.sft.meta import repeated as repeated  # re-exported: the meta reader is shared with SFT
+from vlmforge.data.sft.meta import rows_read as rows_read
 from vlmforge.data.sft.records import SFTDataError, record_images
 from vlmforge.errors import UserError
 
@@ -122,86 +123,6 @@ def parse_row(raw: bytes) -> PreferencePair:
 # ----------------------------------------------------------------------------- source files
 
 
-@dataclass
-class SourceFile:
-    """One file of rows to index, with the folder its image paths are relative to."""
-
-    path: str
-    image_root: str
-    repeat_time: float = 1.0
-    name: str | None = None  # the meta.json entry
-    meta_file: str | None = None  # the meta.json it came from
-
-    def describe(self) -> dict:
-        return {"path": self.path, "image_root": self.image_root, "repeat_time": self.repeat_time,
-                "name": self.name, "meta_file": self.meta_file}
-
-
-def rows_read(rows: int, repeat_time: float) -> int:
-    """Rows of a file that are read: the first ``int(rows * repeat_time)`` when ``repeat_time`` < 1
-    (InternVL's subsample, taken before its shuffle), else all of them."""
-    return int(rows * repeat_time) if repeat_time < 1 else rows
-
-
-def repeated(kept: np.ndarray, repeat_time: float) -> np.ndarray:
-    """The kept rows' positions as often as ``repeat_time`` >= 1 says: ``floor(r)`` copies, then the
-    first ``int(len(kept) * fraction)`` once more; unchanged for ``repeat_time`` <= 1."""
-    if repeat_time <= 1:
-        return kept
-    copies = int(math.floor(repeat_time))
-    extra = int(kept.size * (repeat_time - copies))
-    return np.concatenate([np.tile(kept, copies), kept[:extra]])
-
-
-def _is_meta(path: str) -> dict | None:
-    """The parsed meta.json if ``path`` is one (a JSON object of objects with an 'annotation'), else None."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"{") or os.path.getsize(path) > 64 << 20:
-        return None
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            obj = json.load(f)
-    except ValueError:
-        return None  # a jsonl file: one object per line does not parse as one JSON value
-    if isinstance(obj, dict) and obj and all(isinstance(v, dict) and "annotation" in v for v in obj.values()):
-        return obj
-    return None
-
-
-def _near(path: str, base: Path) -> str:
-    """``path`` as given (relative to the working folder, as InternVL reads it), else relative to ``base``."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    return str(base / path)
-
-
-def meta_sources(meta_path: str, meta: dict) -> list[SourceFile]:
-    """The annotation files of an InternVL meta.json, each with its root and repeat_time."""
-    base = Path(meta_path).resolve().parent
-    out = []
-    for name, entry in meta.items():
-        where = f"{meta_path}: entry {name!r}"
-        ann = entry.get("annotation")
-        if not isinstance(ann, str) or not ann:
-            raise UserError(f"{where}: 'annotation' must be the path of a jsonl file")
-        ann = _near(ann, base)
-        if not os.path.isfile(ann):
-            raise UserError(f"{where}: annotation {entry['annotation']} is not a file")
-        root = entry.get("root")
-        if root is not None and not isinstance(root, str):
-            raise UserError(f"{where}: 'root' must be a folder path")
-        root = _near(root, base) if root else str(Path(ann).resolve().parent)
-        if not os.path.isdir(root):
-            raise UserError(f"{where}: root {entry.get('root')} is not a folder (the folder its image paths are relative to)")
-        rt = entry.get("repeat_time", 1)
-        if isinstance(rt, bool) or not isinstance(rt, (int, float)) or not math.isfinite(rt) or rt <= 0:
-            raise UserError(f"{where}: repeat_time must be a number > 0, got {rt!r}")
-        out.append(SourceFile(str(Path(ann).resolve()), str(Path(root).resolve()), float(rt), str(name),
-                              str(Path(meta_path).resolve())))
-    return out
-
-
 def expand_inputs(inputs: Sequence[str | os.PathLike], image_root: str | os.PathLike | None = None) -> list[SourceFile]:
     """Input files -> the row files to index. A meta.json gives its annotation files (their own roots);
     any other file (MMPR or synth jsonl, or a JSON array of rows) is rows whose image paths are
@@ -211,7 +132,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], image_root: str | os.Path
     for p in map(str, inputs):
         if not os.path.isfile(p):
             raise UserError(f"preference data {p}: no such file (an MMPR / synth .jsonl or an InternVL meta.json)")
-        meta = _is_meta(p)
+        meta = read_meta(p)
         if meta is not None:
             out.extend(meta_sources(p, meta))
             continue

@@ -1,11 +1,14 @@
 """Build an SFT index (``vlmforge sft-index`` runs this): scan, parse and measure the records once.
 
-Steps: scan each file for its records' byte spans (:mod:`.scan`), calibrate estimated lengths on
-the first records, parse the records in jobs (:mod:`.parallel`), then write the kept records'
+Steps: expand the inputs (a file of records, or an InternVL meta file: named sources, each with
+its own image root, ``repeat_time``, ``data_augment``, ``max_dynamic_patch``; :mod:`.meta`), scan
+each file for its records' byte spans (:mod:`.scan`; a ``repeat_time`` below 1 keeps the first
+rows), calibrate estimated lengths on the first records, parse the records in jobs
+(:mod:`.parallel`), repeat the kept records of sources with ``repeat_time`` above 1, then write the
 columns as ``.npy`` arrays and ``manifest.json`` (the format: :mod:`.index`). Bad records (JSON
 that does not parse, a record without conversations, ``<image>`` markers that do not match the
-images, a missing image file) are skipped and counted per reason in the manifest with file:line
-for the first few, or raise :class:`SFTDataError` in strict mode.
+images, a missing image file) are skipped and counted per reason in the manifest, overall and per
+source, with file:line for the first few, or raise :class:`SFTDataError` in strict mode.
 """
 
 from __future__ import annotations
@@ -22,11 +25,30 @@ from tqdm import tqdm
 from vlmforge.config.recipe import Recipe
 from vlmforge.data.sft.index import ARRAYS, INDEX_VERSION
 from vlmforge.data.sft.lengths import LengthModel
+from vlmforge.data.sft.meta import SourceFile, meta_sources, read_meta, repeated, rows_read
 from vlmforge.data.sft.parallel import make_jobs, parse_jobs
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.data.sft.scan import scan_records
+from vlmforge.errors import UserError
 from vlmforge.files import file_stamp, note_example, write_manifest
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
+
+
+def expand_sources(inputs: Sequence[str | os.PathLike], image_root: str | os.PathLike | None) -> list[SourceFile]:
+    """Input files -> the record files to index: a meta file gives its sources (their own roots and
+    options); any other file is records whose image paths are relative to ``image_root``."""
+    out: list[SourceFile] = []
+    for p in map(str, inputs):
+        if not os.path.isfile(p):
+            raise SFTDataError(f"SFT file not found: {p}")
+        meta = read_meta(p)
+        if meta is not None:
+            out.extend(meta_sources(p, meta))
+        else:
+            out.append(SourceFile(p, str(image_root) if image_root is not None else None))
+    if len(out) > 65535:
+        raise UserError("at most 65535 source files per index")
+    return out
 
 
 def build_index(
@@ -48,14 +70,16 @@ def build_index(
 ) -> dict:
     """Scan and parse SFT files once; write the ``.npy`` arrays and ``manifest.json`` to ``out_dir``.
 
+    ``sources``: LLaVA ``.json`` / ``.jsonl`` files and InternVL meta files (detected by content).
     ``lengths``: ``exact`` (needs ``tokenizer``) or ``estimate`` (calibrated on the first records
     when ``tokenizer`` is given). ``visual_tokens``: tokens each image becomes
     (``vlmforge.arch.geometry.visual_tokens_per_image``). ``config``: the recipe, recorded in the
     manifest. Returns the manifest dict.
 
-    Image paths must stay inside ``image_root`` (symlinks resolved; counted as ``path_outside_root``
-    otherwise); ``allow_absolute_paths`` accepts absolute ones. ``strict``: stop at the first bad
-    record, reading no further (files are scanned one by one, each job stops at its first bad record).
+    Image paths must stay inside their root (``image_root`` for record files, a meta entry's
+    ``root`` for its annotation; symlinks resolved; counted as ``path_outside_root`` otherwise);
+    ``allow_absolute_paths`` accepts absolute ones. ``strict``: stop at the first bad record,
+    reading no further (files are scanned one by one, each job stops at its first bad record).
     """
     if lengths not in ("exact", "estimate"):
         raise ValueError(f"lengths must be 'exact' or 'estimate', got {lengths!r}")
@@ -63,35 +87,38 @@ def build_index(
         raise ValueError("exact lengths need a tokenizer (or use lengths='estimate')")
     if visual_tokens < 1:
         raise ValueError(f"visual_tokens must be >= 1, got {visual_tokens}")
-    sources = [str(s) for s in sources]
-    if not sources:
+    inputs = [str(s) for s in sources]
+    if not inputs:
         raise ValueError("no SFT source files given")
-    if len(sources) > 65535:
-        raise ValueError("at most 65535 source files per index")
-    check_images = bool(check_images and image_root is not None)
+    files = expand_sources(inputs, image_root)
     lm = LengthModel(mode=lengths, tokenizer=str(tokenizer) if tokenizer else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # Strict mode scans each file only when its turn comes, so a bad record stops the build early.
-    spans: list = [None] * len(sources)
+    spans: list = [None] * len(files)
+    rows = [0] * len(files)  # records in each file, before a repeat_time below 1 cuts them
 
     def span(fid: int):
         if spans[fid] is None:
-            spans[fid] = _scan(fid, sources[fid])
+            fid_, path, offs, nb, ln = _scan(fid, files[fid].path)
+            rows[fid] = int(offs.size)
+            n = rows_read(rows[fid], files[fid].repeat_time)
+            spans[fid] = (fid_, path, offs[:n], nb[:n], ln[:n])
         return spans[fid]
 
     if not strict:
-        for fid in range(len(sources)):
+        for fid in range(len(files)):
             span(fid)
     if tokenizer is not None and lengths == "estimate" and calibration_records:
-        lm.calibrate(_first_messages((span(fid) for fid in range(len(sources))), calibration_records))
+        lm.calibrate(_first_messages((span(fid) for fid in range(len(files))), calibration_records))
 
     jobs: list[dict] = []
 
     def job_stream():
-        for fid in range(len(sources)):
-            for job in make_jobs([span(fid)], lm, image_root, check_images, records_per_job,
+        for fid, src in enumerate(files):
+            root = src.image_root
+            for job in make_jobs([span(fid)], lm, root, bool(check_images and root is not None), records_per_job,
                                  allow_absolute_paths=allow_absolute_paths, strict=strict):
                 jobs.append(job)
                 yield job
@@ -104,30 +131,34 @@ def build_index(
             results.append(res)
             bar.update(job["offsets"].size)
             _check_strict(strict, job, res)
+    scanned = sum(s[2].size for s in spans)
 
-    cols = _columns(jobs, results, visual_tokens)
+    cols = _repeat(_columns(jobs, results, visual_tokens), files)
     for name, dtype in ARRAYS.items():
         _save_npy(out / f"{name}.npy", np.ascontiguousarray(cols[name], dtype=dtype))
     dropped, examples = _dropped(jobs, results)
     # train refuses a different tokenizer (None: the lengths were estimated without one)
     fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else None
+    meta_files = sorted({f.meta_file for f in files if f.meta_file is not None})
     manifest = write_manifest(
         out,
         "sft-index",
-        inputs=[file_stamp(p) for p in sources],
+        inputs=[file_stamp(f.path) for f in files],
         config=config,
-        counts=_counts(cols, total),
+        counts=_counts(cols, scanned),
         dropped=dropped,
         dropped_examples=examples,
         index_version=INDEX_VERSION,
         image_root=str(Path(image_root).resolve()) if image_root is not None else None,
-        images_checked=check_images,
+        images_checked=bool(check_images and image_root is not None),
         allow_absolute_paths=bool(allow_absolute_paths),
         visual_tokens=int(visual_tokens),
         lengths=lm.describe(),
         tokenizer=str(tokenizer) if tokenizer is not None else None,
         tokenizer_fingerprint=fingerprint,
         arrays=list(ARRAYS),
+        meta_files=[file_stamp(m) for m in meta_files],
+        sources=_source_stats(files, rows, spans, jobs, results, cols),
     )
     return json.loads(manifest.read_text())
 
@@ -161,7 +192,53 @@ def _columns(jobs: list[dict], results: list[dict], visual_tokens: int) -> dict[
     return cols
 
 
+def _repeat(cols: dict[str, np.ndarray], files: list[SourceFile]) -> dict[str, np.ndarray]:
+    """The columns with each source's kept records repeated as its ``repeat_time`` (> 1) says."""
+    if all(f.repeat_time <= 1 for f in files):
+        return cols
+    order = np.argsort(cols["file_id"], kind="stable")  # already in file order; stable keeps it so
+    per_file = np.split(order, np.cumsum(np.bincount(cols["file_id"].astype(np.int64), minlength=len(files)))[:-1])
+    sel = np.concatenate([repeated(pos, f.repeat_time) for pos, f in zip(per_file, files)])
+    return {k: v[sel] for k, v in cols.items()}
+
+
+def _source_stats(files: list[SourceFile], rows: list[int], spans: list, jobs: list[dict], results: list[dict],
+                  cols: dict[str, np.ndarray]) -> list[dict]:
+    """Per source file (``file_id`` order): where it came from, its options, rows in the file / read /
+    kept / dropped by reason, and its share of the index's samples and multimodal tokens."""
+    n = len(files)
+    fid = cols["file_id"].astype(np.int64)
+    samples = np.bincount(fid, minlength=n)
+    tokens = np.bincount(fid, weights=cols["mm_length"].astype(np.float64), minlength=n)
+    kept = np.zeros(n, np.int64)
+    dropped: list[dict[str, int]] = [{} for _ in range(n)]
+    for job, res in zip(jobs, results):
+        kept[job["fid"]] += int(res["ok"].sum())
+        for _i, reason, _msg in res["bad"]:
+            d = dropped[job["fid"]]
+            d[reason] = d.get(reason, 0) + 1
+    total_s, total_t = max(1, int(samples.sum())), max(1.0, float(tokens.sum()))
+    out = []
+    for k, f in enumerate(files):
+        out.append({
+            **f.describe(),
+            "image_root": str(Path(f.image_root).resolve()) if f.image_root is not None else None,
+            "data_augment": f.data_augment,
+            "max_dynamic_patch": f.max_dynamic_patch,
+            "rows": int(rows[k]),
+            "rows_read": int(spans[k][2].size) if spans[k] is not None else 0,
+            "rows_kept": int(kept[k]),
+            "dropped": dict(sorted(dropped[k].items())),
+            "samples": int(samples[k]),
+            "tokens": int(tokens[k]),
+            "share_samples": float(samples[k]) / total_s,
+            "share_tokens": float(tokens[k]) / total_t,
+        })
+    return out
+
+
 def _counts(cols: dict[str, np.ndarray], scanned: int) -> dict[str, Any]:
+    """``records``: rows of the index (a repeated record counts each time); ``scanned``: records read."""
     n = int(cols["has_image"].size)
     mm = cols["mm_length"]
     return {

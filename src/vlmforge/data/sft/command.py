@@ -12,6 +12,16 @@ no assistant turn, an image path leading out of --image-root: path_outside_root)
 counted per reason with file:line examples in the manifest; --strict stops at the first one
 instead. Absolute image paths need --allow-absolute-paths (or sft.allow_absolute_paths=true).
 
+An InternVL meta file in --input (detected by content: a JSON object of named entries) mixes
+sources: {NAME: {"root": IMAGES, "annotation": FILE.jsonl|.json, "repeat_time": R,
+"data_augment": true|false, "max_dynamic_patch": N}}. Each source's image paths are relative to its
+root; R < 1 reads the file's first int(rows * R) records, R > 1 repeats its kept records (floor(R)
+times, then the first fraction once more); data_augment switches random JPEG quality on for its
+images in training; max_dynamic_patch is recorded for tiling. The manifest reports per source the
+rows read, kept and dropped by reason and its share of the index's samples and tokens:
+
+  vlmforge sft-index --input meta.json --out runs/sft_index --tokenizer runs/tok
+
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
 `estimate` is much faster (bytes per token, calibrated on the first records when a tokenizer is
@@ -29,10 +39,12 @@ HELP = "index LLaVA-format SFT json/jsonl once (memory-mapped offsets, lengths, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlmforge.clitools import add_recipe_args
 
-    parser.add_argument("--input", nargs="+", default=None, metavar="FILE", help="LLaVA .json / .jsonl files")
+    parser.add_argument("--input", nargs="+", default=None, metavar="FILE",
+                        help="LLaVA .json / .jsonl files or InternVL meta files (detected by content)")
     parser.add_argument("--out", required=True, help="index folder to write (refused if not empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="write over an existing index in --out")
-    parser.add_argument("--image-root", default=None, help="folder the records' image paths are relative to")
+    parser.add_argument("--image-root", default=None,
+                        help="folder the records' image paths are relative to (a meta file's sources have their own root)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: recipe tokenizer.path)")
     parser.add_argument("--lengths", choices=("exact", "estimate"), default=None)
     parser.add_argument("--visual-tokens", type=int, default=None, help="tokens per image (default: from the recipe's model)")
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = recipe_from_args(args)
     sft = cfg.sft
-    sources = input_files(args.input, sft.sources, "sft.sources", "a LLaVA .json or .jsonl")
+    sources = input_files(args.input, sft.sources, "sft.sources", "a LLaVA .json or .jsonl, or an InternVL meta file")
     image_root = image_root_arg(args.image_root, sft.image_root, "sft.image_root")
     tokenizer = args.tokenizer or cfg.tokenizer.path
     lengths = args.lengths or sft.lengths
@@ -91,4 +103,10 @@ def run(args: argparse.Namespace) -> int:
         f"sft-index: {c['records']} records ({c['with_image']} with images, {c['text_only']} text-only) "
         f"of {c['scanned']} scanned; skipped: {dropped}; {lengths} lengths, {visual_tokens} tokens/image -> {args.out}"
     )
+    if any(s["meta_file"] for s in manifest["sources"]):  # a mixture: what each source became
+        for s in manifest["sources"]:
+            print(f"  {s['name'] or s['path']}: {s['rows_kept']} of {s['rows_read']} read ({s['rows']} in the file) "
+                  f"x repeat_time {s['repeat_time']:g} -> {s['samples']} samples ({100 * s['share_samples']:.1f}%), "
+                  f"{s['tokens']} tokens ({100 * s['share_tokens']:.1f}%)"
+                  + (", JPEG augmented" if s["data_augment"] else ""))
     return 0

@@ -12,6 +12,11 @@ record, only fixed-width numbers in ``.npy`` files that are opened with ``mmap_m
 - ``mm_length`` (uint32): ``text_tokens + n_images * (visual_tokens - 1)``, the multimodal length
   the packer and length grouping use.
 
+``manifest.json`` lists the source files (``inputs``, one per ``file_id``) and, per file, its
+``sources`` entry: name and meta file (InternVL meta files), image root, ``repeat_time``,
+``data_augment``, ``max_dynamic_patch``, rows read / kept / dropped and the mixture's shares. A
+``repeat_time`` above 1 writes a record's row more than once.
+
 Packing plans with ``mm_length``: build the index with exact lengths for packing (an estimated
 length can overflow a pack; the loader then moves the overflowing conversation to an extra row,
 never splitting it). Random access is one ``os.pread`` + ``json.loads`` (:meth:`SFTIndex.record`).
@@ -58,8 +63,11 @@ class SFTIndex:
         if self.manifest.get("stage") != "sft-index":
             raise SFTDataError(f"{man_path}: not an SFT index manifest (stage {self.manifest.get('stage')!r})")
         self.sources = [s["path"] for s in self.manifest["inputs"]]
+        # per file id: name, image root, data_augment, max_dynamic_patch (None: an index from before
+        # meta files, where every file is read from the one image_root)
+        self.source_info: list[dict] | None = self.manifest.get("sources")
         if check_stale:
-            for s in self.manifest["inputs"]:
+            for s in self.manifest["inputs"] + self.manifest.get("meta_files", []):
                 problem = stamp_problem(s)
                 if problem == "gone":
                     raise SFTDataError(f"{self.dir}: source file {s['path']} is gone")

@@ -15,6 +15,9 @@ batches round-robin too, and torch returns worker results in order, so the batch
 depend on ``num_workers``. A bad sample (:mod:`.samples`) is skipped and counted by reason
 (``loader.skipped``); in strict mode it raises.
 
+Sources that ask for it (:meth:`SFTDataset.augments`) get random JPEG quality on their images,
+drawn from (seed, epoch, record), so the batches stay a pure function of the plan (:mod:`.augment`).
+
 A batch's images are preprocessed into one buffer that the collated batch uses as it is. Workers
 send them resized as uint8 and the main process normalises them, for the reason and with the
 arithmetic of the packed loader (:func:`vlmforge.data.pretrain.loader.receive_from_worker`).
@@ -102,15 +105,17 @@ class _Worker(tud.IterableDataset):
     """The rank's batches j = start + worker id + k * workers of the epoch plan (runs in DataLoader
     workers, or in this process)."""
 
-    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int, slots: PixelSlots | None = None):
+    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int, slots: PixelSlots | None = None,
+                 epoch: int = 0):
         self.loader, self.plan, self.start, self.n_local = loader, plan, start, n_local
         self.slots = slots  # set in workers: uint8 pixels through reused shared buffers
+        self.epoch = epoch
 
     def __iter__(self):
         info = tud.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for j in range(self.start + wid, self.n_local, nw):
-            item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None)
+            item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None, epoch=self.epoch)
             if self.slots is not None and item["batch"] is not None:
                 item["batch"] = send_from_worker(item["batch"], self.slots)
             yield item
@@ -193,10 +198,11 @@ class SFTLoader:
         self.skipped = dict(state.get("skipped", {}))
 
     # -- building -----------------------------------------------------------------------
-    def _sample(self, i: int, skipped: dict) -> dict | None:
-        """Record ``i`` as a sample whose ``images`` are decoded, not yet preprocessed."""
+    def _sample(self, i: int, skipped: dict, epoch: int) -> dict | None:
+        """Record ``i`` as a sample whose ``images`` are decoded (and JPEG-augmented if its source
+        asks), not yet preprocessed."""
         try:
-            ids, labels, images = self.ds.decoded(int(i))
+            ids, labels, images = self.ds.decoded(int(i), augment=(self.seed, epoch))
         except SFTDataError as e:
             if self.strict:
                 raise
@@ -204,17 +210,19 @@ class SFTLoader:
             return None
         return {"input_ids": ids, "labels": labels, "images": images}
 
-    def build_batch(self, plan, j: int, as_uint8: bool = False) -> dict:
+    def build_batch(self, plan, j: int, as_uint8: bool = False, epoch: int | None = None) -> dict:
         """Rank-local batch ``j`` of the plan (global batch ``j * world + rank``); ``as_uint8``:
-        its pixel values resized but not normalised (``receive_from_worker`` finishes them)."""
+        its pixel values resized but not normalised (``receive_from_worker`` finishes them).
+        ``epoch``: the plan's epoch (default the current one), which the JPEG qualities depend on."""
         records, row_starts, batch_starts = plan
+        epoch = self.epoch if epoch is None else int(epoch)
         g = j * self.world + self.rank
         skipped: dict[str, int] = {}
         rows: list[list[dict]] = []
         for r in range(int(batch_starts[g]), int(batch_starts[g + 1])):
             row, used = [], 0
             for i in records[row_starts[r] : row_starts[r + 1]]:
-                s = self._sample(i, skipped)
+                s = self._sample(i, skipped, epoch)
                 if s is None:
                     continue
                 n = int(s["input_ids"].size)
@@ -241,11 +249,11 @@ class SFTLoader:
     # -- iteration ----------------------------------------------------------------------
     def _epoch_items(self, plan, start: int, n_local: int) -> Iterator[dict]:
         if self.num_workers <= 0:
-            yield from _Worker(self, plan, start, n_local)
+            yield from _Worker(self, plan, start, n_local, epoch=self.epoch)
             return
         slots = PixelSlots(self.num_workers, PREFETCH + 2)
         dl = tud.DataLoader(
-            _Worker(self, plan, start, n_local, slots),
+            _Worker(self, plan, start, n_local, slots, epoch=self.epoch),
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_as_is,
@@ -293,7 +301,9 @@ def build_sft_loader(
     """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
     ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``
     (``sft_cfg``, default ``recipe.sft``), ``batch_size`` rows per batch on this rank.
-    ``verdicts`` (ids of '+' and '-', stage prm): only each assistant turn's verdict is supervised."""
+    ``verdicts`` (ids of '+' and '-', stage prm): only each assistant turn's verdict is supervised.
+    Random JPEG quality: on the index's meta-file sources that set ``data_augment``, and on its plain
+    record files when ``sft.jpeg_augment`` is true."""
     sft = sft_cfg if sft_cfg is not None else recipe.sft
     if not sft.index:
         raise SFTDataError("sft.index is not set: build one with `vlmforge sft-index` and set sft.index=DIR")
@@ -306,6 +316,7 @@ def build_sft_loader(
         max_len=sft.max_len,
         allow_absolute_paths=sft.allow_absolute_paths,
         verdicts=verdicts,
+        jpeg_augment=bool(sft.jpeg_augment),
     )
     return SFTLoader(
         ds, sft, batch_size=batch_size, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size

@@ -6,6 +6,10 @@ each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and 
 :mod:`.verdicts`) only the verdict token of each assistant turn is supervised, and a turn that is
 not one ``+`` / ``-`` token is a bad sample (``bad_verdict``). A bad sample raises
 :class:`SFTDataError` with its ``reason``; the loader skips and counts it.
+
+Each record knows its source (``file_id``): the folder its image paths are relative to (a meta
+file's ``root``, else ``image_root``) and whether its images get random JPEG quality in training
+(a meta file's ``data_augment``, else ``jpeg_augment``; :mod:`.augment`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from vlmforge.data.collate import IGNORE_INDEX
+from vlmforge.data.sft.augment import jpeg_augment as reencode_jpeg
 from vlmforge.data.sft.index import SFTIndex, open_index
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.data.sft.verdicts import VerdictError, end_of_turn_ids, verdict_mask
@@ -86,6 +91,7 @@ class SFTDataset:
         max_len: int | None = None,
         allow_absolute_paths: bool = False,
         verdicts: tuple[int, int] | None = None,
+        jpeg_augment: bool = False,
     ):
         self.index = index if isinstance(index, SFTIndex) else open_index(index)
         self.tok = tokenizer
@@ -96,6 +102,13 @@ class SFTDataset:
         # image paths stay inside image_root (symlinks resolved) unless the index or the caller opted in
         self.allow_absolute_paths = bool(allow_absolute_paths or self.index.manifest.get("allow_absolute_paths"))
         self._dirs: dict[str, str] = {}
+        # per source file: its image root and whether its images are JPEG-augmented in training.
+        # A meta file's source brings both; a plain record file uses image_root and jpeg_augment.
+        info = self.index.source_info or [{} for _ in self.index.sources]
+        from_meta = [bool(s.get("meta_file")) for s in info]
+        self._meta_roots = [s["image_root"] if m else None for s, m in zip(info, from_meta)]
+        self._augment = np.array([bool(s.get("data_augment")) if m else bool(jpeg_augment)
+                                  for s, m in zip(info, from_meta)], dtype=bool)
         self.image_id = image_token_id(tokenizer)
         # stage prm: (id of '+', id of '-'); only those tokens are supervised
         self.verdicts = tuple(verdicts) if verdicts is not None else None
@@ -127,17 +140,34 @@ class SFTDataset:
             raise SFTDataError(f"{self.index.where(i)}: {ids.size} tokens > max_len {self.max_len}", "too_long")
         return ids, labels, images
 
-    def decoded(self, i: int) -> tuple[np.ndarray, np.ndarray, list]:
-        """(input_ids, labels, decoded RGB images) of record ``i``; SFTDataError names the record."""
+    def source(self, i: int) -> dict | None:
+        """The manifest's ``sources`` entry of record ``i``'s file (name, image root, repeat_time,
+        data_augment, max_dynamic_patch, counts); None for an index written before meta files."""
+        info = self.index.source_info
+        return info[int(self.index.file_id[i])] if info is not None else None
+
+    def augments(self, i: int) -> bool:
+        """Whether record ``i``'s images get random JPEG quality in training."""
+        return bool(self._augment[int(self.index.file_id[i])])
+
+    def decoded(self, i: int, augment: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+        """(input_ids, labels, decoded RGB images) of record ``i``; SFTDataError names the record.
+
+        ``augment``: (seed, epoch) of a training batch; the images of a source that asks for it are
+        re-encoded at their drawn JPEG quality (:mod:`.augment`). None (the default): never."""
         ids, labels, images = self.tokens(i)
         if images and self.image_spec is None:
             raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
+        root = self._meta_roots[int(self.index.file_id[i])] or self.image_root
         try:
-            paths = [resolve_inside(self.image_root or ".", p, allow_absolute=self.allow_absolute_paths,
+            paths = [resolve_inside(root or ".", p, allow_absolute=self.allow_absolute_paths,
                                     dir_cache=self._dirs) for p in images]
-            return ids, labels, [read_image(str(p)) for p in paths]
+            decoded = [read_image(str(p)) for p in paths]
         except (PathOutsideRootError, SFTDataError) as e:
             raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
+        if augment is not None and decoded and self.augments(i):
+            decoded = reencode_jpeg(decoded, augment[0], augment[1], int(i))
+        return ids, labels, decoded
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ids, labels, images = self.decoded(i)
