@@ -134,10 +134,12 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
                      "--tokenizer", str(tok), "--no-progress", *common, *pretrain_sets])
 
     _save_initial_checkpoint(tok, vision, runs / "init", seed, pretrain_kv)
-    eval_args = ["--tasks", EVAL_TASKS, "--synth-dir", str(world), "--batch-size", "32", "--max-new-tokens", "12",
-                 "--mc-protocol", "generate,likelihood", *every_sets]
-    if s.eval_limit is not None:
-        eval_args += ["--limit", str(s.eval_limit)]
+    limit = [] if s.eval_limit is None else ["--limit", str(s.eval_limit)]
+    shared = ["--synth-dir", str(world), "--batch-size", "32", "--mc-protocol", "generate,likelihood", *limit, *every_sets]
+    eval_args = ["--tasks", EVAL_TASKS, "--max-new-tokens", "12", *shared]
+    # after SFT the model can reason in steps: the phases from then on also ask synth-math, whose
+    # worked solutions need more new tokens (short answers stop at <|im_end|> long before)
+    late_eval_args = ["--tasks", f"{EVAL_TASKS},synth-math", "--max-new-tokens", str(MATH_TOKENS), *shared]
     log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])
 
     log.run("pretrain", ["train", "--recipe", PRETRAIN_RECIPE, *common, *_sets(
@@ -152,7 +154,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("sft", ["train", "--recipe", SFT_RECIPE, *common, *_sets(
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
         train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_sets])
-    log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *eval_args, "--out", str(evals / "sft")])
+    log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *late_eval_args, "--out", str(evals / "sft")])
 
     # MPO on pairs the SFT model makes itself: its sampled replies to training-split questions
     # (never the benchmarks) judged right or wrong by the eval scorers, plus dropout next-token
@@ -166,7 +168,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
                                  "--tokenizer", str(tok), "--out", str(prefs / "index"), *common, *mpo_sets])
     log.run("mpo", ["train", "--recipe", s.mpo_recipe, *common, *_sets(
         preference__index=prefs / "index", train__init_from=runs / "sft", train__run_dir=runs / "mpo"), *mpo_sets])
-    log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *eval_args, "--out", str(evals / "mpo")])
+    log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *late_eval_args, "--out", str(evals / "mpo")])
 
     # Test-time scaling (VisualPRM): the final policy solves training-split reasoning problems,
     # Monte Carlo continuations from every step label it '+' or '-', a process reward model learns

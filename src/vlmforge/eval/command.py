@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     critic = Path(ev.critic) if ev.critic and bon.on else None  # best_of_n 1: no candidates to score
+    if critic is not None and (critic / "final" / "model.safetensors").is_file():
+        critic = critic / "final"  # a run folder, as train.init_from and prm-score accept
     if critic is not None and not critic.is_dir():
         raise UserError(f"--critic: checkpoint folder {critic} not found")
     from vlmforge.eval.items import TaskError

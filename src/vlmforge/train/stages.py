@@ -109,6 +109,10 @@ def validate(cfg: Recipe, world_size: int) -> None:
         raise ConfigError(f"{e}; also {init_problem}" if init_problem else str(e)) from None
     if init_problem:
         raise init_problem
+    if t.stage == "prm" and cfg.sft.batching == "pack" and cfg.model.attention != "document":
+        raise ConfigError("train.stage=prm with sft.batching=pack needs model.attention=document: the critic is "
+                          "scored one conversation per row, so it must not see other conversations in training "
+                          f"(model.attention is {cfg.model.attention}; or use sft.batching=length_group)")
     if t.stage == "mpo" and not t.init_from:
         raise ConfigError("train.init_from: MPO starts from an SFT checkpoint; set it to a run folder or checkpoint "
                           "folder (the initial model is also the reference)")
