@@ -24,11 +24,12 @@ from vlmforge.model.saving import save_vlm
 from vlmforge.text.tokenization import load_tokenizer
 
 PRETRAIN_RECIPE = "demo/pretrain"
-# Best-of-N on the reasoning problems: VisualPRM's N = 8; prm-data's solutions per problem and
-# Monte Carlo continuations per step (the defaults 4 and 8); generation length of a solution.
+# Best-of-N on the reasoning problems: VisualPRM's N = 8; prm-data's solutions per problem (its
+# default) and Monte Carlo continuations per step (half its default 8: the stage's cost is mostly
+# rollouts); generation length of a solution.
 BEST_OF_N = 8
 PRM_SOLUTIONS = 4
-PRM_ROLLOUTS = 8
+PRM_ROLLOUTS = 4
 MATH_TOKENS = 64
 SFT_RECIPE = "demo/sft"
 EVAL_TASKS = "synth"
