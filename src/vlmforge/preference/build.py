@@ -169,7 +169,7 @@ def question_seed(seed: int, task: str, item_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _image_paths(item: EvalItem, images_dir: Path) -> list[str]:
+def item_image_paths(item: EvalItem, images_dir: Path) -> list[str]:
     """Absolute image paths; inline images are saved under ``images_dir`` by content hash."""
     out = []
     for ref in item.images:
@@ -234,7 +234,7 @@ class _PartRunner:
     def _judged(self, q: Question, req: SampleRequest, samples: list) -> list[dict]:
         combos, stats = correctness_pairs(q.rules, q.item, samples, self.settings.pairs_per_question,
                                           random.Random(req.seed))
-        paths = _image_paths(q.item, self.images_dir) if combos else []
+        paths = item_image_paths(q.item, self.images_dir) if combos else []
         lines = [{"pair": {
             "image": paths, "question": req.messages[0]["content"], "chosen": chosen, "rejected": rejected,
             "answer_gt": q.rules.demo_answer(q.item), "recipe": "correctness", "kind": q.kind,
@@ -271,7 +271,7 @@ class _PartRunner:
                                        "error": "the model completed the answer word for word without the image"}})
                 continue
             lines.append({"pair": {
-                "image": _image_paths(item, self.images_dir),
+                "image": item_image_paths(item, self.images_dir),
                 "question": with_image_markers(with_hint(item), len(item.images)),
                 "chosen": item.answer, "rejected": rejected, "answer_gt": item.answer, "recipe": "dropout_ntp",
                 "kind": "long_answer", "task": "long_answers", "id": item.id, "source": where,
@@ -322,7 +322,7 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _image_root(plan: Plan, paths: list[str]) -> str | None:
+def common_image_root(plan: Plan, paths: list[str]) -> str | None:
     """--image-root, else the input files' common folder, when it holds every image; else the images' common folder."""
     if not paths:
         return None
@@ -360,7 +360,7 @@ def merge_parts(plan: Plan, out_dir: str | os.PathLike, settings: BuildSettings,
                 skip = entry["skip"]
                 dropped[skip["reason"]] += 1
                 note_example(examples, skip["reason"], {"where": skip["where"], "error": skip["error"]})
-    root = _image_root(plan, sorted({p for row in pairs for p in row["image"]}))
+    root = common_image_root(plan, sorted({p for row in pairs for p in row["image"]}))
     text = []
     for row in pairs:
         rel = [os.path.relpath(p, root) for p in row["image"]]

@@ -20,8 +20,6 @@ cells, parquet bytes) are saved under ``OUT/images/``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -30,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
@@ -42,8 +39,8 @@ from vlmforge.eval.items import EvalItem, TaskError
 from vlmforge.eval.kind import Kind
 from vlmforge.eval.prompts import user_turn
 from vlmforge.eval.specs import TaskSpec
-from vlmforge.files import atomic_write_bytes, atomic_write_text, note_example, write_json, write_manifest
-from vlmforge.preference.build import Plan, Question, load_plan, part_path
+from vlmforge.files import atomic_write_text, note_example, write_json, write_manifest
+from vlmforge.preference.build import Plan, Question, common_image_root, item_image_paths, load_plan, part_path
 from vlmforge.rollouts.montecarlo import Ask, Cost, Policy, label_questions
 
 STAGE = "prm-data"
@@ -115,23 +112,6 @@ def _judge(rules: Kind, item: EvalItem, reply: str) -> tuple[bool, Any]:
     return scored.score >= 1.0, scored.extracted
 
 
-def _image_paths(item: EvalItem, images_dir: Path) -> list[str]:
-    """Absolute image paths; inline images saved under ``images_dir`` by content hash."""
-    out = []
-    for ref in item.images:
-        if ref.kind == "path":
-            out.append(os.path.realpath(ref.value))
-            continue
-        data = ref.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            ext = (im.format or "img").lower()
-        path = images_dir / f"{hashlib.sha1(data).hexdigest()}.{ext}"
-        if not path.exists():
-            atomic_write_bytes(path, data)
-        out.append(str(path.resolve()))
-    return out
-
-
 def _answer(item: EvalItem):
     return item.answer if item.answer is not None else item.answers
 
@@ -161,7 +141,7 @@ def part_lines(questions: list[Question], policy: Policy, settings: PrmSettings,
     for q, ask, sols in zip(asked, asks, labelled):
         where = q.item.meta.get("source")
         lines.append({"question": {"id": q.item.id, "sampled": len(sols), "correct": sum(x.correct for x in sols)}})
-        paths = _image_paths(q.item, out / IMAGES_DIR)
+        paths = item_image_paths(q.item, out / IMAGES_DIR)
         question = critic_question(ask.messages)
         for sol in sols:
             if not sol.steps:
@@ -198,22 +178,6 @@ def build_parts(plan: Plan, out_dir: str | os.PathLike, settings: PrmSettings, m
     return len(todo)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _image_root(plan: Plan, paths: list[str]) -> str | None:
-    if not paths:
-        return None
-    if plan.image_root is not None:
-        candidate = plan.image_root
-    else:
-        candidate = os.path.commonpath([os.path.dirname(i["path"]) for i in plan.inputs])
-    if all(_inside(p, candidate) for p in paths):
-        return candidate
-    return os.path.commonpath([os.path.dirname(p) for p in paths])
-
-
 def _relative(paths: list[str], root: str | None) -> str | list[str] | None:
     rel = [os.path.relpath(p, root) for p in paths]
     return None if not rel else rel[0] if len(rel) == 1 else rel
@@ -246,7 +210,7 @@ def merge_parts(plan: Plan, out_dir: str | os.PathLike, settings: PrmSettings, i
                 skip = entry["skip"]
                 skipped[skip["reason"]] += 1
                 note_example(examples, skip["reason"], {"where": skip["where"], "error": skip["error"]})
-    root = _image_root(plan, sorted({p for row in rows for p in row["image"]}))
+    root = common_image_root(plan, sorted({p for row in rows for p in row["image"]}))
     records, lines = [], []
     for row in rows:
         row = {**row, "image": _relative(row["image"], root)}
