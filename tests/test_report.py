@@ -6,14 +6,9 @@ import re
 from PIL import Image
 
 from vlmforge.config import load_recipe, save_resolved
-from vlmforge.demo.report import (
-    best_of_n_results,
-    curation_table,
-    gallery_picks,
-    stage_kind,
-    timeline_rows,
-    write_demo_report,
-)
+from vlmforge.demo.gallery import gallery_picks
+from vlmforge.demo.report import curation_table, stage_kind, timeline_rows, write_demo_report
+from vlmforge.demo.scaling import best_of_n_results
 from vlmforge.report import Section, build_report
 from vlmforge.report.plots import moving_mean
 

@@ -2,25 +2,25 @@
 gallery of held-out questions answered after SFT and after MPO, MPO's rewards, Best-of-N, what
 curation and packing did, the loss curves, and a timeline of the commands that ran.
 
-One function per section; a section whose inputs are missing says so in a note instead.
+One function per section (the gallery in `gallery.py`, Best-of-N and the critic in `scaling.py`); a
+section whose inputs are missing says so in a note instead.
 Writes ``report.html`` (self-contained: plots and thumbnails embedded), ``scores.txt``,
 ``demo_summary.json`` and ``plots/*.png`` into the demo folder."""
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 from collections import Counter
 from pathlib import Path
 
 from vlmforge.config import load_recipe
 from vlmforge.config.train import TrainConfig
-from vlmforge.files import PathOutsideRootError, atomic_write_text, read_metrics, resolve_inside, write_json
+from vlmforge.demo.gallery import gallery_section
+from vlmforge.demo.report_common import PHASES, find_key, fmt, missing, read_json
+from vlmforge.demo.scaling import best_of_n_section, critic_section
+from vlmforge.files import atomic_write_text, read_metrics, write_json
 from vlmforge.report.builder import Section, build_report, table_html
-from vlmforge.report.gallery import Answer, Card, gallery_html
 from vlmforge.report.plots import (
-    curves_plot,
     format_seconds,
     grouped_hbar_plot,
     losses_plot,
@@ -30,62 +30,8 @@ from vlmforge.report.plots import (
     timeline_plot,
 )
 
-PHASES = [("before training", "init"), ("after pretraining", "pretrain"), ("after SFT", "sft"), ("after MPO", "mpo")]
 # Training runs in pipeline order; runs/ folders not listed here follow, by name.
 RUN_ORDER = ("pretrain", "sft", "mpo", "prm")
-GALLERY_SIZE = 12
-# How many cards of each outcome the gallery tries for (in this order); a short group is filled from the others.
-GALLERY_MIX = (("fixed", 4), ("broke", 4), ("right", 3), ("wrong", 1))
-OUTCOMES = {"fixed": "MPO fixed", "broke": "MPO broke", "right": "both right", "wrong": "both wrong"}
-FILL_ORDER = ("right", "fixed", "broke", "wrong")
-# Best-of-N curves (contract C3) in legend order, with how they are drawn.
-BEST_OF_N_STYLES = {
-    "pass": {"label": "pass@N: any of the N right (the ceiling)", "color": "k", "linestyle": "--"},
-    "prm": {"label": "PRM picks (critic's step scores)", "color": "C3"},
-    "orm": {"label": "ORM picks (critic's whole-reply score)", "color": "C1"},
-    "majority": {"label": "majority vote over the N answers", "color": "C0"},
-    "first": {"label": "first sample (no selection)", "color": "C7", "linestyle": ":"},
-}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        out = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file ([] if missing); a line cut by a kill or not an object is left out."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _find(obj, key: str):
-    """The first value stored under ``key`` anywhere in a nested manifest."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
-
-
-def _missing(title: str, what: str) -> Section:
-    return Section(title, note=f"Not shown: {what}.")
-
 
 # ---------------------------------------------------------------- what was trained
 
@@ -95,7 +41,7 @@ def _pool(pool_size) -> str:
 
 def _vision_targets(folder) -> str:
     """What vision-pretrain taught the tower, with its held-out accuracy (from its manifest)."""
-    acc = _read_json(Path(folder) / "manifest.json").get("holdout_accuracy") or {}
+    acc = read_json(Path(folder) / "manifest.json").get("holdout_accuracy") or {}
     what = "shape, colour and size of the object in each cell of the 3x3 grid"
     if "position" in acc:
         what += ", and which cell each patch is"
@@ -113,7 +59,7 @@ def _what_mpo_did(out_dir: Path) -> str:
     if not (out_dir / "runs" / "mpo" / "config.yaml").is_file():
         return ""
     mpo = load_recipe(out_dir / "runs" / "mpo" / "config.yaml")
-    counts = _read_json(out_dir / "preference" / "pairs" / "manifest.json").get("counts", {})
+    counts = read_json(out_dir / "preference" / "pairs" / "manifest.json").get("counts", {})
     pairs = counts.get("pairs_by_recipe", {})
     return (f"MPO: {counts.get('pairs', '?')} pairs the SFT model made itself ({pairs.get('correctness', 0)} right vs wrong "
             f"sampled replies to training-split questions, sample accuracy {counts.get('sample_accuracy', 0):.2f}; "
@@ -149,7 +95,7 @@ def _what_was_trained(out_dir: Path) -> list[str]:
 def _trained_section(out_dir: Path) -> Section:
     title = "What was trained"
     if not all((out_dir / "runs" / s / "config.yaml").is_file() for s in ("pretrain", "sft")):
-        return _missing(title, "runs/pretrain/config.yaml or runs/sft/config.yaml is missing")
+        return missing(title, "runs/pretrain/config.yaml or runs/sft/config.yaml is missing")
     items = "".join(f"<li>{html.escape(t)}</li>" for t in _what_was_trained(out_dir))
     return Section(title, html=f"<ul>{items}</ul>")
 
@@ -158,7 +104,7 @@ def _trained_section(out_dir: Path) -> Section:
 
 def score_table(out_dir: Path) -> list[dict]:
     """One row per benchmark: headline metric, chance, and the score at each phase."""
-    phases = {label: _read_json(out_dir / "eval" / name / "results.json").get("tasks", {}) for label, name in PHASES}
+    phases = {label: read_json(out_dir / "eval" / name / "results.json").get("tasks", {}) for label, name in PHASES}
     tasks = list(dict.fromkeys(t for res in phases.values() for t in res))
     rows = []
     for task in tasks:
@@ -183,18 +129,14 @@ def _scores_text(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def _benchmarks_section(rows: list[dict], plots: Path) -> Section:
     title = "Benchmarks (held-out images) vs chance"
     if not rows:
-        return _missing(title, "no eval/*/results.json")
+        return missing(title, "no eval/*/results.json")
     shown = []
     for r in rows:
-        row = {"benchmark": r["benchmark"], "metric": r["metric"], "chance": _fmt(r["chance"])}
-        row.update({label: _fmt(r[label]) for label, _ in PHASES})
+        row = {"benchmark": r["benchmark"], "metric": r["metric"], "chance": fmt(r["chance"])}
+        row.update({label: fmt(r[label]) for label, _ in PHASES})
         sft, mpo = r.get("after SFT"), r.get("after MPO")
         row["MPO - SFT"] = "-" if sft is None or mpo is None else f"{mpo - sft:+.3f}"
         row["n"] = r["n"]
@@ -209,137 +151,6 @@ def _benchmarks_section(rows: list[dict], plots: Path) -> Section:
     return Section(title, text=text, table=shown, images=[plot] if plot else [])
 
 
-# ---------------------------------------------------------------- gallery
-
-def _stable_order(task: str, qid: str) -> str:
-    return hashlib.sha256(f"{task}/{qid}".encode()).hexdigest()
-
-
-def _generated(path: Path) -> dict[tuple[str, str], dict]:
-    """(task, id) -> the prediction row of each question as asked (generated reply, 0-shot; not the
-    likelihood protocol, not MCQ's extra option rotations)."""
-    out: dict[tuple[str, str], dict] = {}
-    for r in _read_jsonl(path):
-        if r.get("protocol", "generate") != "generate" or r.get("shots", 0) not in (0, None):
-            continue
-        qid, task = str(r.get("id", "")), str(r.get("task", ""))
-        if "#" in qid or not qid or (task, qid) in out:
-            continue
-        out[(task, qid)] = r
-    return out
-
-
-def _task_rows(out_dir: Path) -> dict[str, tuple[Path, dict[str, dict]]]:
-    """task -> (folder its images are relative to, id -> row), for each .jsonl task of the evals."""
-    found: dict[str, tuple[Path, dict[str, dict]]] = {}
-    for _, name in PHASES:
-        for task, res in _read_json(out_dir / "eval" / name / "results.json").get("tasks", {}).items():
-            if task in found or not res.get("path"):
-                continue
-            path = Path(res["path"])
-            if not path.is_file():  # the demo folder was moved: its world is still next to the evals
-                path = out_dir / "world" / "eval" / path.name
-            if path.suffix == ".jsonl" and path.is_file():
-                found[task] = (path.parent, {str(r.get("id")): r for r in _read_jsonl(path)})
-    return found
-
-
-def _outcome(before: dict, after: dict) -> str:
-    b, a = bool(before.get("correct")), bool(after.get("correct"))
-    return {(False, True): "fixed", (True, False): "broke", (True, True): "right"}.get((b, a), "wrong")
-
-
-def gallery_picks(out_dir: Path, n: int = GALLERY_SIZE) -> tuple[list[dict], Counter]:
-    """``n`` held-out questions answered both after SFT and after MPO, a mix of outcomes
-    (GALLERY_MIX), tasks taken in turn, chosen by a hash of task and id (the same every run).
-    Returns the picks ({task, id, outcome, sft, mpo}) and the count of every outcome."""
-    sft, mpo = _generated(out_dir / "eval" / "sft" / "predictions.jsonl"), _generated(
-        out_dir / "eval" / "mpo" / "predictions.jsonl")
-    groups: dict[str, dict[str, list]] = {k: {} for k in OUTCOMES}
-    counts: Counter = Counter()
-    for key in sorted(set(sft) & set(mpo), key=lambda k: _stable_order(*k)):
-        outcome = _outcome(sft[key], mpo[key])
-        counts[outcome] += 1
-        groups[outcome].setdefault(key[0], []).append(key)
-
-    def in_turn(by_task: dict[str, list]) -> list:
-        queues = [list(v) for _, v in sorted(by_task.items())]
-        order = []
-        while any(queues):
-            order.extend(q.pop(0) for q in queues if q)
-        return order
-
-    queues = {k: in_turn(v) for k, v in groups.items()}
-    picked: dict[str, list] = {k: [] for k in OUTCOMES}
-    for outcome, want in GALLERY_MIX:
-        picked[outcome] = queues[outcome][:want]
-    for outcome in FILL_ORDER:  # fill short groups
-        while sum(map(len, picked.values())) < n and len(picked[outcome]) < len(queues[outcome]):
-            picked[outcome].append(queues[outcome][len(picked[outcome])])
-    picks = [{"task": k[0], "id": k[1], "outcome": o, "sft": sft[k], "mpo": mpo[k]}
-             for o in OUTCOMES for k in picked[o]][:n]
-    return picks, counts
-
-
-def _option_text(reply: str, options: dict) -> str:
-    """An MCQ letter reply with its option's text ("B (yellow)")."""
-    letter = reply.strip().rstrip(".").upper()
-    return f"{reply.strip()} ({options[letter]})" if letter in options else reply
-
-
-def _thumbnail(folder: Path | None, image) -> Path | None:
-    """The row's image, only when it lies inside its task's folder (as eval itself reads it)."""
-    if folder is None or not isinstance(image, str):
-        return None
-    try:
-        return resolve_inside(folder, image)
-    except PathOutsideRootError:
-        return None
-
-
-def _card(pick: dict, folder: Path | None, row: dict) -> Card:
-    options = row.get("options") if isinstance(row.get("options"), dict) else {}
-    gold = row.get("answer", pick["sft"].get("answer"))
-    gold = gold[0] if isinstance(gold, list) and gold else gold
-    image = row.get("image")
-    image = image[0] if isinstance(image, list) and image else image
-    question = row.get("question") or "\n".join(
-        line for line in str(pick["sft"].get("prompt", "")).splitlines() if line.strip() != "<image>")
-
-    def answer(label: str, pred: dict) -> Answer:
-        text = str(pred.get("prediction", ""))
-        return Answer(label, _option_text(text, options) if options else text, bool(pred.get("correct")),
-                      extracted=str(pred.get("extracted") or ""))
-
-    detail = row.get("category") or row.get("sampling") or ""
-    return Card(
-        question=str(question),
-        options=" · ".join(f"{k}. {v}" for k, v in options.items()),
-        image=_thumbnail(folder, image),
-        caption=f"{pick['task']}{' · ' + str(detail) if detail else ''}",
-        tag=OUTCOMES[pick["outcome"]], tag_class=pick["outcome"],
-        answers=[answer("after SFT", pick["sft"]), answer("after MPO", pick["mpo"]),
-                 Answer("gold", _option_text(str(gold), options) if options else str(gold))],
-    )
-
-
-def _gallery_section(out_dir: Path) -> Section:
-    title = "Held-out questions: answers after SFT and after MPO"
-    picks, counts = gallery_picks(out_dir)
-    if not picks:
-        return _missing(title, "eval/sft/predictions.jsonl and eval/mpo/predictions.jsonl have no questions in common")
-    tasks = _task_rows(out_dir)
-    cards = []
-    for p in picks:
-        folder, rows = tasks.get(p["task"], (None, {}))
-        cards.append(_card(p, folder, rows.get(p["id"], {})))
-    total = sum(counts.values())
-    text = (f"{len(cards)} of the {total} held-out questions as the models were asked them (MCQ by letter, "
-            f"first option order), picked for a mix of outcomes. Over all {total}: "
-            + ", ".join(f"{OUTCOMES[k]} {counts[k]}" for k in OUTCOMES) + ".")
-    return Section(title, text=text, html=gallery_html(cards))
-
-
 # ---------------------------------------------------------------- MPO
 
 def _tail_mean(rows: list[dict], key: str) -> float | None:
@@ -352,88 +163,15 @@ def _mpo_section(out_dir: Path, plots: Path) -> Section:
     rows = read_metrics(out_dir / "runs" / "mpo")
     plot = mpo_rewards_plot(rows, plots / "mpo_rewards.png")
     if plot is None:
-        return _missing(title, "runs/mpo/metrics.jsonl has no rewards/margin")
+        return missing(title, "runs/mpo/metrics.jsonl has no rewards/margin")
     margin, acc = _tail_mean(rows, "rewards/margin"), _tail_mean(rows, "rewards/accuracy")
     text = ("MPO's implicit reward of a reply is beta x (its log-probability under the model - under the SFT "
             "model it started from). The margin is the chosen (right) reply's reward minus the rejected one's: "
             "above 0, training moved the model towards the right replies; reward accuracy is the share of pairs "
-            f"where it did. Over the last steps: margin {_fmt(margin, 2)}, reward accuracy {_fmt(acc, 2)}.")
+            f"where it did. Over the last steps: margin {fmt(margin, 2)}, reward accuracy {fmt(acc, 2)}.")
     return Section(title, text=text, images=[plot],
                    html='<p><a href="runs/mpo/report.html">the MPO run\'s report</a> (loss terms, throughput)</p>'
                    if (out_dir / "runs" / "mpo" / "report.html").is_file() else "")
-
-
-# ---------------------------------------------------------------- Best-of-N
-
-def best_of_n_results(out_dir: Path, where: Path | None = None) -> list[tuple[str, str, dict, str]]:
-    """(eval folder name, task, results.json[task]["best_of_n"], the task's primary metric) for every
-    task with Best-of-N results, from ``where`` (an eval folder or its results.json) or else from every
-    eval/*/results.json of the demo."""
-    if where is not None:
-        files = [where if where.suffix == ".json" else where / "results.json"]
-    else:
-        files = sorted((out_dir / "eval").glob("*/results.json"))
-    found = []
-    for f in files:
-        for task, res in _read_json(f).get("tasks", {}).items():
-            bon = res.get("best_of_n") if isinstance(res, dict) else None
-            if isinstance(bon, dict) and bon.get("ks") and isinstance(bon.get("curves"), dict):
-                found.append((f.parent.name, task, bon, str(res.get("primary", "score"))))
-    return found
-
-
-def _best_of_n_section(out_dir: Path, where: Path | None, plots: Path) -> Section:
-    title = "Best-of-N: accuracy vs N"
-    found = best_of_n_results(out_dir, where)
-    if not found:
-        return _missing(title, f"no Best-of-N eval in this run (no {where or 'eval/*'}/results.json with best_of_n)")
-    folders = {f for f, *_ in found}
-    panels = [(f"{task} ({folder})" if len(folders) > 1 else task, bon["ks"], bon["curves"], metric.replace("_", " "))
-              for folder, task, bon, metric in found]
-    plot = curves_plot(panels, plots / "best_of_n.png", BEST_OF_N_STYLES, "N (candidates per question)",
-                       "Best-of-N: the answer picked from N sampled replies")
-    table = []
-    for folder, task, bon, _ in found:
-        for name, style in BEST_OF_N_STYLES.items():
-            values = bon["curves"].get(name)
-            if isinstance(values, list):
-                row = {"task": task if len(folders) == 1 else f"{task} ({folder})", "pick": style["label"]}
-                row.update({f"N={k}": _fmt(v) for k, v in zip(bon["ks"], values)})
-                table.append(row)
-    _, _, bon, _ = found[0]
-    curves = set(bon["curves"])
-    rules = ["majority vote: the answer most of the N give"]
-    if "prm" in curves:
-        rules.append(f"PRM: the process reward model (the critic) scores every reasoning step, "
-                     f"the {bon.get('aggregate', '?')} of a reply's step scores ranks it")
-    if "orm" in curves:
-        rules.append("ORM: the critic's score of the whole reply")
-    text = (f"Each question gets N replies sampled at temperature {bon.get('temperature', '?')}, "
-            f"top-p {bon.get('top_p', '?')}; each rule picks one of the first N and the pick is scored. "
-            "pass@N counts a question right if any of the N is: no rule can beat it. "
-            + "; ".join(rules) + f". The eval's headline metrics use {bon.get('select', '?')}.")
-    return Section(title, text=text, images=[plot] if plot else [], html=table_html(table))
-
-
-def _critic_section(out_dir: Path) -> Section | None:
-    """How the critic scores held-out solutions whose wrong steps are known (``vlmforge prm-score``)."""
-    found = [m for m in map(_read_json, sorted((out_dir / "eval").glob("*/*manifest.json")))
-             if m.get("stage") == "prm-score" and isinstance(m.get("labels"), dict)]
-    if not found:
-        return None
-    lab = found[0]["labels"]
-    thr = lab.get("threshold", 0.5)
-    rows = [
-        {"steps": f"all ({lab.get('steps', '?')})", "judged right": _fmt(lab.get("step_accuracy"))},
-        {"steps": f"'+' (correct) steps ({lab.get('plus_steps', '?')})", "judged right": _fmt(lab.get("plus_accuracy"))},
-        {"steps": f"'-' (wrong) steps ({lab.get('minus_steps', '?')})", "judged right": _fmt(lab.get("minus_accuracy"))},
-        {"steps": f"first wrong step of a wrong solution ({lab.get('wrong_solutions', '?')})",
-         "judged right": _fmt(lab.get("first_error_found"))},
-    ]
-    return Section("Critic: steps it flags in solutions with a known wrong step", table=rows, text=(
-        f"The PRM scores every step of held-out worked solutions (world/eval/math_steps.jsonl) whose first wrong "
-        f"step is known; a step counts as judged right when its P('+') is at least {thr} for a correct step and "
-        f"below it for a wrong one. The last row: the first step it flags in a wrong solution is the first wrong one."))
 
 
 # ---------------------------------------------------------------- curation
@@ -441,11 +179,11 @@ def _critic_section(out_dir: Path) -> Section | None:
 def curation_table(out_dir: Path) -> list[dict]:
     """Per kind of caption pair (clean, then each injected fault): how many were in the crawl, kept
     by the filter, dropped by the filter network or as unreadable, removed by dedup, and left."""
-    gt = _find(_read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth") or {}
-    dd = _find(_read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth") or {}
+    gt = find_key(read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth") or {}
+    dd = find_key(read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth") or {}
     if not gt:
         return []
-    world = _find(_read_json(out_dir / "world" / "manifest.json"), "captions") or {}
+    world = find_key(read_json(out_dir / "world" / "manifest.json"), "captions") or {}
     totals = dict(world.get("faults") or {})
     if "clean" in world:
         totals = {"clean": world["clean"], **totals}
@@ -480,17 +218,17 @@ def curation_table(out_dir: Path) -> list[dict]:
 def _curation_section(out_dir: Path, curated: bool) -> Section:
     title = "Curation: what was kept and dropped, clean vs faulty"
     if not curated:
-        return _missing(title, "the demo ran with --no-curate")
+        return missing(title, "the demo ran with --no-curate")
     rows = curation_table(out_dir)
     if not rows:
-        return _missing(title, "curate/filtered/manifest.json has no ground_truth (curate filter ran without --ground-truth)")
-    gt = _find(_read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth") or {}
-    dd = _find(_read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth") or {}
+        return missing(title, "curate/filtered/manifest.json has no ground_truth (curate filter ran without --ground-truth)")
+    gt = find_key(read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth") or {}
+    dd = find_key(read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth") or {}
     text = (f"The world's crawl has faults injected on purpose (listed in world/captions/faults.jsonl). The filter "
             f"network found {gt.get('mismatched_removed', '?')} of {gt.get('mismatched', '?')} mismatched captions "
-            f"(recall {_fmt(gt.get('mismatch_recall'), 2)}) and kept {_fmt(gt.get('clean_kept_frac'), 2)} of the clean "
-            f"pairs; of what it dropped, {_fmt(gt.get('precision'), 2)} were mismatches and "
-            f"{_fmt(gt.get('precision_any_fault'), 2)} any fault.")
+            f"(recall {fmt(gt.get('mismatch_recall'), 2)}) and kept {fmt(gt.get('clean_kept_frac'), 2)} of the clean "
+            f"pairs; of what it dropped, {fmt(gt.get('precision'), 2)} were mismatches and "
+            f"{fmt(gt.get('precision_any_fault'), 2)} any fault.")
     if dd:
         text += (f" Dedup removes exact copies (groups left with one copy: "
                  f"{dd.get('exact_duplicate_groups_with_one_copy_left', '?')}); a clean pair it removes is the "
@@ -500,7 +238,7 @@ def _curation_section(out_dir: Path, curated: bool) -> Section:
 
 
 def _packing_section(out_dir: Path) -> Section | None:
-    fill = _read_json(out_dir / "packed" / "manifest.json").get("fill")
+    fill = read_json(out_dir / "packed" / "manifest.json").get("fill")
     if not fill:
         return None
     shown = {k.replace("_", " "): f"{v:.3f}" if isinstance(v, float) else v for k, v in fill.items()}
@@ -520,7 +258,7 @@ def _training_section(out_dir: Path, plots: Path) -> Section:
     names = _training_runs(out_dir)
     plot = losses_plot([(n, read_metrics(out_dir / "runs" / n)) for n in names], plots / "losses.png")
     if plot is None:
-        return _missing(title, "no runs/*/metrics.jsonl")
+        return missing(title, "no runs/*/metrics.jsonl")
     links = " · ".join(f'<a href="runs/{n}/report.html">{html.escape(n)}</a>' for n in names
                        if (out_dir / "runs" / n / "report.html").is_file())
     return Section(title, images=[plot], html=f"<p>Each run's own report (learning rate, throughput, gradient norm): "
@@ -550,7 +288,7 @@ def _timeline_section(stage_rows: list[dict], plots: Path) -> Section:
     title = "Timeline"
     rows = timeline_rows(stage_rows)
     if not rows:
-        return _missing(title, "no stage timings")
+        return missing(title, "no stage timings")
     labels, seconds, kinds = zip(*rows)
     plot = timeline_plot(labels, seconds, kinds, plots / "timeline.png", "Seconds per stage")
     return Section(title, images=[plot] if plot else [])
@@ -559,7 +297,7 @@ def _timeline_section(stage_rows: list[dict], plots: Path) -> Section:
 def _stages_section(stage_rows: list[dict]) -> Section:
     title = "Stages (each is a command you can run yourself)"
     if not stage_rows:
-        return _missing(title, "no stages recorded")
+        return missing(title, "no stages recorded")
     body = "".join(
         f"<tr><td class=\"num\">{i}</td><td>{html.escape(str(r.get('stage', '')))}</td>"
         f"<td class=\"num\">{html.escape(format_seconds(r['seconds']) if isinstance(r.get('seconds'), (int, float)) else '')}</td>"
@@ -589,10 +327,10 @@ def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated:
     sections = [
         _trained_section(out_dir),
         _benchmarks_section(rows, plots),
-        _gallery_section(out_dir),
+        gallery_section(out_dir),
         _mpo_section(out_dir, plots),
-        _best_of_n_section(out_dir, Path(best_of_n) if best_of_n is not None else None, plots),
-        _critic_section(out_dir),
+        best_of_n_section(out_dir, Path(best_of_n) if best_of_n is not None else None, plots),
+        critic_section(out_dir),
         _curation_section(out_dir, curated),
         _packing_section(out_dir),
         _training_section(out_dir, plots),
@@ -602,10 +340,10 @@ def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated:
     summary: dict = {"size": size, "scores": rows, "stages": stage_rows}
     if curated:
         summary["curation"] = {
-            "filter": _find(_read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth"),
-            "dedup": _find(_read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth"),
+            "filter": find_key(read_json(out_dir / "curate" / "filtered" / "manifest.json"), "ground_truth"),
+            "dedup": find_key(read_json(out_dir / "curate" / "curated" / "manifest.json"), "ground_truth"),
             "table": curation_table(out_dir)}
-    fill = _read_json(out_dir / "packed" / "manifest.json").get("fill")
+    fill = read_json(out_dir / "packed" / "manifest.json").get("fill")
     if fill:
         summary["packing"] = fill
     write_json(out_dir / "demo_summary.json", summary)
