@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmforge.arch.tiles import DEFAULT_MAX_TILES, DEFAULT_MIN_TILES, DEFAULT_TILE, grid_for
+from vlmforge.arch.tiles import DEFAULT_MAX_TILES, DEFAULT_MIN_TILES, DEFAULT_TILE, ImageLayout, grid_for
 from vlmforge.imagedecode import decode_image
 
 
@@ -78,3 +78,18 @@ def dynamic_tiles(image: Image.Image, tile: int = DEFAULT_TILE, min_tiles: int =
     if thumbnail and len(tiles) > 1:
         tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
     return tiles
+
+
+def sample_tiles(images: list[Image.Image], layout: ImageLayout) -> list[Image.Image]:
+    """The tower inputs of one sample's images, in order: each image itself without tiling, else its
+    dynamic tiles (thumbnail last) under the sample's shared budget (``Tiling.for_images``). Their
+    count per image is ``layout.tiles([im.size for im in images])``, what the placeholders expect."""
+    if layout.tiling is None or not images:
+        return list(images)
+    each = layout.tiling.for_images(len(images))
+    out: list[Image.Image] = []
+    for im in images:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        out.extend(dynamic_tiles(im, each.tile, each.min_tiles, each.max_tiles, each.thumbnail))
+    return out

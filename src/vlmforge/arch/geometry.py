@@ -11,7 +11,8 @@ import transformers
 
 from vlmforge.arch.presets import vision_config_dict
 from vlmforge.arch.projectors import projector_class
-from vlmforge.config.model import ModelConfig
+from vlmforge.arch.tiles import ImageLayout, Tiling
+from vlmforge.config.model import ImagesConfig, ModelConfig
 from vlmforge.errors import ConfigError
 
 SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
@@ -37,6 +38,29 @@ def visual_tokens_per_image(model_cfg: ModelConfig) -> int:
     """Number of `<image>` tokens one image becomes (a run setting: depends on pool_size, not on weights)."""
     proj = model_cfg.projector
     return projector_class(proj.kind).tokens(patch_grid(model_cfg), proj.pool_size)
+
+
+def wrap_ids(tokenizer, text: str | None) -> tuple[int, ...]:
+    """Token ids of a wrap string (``<img>``), without special tokens added; () for None."""
+    if not text:
+        return ()
+    if tokenizer is None:
+        raise ConfigError(f"model.images: the wrap {text!r} needs a tokenizer to become token ids")
+    return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+
+
+def layout_from(images: ImagesConfig, tokens_per_tile: int, tile: int, tokenizer=None) -> ImageLayout:
+    """The :class:`ImageLayout` of an ``images`` section for a tower of ``tile`` pixels that gives
+    ``tokens_per_tile`` tokens per pass (what a loaded model and a recipe both build it from)."""
+    tiling = Tiling(int(tile), int(images.min_tiles), int(images.max_tiles), bool(images.thumbnail)) \
+        if images.tiles else None
+    return ImageLayout(int(tokens_per_tile), tiling, wrap_ids(tokenizer, images.start), wrap_ids(tokenizer, images.end))
+
+
+def image_layout(model_cfg: ModelConfig, tokenizer=None) -> ImageLayout:
+    """How a recipe's model turns each image into tower passes and placeholder ids; ``tokenizer``
+    is needed only when ``model.images.start`` / ``end`` wrap the placeholders in text."""
+    return layout_from(model_cfg.images, visual_tokens_per_image(model_cfg), image_size(model_cfg), tokenizer)
 
 
 def preprocess_spec_for(model_type: str, size: int) -> dict:

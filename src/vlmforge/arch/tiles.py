@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from vlmforge.errors import ConfigError
 
 # InternVL3's recipes: --force_image_size 448, --max_dynamic_patch 12, --min_dynamic_patch 1 (the
@@ -108,3 +110,71 @@ def sample_tiles(sizes: list[tuple[int, int]], tiling: Tiling = Tiling()) -> lis
         return []
     each = tiling.for_images(len(sizes))
     return [each.tiles(w, h) for w, h in sizes]
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the images of one sample become vision-tower passes and `<image>` placeholder ids.
+
+    Each image is ``tiles`` tower passes (1 without tiling; its grid plus thumbnail with it), each
+    pass ``tokens_per_tile`` placeholders, optionally wrapped in ``start_ids`` / ``end_ids`` (the
+    token ids of InternVL's ``<img>`` / ``</img>``). The model scatters tile features into the
+    placeholders in order, so a tiled image is simply several consecutive "images" to it.
+    Every stage that counts or expands placeholders (sft-index, pack, the loaders, generation,
+    eval, the critic) goes through this one object, so they cannot disagree."""
+
+    tokens_per_tile: int
+    tiling: Tiling | None = None
+    start_ids: tuple[int, ...] = ()
+    end_ids: tuple[int, ...] = ()
+
+    def with_max_tiles(self, max_tiles: int | None) -> ImageLayout:
+        """This layout with another tile budget (a meta-file source's ``max_dynamic_patch``)."""
+        if self.tiling is None or max_tiles is None or int(max_tiles) == self.tiling.max_tiles:
+            return self
+        t = self.tiling
+        return ImageLayout(self.tokens_per_tile, Tiling(t.tile, min(t.min_tiles, int(max_tiles)), int(max_tiles),
+                                                        t.thumbnail), self.start_ids, self.end_ids)
+
+    def tiles(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Tower passes per image for a sample whose images have these (width, height) sizes."""
+        if self.tiling is None:
+            return [1] * len(sizes)
+        return sample_tiles(list(sizes), self.tiling)
+
+    def image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Placeholder ids per image (tiles x tokens_per_tile), without the wrap."""
+        return [n * self.tokens_per_tile for n in self.tiles(sizes)]
+
+    @property
+    def wrap_tokens(self) -> int:
+        return len(self.start_ids) + len(self.end_ids)
+
+    def added_tokens(self, sizes: list[tuple[int, int]]) -> int:
+        """Tokens the sample gains when each one-token `<image>` marker is expanded."""
+        return sum(n + self.wrap_tokens - 1 for n in self.image_tokens(sizes))
+
+    def expand(self, ids, image_id: int, sizes: list[tuple[int, int]], labels=None, ignore: int = -100):
+        """Replace the k-th `<image>` id of ``ids`` with image k's wrap + placeholders; ``labels``
+        (same length) get ``ignore`` there. Returns ``ids`` (and ``labels``) as int64 numpy arrays.
+        ValueError when the markers and ``sizes`` disagree in number."""
+        ids = np.asarray(ids, dtype=np.int64)
+        marks = np.flatnonzero(ids == image_id)
+        if marks.size != len(sizes):
+            raise ValueError(f"{marks.size} <image> marker(s) for {len(sizes)} image(s)")
+        lab = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if not marks.size:
+            return ids if lab is None else (ids, lab)
+        pieces, lab_pieces, at = [], [], 0
+        for m, n in zip(marks.tolist(), self.image_tokens(sizes)):
+            block = np.asarray([*self.start_ids, *([image_id] * n), *self.end_ids], dtype=np.int64)
+            pieces += [ids[at:m], block]
+            if lab is not None:
+                lab_pieces += [lab[at:m], np.full(block.size, ignore, np.int64)]
+            at = m + 1
+        pieces.append(ids[at:])
+        out = np.concatenate(pieces)
+        if lab is None:
+            return out
+        lab_pieces.append(lab[at:])
+        return out, np.concatenate(lab_pieces)

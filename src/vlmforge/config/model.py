@@ -46,10 +46,28 @@ class ProjectorConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """How an image becomes tower inputs and `<image>` placeholders (a run setting, not a weight)."""
+
+    # InternVL's dynamic high resolution (vlmforge.arch.tiles): each image cut into a grid of
+    # tower-sized tiles chosen by its aspect ratio, plus a thumbnail; False = one tile per image.
+    tiles: bool = False
+    min_tiles: int = ranged(1, ge=1)
+    # Tile budget per sample (InternVL's max_dynamic_patch): a sample with n images gives each
+    # max(1, max_tiles // n). A meta-file source's max_dynamic_patch overrides it for its records.
+    max_tiles: int = ranged(12, ge=1)
+    thumbnail: bool = True
+    # Text around each image's placeholders (InternVL: "<img>" and "</img>"); None = nothing.
+    start: Optional[str] = None
+    end: Optional[str] = None
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     # causal: over the whole pack; document: no attention across packed samples
     attention: Literal["causal", "document"] = "causal"
     # restart: position_ids as given (restart per packed sample); continue: 0..L-1 over the whole row

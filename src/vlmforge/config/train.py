@@ -51,6 +51,9 @@ class TrainConfig:
     # --- schedule ---
     global_batch_size: int = ranged(8, ge=1)  # rows per optimizer step over all ranks and accumulation steps
     micro_batch_size: int = ranged(2, ge=1)  # rows per forward pass on one rank
+    # Assign each optimizer step's rows to ranks so that vision and LLM tokens are balanced
+    # (vlmforge.data.balance); False = the loaders' round-robin split. Same rows per step either way.
+    balance_ranks: bool = False
     epochs: float = ranged(1.0, ge=0)
     max_steps: int = ranged(0, ge=0)  # > 0 overrides `epochs`
 

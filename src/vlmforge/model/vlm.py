@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmforge.arch.geometry import preprocess_spec_for
+from vlmforge.arch.geometry import layout_from, preprocess_spec_for
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.config.model import ModelConfig
 from vlmforge.model import attention as attn
 from vlmforge.model import positions as pos
@@ -35,6 +36,7 @@ class VisionLanguageModel(nn.Module):
         self.positions = model_cfg.positions
         self.v2pe_delta = float(model_cfg.v2pe_delta)
         self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
+        self.images = model_cfg.images  # tiling and wrap: how generation and eval expand `<image>`
         self.use_flash = False  # set by build_vlm when flash-attn varlen is chosen
         self.loss_chunk_tokens = 0  # train.loss_chunk_tokens: the head in chunks of this many tokens (0 = at once)
         self.fused_loss = "off"  # train.fused_loss (set by place_model)
@@ -61,17 +63,23 @@ class VisionLanguageModel(nn.Module):
     def tokens_per_image(self) -> int:
         return self.projector.tokens(self.patch_grid, self.pool_size)
 
+    def image_layout(self, tokenizer=None) -> ImageLayout:
+        """How this model's images become tower passes (tiles) and placeholder ids (same as
+        vlmforge.arch.geometry.image_layout of its recipe); ``tokenizer`` for a text wrap."""
+        return layout_from(self.images, self.tokens_per_image, self.image_size, tokenizer)
+
     def preprocess_spec(self) -> dict:
         """Image preprocessing for this tower (same as vlmforge.arch.geometry.image_preprocess_spec)."""
         return preprocess_spec_for(self.vision.config.model_type, self.image_size)
 
     def apply_run_settings(self, model_cfg: ModelConfig) -> None:
         """Settings a stage may change on a loaded checkpoint: attention, positions, V2PE delta,
-        pool size (avgpool_mlp) and the freeze policy. Architecture keys are not touched."""
+        pool size (avgpool_mlp), tiling and wrap (model.images) and the freeze policy. Architecture keys are not touched."""
         self.attention = model_cfg.attention
         self.positions = model_cfg.positions
         self.v2pe_delta = float(model_cfg.v2pe_delta)
         self.v2pe_max_denominator = int(model_cfg.v2pe_max_denominator)
+        self.images = model_cfg.images
         if hasattr(self.projector, "pool_size"):
             self.set_pool_size(model_cfg.projector.pool_size)
         self.apply_freeze(model_cfg)
