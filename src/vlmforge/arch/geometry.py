@@ -52,8 +52,8 @@ def wrap_ids(tokenizer, text: str | None) -> tuple[int, ...]:
 def layout_from(images: ImagesConfig, tokens_per_tile: int, tile: int, tokenizer=None) -> ImageLayout:
     """The :class:`ImageLayout` of an ``images`` section for a tower of ``tile`` pixels that gives
     ``tokens_per_tile`` tokens per pass (what a loaded model and a recipe both build it from)."""
-    tiling = Tiling(int(tile), int(images.min_tiles), int(images.max_tiles), bool(images.thumbnail)) \
-        if images.tiles else None
+    tiling = Tiling(int(tile), int(images.min_tiles), int(images.max_tiles), bool(images.thumbnail),
+                    bool(images.share_budget)) if images.tiles else None
     return ImageLayout(int(tokens_per_tile), tiling, wrap_ids(tokenizer, images.start), wrap_ids(tokenizer, images.end))
 
 

@@ -41,6 +41,9 @@ class Tiling:
     min_tiles: int = DEFAULT_MIN_TILES
     max_tiles: int = DEFAULT_MAX_TILES
     thumbnail: bool = True
+    # A multi-image sample shares max_tiles among its images (InternVL's training data); False gives
+    # each image the whole budget (InternVL's chat code and transformers' processor at inference).
+    share: bool = True
 
     def __post_init__(self) -> None:
         if self.tile < 1:
@@ -51,11 +54,13 @@ class Tiling:
 
     def for_images(self, n_images: int) -> Tiling:
         """The tiling each image of an ``n_images``-image sample gets: the tile budget is shared,
-        ``max(1, max_tiles // n_images)`` tiles each (InternVL's multi-image rule). A ``min_tiles``
+        ``max(1, max_tiles // n_images)`` tiles each (InternVL's multi-image rule), unless ``share`` is off. A ``min_tiles``
         above that budget is lowered to it (InternVL would find no grid and fall back to 1x1; with
         min_tiles = 1, InternVL3's setting, the two agree)."""
+        if not self.share:
+            return self
         budget = tile_budget(self.max_tiles, n_images)
-        return Tiling(self.tile, min(self.min_tiles, budget), budget, self.thumbnail)
+        return Tiling(self.tile, min(self.min_tiles, budget), budget, self.thumbnail, self.share)
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
         return grid_for(width, height, self.tile, self.min_tiles, self.max_tiles)
@@ -134,7 +139,7 @@ class ImageLayout:
             return self
         t = self.tiling
         return ImageLayout(self.tokens_per_tile, Tiling(t.tile, min(t.min_tiles, int(max_tiles)), int(max_tiles),
-                                                        t.thumbnail), self.start_ids, self.end_ids)
+                                                        t.thumbnail, t.share), self.start_ids, self.end_ids)
 
     def tiles(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Tower passes per image for a sample whose images have these (width, height) sizes."""
@@ -178,3 +183,36 @@ class ImageLayout:
             return out
         lab_pieces.append(lab[at:])
         return out, np.concatenate(lab_pieces)
+
+    # ---- as recorded in a stage's manifest (sft-index, pack) and compared by the loaders ----
+    def record(self, start: str | None = None, end: str | None = None) -> dict:
+        """This layout as a JSON-able dict (``start`` / ``end``: the wrap's text, for people)."""
+        t = self.tiling
+        return {"tiles": t is not None, "tile": t.tile if t else None, "min_tiles": t.min_tiles if t else None,
+                "max_tiles": t.max_tiles if t else None, "thumbnail": t.thumbnail if t else None,
+                "share_budget": t.share if t else None, "tokens_per_tile": int(self.tokens_per_tile),
+                "start": start, "end": end, "start_ids": list(self.start_ids), "end_ids": list(self.end_ids)}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> ImageLayout:
+        """The layout a :meth:`record` dict describes (a record without ``share_budget``: shared)."""
+        tiling = Tiling(int(rec["tile"]), int(rec["min_tiles"]), int(rec["max_tiles"]), bool(rec["thumbnail"]),
+                        bool(rec.get("share_budget", True))) if rec.get("tiles") else None
+        return cls(int(rec["tokens_per_tile"]), tiling, tuple(int(i) for i in rec.get("start_ids") or ()),
+                   tuple(int(i) for i in rec.get("end_ids") or ()))
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether placeholders per image depend on more than the tokens per tile (tiles or a wrap)."""
+        return self.tiling is not None or self.wrap_tokens > 0
+
+    def describe(self, start: str | None = None, end: str | None = None) -> str:
+        """One line naming this layout, for messages (``start`` / ``end``: the wrap's text, else its ids)."""
+        t = self.tiling
+        tiles = (f"tiles {t.min_tiles}..{t.max_tiles} of {t.tile} px{', thumbnail' if t.thumbnail else ''}"
+                 f"{'' if t.share else ', whole budget per image'}" if t else "one tile per image")
+        if start or end:
+            wrap = f", wrapped in {start or ''!r} / {end or ''!r}"
+        else:
+            wrap = f", wrap ids {list(self.start_ids)}/{list(self.end_ids)}" if self.wrap_tokens else ""
+        return f"{tiles}, {self.tokens_per_tile} tokens per tile{wrap}"

@@ -57,6 +57,9 @@ class ImagesConfig:
     # max(1, max_tiles // n). A meta-file source's max_dynamic_patch overrides it for its records.
     max_tiles: int = ranged(12, ge=1)
     thumbnail: bool = True
+    # Share max_tiles among a sample's images (InternVL's training rule); False = the whole budget
+    # each (InternVL's chat code and transformers' processor, so an imported model evaluates alike).
+    share_budget: bool = True
     # Text around each image's placeholders (InternVL: "<img>" and "</img>"); None = nothing.
     start: Optional[str] = None
     end: Optional[str] = None
