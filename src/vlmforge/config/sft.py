@@ -35,9 +35,9 @@ class SFTDataConfig:
     pack_window: int = ranged(10000, ge=1)  # records planned together by the packer
     group_factor: int = ranged(32, ge=1)  # length_group: sort within mega-batches of micro_batch_size x group_factor
     shuffle: bool = True
-    # Training only: re-encode each image as JPEG at a quality drawn from 75..100 (InternVL's
-    # augmentation), deterministic per (seed, epoch, record). For plain record files; a meta
-    # file's sources follow their own data_augment.
+    # Training only: re-encode each image (each tile, with model.images.tiles) as JPEG at a quality
+    # drawn from 75..100 (InternVL's augmentation), deterministic per (seed, epoch, record, tile).
+    # For plain record files; a meta file's sources follow their own data_augment.
     jpeg_augment: bool = False
     drop_last: bool = True  # drop the epoch's last, incomplete batch
     num_workers: int = ranged(0, ge=0)

@@ -1,11 +1,14 @@
-"""Random JPEG quality, InternVL's SFT augmentation: each tile (today one image is one tile) is
-encoded as JPEG at a quality drawn uniformly from 75..100 and decoded again, before the normal
-preprocessing. Applied with probability 1 on the sources that ask for it, in training only.
+"""Random JPEG quality, InternVL's SFT augmentation: each tile is encoded as JPEG at a quality
+drawn uniformly from 75..100 and decoded again, before the normal preprocessing. Applied with
+probability 1 on the sources that ask for it, in training only.
+
+As InternVL, the image is tiled first and every tile (the thumbnail too) re-encoded on its own;
+without tiling an image is one tile, so each image is re-encoded once.
 
 The quality is a pure function of (seed, epoch, sample, tile): the same sample in the same epoch
 gets the same pixels on any rank, in any DataLoader worker and after a resume; another epoch
-draws again. ``tile`` counts the tiles of the sample's images in order (one per image until
-images are tiled).
+draws again. ``tile`` counts the tower inputs of the sample in order: tile k is the k-th tile
+over all its images (the k-th image without tiling).
 """
 
 from __future__ import annotations
@@ -36,5 +39,6 @@ def jpeg_reencode(image: Image.Image, quality: int) -> Image.Image:
 
 
 def jpeg_augment(images: list, seed: int, epoch: int, sample: int) -> list:
-    """Every image of a sample re-encoded at its own drawn quality (tile k = image k)."""
+    """Every tower input of a sample (its tiles in order, or its images without tiling) re-encoded
+    at its own drawn quality (tile k = the k-th of ``images``)."""
     return [jpeg_reencode(im, jpeg_quality(seed, epoch, sample, k)) for k, im in enumerate(images)]

@@ -9,6 +9,12 @@ columns as ``.npy`` arrays and ``manifest.json`` (the format: :mod:`.index`). Ba
 that does not parse, a record without conversations, ``<image>`` markers that do not match the
 images, a missing image file) are skipped and counted per reason in the manifest, overall and per
 source, with file:line for the first few, or raise :class:`SFTDataError` in strict mode.
+
+Under a dynamic image layout (``model.images.tiles`` or a start/end wrap, :func:`build_index`'s
+``layout``) the jobs read each image's (width, height) from its header and count its tiles and
+placeholders with the layout (a meta source's ``max_dynamic_patch`` as its tile budget); the
+index then holds ``visual_tokens`` per record and the manifest the layout and tile statistics.
+An image whose header does not read is a bad record (``bad_image``, ``missing_image``, ...).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.config.recipe import Recipe
-from vlmforge.data.sft.index import ARRAYS, INDEX_VERSION
+from vlmforge.data.sft.index import ARRAYS, INDEX_VERSION, LAYOUT_ARRAYS
 from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.meta import SourceFile, meta_sources, read_meta, repeated, rows_read
 from vlmforge.data.sft.parallel import make_jobs, parse_jobs
@@ -55,7 +62,8 @@ def build_index(
     sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    visual_tokens: int,
+    visual_tokens: int | None = None,
+    layout: ImageLayout | None = None,
     image_root: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
     lengths: str = "exact",
@@ -73,8 +81,10 @@ def build_index(
     ``sources``: LLaVA ``.json`` / ``.jsonl`` files and InternVL meta files (detected by content).
     ``lengths``: ``exact`` (needs ``tokenizer``) or ``estimate`` (calibrated on the first records
     when ``tokenizer`` is given). ``visual_tokens``: tokens each image becomes
-    (``vlmforge.arch.geometry.visual_tokens_per_image``). ``config``: the recipe, recorded in the
-    manifest. Returns the manifest dict.
+    (``vlmforge.arch.geometry.visual_tokens_per_image``); or ``layout``
+    (``vlmforge.arch.geometry.image_layout``): with tiles or a wrap, each record's visual tokens
+    are counted from its images' sizes (headers read, not decoded). ``config``: the recipe, recorded
+    in the manifest (its ``model.images.start`` / ``end`` name the wrap). Returns the manifest dict.
 
     Image paths must stay inside their root (``image_root`` for record files, a meta entry's
     ``root`` for its annotation; symlinks resolved; counted as ``path_outside_root`` otherwise);
@@ -85,8 +95,16 @@ def build_index(
         raise ValueError(f"lengths must be 'exact' or 'estimate', got {lengths!r}")
     if lengths == "exact" and tokenizer is None:
         raise ValueError("exact lengths need a tokenizer (or use lengths='estimate')")
+    if layout is None:
+        if visual_tokens is None:
+            raise ValueError("pass visual_tokens (tokens per image) or layout")
+        layout = ImageLayout(int(visual_tokens))
+    elif visual_tokens is not None and int(visual_tokens) != layout.tokens_per_tile:
+        raise ValueError(f"visual_tokens={visual_tokens} but the layout has {layout.tokens_per_tile} tokens per tile")
+    visual_tokens = layout.tokens_per_tile
     if visual_tokens < 1:
         raise ValueError(f"visual_tokens must be >= 1, got {visual_tokens}")
+    dynamic = layout is not None and layout.dynamic
     inputs = [str(s) for s in sources]
     if not inputs:
         raise ValueError("no SFT source files given")
@@ -118,8 +136,10 @@ def build_index(
     def job_stream():
         for fid, src in enumerate(files):
             root = src.image_root
+            # a source's max_dynamic_patch is its tile budget (a no-op without tiles)
+            mine = layout.with_max_tiles(src.max_dynamic_patch) if dynamic else None
             for job in make_jobs([span(fid)], lm, root, bool(check_images and root is not None), records_per_job,
-                                 allow_absolute_paths=allow_absolute_paths, strict=strict):
+                                 allow_absolute_paths=allow_absolute_paths, strict=strict, layout=mine):
                 jobs.append(job)
                 yield job
 
@@ -133,8 +153,9 @@ def build_index(
             _check_strict(strict, job, res)
     scanned = sum(s[2].size for s in spans)
 
-    cols = _repeat(_columns(jobs, results, visual_tokens), files)
-    for name, dtype in ARRAYS.items():
+    cols = _repeat(_columns(jobs, results, visual_tokens, dynamic), files)
+    arrays = {**ARRAYS, **(LAYOUT_ARRAYS if dynamic else {})}
+    for name, dtype in arrays.items():
         _save_npy(out / f"{name}.npy", np.ascontiguousarray(cols[name], dtype=dtype))
     dropped, examples = _dropped(jobs, results)
     # train refuses a different tokenizer (None: the lengths were estimated without one)
@@ -153,10 +174,12 @@ def build_index(
         images_checked=bool(check_images and image_root is not None),
         allow_absolute_paths=bool(allow_absolute_paths),
         visual_tokens=int(visual_tokens),
+        images=layout.record(*_wrap_text(config)),
+        tiles=_tile_stats(jobs, results, cols, dynamic),
         lengths=lm.describe(),
         tokenizer=str(tokenizer) if tokenizer is not None else None,
         tokenizer_fingerprint=fingerprint,
-        arrays=list(ARRAYS),
+        arrays=list(arrays),
         meta_files=[file_stamp(m) for m in meta_files],
         sources=_source_stats(files, rows, spans, jobs, results, cols),
     )
@@ -170,8 +193,14 @@ def _scan(fid: int, path: str) -> tuple[int, str, np.ndarray, np.ndarray, np.nda
     return fid, path, offs, nb, ln
 
 
-def _columns(jobs: list[dict], results: list[dict], visual_tokens: int) -> dict[str, np.ndarray]:
-    """The kept records' columns (every name of ARRAYS), in source order."""
+def _wrap_text(config: Recipe | None) -> tuple[str | None, str | None]:
+    images = getattr(getattr(config, "model", None), "images", None)
+    return (images.start, images.end) if images is not None else (None, None)
+
+
+def _columns(jobs: list[dict], results: list[dict], visual_tokens: int, dynamic: bool = False) -> dict[str, np.ndarray]:
+    """The kept records' columns (every name of ARRAYS, and LAYOUT_ARRAYS when ``dynamic``), in
+    source order; ``row`` numbers the kept records (their rows before repeats)."""
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0)
@@ -184,12 +213,52 @@ def _columns(jobs: list[dict], results: list[dict], visual_tokens: int) -> dict[
         "line": cat([j["lines"] for j in jobs]),
         "n_images": cat([r["n_images"] for r in results]),
         "text_tokens": cat([r["text_tokens"] for r in results]),
+        "visual_tokens": cat([r["visual_tokens"] for r in results]),
     }
     cols = {k: v[keep] for k, v in cols.items()}
     cols["has_image"] = cols["n_images"] > 0
-    mm = cols["text_tokens"].astype(np.int64) + cols["n_images"].astype(np.int64) * (visual_tokens - 1)
+    cols["row"] = np.arange(cols["has_image"].size)
+    text, n_img = cols["text_tokens"].astype(np.int64), cols["n_images"].astype(np.int64)
+    if dynamic:  # contract T1: each one-token marker replaced by its image's wrap + placeholders
+        mm = text - n_img + cols["visual_tokens"].astype(np.int64)
+    else:
+        mm = text + n_img * (visual_tokens - 1)
     cols["mm_length"] = np.minimum(mm, 2**32 - 1)
     return cols
+
+
+def _tile_stats(jobs: list[dict], results: list[dict], cols: dict[str, np.ndarray], dynamic: bool) -> dict | None:
+    """Tiles per image (mean, max, histogram) and visual tokens per record (mean, max) over the
+    index's rows (a repeated record counts each time); None on a fixed grid."""
+    if not dynamic:
+        return None
+    kept = [np.flatnonzero(r["ok"]) for r in results]
+    # per kept record (its ``row``): how many rows of the index it became
+    copies = np.bincount(cols["row"], minlength=sum(k.size for k in kept))
+    tiles, weight, base = [], [], 0
+    for res, k in zip(results, kept):
+        row_of = np.full(res["ok"].size, -1, np.int64)
+        row_of[k] = base + np.arange(k.size)
+        base += k.size
+        rows = row_of[res["image_of"]]
+        on = rows >= 0
+        tiles.append(res["image_tiles"][on].astype(np.int64))
+        weight.append(copies[rows[on]])
+    t = np.concatenate(tiles) if tiles else np.zeros(0, np.int64)
+    w = np.concatenate(weight) if weight else np.zeros(0, np.int64)
+    n_img = int(w.sum())
+    vis = cols["visual_tokens"].astype(np.int64)
+    hist = np.bincount(t, weights=w).astype(np.int64) if t.size else np.zeros(0, np.int64)
+    return {
+        "images": n_img,
+        "tiles": int((t * w).sum()),
+        "per_image_mean": float((t * w).sum() / n_img) if n_img else 0.0,
+        "per_image_max": int(t[w > 0].max()) if n_img else 0,
+        "per_image_histogram": {str(k): int(v) for k, v in enumerate(hist.tolist()) if v},
+        "visual_tokens_mean": float(vis.mean()) if vis.size else 0.0,
+        "visual_tokens_max": int(vis.max()) if vis.size else 0,
+        "visual_tokens_mean_with_image": float(vis[cols["has_image"]].mean()) if cols["has_image"].any() else 0.0,
+    }
 
 
 def _repeat(cols: dict[str, np.ndarray], files: list[SourceFile]) -> dict[str, np.ndarray]:

@@ -23,6 +23,13 @@ rows read, kept and dropped by reason and its share of the index's samples and t
   vlmforge sft-index --input meta.json --out runs/sft_index --tokenizer runs/tok
 
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
+With InternVL's dynamic tiles (--set model.images.tiles=true, model.images.max_tiles=N) or a
+wrap around each image (model.images.start="<img>", model.images.end="</img>"), every image's
+size is read from its file header (no decode) and its tiles and placeholders are counted with
+the recipe's layout (a meta source's max_dynamic_patch is its tile budget); the index stores
+each record's visual tokens and must be trained with the same layout:
+
+  vlmforge sft-index --recipe internvl3/sft --input meta.json --out runs/sft_index --tokenizer runs/tok
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
 `estimate` is much faster (bytes per token, calibrated on the first records when a tokenizer is
 given); packing then moves a conversation that overflows its pack to an extra row.
@@ -47,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder the records' image paths are relative to (a meta file's sources have their own root)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: recipe tokenizer.path)")
     parser.add_argument("--lengths", choices=("exact", "estimate"), default=None)
-    parser.add_argument("--visual-tokens", type=int, default=None, help="tokens per image (default: from the recipe's model)")
+    parser.add_argument("--visual-tokens", type=int, default=None,
+                        help="tokens per image, per tile with model.images.tiles (default: from the recipe's model)")
     parser.add_argument("--no-check-images", action="store_true", help="do not check that image files exist")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record (names file:line)")
     parser.add_argument("--allow-absolute-paths", action="store_true",
@@ -57,13 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
 
-    from vlmforge.arch.geometry import visual_tokens_per_image
+    from vlmforge.arch.geometry import image_layout
     from vlmforge.clitools import image_root_arg, input_files, recipe_from_args
     from vlmforge.config import save_resolved
     from vlmforge.data.sft.build import build_index
     from vlmforge.errors import UserError
     from vlmforge.files import prepare_out_dir
+    from vlmforge.text.tokenization import load_tokenizer
 
     cfg = recipe_from_args(args)
     sft = cfg.sft
@@ -73,13 +83,21 @@ def run(args: argparse.Namespace) -> int:
     lengths = args.lengths or sft.lengths
     if lengths == "exact" and not tokenizer:
         raise UserError("exact lengths need a tokenizer: pass --tokenizer DIR (or --lengths estimate)")
-    visual_tokens = args.visual_tokens if args.visual_tokens is not None else visual_tokens_per_image(cfg.model)
+    wrap = cfg.model.images.start or cfg.model.images.end
+    if wrap and not tokenizer:
+        raise UserError("model.images.start/end wrap each image in text: pass --tokenizer DIR to turn it into ids")
+    layout = image_layout(cfg.model, load_tokenizer(tokenizer) if wrap else None)
+    if args.visual_tokens is not None:
+        if args.visual_tokens < 1:
+            raise UserError(f"--visual-tokens must be >= 1, got {args.visual_tokens}")
+        layout = dataclasses.replace(layout, tokens_per_tile=int(args.visual_tokens))
+    visual_tokens = layout.tokens_per_tile
     prepare_out_dir(args.out, overwrite=args.overwrite)
     try:
         manifest = build_index(
             sources,
             args.out,
-            visual_tokens=visual_tokens,
+            layout=layout,
             image_root=image_root,
             tokenizer=tokenizer,
             lengths=lengths,
@@ -101,8 +119,15 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"sft-index: {c['records']} records ({c['with_image']} with images, {c['text_only']} text-only) "
-        f"of {c['scanned']} scanned; skipped: {dropped}; {lengths} lengths, {visual_tokens} tokens/image -> {args.out}"
+        f"of {c['scanned']} scanned; skipped: {dropped}; {lengths} lengths, {visual_tokens} tokens/"
+        f"{'tile' if layout.tiling is not None else 'image'} -> {args.out}"
     )
+    if layout is not None and layout.dynamic:
+        t = manifest["tiles"]
+        hist = ", ".join(f"{k}: {v}" for k, v in t["per_image_histogram"].items()) or "none"
+        print(f"  images as {layout.describe()}: {t['images']} images, {t['tiles']} tiles "
+              f"({t['per_image_mean']:.2f} per image, max {t['per_image_max']}; images per tile count {hist}); "
+              f"visual tokens per record mean {t['visual_tokens_mean']:.1f}, max {t['visual_tokens_max']}")
     if any(s["meta_file"] for s in manifest["sources"]):  # a mixture: what each source became
         for s in manifest["sources"]:
             print(f"  {s['name'] or s['path']}: {s['rows_kept']} of {s['rows_read']} read ({s['rows']} in the file) "

@@ -9,8 +9,18 @@ record, only fixed-width numbers in ``.npy`` files that are opened with ``mmap_m
 - ``n_images`` (uint16) / ``has_image`` (bool),
 - ``text_tokens`` (uint32): tokens of the chat-formatted text, each ``<image>`` counted once
   (:mod:`.lengths`: exact or estimated),
-- ``mm_length`` (uint32): ``text_tokens + n_images * (visual_tokens - 1)``, the multimodal length
-  the packer and length grouping use.
+- ``mm_length`` (uint32): the multimodal length the packer and length grouping use:
+  ``text_tokens + n_images * (visual_tokens - 1)`` on a fixed grid (every image one tile),
+  ``text_tokens - n_images + visual_tokens[i]`` under a dynamic layout,
+- ``visual_tokens`` (uint32, only an index built with ``model.images.tiles`` or a start/end wrap):
+  the record's placeholder and wrap tokens, its images' tiles counted from their (width, height)
+  read from the file headers (:class:`vlmforge.arch.tiles.ImageLayout`; a meta source's
+  ``max_dynamic_patch`` is its tile budget).
+
+The manifest's ``images`` records the layout the index was built for (tiles, tile, min/max_tiles,
+thumbnail, tokens_per_tile, start/end and their ids) and ``tiles`` its statistics. An index with
+``visual_tokens`` is only read with the same layout (:func:`layout_problem`); a fixed-grid index
+recomputes its lengths for another number of tokens per image, as before.
 
 ``manifest.json`` lists the source files (``inputs``, one per ``file_id``) and, per file, its
 ``sources`` entry: name and meta file (InternVL meta files), image root, ``repeat_time``,
@@ -31,6 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.files import stamp_problem
 
@@ -44,7 +55,11 @@ ARRAYS = {
     "text_tokens": np.uint32,
     "mm_length": np.uint32,
 }
-INDEX_VERSION = 1
+# written only under a dynamic layout (tiles or a wrap): fixed-grid indexes stay as they were
+LAYOUT_ARRAYS = {"visual_tokens": np.uint32}
+# 2: the ``images`` layout in the manifest, ``visual_tokens`` under a dynamic layout; version 1
+# indexes (no ``images``) are fixed-grid and read as before
+INDEX_VERSION = 2
 
 
 class SFTIndex:
@@ -75,15 +90,31 @@ class SFTIndex:
                     raise SFTDataError(
                         f"{self.dir}: index is stale: {s['path']} changed since it was indexed; rebuild it"
                     )
+        version = int(self.manifest.get("index_version", 1))
+        if version > INDEX_VERSION:
+            raise SFTDataError(f"{self.dir}: SFT index version {version} is newer than this vlmforge reads "
+                               f"({INDEX_VERSION}); rebuild it with `vlmforge sft-index` or update vlmforge")
         for name in ARRAYS:
-            # A plain ndarray view of the memory map: same pages, but scalar indexing skips
-            # np.memmap's Python-level __getitem__ on every record read.
-            arr = np.load(self.dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-            setattr(self, name, arr.view(np.ndarray))
-        self.visual_tokens = int(self.manifest["visual_tokens"])
+            setattr(self, name, self._array(name))
+        self.visual_tokens = int(self.manifest["visual_tokens"])  # tokens per image (per tile)
+        # per record: placeholder + wrap tokens under the build's dynamic layout; None on a fixed grid
+        self.record_visual: np.ndarray | None = \
+            self._array("visual_tokens") if "visual_tokens" in self.manifest.get("arrays", ()) else None
+        images = self.manifest.get("images")
+        self.layout = ImageLayout.from_record(images) if images else ImageLayout(self.visual_tokens)
         self.image_root = self.manifest.get("image_root")
         self._fds: list[int | None] = [None] * len(self.sources)
         self._pid = os.getpid()
+
+    def _array(self, name: str) -> np.ndarray:
+        # A plain ndarray view of the memory map: same pages, but scalar indexing skips
+        # np.memmap's Python-level __getitem__ on every record read.
+        return np.load(self.dir / f"{name}.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
+
+    @property
+    def dynamic(self) -> bool:
+        """Built under a dynamic layout (per-record ``visual_tokens``)."""
+        return self.record_visual is not None
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -126,11 +157,30 @@ class SFTIndex:
     def where(self, i: int) -> str:
         return f"{self.sources[int(self.file_id[i])]}:{int(self.line[i])}"
 
+    def layout_problem(self, layout: ImageLayout) -> str | None:
+        """Why this index cannot be read with ``layout`` (None: it can). A dynamic index holds lengths
+        for its build's layout only; a fixed-grid one recomputes them for any fixed grid."""
+        if layout == self.layout or not (self.dynamic or layout.dynamic):
+            return None
+        return (f"SFT index {self.dir} was built for images as {self.layout.describe()}, but the recipe's "
+                f"model has {layout.describe()}: rebuild it with `vlmforge sft-index` and this recipe")
+
     def mm_lengths(self, visual_tokens: int | None = None) -> np.ndarray:
-        """Multimodal lengths; recomputed (in memory) when ``visual_tokens`` differs from the build's."""
+        """Multimodal lengths; on a fixed grid recomputed (in memory) when ``visual_tokens`` differs
+        from the build's (a dynamic index's lengths hold for its own layout only)."""
         if visual_tokens is None or visual_tokens == self.visual_tokens:
             return self.mm_length
+        if self.dynamic:
+            raise SFTDataError(f"{self.dir}: built for {self.visual_tokens} tokens per tile, asked for {visual_tokens}")
         return self.text_tokens.astype(np.int64) + self.n_images.astype(np.int64) * (visual_tokens - 1)
+
+    def visual_lengths(self, visual_tokens: int | None = None) -> np.ndarray:
+        """Visual tokens (placeholders and wraps) of every record: the build's per-record counts under
+        a dynamic layout, ``n_images x visual_tokens`` on a fixed grid (what rank balancing weighs)."""
+        if self.record_visual is not None:
+            return self.record_visual
+        vt = self.visual_tokens if visual_tokens is None else int(visual_tokens)
+        return self.n_images.astype(np.int64) * vt
 
     def close(self) -> None:
         for fd in self._fds:

@@ -10,7 +10,14 @@ The epoch plan is a pure function of (index, config, batch size, seed, epoch), s
 ``state_dict()`` is ``{"epoch", "batch", ...}`` and ``load_state_dict`` continues at the next batch
 (``iter(loader)`` yields the rest of the current epoch, like the packed pretraining loader).
 Ranks take global batches round-robin (``g % world_size == rank``; the epoch is cut to a multiple
-of ``world_size`` batches so ranks never wait on each other); DataLoader workers take the rank's
+of ``world_size`` batches so ranks never wait on each other). With ``balance_micro_steps`` (rank
+balancing, for dynamic tiles) the plan's rows are instead cut into optimizer steps of
+``world_size x micro_steps x batch_size`` rows, and each step's rows are dealt to (rank,
+micro-step, slot) by :func:`vlmforge.data.balance.balanced_plan` on each row's vision tokens (its
+records' ``visual_tokens``) and LLM tokens (their ``mm_length``); rank r yields its slots in
+micro-step order, and the epoch's last incomplete step is left out. A step's rows do not depend
+on the number of ranks, and its plan is a pure function of the step, so resume stays exact.
+DataLoader workers take the rank's
 batches round-robin too, and torch returns worker results in order, so the batch order does not
 depend on ``num_workers``. A bad sample (:mod:`.samples`) is skipped and counted by reason
 (``loader.skipped``); in strict mode it raises.
@@ -31,9 +38,10 @@ import numpy as np
 import torch.utils.data as tud
 
 from vlmforge import dist
-from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
+from vlmforge.arch.geometry import image_layout, image_preprocess_spec
 from vlmforge.config.recipe import Recipe
 from vlmforge.config.sft import SFTDataConfig
+from vlmforge.data.balance import balanced_plan
 from vlmforge.data.collate import collate_packs
 from vlmforge.data.packer import plan_packs
 from vlmforge.data.pretrain.loader import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
@@ -144,6 +152,7 @@ class SFTLoader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        balance_micro_steps: int | None = None,
     ):
         self.ds = dataset
         self.cfg = cfg
@@ -155,6 +164,10 @@ class SFTLoader:
         if rank is None or world_size is None:
             rank, world_size = dist.rank(), dist.world_size()
         self.rank, self.world = int(rank), int(world_size)
+        # micro-steps per optimizer step when ranks are balanced; None: the round-robin split
+        self.balance = int(balance_micro_steps) if balance_micro_steps is not None else None
+        if self.balance is not None and self.balance < 1:
+            raise ValueError(f"balance_micro_steps must be >= 1, got {balance_micro_steps}")
         self.strict = bool(cfg.strict)
         self.max_len = int(cfg.max_len)
         self.num_workers = int(cfg.num_workers)
@@ -169,13 +182,48 @@ class SFTLoader:
 
     # -- plan ---------------------------------------------------------------------------
     def plan(self, epoch: int):
+        """The epoch's plan ``(records, row_starts, batch_starts)`` (:func:`epoch_plan`); with
+        balancing a fourth item holds the rows' loads and the steps planned so far."""
         if self._plan_key != (epoch,):
             self._plan = epoch_plan(self._lengths, self.cfg, self.seed, epoch, batch_size=self.batch_size)
+            if self.balance is not None:
+                self._plan = (*self._plan, self._row_loads(self._plan))
             self._plan_key = (epoch,)
         return self._plan
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimizer step over all ranks (balancing on)."""
+        return self.world * int(self.balance or 1) * self.batch_size
+
+    def _row_loads(self, plan) -> dict:
+        """Vision and LLM tokens of every row of the plan (sums over its records), and a cache of
+        the steps' slots (each step is planned when first needed: a pure function of its rows)."""
+        records, row_starts, _ = plan[:3]
+
+        def per_row(values) -> np.ndarray:
+            c = np.concatenate([[0], np.cumsum(np.asarray(values, np.int64)[records])])
+            return c[row_starts[1:]] - c[row_starts[:-1]]
+
+        return {"vision": per_row(self.ds.visual_lengths()), "llm": per_row(self._lengths), "steps": {}}
+
+    def _balanced_rows(self, plan, j: int) -> np.ndarray:
+        """Rows of rank-local batch ``j``: step ``j // micro_steps``, that micro-step's slots on this rank."""
+        step, micro = divmod(int(j), self.balance)
+        loads = plan[3]
+        slots = loads["steps"].get(step)
+        if slots is None:
+            g = self.rows_per_step
+            rows = np.arange(step * g, (step + 1) * g)
+            slots = loads["steps"][step] = balanced_plan(loads["vision"], loads["llm"], rows, self.world,
+                                                         self.balance, self.batch_size)[0]
+        return slots[self.rank, micro]
+
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        return (len(self.plan(epoch)[2]) - 1) // self.world
+        plan = self.plan(epoch)
+        if self.balance is not None:  # whole steps of the rows in the plan's batches
+            return int(plan[2][-1]) // self.rows_per_step * self.balance
+        return (len(plan[2]) - 1) // self.world
 
     # -- state --------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -185,7 +233,8 @@ class SFTLoader:
 
     def _fingerprint(self) -> dict:
         return {"seed": self.seed, "records": len(self.ds), "world_size": self.world,
-                "batch_size": self.batch_size, "batching": str(self.cfg.batching)}
+                "batch_size": self.batch_size, "batching": str(self.cfg.batching),
+                "balance_micro_steps": self.balance}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped), **self._fingerprint()}
@@ -214,12 +263,16 @@ class SFTLoader:
         """Rank-local batch ``j`` of the plan (global batch ``j * world + rank``); ``as_uint8``:
         its pixel values resized but not normalised (``receive_from_worker`` finishes them).
         ``epoch``: the plan's epoch (default the current one), which the JPEG qualities depend on."""
-        records, row_starts, batch_starts = plan
+        records, row_starts, batch_starts = plan[:3]
         epoch = self.epoch if epoch is None else int(epoch)
-        g = j * self.world + self.rank
+        if self.balance is not None:
+            plan_rows = self._balanced_rows(plan, j).tolist()
+        else:
+            g = j * self.world + self.rank
+            plan_rows = range(int(batch_starts[g]), int(batch_starts[g + 1]))
         skipped: dict[str, int] = {}
         rows: list[list[dict]] = []
-        for r in range(int(batch_starts[g]), int(batch_starts[g + 1])):
+        for r in plan_rows:
             row, used = [], 0
             for i in records[row_starts[r] : row_starts[r + 1]]:
                 s = self._sample(i, skipped, epoch)
@@ -268,7 +321,7 @@ class SFTLoader:
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; afterwards the next epoch is current."""
         plan = self.plan(self.epoch)
-        n_local = (len(plan[2]) - 1) // self.world
+        n_local = self.batches_per_epoch(self.epoch)
         if n_local == 0:
             raise SFTDataError(
                 f"SFT data gives no batch per rank (records {len(self.ds)}, batch_size "
@@ -297,10 +350,14 @@ def build_sft_loader(
     rank: int | None = None,
     world_size: int | None = None,
     verdicts: tuple[int, int] | None = None,
+    balance_micro_steps: int | None = None,
 ) -> SFTLoader:
     """The SFT loader a training run uses: index ``sft.index``, images preprocessed for
-    ``recipe.model`` (its visual tokens per image and image spec), batching per ``sft``
-    (``sft_cfg``, default ``recipe.sft``), ``batch_size`` rows per batch on this rank.
+    ``recipe.model`` (its image layout: tokens per tile, tiles, wrap; and image spec), batching per
+    ``sft`` (``sft_cfg``, default ``recipe.sft``), ``batch_size`` rows per batch on this rank.
+    An index built for another dynamic layout is refused (rebuild it with this recipe).
+    ``balance_micro_steps`` (the trainer's gradient-accumulation steps): rank balancing of each
+    optimizer step's rows (see the module docstring); None: the round-robin split.
     ``verdicts`` (ids of '+' and '-', stage prm): only each assistant turn's verdict is supervised.
     Random JPEG quality: on the index's meta-file sources that set ``data_augment``, and on its plain
     record files when ``sft.jpeg_augment`` is true."""
@@ -310,7 +367,7 @@ def build_sft_loader(
     ds = SFTDataset(
         sft.index,
         tokenizer,
-        visual_tokens=visual_tokens_per_image(recipe.model),
+        layout=image_layout(recipe.model, tokenizer),
         image_spec=image_preprocess_spec(recipe.model),
         image_root=sft.image_root,
         max_len=sft.max_len,
@@ -319,5 +376,6 @@ def build_sft_loader(
         jpeg_augment=bool(sft.jpeg_augment),
     )
     return SFTLoader(
-        ds, sft, batch_size=batch_size, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size
+        ds, sft, batch_size=batch_size, seed=recipe.seed if seed is None else seed, rank=rank, world_size=world_size,
+        balance_micro_steps=balance_micro_steps,
     )

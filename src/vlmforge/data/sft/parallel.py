@@ -1,8 +1,10 @@
 """Parsing the records of an SFT index build in worker processes.
 
 The records are cut into jobs (a range of one file's records each); :func:`parse_range` parses
-one job: JSON, the LLaVA checks, image files present, token lengths. Jobs and results are plain
-numbers, strings and arrays, so they cross process boundaries cheaply.
+one job: JSON, the LLaVA checks, image files present, token lengths, and under a dynamic image
+layout (tiles or a wrap) each image's (width, height) from its file header (no decode) and the
+record's visual tokens. Jobs and results are plain numbers, strings and arrays, so they cross
+process boundaries cheaply.
 """
 
 from __future__ import annotations
@@ -15,20 +17,44 @@ from itertools import chain, islice
 from typing import Iterable, Iterator
 
 import numpy as np
+from PIL import Image
 
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.text.chat import conversation_lengths
 
 EXACT_BATCH = 512  # records per tokenizer batch call for exact lengths
+# decode_image's default pixel cap: an image over it is skipped in training, so it is counted here
+MAX_PIXELS = 50_000_000
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding its pixels; SFTDataError with
+    reason missing_image, bad_image or image_too_large, as training's decode would give."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise SFTDataError(f"image file not found: {path}", "missing_image") from None
+    except Image.DecompressionBombError as e:
+        raise SFTDataError(f"{path}: image too large: {e}", "image_too_large") from None
+    except Exception as e:  # PIL raises many types for what is not an image
+        raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
+    if w * h > MAX_PIXELS:
+        raise SFTDataError(f"{path}: image too large: {w}x{h} pixels, over the cap of {MAX_PIXELS}", "image_too_large")
+    return int(w), int(h)
 
 
 def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check_images: bool,
-              records_per_job: int, *, allow_absolute_paths: bool = False, strict: bool = False) -> list[dict]:
+              records_per_job: int, *, allow_absolute_paths: bool = False, strict: bool = False,
+              layout=None) -> list[dict]:
     """One job per ``records_per_job`` records of a file; ``spans``: (file id, path, offsets, nbytes, lines).
 
-    ``strict``: a job stops at its first bad record (the build then stops too)."""
+    ``strict``: a job stops at its first bad record (the build then stops too). ``layout``: a
+    dynamic :class:`~vlmforge.arch.tiles.ImageLayout` (this file's tile budget applied): the jobs read
+    every image's header and count the records' visual tokens."""
     jobs = []
     for fid, path, offs, nb, ln in spans:
         for a in range(0, offs.size, records_per_job):
@@ -45,6 +71,7 @@ def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check
                     "check_images": check_images,
                     "allow_absolute_paths": allow_absolute_paths,
                     "strict": strict,
+                    "layout": layout.record() if layout is not None else None,
                 }
             )
     return jobs
@@ -89,18 +116,30 @@ def parse_range(job: dict) -> dict:
     check_images = job["check_images"]
     allow_absolute = bool(job.get("allow_absolute_paths", False))
     strict = bool(job.get("strict", False))
+    layout = ImageLayout.from_record(job["layout"]) if job.get("layout") else None
     n = offs.size
     ok = np.zeros(n, bool)
     n_img = np.zeros(n, np.uint16)
     text_tok = np.zeros(n, np.uint32)
+    visual = np.zeros(n, np.uint32)
+    # tiles of each image whose size was read, and its record (local index): the manifest's statistics
+    image_tiles: list[int] = []
+    image_of: list[int] = []
     bad: list[tuple[int, str, str]] = []  # (local index, reason, message)
+
+    def result() -> dict:
+        return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "visual_tokens": visual,
+                "image_tiles": np.asarray(image_tiles, np.uint32), "image_of": np.asarray(image_of, np.int64),
+                "bad": bad}
+
     if n == 0:
-        return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "bad": bad}
+        return result()
     lo, hi = int(offs[0]), int(offs[-1] + nbytes[-1])
     with open(path, "rb") as f:
         f.seek(lo)
         buf = f.read(hi - lo)
     exists_cache: dict[str, bool] = {}
+    size_cache: dict[str, tuple[int, int] | SFTDataError] = {}
     dir_cache: dict[str, str] = {}
     pending: list[tuple[int, list[dict]]] = []
     for i in range(n):
@@ -141,6 +180,16 @@ def parse_range(job: dict) -> dict:
         if len(images) > 65535:
             bad.append((i, "too_many_images", f"{len(images)} images"))
             continue
+        if layout is not None and images:
+            sizes = [_cached_size(p, size_cache) for p in resolved]
+            err = next((s for s in sizes if isinstance(s, SFTDataError)), None)
+            if err is not None:
+                bad.append((i, err.reason, str(err)))
+                continue
+            tiles = layout.tiles(sizes)  # image_tokens(sizes) is tiles x tokens_per_tile, counted once here
+            visual[i] = min(layout.tokens_per_tile * sum(tiles) + layout.wrap_tokens * len(sizes), 2**32 - 1)
+            image_tiles.extend(tiles)
+            image_of.extend([i] * len(tiles))
         if lm.mode == "exact":
             pending.append((i, msgs))
             n_img[i] = len(images)
@@ -154,7 +203,17 @@ def parse_range(job: dict) -> dict:
     bad.sort(key=lambda b: b[0])
     if strict and bad:  # the first bad record in file order (a tokenizer error may precede a parse error)
         bad = bad[:1]
-    return {"ok": ok, "n_images": n_img, "text_tokens": text_tok, "bad": bad}
+    return result()
+
+
+def _cached_size(path: str, cache: dict) -> tuple[int, int] | SFTDataError:
+    """:func:`image_size` once per path (records share images); the error itself is cached too."""
+    if path not in cache:
+        try:
+            cache[path] = image_size(path)
+        except SFTDataError as e:
+            cache[path] = e
+    return cache[path]
 
 
 def _count_exact(lm: LengthModel, pending: list, ok, text_tok, bad) -> None:

@@ -2,14 +2,21 @@
 
 The chat template is applied with the loss only on assistant turns (reply + end-of-turn token),
 each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and the first token is
--100 (nothing learns to predict across a sample boundary). With ``verdicts`` (stage ``prm``, see
+-100 (nothing learns to predict across a sample boundary). Under a dynamic image layout
+(:class:`vlmforge.arch.tiles.ImageLayout` with tiles or a start/end wrap) the k-th ``<image>``
+becomes image k's wrap and ``tiles x tokens_per_tile`` placeholders (its decoded size picks the
+grid; label -100 on all of them), and ``pixel_values`` holds every tile in order, thumbnail last
+(:func:`vlmforge.images.sample_tiles`). With ``verdicts`` (stage ``prm``, see
 :mod:`.verdicts`) only the verdict token of each assistant turn is supervised, and a turn that is
 not one ``+`` / ``-`` token is a bad sample (``bad_verdict``). A bad sample raises
 :class:`SFTDataError` with its ``reason``; the loader skips and counts it.
 
 Each record knows its source (``file_id``): the folder its image paths are relative to (a meta
 file's ``root``, else ``image_root``) and whether its images get random JPEG quality in training
-(a meta file's ``data_augment``, else ``jpeg_augment``; :mod:`.augment`).
+(a meta file's ``data_augment``, else ``jpeg_augment``; :mod:`.augment`), and its tile budget (a
+meta file's ``max_dynamic_patch``, else the layout's ``max_tiles``). JPEG augmentation re-encodes
+each tile (InternVL's order: tile, then augment), tile k of the sample at its own drawn quality;
+without tiling a tile is an image, as before.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.data.collate import IGNORE_INDEX
 from vlmforge.data.sft.augment import jpeg_augment as reencode_jpeg
 from vlmforge.data.sft.index import SFTIndex, open_index
+from vlmforge.data.sft.parallel import image_size
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.data.sft.verdicts import VerdictError, end_of_turn_ids, verdict_mask
 from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
-from vlmforge.images import preprocess, preprocess_batch
+from vlmforge.images import preprocess, preprocess_batch, sample_tiles
 from vlmforge.text.chat import encode_conversation
 from vlmforge.text.tokenization import image_token_id
 
@@ -48,13 +57,18 @@ def read_image(path: str):
         raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
 
 
-def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visual_tokens: int,
-                        verdicts: tuple[int, int] | None = None,
-                        end_ids: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visual_tokens: int | None = None,
+                        verdicts: tuple[int, int] | None = None, end_ids: set[int] | None = None,
+                        layout: ImageLayout | None = None,
+                        sizes: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(input_ids with every ``<image>`` expanded to ``visual_tokens`` ids, labels, images marked) of
     one conversation: labels are the ids on assistant replies (with ``verdicts``: on each turn's
     verdict token only; VerdictError naming the turn when a reply is not one verdict), -100 elsewhere
-    and on the first token. What SFT and PRM training learn, and where ``prm-score`` reads."""
+    and on the first token. What SFT and PRM training learn, and where ``prm-score`` reads.
+
+    ``layout`` (instead of ``visual_tokens``): image k becomes ``layout.expand``'s wrap and
+    placeholders for ``sizes[k]`` (its (width, height); needed with tiles). When the markers and
+    ``sizes`` disagree in number nothing is expanded (the caller compares the count returned)."""
     ids, mask = encode_conversation(tokenizer, messages)
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(mask, dtype=bool)
@@ -63,9 +77,18 @@ def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visua
     is_img = ids == image_id
     n_img = int(is_img.sum())
     labels = np.where(mask & ~is_img, ids, IGNORE_INDEX)
-    if n_img and visual_tokens != 1:
-        reps = np.where(is_img, visual_tokens, 1)
-        ids, labels = np.repeat(ids, reps), np.repeat(labels, reps)
+    if layout is not None and layout.dynamic:
+        if sizes is None:
+            if layout.tiling is not None and n_img:
+                raise ValueError("a tiled layout needs the images' sizes")
+            sizes = [(1, 1)] * n_img
+        if n_img and n_img == len(sizes):
+            ids, labels = layout.expand(ids, image_id, list(sizes), labels)
+    else:
+        vt = layout.tokens_per_tile if layout is not None else int(visual_tokens)
+        if n_img and vt != 1:
+            reps = np.where(is_img, vt, 1)
+            ids, labels = np.repeat(ids, reps), np.repeat(labels, reps)
     if labels.size:
         labels[0] = IGNORE_INDEX
     return ids, labels, n_img
@@ -86,6 +109,7 @@ class SFTDataset:
         tokenizer,
         *,
         visual_tokens: int | None = None,
+        layout: ImageLayout | None = None,
         image_spec: dict | None = None,
         image_root: str | os.PathLike | None = None,
         max_len: int | None = None,
@@ -95,7 +119,16 @@ class SFTDataset:
     ):
         self.index = index if isinstance(index, SFTIndex) else open_index(index)
         self.tok = tokenizer
-        self.visual_tokens = int(visual_tokens or self.index.visual_tokens)
+        # the model's image layout (``image_layout(recipe.model, tokenizer)``); default: a fixed grid
+        # of ``visual_tokens``, else the one the index was built for
+        if layout is None:
+            layout = ImageLayout(int(visual_tokens)) if visual_tokens else self.index.layout
+        problem = self.index.layout_problem(layout)
+        if problem:
+            raise SFTDataError(problem, "layout_mismatch")
+        self.layout = layout
+        self.dynamic = layout is not None and layout.dynamic
+        self.visual_tokens = int(layout.tokens_per_tile)
         self.image_spec = image_spec
         self.image_root = str(image_root) if image_root is not None else (self.index.image_root or "")
         self.max_len = max_len
@@ -109,6 +142,8 @@ class SFTDataset:
         self._meta_roots = [s["image_root"] if m else None for s, m in zip(info, from_meta)]
         self._augment = np.array([bool(s.get("data_augment")) if m else bool(jpeg_augment)
                                   for s, m in zip(info, from_meta)], dtype=bool)
+        # a meta source's max_dynamic_patch is its tile budget (as at index time)
+        self._layouts = [layout.with_max_tiles(s.get("max_dynamic_patch")) for s in info]
         self.image_id = image_token_id(tokenizer)
         # stage prm: (id of '+', id of '-'); only those tokens are supervised
         self.verdicts = tuple(verdicts) if verdicts is not None else None
@@ -119,15 +154,30 @@ class SFTDataset:
 
     def lengths(self) -> np.ndarray:
         """Multimodal length of every record (from the index; exact if it was built exact)."""
-        return self.index.mm_lengths(self.visual_tokens)
+        return self.index.mm_length if self.index.dynamic else self.index.mm_lengths(self.visual_tokens)
 
-    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O."""
+    def visual_lengths(self) -> np.ndarray:
+        """Visual tokens (placeholders and wraps) of every record, from the index."""
+        return self.index.visual_lengths(self.visual_tokens)
+
+    def tokens(self, i: int, sizes: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O on a
+        fixed grid. A dynamic layout needs the images' (width, height): ``sizes``, else read from
+        the files' headers."""
         msgs, images = self.index.messages(i)
+        if self.dynamic and images and sizes is None:
+            try:
+                sizes = [image_size(str(p)) for p in self._paths(i, images)]
+            except (PathOutsideRootError, SFTDataError) as e:
+                raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
+        return (*self._encode(i, msgs, images, sizes), images)
+
+    def _encode(self, i: int, msgs: list[dict], images: list[str],
+                sizes: list[tuple[int, int]] | None) -> tuple[np.ndarray, np.ndarray]:
         try:
             ids, labels, n_img = conversation_sample(self.tok, msgs, image_id=self.image_id,
-                                                     visual_tokens=self.visual_tokens, verdicts=self.verdicts,
-                                                     end_ids=self._end_ids)
+                                                     layout=self._layouts[int(self.index.file_id[i])], sizes=sizes,
+                                                     verdicts=self.verdicts, end_ids=self._end_ids)
         except VerdictError as e:  # a reply that is not one verdict token (stage prm)
             raise SFTDataError(f"{self.index.where(i)}: {e}", "bad_verdict") from None
         if n_img != len(images):
@@ -138,7 +188,12 @@ class SFTDataset:
             )
         if self.max_len is not None and ids.size > self.max_len:
             raise SFTDataError(f"{self.index.where(i)}: {ids.size} tokens > max_len {self.max_len}", "too_long")
-        return ids, labels, images
+        return ids, labels
+
+    def _paths(self, i: int, images: list[str]) -> list:
+        root = self._meta_roots[int(self.index.file_id[i])] or self.image_root
+        return [resolve_inside(root or ".", p, allow_absolute=self.allow_absolute_paths, dir_cache=self._dirs)
+                for p in images]
 
     def source(self, i: int) -> dict | None:
         """The manifest's ``sources`` entry of record ``i``'s file (name, image root, repeat_time,
@@ -151,23 +206,26 @@ class SFTDataset:
         return bool(self._augment[int(self.index.file_id[i])])
 
     def decoded(self, i: int, augment: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list]:
-        """(input_ids, labels, decoded RGB images) of record ``i``; SFTDataError names the record.
+        """(input_ids, labels, tower inputs) of record ``i``: the decoded RGB images, or under tiling
+        their tiles in order (thumbnail after each image's grid); SFTDataError names the record.
 
-        ``augment``: (seed, epoch) of a training batch; the images of a source that asks for it are
+        ``augment``: (seed, epoch) of a training batch; the tiles of a source that asks for it are
         re-encoded at their drawn JPEG quality (:mod:`.augment`). None (the default): never."""
-        ids, labels, images = self.tokens(i)
+        msgs, images = self.index.messages(i)
+        if not self.dynamic:  # the text's checks (too long, markers) before any image I/O, as always
+            ids, labels = self._encode(i, msgs, images, None)
         if images and self.image_spec is None:
             raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
-        root = self._meta_roots[int(self.index.file_id[i])] or self.image_root
         try:
-            paths = [resolve_inside(root or ".", p, allow_absolute=self.allow_absolute_paths,
-                                    dir_cache=self._dirs) for p in images]
-            decoded = [read_image(str(p)) for p in paths]
+            decoded = [read_image(str(p)) for p in self._paths(i, images)]
         except (PathOutsideRootError, SFTDataError) as e:
             raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
-        if augment is not None and decoded and self.augments(i):
-            decoded = reencode_jpeg(decoded, augment[0], augment[1], int(i))
-        return ids, labels, decoded
+        if self.dynamic:  # the decoded sizes pick each image's grid
+            ids, labels = self._encode(i, msgs, images, [im.size for im in decoded])
+        tiles = sample_tiles(decoded, self._layouts[int(self.index.file_id[i])])
+        if augment is not None and tiles and self.augments(i):
+            tiles = reencode_jpeg(tiles, augment[0], augment[1], int(i))
+        return ids, labels, tiles
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ids, labels, images = self.decoded(i)
