@@ -12,6 +12,13 @@ images, thumbnail on), 256 tokens per tile; text tokens lognormal (median 250, s
     python bench/rank_balance.py                      # 8 and 64 ranks, 128 packs a step, 200 steps
     python bench/rank_balance.py --ranks 8 16 32 --global-batch 256 --steps 100
     python bench/rank_balance.py --unpacked --micro-batch 4   # one sample per row, InternVL's unpacked SFT batch
+    python bench/rank_balance.py --packed PACKED --ranks 2 4 --global-batch 16 --steps 20   # a `vlmforge pack` folder
+
+With ``--packed`` the rows are that folder's packs, their loads read from the shard indexes
+(``PackedDataset.pack_loads``: image tokens, tokens) in the pretraining loader's seeded epoch
+order, and a last row ``loader`` measures the deal the loader itself yields with
+``balance_micro_steps`` (``PackedLoader.epoch_plan`` of every rank): it equals ``balanced``; its
+ms/step is every rank's loader planning the whole epoch (each rank plans all of it), over the steps.
 
 Prints, for each plan (`vlmforge.data.balance.PLANS`) and rank count, the mean over steps of
 max rank / mean rank of the step's vision tokens and LLM tokens (1.00 = every rank has the same
@@ -30,6 +37,7 @@ import numpy as np
 from vlmforge.arch.tiles import Tiling, sample_tiles
 from vlmforge.data.balance import PLANS, balanced_plan, lockstep_imbalance, rank_imbalance
 from vlmforge.data.packer import plan_packs
+from vlmforge.data.pretrain.loader import PackedDataset, PackedLoader
 
 TOKENS_PER_TILE = 256  # InternVL3: 448 px, patch 14 -> 32x32, pixel shuffle 0.5 -> 16x16
 
@@ -87,9 +95,21 @@ def vision_bound(v: np.ndarray, ranks: int, per_rank: int) -> float:
     return float(max(best / mean, 1.0))
 
 
-def measure(name, vision, llm, order, ranks, micro_steps, micro_batch):
+def loader_plan(ds: PackedDataset, seed: int, steps: int, ranks: int, micro_steps: int, micro_batch: int):
+    """The first ``steps`` optimizer steps as the balanced pretraining loader deals them:
+    [steps, ranks, micro_steps, micro_batch] pack ids, from every rank's epoch plan."""
+    per_rank = [PackedLoader(ds, batch_size=micro_batch, seed=seed, rank=r, world_size=ranks, num_workers=0,
+                             balance_micro_steps=micro_steps).epoch_plan(0)[: steps * micro_steps]
+                for r in range(ranks)]
+    return np.stack([p.reshape(steps, micro_steps, micro_batch) for p in per_rank], axis=1)
+
+
+def measure(name, vision, llm, order, ranks, micro_steps, micro_batch, ds=None, seed=0):
     t = time.perf_counter()
-    plan = balanced_plan(vision, llm, order, ranks, micro_steps, micro_batch, plan=PLANS[name])
+    if name == "loader":
+        plan = loader_plan(ds, seed, order.size // (ranks * micro_steps * micro_batch), ranks, micro_steps, micro_batch)
+    else:
+        plan = balanced_plan(vision, llm, order, ranks, micro_steps, micro_batch, plan=PLANS[name])
     dt = (time.perf_counter() - t) / plan.shape[0]
     rv = [rank_imbalance(vision, s) for s in plan]
     rl = [rank_imbalance(llm, s) for s in plan]
@@ -107,15 +127,28 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=10_000)
     ap.add_argument("--unpacked", action="store_true", help="one sample per row (length-grouped SFT) instead of packs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packed", metavar="FOLDER", help="a `vlmforge pack` folder instead of the synthetic rows")
     args = ap.parse_args()
     g, mb = args.global_batch, args.micro_batch
     for r in args.ranks:
         if g % (r * mb):
             ap.error(f"--global-batch {g} is not a multiple of {r} ranks x --micro-batch {mb}")
-    vision, llm = rows(args.steps * g, args.seed, args.max_len, args.window, args.unpacked)
-    order = np.random.default_rng([args.seed, 1]).permutation(vision.size)[: args.steps * g]
+    ds = None
+    if args.packed:
+        ds = PackedDataset(args.packed)
+        vision, llm = ds.pack_loads()
+        args.steps = min(args.steps, vision.size // g)
+        if args.steps < 1:
+            ap.error(f"{args.packed} holds {vision.size} packs, fewer than one step of {g}")
+        # the loader's epoch-0 order (one rank, one pack per batch: the seeded permutation itself)
+        order = PackedLoader(ds, batch_size=1, seed=args.seed, rank=0, world_size=1).epoch_plan(0).ravel()
+        order = order[: args.steps * g]
+    else:
+        vision, llm = rows(args.steps * g, args.seed, args.max_len, args.window, args.unpacked)
+        order = np.random.default_rng([args.seed, 1]).permutation(vision.size)[: args.steps * g]
     v, l_ = vision[order], llm[order]
-    what = "samples (unpacked)" if args.unpacked else f"packs of <= {args.max_len} tokens"
+    what = (f"packs of {args.packed}" if args.packed else
+            "samples (unpacked)" if args.unpacked else f"packs of <= {args.max_len} tokens")
     print(f"{vision.size:,} {what}; per row: vision tokens mean {v.mean():.0f} (p5 {np.percentile(v, 5):.0f}, "
           f"p95 {np.percentile(v, 95):.0f}), LLM tokens mean {l_.mean():.0f} (p5 {np.percentile(l_, 5):.0f}, "
           f"p95 {np.percentile(l_, 95):.0f}); {args.steps} steps of {g} rows, {mb} per rank per micro-step")
@@ -124,10 +157,10 @@ def main() -> None:
     print(f"{'':<14}" + "".join(f"{f'{r} ranks x {g // (r * mb)} micro-steps':>40}" for r in args.ranks))
     print(f"{'plan':<14}" + "".join(f"{'vision':>9}{'LLM':>7}{'lockstep':>9}{'worst':>7}{'ms/step':>8}"
                                     for _ in args.ranks))
-    for name in PLANS:
+    for name in list(PLANS) + (["loader"] if ds is not None else []):
         row = ""
         for r in args.ranks:
-            m = measure(name, vision, llm, order, r, g // (r * mb), mb)
+            m = measure(name, vision, llm, order, r, g // (r * mb), mb, ds, args.seed)
             row += f"{m['vision']:>9.3f}{m['llm']:>7.3f}{m['lockstep']:>9.3f}{m['worst']:>7.3f}{m['ms']:>8.2f}"
         print(f"{name:<14}{row}")
     row = ""

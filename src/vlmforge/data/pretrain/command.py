@@ -16,6 +16,12 @@ skipped and counted; --set pack.strict=true makes the first one an error instead
 Optional text-only mixing (InternVL3-style): --set pack.text_corpus=corpus.jsonl
 --set pack.text_ratio=0.3333 mixes text documents into the same packs at 1:3 text:multimodal tokens.
 
+InternVL dynamic resolution: --set model.images.tiles=true (model.images.max_tiles, min_tiles,
+thumbnail) gives each image the tiles its aspect ratio asks for, and the pack lengths count them
+(tiles x visual tokens per tile); model.images.start / end (e.g. "<img>" / "</img>") wrap each
+image's placeholders. The manifest then records the layout and tiles per image; training refuses a
+folder packed with another layout than its recipe's.
+
 Example:
   vlmforge pack --recipe tiny/pretrain --in data/curated --out data/packed
 """
@@ -58,4 +64,8 @@ def run(args: argparse.Namespace) -> int:
         f"in {c['shards']} shards: mean fill {f['mean_fill']:.4f} (lower bound {f['lower_bound_fill']:.4f}); "
         f"dropped {sum(manifest['dropped'].values())}, truncated {c['truncated']} -> {args.out}/manifest.json"
     )
+    if "images" in manifest:
+        im = manifest["images"]
+        print(f"  {im['images']} images in {im['tiles']} tiles (mean {im['tiles_per_image']['mean']:.2f}, max "
+              f"{im['tiles_per_image']['max']} per image), {im['visual_tokens']['total']} visual tokens")
     return 0

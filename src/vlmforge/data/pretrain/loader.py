@@ -19,6 +19,19 @@ workers take the rank's batches round-robin and torch returns them in order, so 
 does not depend on ``num_workers``. ``state_dict()`` = {epoch, batch consumed}; after
 ``load_state_dict`` the loader yields exactly the batches it would have yielded next.
 
+Rank balancing (``balance_micro_steps=m``): the same seeded epoch order is cut into optimizer
+steps of ``world_size x m x batch_size`` packs, and each step is dealt to (rank, micro-step, slot)
+by :func:`vlmforge.data.balance.balanced_plan` on every pack's (image tokens, tokens), read from the
+shard indexes; rank r yields its slots in micro-step order. A step's plan depends on that step's
+packs alone, so resume stays exact, and a step trains the same packs whatever the split into
+ranks x micro-steps. The epoch is then whole steps (``remainder`` as above, per step).
+
+Image layouts (a folder packed with ``model.images.tiles`` or a wrap, format 2): each image
+sample records its image's size and tiles; the loader cuts the tiles with
+:func:`vlmforge.images.sample_tiles` (the sample's pixel rows, thumbnail last) and writes the
+image's wrap and ``tiles x tokens_per_tile`` placeholders with the folder's
+:class:`~vlmforge.arch.tiles.ImageLayout`, which must be the recipe's.
+
 A pack's images are preprocessed into one buffer that the collated batch uses as it is
 (:func:`pixels_of`). Worker processes hand their batches over through shared memory, whose pages
 cost far more to fill than the process's own (no transparent huge pages for shared memory), so a
@@ -43,14 +56,24 @@ import torch.utils.data as tud
 from PIL import Image
 
 from vlmforge import dist
-from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
+from vlmforge.arch.geometry import (
+    image_layout,
+    image_preprocess_spec,
+    image_size,
+    layout_from,
+    visual_tokens_per_image,
+    wrap_ids,
+)
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
+from vlmforge.config.model import ImagesConfig
 from vlmforge.config.recipe import Recipe, run_seed
+from vlmforge.data.balance import balanced_plan
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.imagedecode import ImageDecodeError, decode_image
-from vlmforge.images import preprocess_into
+from vlmforge.images import preprocess_into, sample_tiles
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +96,17 @@ def caption_sample(
     sep_id: int,
     supervise_sep: bool = True,
     pixel_values: torch.Tensor | None = None,
+    image_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """``<image> x N + caption + <|im_end|>``; labels ignore the visual tokens (and the separator if unsupervised)."""
+    """``<image> x N + caption + <|im_end|>``; labels ignore the visual tokens (and the separator if unsupervised).
+    ``image_ids``: the image's ids as an :class:`~vlmforge.arch.tiles.ImageLayout` expands them
+    (wrap + tiles x placeholders) in place of ``<image> x num_visual_tokens``; ignored by the labels too."""
     cap = np.asarray(caption_ids, dtype=np.int64)
-    ids = np.concatenate(
-        [np.full(num_visual_tokens, image_token_id, np.int64), cap, np.array([sep_id], np.int64)]
-    )
+    if image_ids is None:
+        image_ids = np.full(num_visual_tokens, image_token_id, np.int64)
+    ids = np.concatenate([np.asarray(image_ids, np.int64), cap, np.array([sep_id], np.int64)])
     labels = ids.copy()
-    labels[:num_visual_tokens] = IGNORE_INDEX
+    labels[: len(image_ids)] = IGNORE_INDEX
     if not supervise_sep:
         labels[-1] = IGNORE_INDEX
     out: dict[str, Any] = {"input_ids": ids, "labels": labels}
@@ -230,7 +256,10 @@ class PackedDataset:
         image_spec: dict | None = None,
         supervise_sep: bool = True,
         strict: bool = False,
+        images: dict | None = None,
     ):
+        """``images``: the recipe's layout record (:func:`recipe_layout`); a folder packed with
+        another layout is refused, naming both. None: the folder's own layout, unchecked."""
         self.folder = Path(folder)
         manifest_path = self.folder / "manifest.json"
         if not manifest_path.is_file():
@@ -245,6 +274,16 @@ class PackedDataset:
                 f"{folder} was packed with {self.visual_tokens} visual tokens per image but the model "
                 f"makes {visual_tokens}: re-run `vlmforge pack` with this model section"
             )
+        # a folder without a layout record is a fixed-grid pack: one tile per image, no wrap
+        self.layout_record = geo.get("images") or {"tiles": False, "tokens_per_tile": self.visual_tokens,
+                                                   "start": None, "end": None, "start_ids": [], "end_ids": []}
+        if images is not None and not _same_layout(images, self.layout_record):
+            raise PackedDataError(
+                f"{folder} was packed with image layout [{_describe(self.layout_record)}] but the recipe's model "
+                f"has [{_describe(images)}]: re-run `vlmforge pack` with this model section"
+            )
+        self.layout = ImageLayout.from_record(self.layout_record)
+        self.tiled = "images" in geo  # per-sample sizes and tiles recorded (format 2)
         self.image_token_id, self.sep_id, self.pad_id = int(geo["image_token_id"]), int(geo["sep_id"]), int(geo["pad_id"])
         self.image_spec = dict(image_spec or geo["image_preprocess"])
         self.supervise_sep = supervise_sep
@@ -255,6 +294,16 @@ class PackedDataset:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def pack_loads(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image tokens, tokens) of every pack, from the shard indexes (no pack is read): the
+        placeholders + wrap of its images, and its whole length (what the LLM runs on)."""
+        vision, llm = [], []
+        for r in self.readers:
+            fixed = r.n_images * self.visual_tokens
+            vision.append(np.where(r.image_tokens >= 0, r.image_tokens, fixed))
+            llm.append(r.lengths)
+        return np.concatenate(vision), np.concatenate(llm)
 
     def pack_length(self, i: int) -> int:
         r, j = self._locate(i)
@@ -278,36 +327,79 @@ class PackedDataset:
             ids = tokens[at : at + s["n_text"]]
             at += s["n_text"]
             if s["kind"] == "text":
-                kept.append((s, ids))
+                kept.append((s, ids, 0))
                 continue
             data = images[img]
             img += 1
+            where = f"{self.readers[r].tar_path} pack {j} sample {s['key']!r}"
             try:
-                decoded.append(decode_image(data))
+                image = decode_image(data)
+                tiles = self._tiles(image, s, where) if self.tiled else [image]
             except ImageDecodeError as e:
-                where = f"{self.readers[r].tar_path} pack {j} sample {s['key']!r}"
                 if self.strict:
                     raise PackedDataError(f"{where}: {e}") from e
                 self.skipped += 1
                 log.warning("skipping %s: %s", where, e)
                 continue
-            kept.append((s, ids))
+            decoded += tiles
+            kept.append((s, ids, len(tiles)))
         # All images of the pack go into one buffer; samples hold consecutive views of it, so
         # collating a one-pack batch needs no copy.
         pixels = pixels_of(decoded, self.image_spec, as_uint8) if decoded else torch.zeros(0)
         samples, k = [], 0
-        for s, ids in kept:
+        for s, ids, n in kept:
             if s["kind"] == "text":
                 samples.append(text_sample(ids, sep_id=self.sep_id, supervise_sep=self.supervise_sep,
                                            add_sep=bool(s["sep"])))
             else:
+                block = self.layout.expand([self.image_token_id], self.image_token_id,
+                                           [tuple(s["size"])]) if self.tiled else None
                 samples.append(caption_sample(ids, image_token_id=self.image_token_id,
                                               num_visual_tokens=self.visual_tokens, sep_id=self.sep_id,
-                                              supervise_sep=self.supervise_sep, pixel_values=pixels[k : k + 1]))
-                k += 1
+                                              supervise_sep=self.supervise_sep, pixel_values=pixels[k : k + n],
+                                              image_ids=block))
+                k += n
         if not samples:  # every image of the pack failed: keep the row valid with a lone separator
             samples.append(text_sample([], sep_id=self.sep_id))
         return samples
+
+
+    def _tiles(self, image, s: dict, where: str) -> list:
+        """The tower inputs of an image sample packed under a layout; its placeholders were counted
+        from the recorded size, so a decode of another size (or another tile count) is damage."""
+        if tuple(image.size) != tuple(s["size"]):
+            raise ImageDecodeError(f"image is {image.width}x{image.height} but was packed as {s['size'][0]}x{s['size'][1]}")
+        tiles = sample_tiles([image], self.layout)
+        if len(tiles) != int(s["tiles"]):
+            raise PackedDataError(f"{where}: {len(tiles)} tiles but {s['tiles']} were packed: damaged pack")
+        return tiles
+
+
+def _describe(record: dict) -> str:
+    return ImageLayout.from_record(record).describe(record.get("start"), record.get("end"))
+
+
+def _same_layout(want: dict, packed: dict) -> bool:
+    """Whether a recipe's layout record is the one a folder was packed with (token ids compared
+    only where both sides know them: a record built without a tokenizer has none)."""
+    keys = ("tiles", "tokens_per_tile", "tile", "min_tiles", "max_tiles", "thumbnail", "share_budget", "start", "end")
+    if any(want.get(k) != packed.get(k) for k in keys):
+        return False
+    return want.get("start_ids") is None or (list(want["start_ids"]) == list(packed.get("start_ids") or [])
+                                             and list(want["end_ids"]) == list(packed.get("end_ids") or []))
+
+
+def recipe_layout(cfg: Recipe, tokenizer: Any = None) -> dict:
+    """The layout record of a recipe's model (:meth:`vlmforge.arch.tiles.ImageLayout.record`);
+    without a tokenizer a wrap is compared by its text only (its ids: :func:`_check_tokenizer`)."""
+    images = cfg.model.images
+    if tokenizer is not None or not (images.start or images.end):
+        return image_layout(cfg.model, tokenizer).record(images.start, images.end)
+    # the wrap left out: its ids need the tokenizer
+    bare = ImagesConfig(tiles=bool(images.tiles), min_tiles=int(images.min_tiles), max_tiles=int(images.max_tiles),
+                        thumbnail=bool(images.thumbnail), share_budget=bool(images.share_budget))
+    bare = layout_from(bare, visual_tokens_per_image(cfg.model), image_size(cfg.model))
+    return {**bare.record(images.start, images.end), "start_ids": None, "end_ids": None}
 
 
 class _WorkerPacks(tud.Dataset):
@@ -340,7 +432,9 @@ class PackedLoader:
     ``dataset`` is a :class:`PackedDataset`, or a packed folder together with a recipe ``cfg``
     (the dataset is then built against the recipe's model geometry, and unset options come from
     ``cfg.data`` / ``cfg.train.micro_batch_size`` / the recipe seed). A ``tokenizer``, if given,
-    is checked against the token ids the folder was packed with.
+    is checked against the token ids the folder was packed with. ``balance_micro_steps``: deal
+    each optimizer step of ``world_size x balance_micro_steps x batch_size`` packs to ranks and
+    micro-steps by their loads (see the module docstring); None: today's round-robin split.
     """
 
     def __init__(
@@ -358,11 +452,12 @@ class PackedLoader:
         remainder: str | None = None,
         pad_to: int | None = None,
         positions: str | None = None,
+        balance_micro_steps: int | None = None,
     ):
         if not isinstance(dataset, PackedDataset):
             if cfg is None:
                 raise ValueError("PackedLoader(path) needs the recipe: PackedLoader(path, cfg, ...)")
-            dataset = dataset_from_recipe(cfg, str(dataset))
+            dataset = dataset_from_recipe(cfg, str(dataset), tokenizer)
         if cfg is not None:
             d = cfg.data
             batch_size = int(cfg.train.micro_batch_size) if batch_size is None else batch_size
@@ -383,6 +478,8 @@ class PackedLoader:
             raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        if balance_micro_steps is not None and int(balance_micro_steps) < 1:
+            raise ValueError(f"balance_micro_steps must be >= 1 or None, got {balance_micro_steps}")
         if len(dataset) == 0:
             raise PackedDataError(f"{dataset.folder} holds no packs")
         self.dataset = dataset
@@ -392,13 +489,17 @@ class PackedLoader:
         self.num_workers, self.remainder = int(num_workers or 0), remainder
         self.collate = _Collate(dataset.pad_id, pad_to, positions or "restart")
         self.epoch, self.batch = 0, 0  # batch = batches of this epoch already handed out
+        self.balance_micro_steps = None if balance_micro_steps is None else int(balance_micro_steps)
+        self.loads = dataset.pack_loads() if self.balance_micro_steps else None
+        self._plan_cache: tuple[int, np.ndarray] | None = None  # (epoch, its balanced plan for this rank)
 
     # -- plan ---------------------------------------------------------------------------
     def batches_per_epoch(self) -> int:
         n, g = len(self.dataset), self.batch_size * self.world_size
-        if self.remainder == "drop" and n >= g:
-            return n // g
-        return math.ceil(n / g)
+        m = self.balance_micro_steps or 1  # balanced: whole optimizer steps of m micro-batches
+        if self.remainder == "drop" and n >= g * m:
+            return n // (g * m) * m
+        return math.ceil(n / (g * m)) * m
 
     def __len__(self) -> int:
         return self.batches_per_epoch()
@@ -409,7 +510,15 @@ class PackedLoader:
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         nb = self.batches_per_epoch()
         order = np.resize(order, nb * self.batch_size * self.world_size)  # wrap: repeats from the start
-        return order.reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
+        if self.balance_micro_steps is None:
+            return order.reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        vision, llm = self.loads
+        steps = balanced_plan(vision, llm, order, self.world_size, self.balance_micro_steps, self.batch_size)
+        mine = steps[:, self.rank].reshape(nb, self.batch_size)  # [steps, micro-steps, b] in micro-step order
+        self._plan_cache = (int(epoch), mine)
+        return mine
 
     # -- iterate ------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -438,14 +547,20 @@ class PackedLoader:
 
     # -- resume -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_packs": len(self.dataset),
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        state = {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "num_packs": len(self.dataset),
+                 "world_size": self.world_size, "batch_size": self.batch_size}
+        if self.balance_micro_steps is not None:  # unbalanced states keep exactly their keys of before
+            state["balance_micro_steps"] = self.balance_micro_steps
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("num_packs", len(self.dataset)), ("world_size", self.world_size),
                           ("batch_size", self.batch_size), ("seed", self.seed)):
             if key in state and int(state[key]) != mine:
                 raise PackedDataError(f"loader state has {key}={state[key]} but this run has {mine}: cannot resume exactly")
+        if state.get("balance_micro_steps") != self.balance_micro_steps:
+            raise PackedDataError(f"loader state has balance_micro_steps={state.get('balance_micro_steps')} but this "
+                                  f"run has {self.balance_micro_steps}: the packs' order differs, cannot resume exactly")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
@@ -457,25 +572,35 @@ def _check_tokenizer(tok, ds: PackedDataset) -> None:
                 f"{ds.folder} was packed with {token} = id {packed} but this tokenizer has {tid}: "
                 f"re-pack with the model's tokenizer"
             )
+    rec = ds.layout_record
+    for side in ("start", "end"):
+        ids = list(wrap_ids(tok, rec.get(side)))
+        if ids != list(rec.get(f"{side}_ids") or []):
+            raise PackedDataError(f"{ds.folder} was packed with the image {side} {rec.get(side)!r} = ids "
+                                  f"{rec.get(f'{side}_ids')} but this tokenizer makes {ids}: re-pack with the model's tokenizer")
 
 
-def dataset_from_recipe(cfg: Recipe, data_path: str | None = None) -> PackedDataset:
-    """The packed dataset of ``data_path`` (default train.data_path), checked against the recipe's model."""
+def dataset_from_recipe(cfg: Recipe, data_path: str | None = None, tokenizer: Any = None) -> PackedDataset:
+    """The packed dataset of ``data_path`` (default train.data_path), checked against the recipe's model
+    (visual tokens, image layout; with ``tokenizer``, the wrap's ids too)."""
     path = data_path or cfg.train.data_path
     if not path:
         raise ConfigError("train.data_path: no packed data folder given (run `vlmforge pack` first)")
     d = cfg.data
     return PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
-                         image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict)
+                         image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict,
+                         images=recipe_layout(cfg, tokenizer))
 
 
 def build_pretrain_loader(cfg: Recipe, data_path: str | None = None, *, tokenizer: Any = None,
                           batch_size: int | None = None, seed: int | None = None, rank: int | None = None,
-                          world_size: int | None = None) -> PackedLoader:
+                          world_size: int | None = None, balance_micro_steps: int | None = None) -> PackedLoader:
     """The pretraining loader from a recipe: train.data_path, train.micro_batch_size, data.*, model geometry.
 
     Arguments left as None come from the recipe (seed: train.seed, else the recipe seed) and, for
-    rank / world_size, from the running process group.
+    rank / world_size, from the running process group. ``balance_micro_steps`` (the run's gradient
+    accumulation steps): balance each optimizer step's packs over ranks and micro-steps.
     """
-    return PackedLoader(dataset_from_recipe(cfg, data_path), cfg, tokenizer=tokenizer, batch_size=batch_size,
-                        seed=seed, rank=rank, world_size=world_size)
+    return PackedLoader(dataset_from_recipe(cfg, data_path, tokenizer), cfg, tokenizer=tokenizer,
+                        batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                        balance_micro_steps=balance_micro_steps)

@@ -6,12 +6,19 @@ webdataset sample, key ``NNNNN_PPPPPP``:
 
 - ``{key}.json``        pack metadata: ``samples``: list of {key, kind ("image" | "text"), n_text,
                         images, sep, truncated}, ``length`` (tokens of the expanded pack);
+                        packs made under an image layout (tiles or a wrap, format 2) add per
+                        image sample ``size`` [width, height] and ``tiles``, and per pack
+                        ``tiles`` and ``image_tokens`` (placeholders + wrap of all its images);
 - ``{key}.tokens.npy``  int32 text token ids of all samples, concatenated (compact form: no
                         image tokens, no separators; the loader expands them);
 - ``{key}.img{j}.{ext}`` the j-th image's original encoded bytes (never re-encoded).
 
 The index gives the byte range of every member, so a pack is read with one seek per member
-(random access; the loader needs it for exact resume) and a reader never parses the tar.
+(random access; the loader needs it for exact resume) and a reader never parses the tar. Format 2
+(an image layout) also gives each pack's ``tiles`` and ``image_tokens`` there, so the rank balancer
+reads every pack's vision and LLM tokens from the indexes alone. Fixed-grid packs stay format 1,
+byte for byte as before; readers older than format 2 refuse a format-2 shard instead of
+miscounting its placeholders.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import numpy as np
 from vlmforge.files import write_json
 
 INDEX_SUFFIX = ".index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # fixed grid: one tile per image, no wrap
+LAYOUT_FORMAT_VERSION = 2  # an image layout (tiles and/or wrap): per-sample sizes and tiles
+FORMATS = (FORMAT_VERSION, LAYOUT_FORMAT_VERSION)
 
 
 def image_ext(data: bytes) -> str:
@@ -60,7 +69,8 @@ def npy_to_tokens(data: bytes) -> np.ndarray:
 class PackedShardWriter:
     """Write one packed shard: ``add_pack`` repeatedly, then ``close`` (tar + index, atomically)."""
 
-    def __init__(self, out_dir: str | os.PathLike, shard_index: int):
+    def __init__(self, out_dir: str | os.PathLike, shard_index: int, format: int = FORMAT_VERSION):
+        self.format = int(format)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.name = f"{shard_index:05d}"
@@ -84,6 +94,8 @@ class PackedShardWriter:
         entry["json"] = self._add(f"{key}.json", json.dumps(meta, separators=(",", ":")).encode())
         entry["tokens"] = self._add(f"{key}.tokens.npy", tokens_to_npy(tokens))
         entry["images"] = [self._add(f"{key}.img{j}.{image_ext(b)}", b) for j, b in enumerate(images)]
+        if self.format == LAYOUT_FORMAT_VERSION:
+            entry["tiles"], entry["image_tokens"] = int(meta["tiles"]), int(meta["image_tokens"])
         self.packs.append(entry)
         return key
 
@@ -92,7 +104,7 @@ class PackedShardWriter:
         os.replace(self._tmp, self.tar_path)
         write_json(
             self.out_dir / f"{self.name}{INDEX_SUFFIX}",
-            {"format": FORMAT_VERSION, "tar": self.tar_path.name, "packs": self.packs},
+            {"format": self.format, "tar": self.tar_path.name, "packs": self.packs},
         )  # index last: its presence means the shard is complete
         return str(self.tar_path)
 
@@ -109,8 +121,9 @@ class PackedShardReader:
         index_path = Path(index_path)
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-        if index.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{index_path}: unsupported packed-shard format {index.get('format')!r}")
+        self.format = index.get("format")
+        if self.format not in FORMATS:
+            raise ValueError(f"{index_path}: unsupported packed-shard format {self.format!r}")
         self.tar_path = str(index_path.parent / index["tar"])
         packs = index["packs"]
         self.keys = [p["key"] for p in packs]
@@ -120,6 +133,9 @@ class PackedShardReader:
         self.img_start = np.concatenate([[0], np.cumsum(n_img)]).astype(np.int64)
         flat = [s for p in packs for s in p["images"]]
         self.img_spans = np.array(flat, dtype=np.int64).reshape(-1, 2)
+        self.n_images = np.asarray(n_img, dtype=np.int64)
+        # format 2: placeholders + wrap per pack; format 1: -1 (images x the folder's visual tokens)
+        self.image_tokens = np.array([p.get("image_tokens", -1) for p in packs], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.keys)

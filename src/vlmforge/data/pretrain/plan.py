@@ -6,10 +6,17 @@ the captions (fast tokenizer), compute multimodal lengths (N visual + caption + 
 truncate or drop what exceeds max_len, mix in text-only chunks up to the target ratio, plan the
 packs (:func:`vlmforge.data.packer.plan_packs`) and write one packed shard
 (:mod:`vlmforge.data.pretrain.packed_shards`).
+
+With an image layout (``model.images.tiles`` on, or a ``start`` / ``end`` wrap), an image costs
+what :func:`vlmforge.arch.geometry.image_layout` says for its size (tiles x tokens per tile + the
+wrap), read from the decode the image check already does (or, with ``pack.check_images=false``,
+from the image's header); the shard records each image's size and tiles so the loader cuts the
+same tiles. Without one, the stage is the fixed-grid stage it always was, byte for byte.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -18,14 +25,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from vlmforge.arch.geometry import image_preprocess_spec, visual_tokens_per_image
+from vlmforge.arch.geometry import image_layout, image_preprocess_spec, visual_tokens_per_image
+from vlmforge.arch.tiles import ImageLayout
 from vlmforge.arch.tokens import EOS, IM_END, IMAGE_TOKEN
 from vlmforge.config import save_resolved
 from vlmforge.config.recipe import Recipe
 from vlmforge.data.packer import lower_bound, plan_packs
-from vlmforge.data.pretrain.packed_shards import INDEX_SUFFIX, PackedShardWriter
+from vlmforge.data.pretrain.packed_shards import (
+    FORMAT_VERSION,
+    INDEX_SUFFIX,
+    LAYOUT_FORMAT_VERSION,
+    PackedShardWriter,
+)
 from vlmforge.data.pretrain.text_corpus import iter_text_chunks, resolve_corpus
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import note_example, prepare_out_dir, write_manifest
@@ -49,19 +63,30 @@ def _error_reason(error: str) -> str:
     return "damaged_sample"
 
 
-def _check_image(data: bytes) -> tuple[str, str] | None:
-    """None, or (reason, message) for an image that does not decode or is over the pixel cap."""
+def _check_image(data: bytes) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """(None, (width, height)), or ((reason, message), None) for an image that does not decode or
+    is over the pixel cap."""
     try:
-        decode_image(data)
-        return None
+        return None, decode_image(data).size
     except ImageTooLargeError as e:
-        return "image_too_large", str(e)
+        return ("image_too_large", str(e)), None
     except ImageDecodeError as e:
-        return "undecodable_image", str(e)
+        return ("undecodable_image", str(e)), None
 
 
-def _check_images(samples: list) -> list[tuple[str, str] | None]:
+def _check_images(samples: list) -> list[tuple[tuple[str, str] | None, tuple[int, int] | None]]:
     return [_check_image(s.image_bytes) for s in samples]
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """An image's (width, height) from its header, without decoding (``pack.check_images=false``);
+    None if the header does not parse. decode_image applies no EXIF rotation, so this is the size
+    the loader's decode gives."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # PIL raises many types for bad headers
+        return None
 
 
 class _Stats:
@@ -72,6 +97,9 @@ class _Stats:
         self.examples: dict[str, list[dict]] = {}  # reason -> the first few dropped samples (shard, key)
         self.sample_lengths: list[np.ndarray] = []
         self.pack_lengths: list[np.ndarray] = []
+        self.image_tiles: list[int] = []  # per packed image (image layout only)
+        self.image_tokens: list[int] = []  # per packed image: placeholders + wrap (image layout only)
+        self.pack_image_tokens: list[int] = []  # per pack: placeholders + wrap (image layout only)
         self.mm_tokens = 0
         self.text_tokens = 0
 
@@ -79,8 +107,10 @@ class _Stats:
 class _PackStage:
     """The pack stage's state across windows: one :meth:`window` call per output shard."""
 
-    def __init__(self, cfg: Recipe, tok, out: Path, n_vis: int, text_chunks: Iterator | None):
+    def __init__(self, cfg: Recipe, tok, out: Path, n_vis: int, text_chunks: Iterator | None,
+                 layout: ImageLayout | None = None):
         self.pc, self.seed, self.tok, self.out, self.n_vis = cfg.pack, int(cfg.seed), tok, out, n_vis
+        self.layout = layout  # None: the fixed grid (n_vis tokens per image, nothing recorded per image)
         self.max_len = int(self.pc.max_len)
         self.text_chunks, self.text_exhausted = text_chunks, False
         self.st = _Stats(self.max_len)
@@ -99,7 +129,8 @@ class _PackStage:
 
     def window(self, raw: list, shard_index: int, last: bool) -> None:
         """Validate, tokenize, mix, plan and write one window of raw samples as shard ``shard_index``."""
-        items = self.caption_items(self.valid(raw))
+        ok, sizes = self.valid(raw)
+        items = self.caption_items(ok, sizes)
         self.st.mm_tokens += sum(it["len"] for it in items)
         items = self.carry + items + self.text_items()
         self.carry = []
@@ -109,17 +140,25 @@ class _PackStage:
         packs = self.plan(items, lengths, shard_index, last)
         self.write(items, lengths, packs, shard_index)
 
-    def valid(self, raw: list) -> list:
-        """The samples that pass the checks, in input order (strict mode names the first bad one)."""
+    def valid(self, raw: list) -> tuple[list, list]:
+        """The samples that pass the checks, in input order (strict mode names the first bad one),
+        and their images' (width, height) (None each without an image layout)."""
         checkable = [s for s in raw if not s.error and s.caption and s.caption.strip()]
-        img_err = {}
+        img_err, img_size = {}, {}
         if self.pool is not None and checkable:
             # one task per thread, not per image: per-task overhead would dominate for small images
             k = max(1, -(-len(checkable) // max(1, int(self.pc.threads))))
             chunks = [checkable[i : i + k] for i in range(0, len(checkable), k)]
-            for chunk, errs in zip(chunks, self.pool.map(_check_images, chunks)):
-                img_err.update(zip((id(s) for s in chunk), errs))
-        ok = []
+            for chunk, res in zip(chunks, self.pool.map(_check_images, chunks)):
+                for s, (err, size) in zip(chunk, res):
+                    img_err[id(s)], img_size[id(s)] = err, size
+        elif self.layout is not None:  # no full decode asked for: the header gives the size
+            for s in checkable:
+                size = _header_size(s.image_bytes)
+                img_size[id(s)] = size
+                if size is None:
+                    img_err[id(s)] = ("undecodable_image", "cannot read the image header")
+        ok, sizes = [], []
         for s in raw:
             if s.error:
                 self.bad(s, _error_reason(s.error), s.error)
@@ -129,18 +168,27 @@ class _PackStage:
                 self.bad(s, *img_err[id(s)])
             else:
                 ok.append(s)
-        return ok
+                sizes.append(img_size.get(id(s)) if self.layout is not None else None)
+        return ok, sizes
 
-    def caption_items(self, ok: list) -> list[dict]:
+    def caption_items(self, ok: list, sizes: list) -> list[dict]:
         """Tokenized captions with their multimodal lengths; too long ones truncated or dropped."""
-        n_vis, max_len = self.n_vis, self.max_len
+        max_len = self.max_len
         caps = self.tok([s.caption.strip() for s in ok], add_special_tokens=False)["input_ids"] if ok else []
         items: list[dict] = []
-        room = max_len - n_vis - 1  # caption tokens that fit beside the image and the separator
-        for s, ids in zip(ok, caps):
+        for s, size, ids in zip(ok, sizes, caps):
             if not ids:
                 self.bad(s, "empty_caption", "caption has no tokens")
                 continue
+            n_vis, tiles = self.n_vis, None
+            if self.layout is not None:
+                tiles = self.layout.tiles([size])[0]
+                n_vis = tiles * self.layout.tokens_per_tile + self.layout.wrap_tokens
+                if n_vis + 2 > max_len:  # no caption cut can make room: the image alone is too long
+                    self.bad(s, "image_too_long", f"{size[0]}x{size[1]} image: {tiles} tiles = {n_vis} tokens, "
+                                                  f"no room for a caption in max_len {max_len}")
+                    continue
+            room = max_len - n_vis - 1  # caption tokens that fit beside the image and the separator
             truncated = False
             if len(ids) > room:
                 if self.pc.too_long == "drop":
@@ -148,8 +196,11 @@ class _PackStage:
                     continue
                 ids, truncated = ids[:room], True
                 self.st.counts["truncated"] += 1
-            items.append({"key": s.key, "kind": "image", "ids": ids, "image": s.image_bytes,
-                          "sep": True, "truncated": truncated, "len": n_vis + len(ids) + 1})
+            item = {"key": s.key, "kind": "image", "ids": ids, "image": s.image_bytes,
+                    "sep": True, "truncated": truncated, "len": n_vis + len(ids) + 1}
+            if tiles is not None:
+                item.update(size=[int(size[0]), int(size[1])], tiles=int(tiles), image_tokens=int(n_vis))
+            items.append(item)
         return items
 
     def text_items(self) -> list[dict]:
@@ -186,32 +237,44 @@ class _PackStage:
     def write(self, items: list[dict], lengths: np.ndarray, packs: list[np.ndarray], shard_index: int) -> None:
         """One packed shard (:class:`PackedShardWriter`), and its counts and lengths in the stats."""
         written = np.concatenate(packs)
-        writer = PackedShardWriter(self.out, shard_index)
+        tiled = self.layout is not None
+        writer = PackedShardWriter(self.out, shard_index, LAYOUT_FORMAT_VERSION if tiled else FORMAT_VERSION)
+        st = self.st
         try:
             for p in packs:
                 members = [items[i] for i in p]
                 meta = {
                     "length": int(lengths[p].sum()),
                     "visual_tokens": self.n_vis,
-                    "samples": [
-                        {"key": m["key"], "kind": m["kind"], "n_text": len(m["ids"]),
-                         "images": int(m["image"] is not None), "sep": m["sep"], "truncated": m["truncated"]}
-                        for m in members
-                    ],
+                    "samples": [_sample_meta(m, tiled) for m in members],
                 }
+                if tiled:
+                    meta["tiles"] = sum(m.get("tiles", 0) for m in members)
+                    meta["image_tokens"] = sum(m.get("image_tokens", 0) for m in members)
+                    st.image_tiles += [m["tiles"] for m in members if m["image"] is not None]
+                    st.image_tokens += [m["image_tokens"] for m in members if m["image"] is not None]
+                    st.pack_image_tokens.append(meta["image_tokens"])
                 tokens = np.fromiter((t for m in members for t in m["ids"]), dtype=np.int32)
                 writer.add_pack(meta, tokens, [m["image"] for m in members if m["image"] is not None])
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        st = self.st
         st.sample_lengths.append(lengths[written])
         st.pack_lengths.append(np.array([lengths[p].sum() for p in packs], dtype=np.int64))
         st.counts["packs"] += len(packs)
         st.counts["shards"] += 1
         st.counts["samples_packed"] += int(written.size)
         st.counts["image_samples"] += sum(items[i]["kind"] == "image" for i in written)
+
+
+def _sample_meta(m: dict, tiled: bool) -> dict:
+    """A sample's entry in its pack's metadata (with an image layout, an image's size and tiles too)."""
+    out = {"key": m["key"], "kind": m["kind"], "n_text": len(m["ids"]),
+           "images": int(m["image"] is not None), "sep": m["sep"], "truncated": m["truncated"]}
+    if tiled and m["image"] is not None:
+        out.update(size=m["size"], tiles=m["tiles"])
+    return out
 
 
 def pack_shards(
@@ -238,6 +301,15 @@ def pack_shards(
             p.unlink()
 
     tok = load_tokenizer(tokenizer_path, trust_remote_code=cfg.tokenizer.trust_remote_code)
+    layout = image_layout(cfg.model, tok)
+    if layout.tiling is None and not layout.wrap_tokens:
+        layout = None  # the fixed grid: exactly the stage of before
+    else:
+        t = layout.tiling
+        least = layout.tokens_per_tile * ((t.min_tiles + (t.thumbnail and t.min_tiles > 1)) if t else 1)
+        if least + layout.wrap_tokens + 2 > max_len:
+            raise ConfigError(f"pack.max_len={max_len} cannot hold one image ({least} visual tokens + "
+                              f"{layout.wrap_tokens} wrap tokens at the fewest tiles) plus a caption")
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     sep_id = tok.convert_tokens_to_ids(IM_END)
     pad_id = tok.convert_tokens_to_ids(EOS)
@@ -250,7 +322,7 @@ def pack_shards(
             raise ConfigError("pack.text_ratio > 0 needs pack.text_corpus")
         chunk = max(1, min(int(pc.text_chunk_len), max_len - 1))
         text_chunks = iter_text_chunks(resolve_corpus(pc.text_corpus), tok, chunk)
-    stage = _PackStage(cfg, tok, out, n_vis, text_chunks)
+    stage = _PackStage(cfg, tok, out, n_vis, text_chunks, layout)
     raw: list = []
     shard_index = 0
     missing: list[dict] = []  # shards that hold fewer samples than their _stats.json says
@@ -283,6 +355,9 @@ def pack_shards(
         "tokenizer": str(tokenizer_path),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),  # train refuses a different tokenizer
     }
+    if layout is not None:  # a fixed-grid manifest keeps exactly its keys of before
+        manifest_extra["geometry"]["images"] = layout.record(cfg.model.images.start, cfg.model.images.end)
+        manifest_extra["images"] = _image_summary(st)
     manifest_extra["text_mix"] = {
         "target_ratio": float(pc.text_ratio),
         "achieved_ratio": st.text_tokens / st.mm_tokens if st.mm_tokens else 0.0,
@@ -325,4 +400,24 @@ def _summaries(st: _Stats, max_len: int, bins: int) -> dict:
                              "mean": float(lengths.mean()) if lengths.size else 0.0},
         "pack_fill_histogram": {"edges": [round(x, 3) for x in fill_edges.tolist()], "counts": fill_hist.tolist(),
                                 "below_0.9": int((packs < 0.9 * max_len).sum())},
+    }
+
+
+def _image_summary(st: _Stats) -> dict:
+    """Tiles per packed image, and visual tokens (placeholders + wrap) per image and per pack."""
+    tiles = np.asarray(st.image_tiles, dtype=np.int64)
+    per_image = np.asarray(st.image_tokens, dtype=np.int64)
+    per_pack = np.asarray(st.pack_image_tokens, dtype=np.int64)
+    values, counts = np.unique(tiles, return_counts=True)
+    return {
+        "images": int(tiles.size),
+        "tiles": int(tiles.sum()),
+        "tiles_per_image": {"mean": float(tiles.mean()) if tiles.size else 0.0,
+                            "max": int(tiles.max()) if tiles.size else 0,
+                            "histogram": {str(int(v)): int(c) for v, c in zip(values, counts)}},
+        "visual_tokens": {"total": int(per_image.sum()),
+                          "per_image_mean": float(per_image.mean()) if per_image.size else 0.0,
+                          "per_image_max": int(per_image.max()) if per_image.size else 0,
+                          "per_pack_mean": float(per_pack.mean()) if per_pack.size else 0.0,
+                          "per_pack_max": int(per_pack.max()) if per_pack.size else 0},
     }
