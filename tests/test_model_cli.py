@@ -47,6 +47,40 @@ def test_model_info_internvl3_style_table(capsys):
     assert "formula:" in out
 
 
+def test_model_info_image_sizes_under_internvl3_tiles(capsys, tiny_tokenizer_dir):
+    """448-px tiles, at most 12 per image, thumbnail: a 1024x768 image (aspect 4:3) gets the 4x3
+    grid (12 tiles, the exact aspect) + the thumbnail = 13 tiles x 256 tokens = 3328 visual tokens.
+    Shown with a 448x448 image in one sample, the budget is 12 // 2 = 6 each: 1024x768 -> 3x2
+    (aspect 1.5 is the closest to 1.33 among grids of <= 6 tiles) + thumbnail = 7 tiles; 448x448
+    -> 1x1 (2x2 ties on aspect but the image covers less than half of its 4 tiles), no thumbnail."""
+    assert main(["model-info", "--recipe", "internvl3/sft", "--image-size", "1024x768", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["image_costs"]
+    assert (c["tiles"], c["tile"], c["max_tiles"], c["tokens_per_tile"]) == (True, 448, 12, 256)
+    (one,) = c["images"]
+    assert (one["grid"], one["tiles"], one["thumbnail"], one["visual_tokens"]) == ([4, 3], 13, True, 3328)
+    assert c["wrap_tokens"] is None and one["tokens"] is None  # Qwen's tokenizer is not a local folder here
+    assert main(["model-info", "--recipe", "internvl3/sft", "--image-size", "1024x768,448x448",
+                 "--tokenizer", tiny_tokenizer_dir, "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["image_costs"]
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    wrap = len(tok.encode("<img>", add_special_tokens=False)) + len(tok.encode("</img>", add_special_tokens=False))
+    assert c["wrap_tokens"] == wrap and c["images"][0]["tokens"] == 3328 + wrap
+    s = c["sample"]
+    assert s["budget_per_image"] == 6
+    assert [(r["grid"], r["tiles"]) for r in s["images"]] == [([3, 2], 7), ([1, 1], 1)]
+    assert (s["tiles"], s["visual_tokens"], s["tokens"]) == (8, 8 * 256, 8 * 256 + 2 * wrap)
+    assert main(["model-info", "--recipe", "internvl3/sft", "--image-size", "1024x768"]) == 0
+    out = capsys.readouterr().out
+    assert "1024x768: grid 4x3 = 12 tile(s) + thumbnail -> 13 tile(s), 3328 visual tokens" in out
+    assert "give --tokenizer" in out
+    # a fixed-grid recipe: one tile whatever the size
+    assert main(["model-info", "--recipe", "internvl3/model", "--image-size", "1024x768", "--json"]) == 0
+    (one,) = json.loads(capsys.readouterr().out)["image_costs"]["images"]
+    assert (one["grid"], one["tiles"], one["visual_tokens"]) == ([1, 1], 1, 256)
+    assert main(["model-info", "--recipe", "internvl3/sft", "--image-size", "1024by768"]) == 2
+    assert "--image-size '1024by768': expected WIDTHxHEIGHT" in capsys.readouterr().err
+
+
 def test_generate_command(ckpt, tmp_path, capsys):
     img = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(img)

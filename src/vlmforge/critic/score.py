@@ -20,7 +20,7 @@ from vlmforge.critic.steps import critic_messages
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.sft.samples import conversation_sample
 from vlmforge.data.sft.verdicts import end_of_turn_ids, verdict_ids
-from vlmforge.images import preprocess_batch
+from vlmforge.images import preprocess_batch, sample_tiles
 
 AGGREGATES = ("mean", "min", "last", "product")
 __all__ = ["AGGREGATES", "StepRequest", "aggregate", "step_scores", "verdict_ids"]  # verdict_ids: (id of '+', id of '-'), UserError if not single tokens
@@ -52,13 +52,17 @@ def aggregate(scores: Sequence[float], rule: str = "mean") -> float:
     return float(math.prod(scores))
 
 
-def _sample(model, tokenizer, request: StepRequest, verdicts: tuple[int, int], end_ids: set[int], spec: dict) -> dict:
+def _sample(model, tokenizer, request: StepRequest, verdicts: tuple[int, int], end_ids: set[int], spec: dict,
+            layout) -> dict:
     messages = critic_messages(request.question, request.steps, None, n_images=len(request.images))
+    # Markers stay one id here; the layout expands them (tiles x tokens per tile, wrap), as training does.
     ids, labels, n_img = conversation_sample(tokenizer, messages, image_id=model.image_token_id,
-                                             visual_tokens=model.tokens_per_image, verdicts=verdicts, end_ids=end_ids)
+                                             visual_tokens=1, verdicts=verdicts, end_ids=end_ids)
     if n_img != len(request.images):
         raise ValueError(f"the question holds image markers: {n_img} in the conversation for {len(request.images)} image(s)")
-    pixels = preprocess_batch(request.images, spec) if request.images else None
+    ids, labels = layout.expand(ids, model.image_token_id, [im.size for im in request.images], labels)
+    tiles = sample_tiles(list(request.images), layout)
+    pixels = preprocess_batch(tiles, spec) if tiles else None
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 
 
@@ -71,6 +75,7 @@ def step_scores(model, tokenizer, requests: Sequence[StepRequest], batch_size: i
     verdicts = verdict_ids(tokenizer)
     end_ids = end_of_turn_ids(tokenizer)
     spec = model.preprocess_spec()
+    layout = model.image_layout(tokenizer)
     dev = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in requests]
     todo = [i for i, r in enumerate(requests) if r.steps]
@@ -79,7 +84,7 @@ def step_scores(model, tokenizer, requests: Sequence[StepRequest], batch_size: i
     try:
         for a in range(0, len(todo), batch_size):
             chunk = todo[a : a + batch_size]
-            samples = [_sample(model, tokenizer, requests[i], verdicts, end_ids, spec) for i in chunk]
+            samples = [_sample(model, tokenizer, requests[i], verdicts, end_ids, spec, layout) for i in chunk]
             batch = collate_packs([[s] for s in samples], int(tokenizer.pad_token_id))
             batch = {k: v.to(dev) for k, v in batch.items()}
             targets = batch["labels"][:, 1:]

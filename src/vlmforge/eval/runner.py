@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
@@ -84,12 +86,21 @@ def _load_images(refs, item_id: str) -> list:
         raise ImageLoadError(f"item {item_id!r}: cannot decode image: {e}") from None
 
 
-def model_prompt_length(model, tokenizer) -> Callable[[list[dict], int], int]:
-    """The prompt's length in model tokens (chat template, images expanded to visual tokens)."""
-    def length(messages: list[dict], n_images: int) -> int:
+def ref_size(ref) -> tuple[int, int]:
+    """(width, height) of an image reference from its header (no pixels decoded)."""
+    with Image.open(ref.value if ref.kind == "path" else io.BytesIO(ref.read_bytes())) as im:
+        return im.size
+
+
+def model_prompt_length(model, tokenizer) -> Callable[[list[dict], list], int]:
+    """The prompt's length in model tokens (chat template, images expanded to visual tokens: a
+    tiling model's image costs its tiles, read from the image's size)."""
+    tiles = model.image_layout(tokenizer).tiling is not None
+
+    def length(messages: list[dict], refs: list) -> int:
         try:
-            return len(prompt_ids(model, tokenizer, messages, n_images))
-        except ValueError:  # a marker/image mismatch: generation reports it
+            return len(prompt_ids(model, tokenizer, messages, [ref_size(r) for r in refs] if tiles else len(refs)))
+        except (ValueError, OSError):  # a marker/image mismatch or an unreadable image: generation reports it
             return 0
     return length
 
@@ -161,7 +172,7 @@ def run_task_once(
     progress: bool = True,
     rank_fn: RankFn | None = None,
     *,
-    prompt_length: Callable[[list[dict], int], int] | None = None,
+    prompt_length: Callable[[list[dict], list], int] | None = None,
     distributed: bool | None = None,
     best_of_n: BonRun | None = None,
 ) -> tuple[list[Scored], list[dict], dict[str, int]]:
@@ -171,7 +182,7 @@ def run_task_once(
     open question (no option list, short-answer suffix) and the option text the model finds most
     likely is its answer; otherwise ``generate_fn``'s text is parsed by the task's scorer.
 
-    Requests run in batches sorted by ``prompt_length(messages, n_images)``, longest first (None: in
+    Requests run in batches sorted by ``prompt_length(messages, image_refs)``, longest first (None: in
     input order); under torchrun each rank runs every world_size-th batch and the outputs are merged
     (``eval.ranks``), then scored in input order, so records and rows are those of one rank.
     ``distributed``: None = split when a process group is initialised; False = this process runs
@@ -187,7 +198,7 @@ def run_task_once(
         messages, refs = build_messages(task.kind, task.scorer, item, demos, likelihood=rank_fn is not None)
         requests.append((item, demos, messages, refs))
 
-    lengths = [prompt_length(req[2], len(req[3])) if prompt_length else 0 for req in requests]
+    lengths = [prompt_length(req[2], req[3]) if prompt_length else 0 for req in requests]
     split = dist.world_size() > 1 if distributed is None else bool(distributed)
     batches = ranks.length_sorted_batches(lengths, batch_size)
     mine = ranks.rank_batches(batches) if split else batches
@@ -260,7 +271,7 @@ def evaluate_task(
     progress: bool = True,
     rank_fn: RankFn | None = None,
     *,
-    prompt_length: Callable[[list[dict], int], int] | None = None,
+    prompt_length: Callable[[list[dict], list], int] | None = None,
     distributed: bool | None = None,
     best_of_n: BestOfN | None = None,
     sample_fn: SampleFn | None = None,
@@ -342,7 +353,7 @@ def evaluate(
     config: Recipe | None = None,
     info: dict | None = None,
     progress: bool = True,
-    prompt_length: Callable[[list[dict], int], int] | None = None,
+    prompt_length: Callable[[list[dict], list], int] | None = None,
     distributed: bool | None = None,
     best_of_n: BestOfN | None = None,
     sample_fn: SampleFn | None = None,

@@ -14,25 +14,48 @@ import inspect
 from typing import Sequence
 
 import torch
+from PIL import Image
 from transformers import DynamicCache
 
 from vlmforge.arch.tokens import IM_END
-from vlmforge.images import preprocess_batch
+from vlmforge.images import preprocess_batch, sample_tiles
 from vlmforge.model import attention as attn
 from vlmforge.model.positions import restart_positions, v2pe_positions
 from vlmforge.text.chat import encode_conversation
 
 
-def prompt_ids(model, tokenizer, messages: Sequence[dict], n_images: int, index: int = 0) -> list[int]:
-    """Chat template with the generation prompt; each `<image>` expanded to the model's visual tokens."""
+def image_sizes(images: Sequence | int) -> list[tuple[int, int]] | int:
+    """(width, height) of each of a prompt's images, given as PIL images or as sizes; an int (a count) as is."""
+    if isinstance(images, int):
+        return images
+    return [tuple(int(v) for v in (im.size if isinstance(im, Image.Image) else im)) for im in images]
+
+
+def prompt_ids(model, tokenizer, messages: Sequence[dict], images: Sequence | int, index: int = 0) -> list[int]:
+    """Chat template with the generation prompt; the k-th `<image>` expanded by the model's layout
+    (``model.image_layout``: its tiles x visual tokens per tile, wrapped in ``model.images.start`` /
+    ``end``). ``images``: the prompt's PIL images or their (width, height) sizes, in marker order; a
+    count is enough when the model does not tile (every image is then one tile)."""
     ids, _ = encode_conversation(tokenizer, messages, add_generation_prompt=True)
+    layout = model.image_layout(tokenizer)
+    sizes = image_sizes(images)
+    if isinstance(sizes, int):
+        if sizes and layout.tiling is not None:
+            raise ValueError(f"prompt {index}: the model tiles images (model.images.tiles), so its placeholders "
+                             f"need the images or their (width, height) sizes, not a count ({sizes})")
+        sizes = [(1, 1)] * sizes  # untiled: one tile per image whatever its size
     marks = sum(1 for i in ids if i == model.image_token_id)
-    if marks != n_images:
-        raise ValueError(f"prompt {index}: {marks} <image> marker(s) in the messages but {n_images} image(s) given")
-    out: list[int] = []
-    for i in ids:
-        out.extend([i] * model.tokens_per_image if i == model.image_token_id else [i])
-    return out
+    if marks != len(sizes):
+        raise ValueError(f"prompt {index}: {marks} <image> marker(s) in the messages but {len(sizes)} image(s) given")
+    return layout.expand(ids, model.image_token_id, sizes).tolist()
+
+
+def prompt_pixels(model, tokenizer, images: list[list]) -> torch.Tensor | None:
+    """pixel_values for a batch of prompts: each prompt's tower inputs (its images, or their tiles
+    under the model's layout) in order, prompt after prompt; None without images."""
+    layout = model.image_layout(tokenizer)
+    flat = [t for ims in images for t in sample_tiles(list(ims), layout)]
+    return preprocess_batch(flat, model.preprocess_spec()) if flat else None
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -120,7 +143,7 @@ def generate_ids(
     delta = model.v2pe_delta if v2pe_delta is None else v2pe_delta
 
     def positions(ids, sids):
-        if model.positions == "v2pe":
+        if model.positions == "v2pe":  # a fixed delta: each tile's tokens advance alike, no per-image grouping
             return v2pe_positions(ids, sids, model.image_token_id, model.tokens_per_image, float(delta))
         return restart_positions(sids)
 
@@ -174,7 +197,8 @@ def generate(
     return_ids: bool = False,
     reply_prefixes: Sequence[str] | None = None,
 ):
-    """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i.
+    """Answers (str) for a batch of chat prompts; `images[i]` are PIL images for `<image>` markers of prompt i
+    (a tiling model cuts each into its tiles: ``model.image_layout``).
 
     Sampling seeds are per prompt (``seed``: one int for all, or one per prompt), so a prompt's
     sampled answer is the same in any batch. ``reply_prefixes[i]`` (optional): the start of the
@@ -187,15 +211,14 @@ def generate(
     if not prompts:
         return []
     dev = next(model.parameters()).device
-    rows = [prompt_ids(model, tokenizer, m, len(ims), i) for i, (m, ims) in enumerate(zip(prompts, images))]
+    rows = [prompt_ids(model, tokenizer, m, ims, i) for i, (m, ims) in enumerate(zip(prompts, images))]
     if reply_prefixes is not None:
         rows = [r + (tokenizer.encode(p, add_special_tokens=False) if p else []) for r, p in zip(rows, reply_prefixes)]
     pad = int(tokenizer.pad_token_id)
     ids, valid = left_padded(rows, pad)
-    flat = [im for ims in images for im in ims]
-    pv = None
-    if flat:
-        pv = preprocess_batch(flat, model.preprocess_spec()).to(dev)
+    pv = prompt_pixels(model, tokenizer, images)
+    if pv is not None:
+        pv = pv.to(dev)
     was_training = model.training
     model.eval()
     try:

@@ -7,16 +7,28 @@ pack.max_len tokens (causal attention over a full pack; document attention spans
 come from the shipped config files (model.vision.preset / model.llm.preset), so this works
 offline for the real Open-Qwen2VL and InternVL3-style recipes.
 
+With ``--image-size WxH`` (repeatable, or a comma list) it also shows what images of those sizes
+cost under the recipe's ``model.images`` layout: each image's tile grid, its tiles (grid plus
+thumbnail, InternVL's dynamic high resolution; 1 when the recipe does not tile) and its visual
+tokens (tiles x tokens per tile), plus the ``model.images.start`` / ``end`` wrap tokens when a
+tokenizer is at hand (``--tokenizer``, or the recipe's ``tokenizer.path`` when it is a local folder).
+Several sizes are also shown together as one sample's images, which share the tile budget.
+
 Example:
   vlmforge model-info --recipe open_qwen2vl/model
   vlmforge model-info --recipe open_qwen2vl/model --set model.projector.pool_size=null --json
+  vlmforge model-info --recipe internvl3/sft --image-size 1024x768 --image-size 448x448,2000x500
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import types
 
 from vlmforge.config.recipe import Recipe
+from vlmforge.errors import UserError
 
 HELP = "parameters per component, visual tokens per image and training FLOPs of a recipe's model"
 
@@ -26,17 +38,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_recipe_args(parser, default="tiny/model")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--image-size", dest="image_sizes", action="append", default=[], metavar="WxH[,WxH...]",
+                        help="also show tiles and visual tokens for images of this size (repeatable or a comma list)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or hub id to count the wrap tokens (model.images.start / end) with; "
+                             "default: the recipe's tokenizer.path when it is a local folder")
 
 
-def model_info(cfg: Recipe) -> dict:
-    """Everything model-info prints, as a dict (built on the meta device: no memory, no weights)."""
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_sizes(values: list[str]) -> list[tuple[int, int]]:
+    """``["1024x768", "448x448,2000x500"]`` -> [(1024, 768), (448, 448), (2000, 500)]; UserError naming a bad one."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            m = _SIZE.match(part)
+            if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+                raise UserError(f"--image-size {part.strip()!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x768")
+            out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def image_costs(cfg: Recipe, model, sizes: list[tuple[int, int]], tokenizer=None) -> dict:
+    """What images of these (width, height) sizes cost under the recipe's layout: per image alone
+    (the whole tile budget), and all together as one sample (the budget shared)."""
+    from vlmforge.arch.geometry import layout_from
+
+    images = cfg.model.images
+    bare = types.SimpleNamespace(tiles=images.tiles, min_tiles=images.min_tiles, max_tiles=images.max_tiles,
+                                 thumbnail=images.thumbnail, start=None, end=None)  # the layout without its wrap
+    layout = layout_from(bare if tokenizer is None else images, model.tokens_per_image, model.image_size, tokenizer)
+    wrap = layout.wrap_tokens if tokenizer is not None or not (images.start or images.end) else None
+
+    def one(size, tiling) -> dict:
+        grid = tiling.grid(*size) if tiling is not None else (1, 1)
+        tiles = tiling.tiles(*size) if tiling is not None else 1
+        visual = tiles * layout.tokens_per_tile
+        return {"size": list(size), "grid": list(grid), "tiles": tiles,
+                "thumbnail": tiles > grid[0] * grid[1], "visual_tokens": visual,
+                "tokens": None if wrap is None else visual + wrap}
+
+    t = layout.tiling
+    out = {
+        "tiles": bool(images.tiles), "tile": model.image_size if images.tiles else None,
+        "min_tiles": images.min_tiles if images.tiles else None, "max_tiles": images.max_tiles if images.tiles else None,
+        "thumbnail": bool(images.thumbnail) if images.tiles else None, "tokens_per_tile": layout.tokens_per_tile,
+        "start": images.start, "end": images.end, "wrap_tokens": wrap,
+        "images": [one(s, t) for s in sizes],
+    }
+    if len(sizes) > 1:
+        each = t.for_images(len(sizes)) if t is not None else None
+        together = [one(s, each) for s in sizes]
+        out["sample"] = {"budget_per_image": each.max_tiles if each is not None else None, "images": together,
+                         "tiles": sum(r["tiles"] for r in together),
+                         "visual_tokens": sum(r["visual_tokens"] for r in together),
+                         "tokens": None if wrap is None else sum(r["tokens"] for r in together)}
+    return out
+
+
+def wrap_tokenizer(cfg: Recipe, path: str | None):
+    """The tokenizer the wrap is counted with: ``path``, else the recipe's when it is a local folder, else None."""
+    from vlmforge.text.tokenization import load_tokenizer
+
+    if path:
+        return load_tokenizer(path, key="--tokenizer")
+    own = cfg.tokenizer.path
+    if own and os.path.isdir(str(own)):
+        return load_tokenizer(own)
+    return None
+
+
+def model_info(cfg: Recipe, sizes: list[tuple[int, int]] | None = None, tokenizer=None) -> dict:
+    """Everything model-info prints, as a dict (built on the meta device: no memory, no weights);
+    with ``sizes``, an ``image_costs`` entry for them."""
     from vlmforge.model.build import build_meta_vlm
     from vlmforge.model.flops import count_parameters, training_flops
 
     model = build_meta_vlm(cfg.model)
     counts = {name: count_parameters(getattr(model, name)) for name in ("vision", "projector", "llm")}
     flops = training_flops(model, int(cfg.pack.max_len))
-    return {
+    info = {
         "recipe": cfg.name,
         "vision": {"preset": cfg.model.vision.preset, "feature_layer": model.feature_layer, "image_size": model.image_size},
         "llm": {"preset": cfg.model.llm.preset},
@@ -50,6 +132,9 @@ def model_info(cfg: Recipe) -> dict:
         "positions": cfg.model.positions,
         "flops": flops,
     }
+    if sizes:
+        info["image_costs"] = image_costs(cfg, model, sizes, tokenizer)
+    return info
 
 
 def _fmt(n: float) -> str:
@@ -64,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
 
     from vlmforge.clitools import recipe_from_args
 
-    info = model_info(recipe_from_args(args))
+    sizes = parse_sizes(args.image_sizes)
+    cfg = recipe_from_args(args)
+    tok = wrap_tokenizer(cfg, args.tokenizer) if sizes and (cfg.model.images.start or cfg.model.images.end) else None
+    info = model_info(cfg, sizes, tok)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -84,4 +172,38 @@ def run(args: argparse.Namespace) -> int:
     print(f"training FLOPs per image (tower + projector): {_fmt(f['per_image'])}; "
           f"per visual token incl. its share of the image: {_fmt(f['per_visual_token'])}")
     print(f"formula: {f['formula']}")
+    if sizes:
+        print_image_costs(info["image_costs"])
     return 0
+
+
+def print_image_costs(c: dict) -> None:
+    if c["tiles"]:
+        print(f"images: tiles of {c['tile']} px, {c['min_tiles']}..{c['max_tiles']} per image "
+              f"(shared over a sample's images), thumbnail {'on' if c['thumbnail'] else 'off'}, "
+              f"{c['tokens_per_tile']} visual tokens per tile")
+    else:
+        print(f"images: not tiled (each image resized to one tile), {c['tokens_per_tile']} visual tokens per image")
+    if c["start"] or c["end"]:
+        counted = f"{c['wrap_tokens']} token(s)" if c["wrap_tokens"] is not None else \
+            "not counted below: the recipe's tokenizer.path is not a local folder; give --tokenizer"
+        print(f"wrap: {c['start']!r} ... {c['end']!r} around each image, {counted}")
+
+    def line(r: dict) -> str:
+        w, h = r["size"]
+        cols, rows = r["grid"]
+        thumb = " + thumbnail" if r["thumbnail"] else ""
+        total = f", {r['tokens']} with the wrap" if r["tokens"] is not None and c["wrap_tokens"] else ""
+        return (f"{w}x{h}: grid {cols}x{rows} = {cols * rows} tile(s){thumb} -> {r['tiles']} tile(s), "
+                f"{r['visual_tokens']} visual tokens{total}")
+
+    for r in c["images"]:
+        print("  " + line(r))
+    s = c.get("sample")
+    if s:
+        budget = f" (at most {s['budget_per_image']} tiles each)" if s["budget_per_image"] is not None else ""
+        print(f"together in one sample{budget}:")
+        for r in s["images"]:
+            print("  " + line(r))
+        total = f", {s['tokens']} with the wraps" if s["tokens"] is not None and c["wrap_tokens"] else ""
+        print(f"  total {s['tiles']} tile(s), {s['visual_tokens']} visual tokens{total}")

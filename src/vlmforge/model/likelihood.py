@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from vlmforge.arch.tokens import IM_END
-from vlmforge.images import preprocess_batch
+from vlmforge.images import preprocess_batch, sample_tiles
 from vlmforge.model.decoding import prompt_ids
 
 
@@ -29,8 +29,8 @@ def continuation_logprobs(
 ) -> list[list[float]]:
     """Summed log-probability of each candidate answer after each prompt (generation prompt added).
 
-    ``candidates[i]`` are the answers to score for prompt i; the prompt's images are encoded once per
-    candidate row (rows are right-padded into one batch).
+    ``candidates[i]`` are the answers to score for prompt i; the prompt's images (their tiles, for a
+    tiling model) are encoded once per candidate row (rows are right-padded into one batch).
     """
     if not (len(prompts) == len(images) == len(candidates)):
         raise ValueError(f"{len(prompts)} prompts, {len(images)} image lists, {len(candidates)} candidate lists")
@@ -47,14 +47,16 @@ def continuation_logprobs(
             out.append(row)
         return out
     end = tokenizer.convert_tokens_to_ids(IM_END)
+    layout = model.image_layout(tokenizer)
     rows, spans, row_images = [], [], []
     for i, (messages, ims, cands) in enumerate(zip(prompts, images, candidates)):
-        head = prompt_ids(model, tokenizer, messages, len(ims), i)
+        head = prompt_ids(model, tokenizer, messages, ims, i)
+        tiles = sample_tiles(list(ims), layout)
         for c in cands:
             tail = tokenizer(c, add_special_tokens=False)["input_ids"] + [end]
             rows.append(head + tail)
             spans.append((len(head), len(head) + len(tail)))
-            row_images.extend(ims)
+            row_images.extend(tiles)
     if not rows:
         return [[] for _ in prompts]
     scores = [lp for lp, _ in _span_logprobs(model, tokenizer, rows, spans, row_images)]
@@ -80,21 +82,23 @@ def answer_logprobs(
     if not prompts:
         return []
     end = [tokenizer.convert_tokens_to_ids(IM_END)] if end_of_turn else []
+    layout = model.image_layout(tokenizer)
     rows, spans, row_images = [], [], []
     for i, (messages, ims, answer) in enumerate(zip(prompts, images, answers)):
-        head = prompt_ids(model, tokenizer, messages, len(ims), i)
+        head = prompt_ids(model, tokenizer, messages, ims, i)
         tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
         if not tail:
             raise ValueError(f"prompt {i}: the answer {answer!r} has no tokens")
         rows.append(head + tail)
         spans.append((len(head), len(head) + len(tail)))
-        row_images.extend(ims)
+        row_images.extend(sample_tiles(list(ims), layout))
     return _span_logprobs(model, tokenizer, rows, spans, row_images)
 
 
 def _span_logprobs(model, tokenizer, rows: list[list[int]], spans: list[tuple[int, int]],
                    row_images: list) -> list[tuple[float, bool]]:
-    """Per row: summed log-prob of tokens [a, b) given the ones before, and whether each is the argmax."""
+    """Per row: summed log-prob of tokens [a, b) given the ones before, and whether each is the argmax.
+    ``row_images``: the tower inputs (images or their tiles) of every row, in order."""
     dev = next(model.parameters()).device
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)

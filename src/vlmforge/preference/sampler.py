@@ -74,7 +74,7 @@ class ModelSampler:
         heads = [tok(p, add_special_tokens=False)["input_ids"] for p in prefixes]
         # Twice the tokens of the dropped half (at least 16): room to say as much, not to ramble.
         limits = [max(16, 2 * len(tok(r, add_special_tokens=False)["input_ids"])) for r in rests]
-        rows = [prompt_ids(model, tok, m, 0, i) + h for i, (m, h) in enumerate(zip(messages, heads))]
+        rows = [prompt_ids(model, tok, m, [], i) + h for i, (m, h) in enumerate(zip(messages, heads))]
         ids, valid = left_padded(rows, int(tok.pad_token_id))
         dev = next(model.parameters()).device
         was_training = model.training

@@ -39,7 +39,7 @@ from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 from vlmforge.config.curate import ScoreConfig
 from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
-from vlmforge.images import preprocess_batch
+from vlmforge.images import preprocess_batch, sample_tiles
 from vlmforge.model import attention as attn
 from vlmforge.model import decoding
 from vlmforge.model.saving import load_vlm
@@ -142,19 +142,25 @@ def mlm_filter_prompt(caption: str, metric: str) -> str:
             + assistant)
 
 
-def mlm_filter_prompt_ids(model, tokenizer, caption: str, metric: str) -> list[int]:
+def mlm_filter_prompt_ids(model, tokenizer, caption: str, metric: str,
+                          size: tuple[int, int] | None = None) -> list[int]:
     """LLaVA's ``tokenizer_image_token`` of the prompt (each ``<image>`` expanded to the model's visual
-    tokens), then the whitespace token the v2 script appends to every prompt ("directly add 220
-    whitespace to decrease the decoding cost for it")."""
+    tokens, by its layout: ``size`` is the image's (width, height), needed when the model tiles), then
+    the whitespace token the v2 script appends to every prompt ("directly add 220 whitespace to
+    decrease the decoding cost for it")."""
     chunks = [tokenizer(c)["input_ids"] for c in mlm_filter_prompt(caption, metric).split(IMAGE_TOKEN)]
     bos = tokenizer.bos_token_id
     offset = 1 if bos is not None and chunks[0] and chunks[0][0] == bos else 0
     ids = list(chunks[0][:offset])
     for i, chunk in enumerate(chunks):
         if i:
-            ids += [model.image_token_id] * model.tokens_per_image
+            ids.append(model.image_token_id)
         ids += chunk[offset:]
-    return ids + [tokenizer(" ")["input_ids"][-1]]
+    layout = model.image_layout(tokenizer)
+    if size is None and layout.tiling is not None:
+        raise ValueError("the judge tiles images (model.images.tiles): its prompt needs the image's size")
+    sizes = [size or (1, 1)] * (len(chunks) - 1)  # untiled: one tile per image whatever its size
+    return layout.expand(ids, model.image_token_id, sizes).tolist() + [tokenizer(" ")["input_ids"][-1]]
 
 
 def parse_mlm_filter_score(text: str) -> float | None:
@@ -326,10 +332,13 @@ class MLMJudgeScorer:
         images, captions = batch["images"], batch["captions"]
         n = len(captions)
         cols: dict[str, list] = {}
-        pv = preprocess_batch(images, self.model.preprocess_spec()).to(self.device)
+        layout = self.model.image_layout(self.tokenizer)
+        tiles = [sample_tiles([im], layout) for im in images]  # each image's tower inputs (itself, untiled)
+        ends = np.cumsum([len(t) for t in tiles]).tolist()
+        pv = preprocess_batch([t for ts in tiles for t in ts], self.model.preprocess_spec()).to(self.device)
         for m in self.metrics:
             if self.protocol == "mlm_filter":
-                rows = [mlm_filter_prompt_ids(self.model, self.tokenizer, c, m) for c in captions]
+                rows = [mlm_filter_prompt_ids(self.model, self.tokenizer, c, m, im.size) for c, im in zip(captions, images)]
                 answers = self._greedy_rows(rows, pv, MLM_FILTER_SCORE_TOKENS)
                 parsed = [parse_mlm_filter_score(a) for a in answers]
             else:
@@ -342,8 +351,9 @@ class MLMJudgeScorer:
                 if self.protocol == "mlm_filter":
                     ids = rows[i]
                 else:
-                    ids = decoding.prompt_ids(self.model, self.tokenizer, prompts[i], 1, i)
-                ev, mass = expected_scores(self.model, ids, pv[i : i + 1], self.cands, self.number_end)
+                    ids = decoding.prompt_ids(self.model, self.tokenizer, prompts[i], [images[i]], i)
+                ev, mass = expected_scores(self.model, ids, pv[ends[i] - len(tiles[i]) : ends[i]], self.cands,
+                                           self.number_end)
                 evs.append(ev)
                 masses.append(mass)
             cols[f"{m}_answer"] = answers
