@@ -1,15 +1,19 @@
 """The InternVL format in and out: a tiny random transformers InternVL folder (InternViT + the pixel-shuffle
-projector + Qwen2, the published key names, tokenizer with <img> / </img> / <IMG_CONTEXT>) imports to a
-vlmforge checkpoint whose logits equal transformers' on one tile and on a tiled image; exported back,
-transformers gives the same logits and, through the processor and generate, the same tokens as vlmforge.
+projector + Qwen2, the published key names, tokenizer with <img> / </img> / <IMG_CONTEXT>, InternVL3-hf's
+processor files) imports to a vlmforge checkpoint that tiles as transformers' processor does (model.images:
+tiles, <img> / </img> around each image); on one tile and on tiled images (grids of several tiles plus a
+thumbnail) vlmforge's own ids and pixels (prompt_ids, sample_tiles) are the processor's and its logits
+equal transformers' to 1e-5. Exported back, the folder through transformers alone (its processor,
+AutoModelForImageTextToText, generate) gives the same ids, pixels, logits and greedy tokens as vlmforge.
 
 transformers' InternVLProcessor holds a video processor, and transformers builds video processors
 with torchvision only, which is not installed here: AutoProcessor.from_pretrained fails at
-InternVLVideoProcessor (test_auto_processor_needs_torchvision). The tests build InternVLProcessor as
-from_pretrained does, from the folder's own files (get_processor_dict, the image processor, the
-tokenizer), with a bare VideoProcessorMixin in the video slot; everything it does to images and text
-is then transformers' own code. The image processor is loaded with the PIL backend (what
-AutoImageProcessor picks without torchvision; with it, it would pick the torchvision one).
+InternVLVideoProcessor, and InternVLProcessor refuses video_processor=None
+(test_auto_processor_needs_torchvision). The tests build InternVLProcessor as from_pretrained does,
+from the folder's own files (get_processor_dict, the image processor, the tokenizer), with a bare
+VideoProcessorMixin in the video slot; everything it does to images and text is then transformers'
+own code. The image processor is loaded with the PIL backend (what AutoImageProcessor picks without
+torchvision; with it, it would pick the torchvision one, whose resize can differ in the last bits).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from torch import nn
 
 from vlmforge.arch.tiles import Tiling
 from vlmforge.cli import main
-from vlmforge.images import dynamic_tiles, preprocess_batch
+from vlmforge.images import dynamic_tiles, preprocess_batch, sample_tiles
 from vlmforge.model.decoding import generate, prompt_ids
-from vlmforge.model.export import ExportRefused
-from vlmforge.model.internvl_format import export_internvl, split_layout
+from vlmforge.model.export import ExportRefused, export_llava
+from vlmforge.model.internvl_format import export_internvl, split_layout, with_image_layout
 from vlmforge.model.saving import load_vlm
 from vlmforge.model.tower import patch_features
 from vlmforge.text.tokenization import load_tokenizer
@@ -118,7 +122,7 @@ def internvl_tok_dir(tmp_path_factory):
     return out
 
 
-def make_internvl(path, tok_dir, tied: bool = True, **overrides):
+def make_internvl(path, tok_dir, tied: bool = True, max_patches: int = 12, **overrides):
     """A random InternVLForConditionalGeneration saved as transformers saves it, with the tokenizer and
     InternVL3-hf's processor files (GotOcr2 image processor, ImageNet statistics, up to 12 tiles)."""
     from transformers import (
@@ -145,7 +149,7 @@ def make_internvl(path, tok_dir, tied: bool = True, **overrides):
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=IMAGENET[0], image_std=IMAGENET[1],
-                                  max_patches=12)
+                                  max_patches=max_patches)
     (path / "preprocessor_config.json").write_text(ip.to_json_string())
     (path / "processor_config.json").write_text(json.dumps({"image_seq_length": TOKENS, "processor_class": "InternVLProcessor"}))
     return model, tok
@@ -167,7 +171,38 @@ def swap_context(ids: list[int], theirs: int, ours: int) -> list[int]:
     return [ours if i == theirs else i for i in ids]
 
 
+def our_pixels(model, tok, images) -> torch.Tensor:
+    """vlmforge's tower inputs for one prompt's images: its layout's tiles, preprocessed."""
+    return preprocess_batch(sample_tiles(list(images), model.image_layout(tok)), model.preprocess_spec())
+
+
+# Logits from vlmforge's own pixels against transformers' from its processor's: the pixels agree to
+# float rounding (1e-6), which the tower and LM amplify; the models agree to 1e-5 on the same pixels.
+END_TO_END = 1e-4
+# (width, height) of test images whose grids have several tiles: 3 x 1, 2 x 2 (a tie the larger grid
+# wins: the image covers more than half of it) and 1 x 3, each with the thumbnail.
+TILED = [((96, 32), 4), ((64, 64), 5), ((30, 100), 4)]
+
+
 # ---------------------------------------------------------------- import
+
+
+def test_import_takes_the_processors_tiling_and_wrap(imported):
+    """model.images from the folder's processor: InternVLProcessor crops to patches on every call
+    (the image processor's own crop_to_patches is false, as in InternVL3-hf), 1-12 tiles and a
+    thumbnail, each image between <img> and </img>; the chat template itself no longer wraps."""
+    _, _, ckpt = imported[True]
+    model, tok, cfg = load_vlm(ckpt)
+    images = cfg.model.images
+    assert (images.tiles, images.min_tiles, images.max_tiles, images.thumbnail) == (True, 1, 12, True)
+    assert (images.start, images.end) == ("<img>", "</img>")
+    assert model.images.tiles and split_layout(tok.chat_template)[:2] == ("", "")
+    layout = model.image_layout(tok)
+    assert tok.convert_ids_to_tokens([*layout.start_ids, *layout.end_ids]) == ["<img>", "</img>"]
+    assert layout.tiles([(96, 32), (32, 32)]) == [4, 1]  # two images share the 12 tiles: 6 each
+    notes = json.loads((ckpt / "manifest.json").read_text())["notes"]
+    assert any("tiled as InternVLProcessor tiles them: 1-12 tiles" in n for n in notes)
+    assert any("crop_to_patches false" in n for n in notes)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -178,46 +213,54 @@ def test_import_matches_transformers_on_one_tile(imported, tied, monkeypatch):
     assert model.vision.config.model_type == "internvl_vision" and model.feature_layer == -1
     assert model.llm.config.tie_word_embeddings == tied
     proc = processor_of(src, monkeypatch)
+    image = square_image()
     text = proc.apply_chat_template(PARTS, add_generation_prompt=True, tokenize=False)
-    inputs = proc(images=[square_image()], text=[text], return_tensors="pt")
-    assert inputs["pixel_values"].shape[0] == 1  # a square image is one tile
+    inputs = proc(images=[image], text=[text], return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 1  # a square image of one tile's size is one tile
     theirs = inputs["input_ids"][0].tolist()
-    ours = prompt_ids(model, tok, MSGS, 1)
+    ours = prompt_ids(model, tok, MSGS, [image])
     # the same ids: <img>, then our <image> where the processor writes <IMG_CONTEXT>, then </img>
     assert ours == swap_context(theirs, hf.config.image_token_id, model.image_token_id)
     start = ours.index(model.image_token_id)
     assert tok.convert_ids_to_tokens([ours[start - 1], ours[start + TOKENS]]) == ["<img>", "</img>"]
+    pv = our_pixels(model, tok, [image])
+    assert (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
     with torch.no_grad():
         ref = hf(**inputs).logits
-        got = model(torch.tensor([ours]), inputs["pixel_values"])
+        same = model(torch.tensor([ours]), inputs["pixel_values"])
+        got = model(torch.tensor([ours]), pv)
     vocab = ref.shape[-1]
     assert got.shape[-1] >= vocab
-    assert (got[..., :vocab] - ref).abs().max().item() <= 1e-5
+    assert (same[..., :vocab] - ref).abs().max().item() <= 1e-5
+    assert (got[..., :vocab] - ref).abs().max().item() <= END_TO_END
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["layout"] == "internvl-hf"
-    assert any("tiles images" in n for n in manifest["notes"])  # the source tiles, vlmforge feeds one tile
 
 
-def test_import_matches_transformers_on_a_tiled_image(imported, monkeypatch):
-    """Several tiles of one image (3 x 1 grid + thumbnail) are several tiles of pixel_values behind one
-    <img> ... </img> run; InternVL's tiles are vlmforge.images.dynamic_tiles' tiles."""
+@pytest.mark.parametrize("size, n_tiles", TILED, ids=["3x1", "2x2", "1x3"])
+def test_import_matches_transformers_on_a_tiled_image(imported, monkeypatch, size, n_tiles):
+    """vlmforge's own tiling path on the imported model (prompt_ids with the image, sample_tiles) writes
+    the processor's ids and pixels: one <img> ... </img> run of tiles x tokens, the grid's tiles then the
+    thumbnail; the logits equal transformers' to 1e-5."""
     src, hf, ckpt = imported[True]
     model, tok, cfg = load_vlm(ckpt)
     proc = processor_of(src, monkeypatch)
-    image = square_image(96, 32, seed=1)
+    image = square_image(*size, seed=1)
     text = proc.apply_chat_template(PARTS, add_generation_prompt=True, tokenize=False)
     inputs = proc(images=[image], text=[text], return_tensors="pt")
-    tiles = dynamic_tiles(image, tile=32, max_tiles=12)
-    assert inputs["pixel_values"].shape[0] == len(tiles) == 4
-    spec = dict(size=32, mean=IMAGENET[0], std=IMAGENET[1], rescale=1 / 255)
-    assert (preprocess_batch(tiles, spec) - inputs["pixel_values"]).abs().max().item() <= 1e-5
+    assert inputs["pixel_values"].shape[0] == n_tiles == model.image_layout(tok).tiles([size])[0]
     theirs = inputs["input_ids"][0].tolist()
-    assert theirs.count(hf.config.image_token_id) == TOKENS * len(tiles)
-    ours = swap_context(theirs, hf.config.image_token_id, model.image_token_id)
+    ours = prompt_ids(model, tok, MSGS, [image])
+    assert ours == swap_context(theirs, hf.config.image_token_id, model.image_token_id)
+    assert ours.count(model.image_token_id) == TOKENS * n_tiles
+    pv = our_pixels(model, tok, [image])
+    assert pv.shape[0] == n_tiles and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
     with torch.no_grad():
         ref = hf(**inputs).logits
-        got = model(torch.tensor([ours]), inputs["pixel_values"])
-    assert (got[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
+        same = model(torch.tensor([ours]), inputs["pixel_values"])
+        got = model(torch.tensor([ours]), pv)
+    assert (same[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
+    assert (got[..., : ref.shape[-1]] - ref).abs().max().item() <= END_TO_END
 
 
 def test_imported_model_preprocesses_as_the_source(imported, monkeypatch):
@@ -227,6 +270,17 @@ def test_imported_model_preprocesses_as_the_source(imported, monkeypatch):
     image = square_image(seed=2)
     inputs = proc(images=[image], text=["<IMG_CONTEXT>"], return_tensors="pt")
     assert (preprocess_batch([image], model.preprocess_spec()) - inputs["pixel_values"]).abs().max().item() <= 1e-5
+
+
+def test_one_tile_source_imports_untiled(internvl_tok_dir, tmp_path):
+    """A processor with max_patches 1 feeds each image as one tile: model.images.tiles stays false
+    (and the wrap is still InternVL's)."""
+    make_internvl(tmp_path / "src", internvl_tok_dir, max_patches=1)
+    assert main(["import", "--from", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")]) == 0
+    model, tok, cfg = load_vlm(tmp_path / "ckpt")
+    assert not cfg.model.images.tiles and (cfg.model.images.start, cfg.model.images.end) == ("<img>", "</img>")
+    ids = prompt_ids(model, tok, MSGS, [square_image(96, 32)])
+    assert ids.count(model.image_token_id) == TOKENS
 
 
 def test_imported_checkpoint_fine_tunes(imported, tmp_path):
@@ -246,8 +300,9 @@ def test_imported_checkpoint_fine_tunes(imported, tmp_path):
     assert set(before) == set(after)
     assert not torch.equal(before["projector.linear_1.weight"], after["projector.linear_1.weight"])
     assert not torch.equal(before["vision.encoder.layer.0.mlp.fc1.weight"], after["vision.encoder.layer.0.mlp.fc1.weight"])
-    model, tok, _ = load_vlm(run / "final")
-    assert split_layout(tok.chat_template)[:2] == ("<img>", "</img>")  # the layout travels with the tokenizer
+    model, tok, cfg = load_vlm(run / "final")
+    images = cfg.model.images  # the tiling and wrap travel with the checkpoint's recipe
+    assert (images.tiles, images.max_tiles, images.start, images.end) == (True, 12, "<img>", "</img>")
 
 
 def index_sft_with(root, images, ckpt):
@@ -283,8 +338,9 @@ def test_import_refusals(internvl_tok_dir, tmp_path, capsys, overrides, reason):
 
 
 def check_export(model, tok, folder, monkeypatch, image, n_tiles: int = 1, max_new_tokens: int = 6):
-    """The exported folder, through transformers alone, writes vlmforge's ids and pixels, gives its
-    logits and generates its tokens."""
+    """The exported folder, through transformers alone (its processor, AutoModelForImageTextToText,
+    generate with its generation_config), writes vlmforge's ids and pixels for `image`, gives its
+    logits and generates its greedy tokens."""
     from transformers import AutoModelForImageTextToText
 
     hf = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True).eval()
@@ -292,59 +348,95 @@ def check_export(model, tok, folder, monkeypatch, image, n_tiles: int = 1, max_n
     proc = processor_of(folder, monkeypatch)
     text = proc.apply_chat_template(PARTS, add_generation_prompt=True, tokenize=False)
     inputs = proc(images=[image], text=[text], return_tensors="pt")
-    ours = prompt_ids(model, tok, MSGS, 1)
-    if n_tiles > 1:  # vlmforge's prompts expand an image to one tile today: n tiles are n x the tokens
-        at = ours.index(model.image_token_id)
-        t = model.tokens_per_image
-        ours = ours[:at] + [model.image_token_id] * (t * n_tiles) + ours[at + t:]
+    ours = prompt_ids(model, tok, MSGS, [image])
     assert inputs["input_ids"][0].tolist() == ours
-    tiles = dynamic_tiles(image, tile=model.image_size) if n_tiles > 1 else [image]
-    assert (preprocess_batch(tiles, model.preprocess_spec()) - inputs["pixel_values"]).abs().max().item() <= 1e-5
+    assert ours.count(model.image_token_id) == model.tokens_per_image * n_tiles
+    pv = our_pixels(model, tok, [image])
+    assert pv.shape[0] == n_tiles and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
     with torch.no_grad():
         ref = hf(**inputs).logits
-        got = model(inputs["input_ids"], inputs["pixel_values"])
+        same = model(torch.tensor([ours]), inputs["pixel_values"])
+        got = model(torch.tensor([ours]), pv)
     vocab = got.shape[-1]  # the export may add <video> (one row more, never generated)
-    assert ref.shape[-1] >= vocab and (got - ref[..., :vocab]).abs().max().item() <= 1e-5
-    if n_tiles == 1:
-        new = hf.generate(**inputs, max_new_tokens=max_new_tokens)[0, inputs["input_ids"].shape[1]:].tolist()
-        mine = generate(model, tok, [MSGS], [[image]], max_new_tokens=max_new_tokens, return_ids=True)[0]
-        assert len(mine) >= 2  # a real answer, not an immediate stop
-        stops = set(hf.generation_config.eos_token_id)
-        assert [t for t in new if t not in stops] == mine
+    assert ref.shape[-1] >= vocab and (same - ref[..., :vocab]).abs().max().item() <= 1e-5
+    assert (got - ref[..., :vocab]).abs().max().item() <= END_TO_END
+    new = hf.generate(**inputs, max_new_tokens=max_new_tokens)[0, inputs["input_ids"].shape[1]:].tolist()
+    mine = generate(model, tok, [MSGS], [[image]], max_new_tokens=max_new_tokens, return_ids=True)[0]
+    assert len(mine) >= 2  # a real answer, not an immediate stop
+    stops = set(hf.generation_config.eos_token_id)
+    assert [t for t in new if t not in stops] == mine
     return hf
 
 
+def exported_image_processor(folder) -> dict:
+    return json.loads((folder / "processor_config.json").read_text())["image_processor"]
+
+
 def test_imported_checkpoint_exports_back(imported, tmp_path, monkeypatch):
+    """Exported back, the folder tiles as the source did (the processor settings come from
+    model.images), answers through transformers alone as vlmforge does on a tiled image, computes the
+    source's function, and imports again to the same model and layout."""
     src, source, ckpt = imported[True]
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    ip = exported_image_processor(tmp_path / "hf")
+    assert (ip["crop_to_patches"], ip["min_patches"], ip["max_patches"]) == (True, 1, 12)
     model, tok, _ = load_vlm(ckpt)
-    hf = check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(seed=3))
+    for (w, h), n in TILED[:2]:
+        check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(w, h, seed=3), n_tiles=n)
+    check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(seed=3))
     # the same function as the source: its weights, our <image> standing for <IMG_CONTEXT>
     exported_tok = load_tokenizer(tmp_path / "hf")
     assert [exported_tok.start_image_token, exported_tok.end_image_token, exported_tok.context_image_token] == [
         "<img>", "</img>", "<image>"]
-    pv = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    ids = prompt_ids(model, tok, MSGS, 1)
+    image = square_image(96, 32, seed=7)
+    ids, pv = prompt_ids(model, tok, MSGS, [image]), our_pixels(model, tok, [image])
     with torch.no_grad():
         ref = source(input_ids=torch.tensor([swap_context(ids, model.image_token_id, source.config.image_token_id)]),
                      pixel_values=pv).logits
-        got = hf(input_ids=torch.tensor([ids]), pixel_values=pv).logits
+        got = hf_model(tmp_path / "hf")(input_ids=torch.tensor([ids]), pixel_values=pv).logits
     assert (got[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
     manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
     assert manifest["format"] == "transformers InternVLForConditionalGeneration"
-    # and in again: the exported folder imports to the same model
+    # and in again: the exported folder imports to the same model and layout
     assert main(["import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "again")]) == 0
-    again, again_tok, _ = load_vlm(tmp_path / "again")
-    assert prompt_ids(again, again_tok, MSGS, 1) == ids
+    again, again_tok, again_cfg = load_vlm(tmp_path / "again")
+    assert again_cfg.model.images == load_vlm(ckpt)[2].model.images
+    assert prompt_ids(again, again_tok, MSGS, [image]) == ids
     with torch.no_grad():
         assert (again(torch.tensor([ids]), pv) - model(torch.tensor([ids]), pv)).abs().max().item() <= 1e-6
 
 
+def hf_model(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True).eval()
+
+
+def test_checkpoint_imported_before_model_images_exports_as_before(imported, tmp_path, monkeypatch):
+    """A checkpoint whose chat template wraps images (the import before model.images) keeps exporting
+    <img> / </img> from its template; a wrap in both places is refused."""
+    _, _, ckpt = imported[True]
+    model, tok, _ = load_vlm(ckpt, ["model.images.tiles=false", "model.images.start=null", "model.images.end=null"])
+    tok.chat_template = with_image_layout(tok.chat_template, "<img>", "</img>")
+    export_internvl(model, tok, tmp_path / "hf")
+    assert exported_image_processor(tmp_path / "hf")["max_patches"] == 1
+    exported_tok = load_tokenizer(tmp_path / "hf")
+    assert [exported_tok.start_image_token, exported_tok.end_image_token] == ["<img>", "</img>"]
+    check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(96, 32, seed=8))  # one tile: untiled
+    model.images = load_vlm(ckpt)[2].model.images
+    with pytest.raises(ExportRefused, match="wrapped twice"):
+        export_internvl(model, tok, tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+
+
 def test_auto_processor_needs_torchvision(tok, tmp_path):
     """The exported folder names InternVLProcessor and nests both of its sub-processors' configs, so
-    AutoProcessor gets as far as building InternVLVideoProcessor, which needs torchvision."""
-    from transformers import AutoProcessor
+    AutoProcessor gets as far as building InternVLVideoProcessor, which needs torchvision; and
+    InternVLProcessor cannot be built with no video processor instead."""
+    from transformers import AutoProcessor, AutoTokenizer, InternVLProcessor
     from transformers.video_processing_utils import BaseVideoProcessor
+
+    from vlmforge.model.internvl_format import image_processor
 
     model = tiny_model(tok, *INTERNVIT)
     export_internvl(model, tok, tmp_path / "hf")
@@ -356,6 +448,11 @@ def test_auto_processor_needs_torchvision(tok, tmp_path):
     else:
         with pytest.raises(ImportError, match="InternVLVideoProcessor requires the Torchvision library"):
             AutoProcessor.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+        exported_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+        # the class check of the video slot looks up transformers' video processor classes, which exist
+        # only with torchvision (5.24: AttributeError on VIDEO_PROCESSOR_MAPPING); a None would fail it too
+        with pytest.raises((AttributeError, TypeError)):
+            InternVLProcessor(image_processor(model), exported_tok, None)
 
 
 @pytest.fixture(scope="module")
@@ -384,15 +481,67 @@ def test_native_internvit_model_exports(tok, tmp_path, monkeypatch, overrides):
     check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(size, size, seed=4))
 
 
-def test_tiled_processor_export(tok, tmp_path, monkeypatch):
-    """With a Tiling the exported processor cuts vlmforge.images.dynamic_tiles' tiles; the model reads
-    them as consecutive tiles of one image."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["model-images", "tiling-arg"])
+def test_tiled_processor_export(tok, tmp_path, monkeypatch, explicit):
+    """A vlmforge model that tiles (model.images, or an explicit Tiling) exports a processor that cuts
+    vlmforge's tiles; transformers alone then answers a tiled image as vlmforge does."""
+    sets = () if explicit else ("model.images.tiles=true", "model.images.max_tiles=6")
+    model = tiny_model(tok, *INTERNVIT, "model.vision.feature_layer=-1", *sets, spread=0.2)
+    size = model.image_size
+    tiling = Tiling(tile=size, max_tiles=6) if explicit else None
+    export_internvl(model, tok, tmp_path / "hf", tiling=tiling)
+    ip = exported_image_processor(tmp_path / "hf")
+    assert (ip["crop_to_patches"], ip["min_patches"], ip["max_patches"]) == (True, 1, 6)
+    image = square_image(3 * size, size, seed=5)
+    assert len(dynamic_tiles(image, tile=size, max_tiles=6)) == 4
+    if explicit:  # vlmforge's own prompts tile as the export does
+        model.images = tiny_model(tok, *INTERNVIT, "model.images.tiles=true", "model.images.max_tiles=6").images
+    check_export(model, tok, tmp_path / "hf", monkeypatch, image, n_tiles=4)
+
+
+def test_untiled_export_feeds_one_tile_per_image(tok, tmp_path, monkeypatch):
+    """model.images.tiles false: InternVLProcessor still crops to patches, but max_patches 1 keeps a
+    wide image one tile, as vlmforge feeds it."""
     model = tiny_model(tok, *INTERNVIT, "model.vision.feature_layer=-1", spread=0.2)
-    export_internvl(model, tok, tmp_path / "hf", tiling=Tiling(tile=model.image_size, max_tiles=6))
-    image = square_image(3 * model.image_size, model.image_size, seed=5)
-    n = len(dynamic_tiles(image, tile=model.image_size, max_tiles=6))
-    assert n == 4
-    check_export(model, tok, tmp_path / "hf", monkeypatch, image, n_tiles=n)
+    export_internvl(model, tok, tmp_path / "hf")
+    assert exported_image_processor(tmp_path / "hf")["max_patches"] == 1
+    check_export(model, tok, tmp_path / "hf", monkeypatch, square_image(3 * model.image_size, model.image_size, seed=6))
+
+
+@pytest.mark.parametrize(
+    "sets, tiling, reason",
+    [
+        (("model.images.start=Picture",), None, "not one token of the tokenizer"),
+        (("model.images.tiles=true", "model.images.thumbnail=false"), None, "without a thumbnail"),
+        ((), Tiling(tile=32), "32 px tiles for a tower that runs at 64 px"),
+    ],
+    ids=["multi-token-start", "no-thumbnail", "tile-size"],
+)
+def test_export_refuses_layouts_the_processor_cannot_write(tok, tmp_path, sets, tiling, reason):
+    model = tiny_model(tok, *INTERNVIT, *sets)
+    with pytest.raises(ExportRefused, match=reason):
+        export_internvl(model, tok, tmp_path / "hf", tiling=tiling)
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("sets, reason", [(("model.images.tiles=true",), "tiles images"),
+                                          (("model.images.start=<|im_start|>",), "wraps each image")])
+def test_llava_export_refuses_tiles_and_wraps(tok, tmp_path, sets, reason):
+    """LLaVA's processor feeds each image as one tile, bare: a model that tiles or wraps is refused
+    (and exports as before with the options off, tests/test_export.py)."""
+    model = tiny_model(tok, *sets)
+    with pytest.raises(ExportRefused, match=reason):
+        export_llava(model, tok, tmp_path / "hf")
+
+
+def test_import_refuses_bad_patch_counts(internvl_tok_dir, tmp_path, capsys):
+    make_internvl(tmp_path / "src", internvl_tok_dir)
+    path = tmp_path / "src" / "preprocessor_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), min_patches=4, max_patches=2)))
+    rc = main(["import", "--from", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "preprocessor_config.json: min_patches 4 is above max_patches 2" in err
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

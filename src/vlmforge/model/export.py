@@ -4,7 +4,8 @@ Mapping (exact, no approximation): vision tower -> model.vision_tower, projector
 (GELU) -> model.multi_modal_projector, LLM -> model.language_model + lm_head. Our feature layer is
 transformers' hidden_states index, so it becomes `vision_feature_layer` as is; SigLIP has no CLS
 token (strategy "full"), CLIP's CLS is dropped (strategy "default"). What LLaVA cannot express is
-refused: pooling, pixel shuffle, V2PE with delta != 1, a tower run off its native resolution.
+refused: pooling, pixel shuffle, V2PE with delta != 1, a tower run off its native resolution,
+tiles or a start / end wrap around images (model.images).
 For clients: the chat template also renders content parts (text/chat.py client_chat_template) and
 generation_config.json stops at the end of the turn, so transformers' greedy answers are ours.
 """
@@ -47,6 +48,13 @@ def check_exportable(model) -> None:
         why.append(f"its projector hidden width {hidden} differs from the LLM width {model.llm.config.hidden_size}")
     if model.positions == "v2pe" and model.v2pe_delta != 1.0:
         why.append(f"it uses V2PE positions with delta {model.v2pe_delta}; LLaVA uses integer positions (delta 1)")
+    images = model.images
+    if images.tiles:
+        why.append("it tiles images (model.images.tiles); LLaVA's processor feeds each image as one tile "
+                   "(--set model.images.tiles=false exports it untiled)")
+    if images.start or images.end:
+        why.append("it wraps each image's tokens in model.images.start / end; LLaVA's processor writes the image "
+                   "tokens alone")
     if model.image_size != model.vision.config.image_size:
         why.append(
             f"its tower runs at {model.image_size} px with interpolated position embeddings but is configured "

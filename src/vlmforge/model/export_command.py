@@ -7,15 +7,17 @@ as in training, and content parts: an image part is `<image>` + newline), genera
 (stops at <|im_end|>, pad id) and the image processor, and loads offline with
 AutoModelForImageTextToText / AutoProcessor / pipeline("image-text-to-text"). It also gets
 vlmforge_config.yaml and manifest.json. Models LLaVA cannot express (a pooled avgpool_mlp,
-pixel_shuffle_mlp, V2PE with delta != 1, an interpolated tower resolution) are refused with the
-reason; a pooled checkpoint can be exported at full grid with --set model.projector.pool_size=null.
+pixel_shuffle_mlp, V2PE with delta != 1, an interpolated tower resolution, tiles or a start / end
+wrap in model.images) are refused with the reason; a pooled checkpoint can be exported at full grid with --set model.projector.pool_size=null.
 
 InternVL: config.json (InternViT, the multi_modal_projector, the LM; image_seq_length = visual tokens
 per tile), model.safetensors, generation_config.json, the tokenizer with InternVLProcessor's named
-image tokens (context token <image>; start / end <img> / </img> when the checkpoint writes images
-that way, as an imported InternVL does, else none) and the chat template, and processor_config.json
-(InternVLProcessor, GotOcr2 image processor: one tile per image at the tower's size, vlmforge's
-mean / std). Refused with the reason: a SigLIP / CLIP tower, another projector, V2PE with delta != 1.
+image tokens (context token <image>; start / end = model.images.start / end, <img> / </img> for an
+imported InternVL, else none) and the chat template, and processor_config.json (InternVLProcessor,
+GotOcr2 image processor with vlmforge's mean / std, tiling as model.images says: min_tiles..max_tiles
+tiles of the tower's size and a thumbnail when model.images.tiles is true, else one tile per image).
+Refused with the reason: a SigLIP / CLIP tower, another projector, V2PE with delta != 1, tiles
+without a thumbnail, a start / end that is not one token of the tokenizer.
 
 --format auto (the default): internvl for a pixel_shuffle_mlp model, else llava.
 
@@ -77,5 +79,8 @@ def run(args: argparse.Namespace) -> int:
         counts={"visual_tokens_per_image": model.tokens_per_image}, format=f"transformers {FORMAT_CLASSES[fmt]}",
         dtype=args.dtype,
     )
-    print(f"exported to {out} ({FORMAT_CLASSES[fmt]}, {model.tokens_per_image} visual tokens per image)")
+    images = model.images
+    tiles = f", {images.min_tiles}-{images.max_tiles} tiles + thumbnail" if images.tiles and fmt == "internvl" else ""
+    unit = "tile" if tiles else "image"
+    print(f"exported to {out} ({FORMAT_CLASSES[fmt]}, {model.tokens_per_image} visual tokens per {unit}{tiles})")
     return 0

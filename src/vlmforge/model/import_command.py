@@ -1,7 +1,8 @@
 """Import a published LLaVA- or InternVL-family checkpoint as a vlmforge checkpoint (the inverse of export).
 
 Layouts: a transformers InternVL folder (InternVLForConditionalGeneration, e.g. OpenGVLab/InternVL3-1B-hf:
-InternViT + pixel_shuffle_mlp + the LM, images written <img><image></img> by the chat template),
+InternViT + pixel_shuffle_mlp + the LM; model.images takes the processor's tiling, min_patches..max_patches
+tiles and a thumbnail, and wraps each image in <img> ... </img> as InternVLProcessor writes it),
 a transformers LLaVA folder (LlavaForConditionalGeneration, e.g. llava-hf/*), and the
 original LLaVA repository's (a causal-LM config with mm_vision_tower, mm_projector_type mlp2x_gelu
 or aapool_mlp, mm_vision_select_layer; projector weights under model.mm_projector.*), which is the
@@ -74,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         out, "import", inputs=plan.sources, config=cfg, layout=plan.layout, notes=plan.notes,
         counts={"visual_tokens_per_image": model.tokens_per_image, "vocab": len(tok)},
     )
+    images = model.images
+    tiles = f", {images.min_tiles}-{images.max_tiles} tiles + thumbnail" if images.tiles else ""
     print(f"imported {plan.layout} checkpoint {src} to {out} ({model.projector.kind}, "
-          f"{model.tokens_per_image} visual tokens per image)")
+          f"{model.tokens_per_image} visual tokens per {'tile' if tiles else 'image'}{tiles})")
     for note in plan.notes:
         print(f"  note: {note}")
     return 0

@@ -9,19 +9,23 @@ the causal LM <-> ``language_model`` + ``lm_head``. ``vision_feature_layer`` is 
 (strategy "default"), ``image_seq_length`` is our visual tokens per tile.
 
 Image layout. InternVL writes an image as ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles)
-+ ``</img>``. vlmforge marks an image with ``<image>``, which the data layer expands to the visual
-tokens; an imported tokenizer's chat template starts with :func:`image_layout_prelude`, which writes
-each ``<image>`` of the conversation as ``<img><image></img>``, so the model reads InternVL's token
-sequence (the ``<image>`` embeddings are never read: image features replace them). An export makes
-``<image>`` the processor's context token and keeps the start / end tokens the checkpoint was
-trained with (none for a model without that layout), so the transformers processor writes the
-very ids vlmforge writes.
++ ``</img>``. vlmforge marks an image with ``<image>``; the model's layout (``model.images``, see
+:class:`vlmforge.arch.tiles.ImageLayout`) expands it to the tiles' placeholders wrapped in
+``model.images.start`` / ``end``. An import sets ``start`` / ``end`` to the tokenizer's
+``start_image_token`` / ``end_image_token`` (``<img>`` / ``</img>``), so the model reads InternVL's
+own token sequence with ``<image>`` in the place of ``<IMG_CONTEXT>`` (image features replace those
+positions, so their embedding is never read). An export makes ``<image>`` the processor's context
+token and ``start`` / ``end`` its start / end tokens, so transformers' processor writes the very ids
+vlmforge writes. Checkpoints imported before ``model.images`` carried the wrap in a chat-template
+prelude (:func:`image_layout_prelude`); they load and export as before.
 
 Tiles. A tiled image is its tiles in a row (row-major, thumbnail last), each one pass of the tower,
-their features one run of context tokens: the model already takes them as consecutive "images"
-(N tiles of pixel_values behind N x tokens-per-tile placeholders). The processor an export writes
-takes a :class:`vlmforge.arch.tiles.Tiling` (GotOcr2's crop_to_patches); without one, each image is
-one tile (the whole image resized), which is what vlmforge's data layer does today.
+their features one run of context tokens: the model takes them as consecutive "images". The tiling
+is InternVL's processor's: InternVLProcessor passes ``crop_to_patches=True`` to its GotOcr2 image
+processor on every call, which then tiles an image into ``min_patches``..``max_patches`` tiles plus a
+thumbnail whenever ``max_patches`` > 1. An import turns those settings into ``model.images``
+(tiles, min_tiles, max_tiles, thumbnail); an export writes ``model.images`` (or an explicit
+:class:`vlmforge.arch.tiles.Tiling`) back as the image processor's settings.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
+    InternVLProcessor,
     InternVLVisionConfig,
 )
 from transformers.initialization import no_init_weights
 
+from vlmforge.arch.geometry import wrap_ids
 from vlmforge.arch.tiles import Tiling
 from vlmforge.arch.tokens import IMAGE_TOKEN
-from vlmforge.errors import UserError
+from vlmforge.config.loader import set_value
+from vlmforge.errors import ConfigError, UserError
 from vlmforge.model.decoding import end_of_turn_ids
 from vlmforge.model.export import ExportRefused, generation_config
 from vlmforge.model.llava_import import build_imported, load_source_tokenizer
@@ -104,7 +111,8 @@ def split_layout(template: str | None) -> tuple[str, str, str | None]:
 
 
 def with_image_layout(template: str, start: str, end: str) -> str:
-    """``template`` rendering content parts and wrapping each image in start / end."""
+    """``template`` rendering content parts and wrapping each image in start / end (the chat template
+    of a checkpoint imported before ``model.images`` carried the wrap)."""
     _, _, base = split_layout(template)
     return CONTENT_PARTS_PRELUDE + image_layout_prelude(start, end) + base if (start or end) else client_chat_template(base)
 
@@ -208,9 +216,9 @@ def image_tokens(tok, image_token_id: int, where: str) -> tuple[str, str, str]:
     return start, end, context
 
 
-def source_image_processor(src: Path) -> dict[str, Any] | None:
-    """The source's image processor settings (processor_config.json's nested image_processor, or the
-    legacy preprocessor_config.json)."""
+def source_image_processor(src: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """(file, settings) of the source's image processor: processor_config.json's nested
+    image_processor, or the legacy preprocessor_config.json; (None, None) when it has neither."""
     for name in (PROCESSOR_CONFIG, LEGACY_IMAGE_PROCESSOR_CONFIG):
         p = src / name
         if not p.is_file():
@@ -221,14 +229,40 @@ def source_image_processor(src: Path) -> dict[str, Any] | None:
             raise UserError(f"{p}: not valid JSON ({e})") from None
         d = d.get("image_processor", d) if name == PROCESSOR_CONFIG else d
         if "image_mean" in d or "size" in d:
-            return d
-    return None
+            return p, d
+    return None, None
+
+
+def _patches(path: Path, proc: dict[str, Any], key: str) -> int:
+    value = proc.get(key, getattr(GotOcr2ImageProcessorPil, key))  # absent: the image processor's default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: {key} {value!r} must be an integer >= 1")
+    return value
+
+
+def source_tiling(path: Path | None, proc: dict[str, Any] | None) -> dict[str, Any]:
+    """``model.images`` tiling keys for the source's processor. AutoProcessor builds
+    InternVLProcessor for an InternVL folder, and it passes crop_to_patches=True on every call
+    (whatever the image processor's own crop_to_patches), so images are tiled exactly when
+    max_patches > 1, each into min_patches..max_patches tiles plus a thumbnail (GotOcr2 always adds
+    one to a grid of more than one tile). No image processor config: one tile per image."""
+    if proc is None:
+        return {"tiles": False}
+    lo, hi = _patches(path, proc, "min_patches"), _patches(path, proc, "max_patches")
+    if lo > hi:
+        raise UserError(f"{path}: min_patches {lo} is above max_patches {hi}")
+    crops = bool(getattr(InternVLProcessor, "images_kwargs", {}).get("crop_to_patches", True))
+    # share_budget off: the processor gives every image of a prompt the whole budget (fine-tuning
+    # with InternVL's shared multi-image budget is a recipe's --set model.images.share_budget=true)
+    return {"tiles": crops and hi > 1, "min_tiles": lo, "max_tiles": hi, "thumbnail": True, "share_budget": False}
 
 
 def preprocessing_notes(model, proc: dict[str, Any] | None) -> list[str]:
-    """Where the source's image processor and vlmforge's preprocessing of the imported model differ."""
+    """Where the source's image processor and vlmforge's preprocessing of the imported model differ,
+    and how the imported model tiles."""
     if proc is None:
-        return ["the source has no image processor config; vlmforge preprocesses as for any InternViT tower"]
+        return ["the source has no image processor config; vlmforge preprocesses as for any InternViT tower, one "
+                "tile per image (model.images.tiles false)"]
     spec, notes = model.preprocess_spec(), []
     size = proc.get("size") or {}
     side = size.get("height") if isinstance(size, dict) else size
@@ -238,9 +272,19 @@ def preprocessing_notes(model, proc: dict[str, Any] | None) -> list[str]:
         theirs = proc.get(key)
         if theirs is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(theirs, ours)):
             notes.append(f"the source normalises with {key} {list(theirs)}, vlmforge with {list(ours)}")
-    if int(proc.get("max_patches", 12)) > 1:  # InternVLProcessor crops to patches unless told not to
-        notes.append(f"the source tiles images ({proc.get('min_patches', 1)}-{proc.get('max_patches', 12)} tiles "
-                     "and a thumbnail); vlmforge feeds each image as one tile (the whole image resized)")
+    images = model.images
+    if images.tiles:
+        notes.append(f"images are tiled as InternVLProcessor tiles them: {images.min_tiles}-{images.max_tiles} tiles "
+                     f"of {spec['size']} px and a thumbnail (model.images); with several images in one prompt "
+                     + ("each gets the whole budget, as in transformers' processor (model.images.share_budget "
+                        "false; InternVL's training data shares it)" if not images.share_budget else
+                        f"vlmforge shares the {images.max_tiles} among them (InternVL's training rule), where "
+                        "transformers' processor gives each image the whole budget"))
+        if proc.get("crop_to_patches") is False:
+            notes.append("the source's image processor alone has crop_to_patches false; InternVLProcessor, which "
+                         "AutoProcessor builds for the folder, turns it on for every call, so vlmforge tiles")
+    else:
+        notes.append("the source's processor feeds each image as one tile (max_patches 1); so does vlmforge")
     return notes
 
 
@@ -259,15 +303,23 @@ def import_internvl(src: Path, out: Path, tokenizer: Path | None = None, trust_r
         raise UserError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not internvl "
                         "(a transformers InternVLForConditionalGeneration folder)")
     plan = plan_internvl(src, cfg)
+    proc_path, proc = source_image_processor(src)
+    tiling = source_tiling(proc_path, proc)
     tok_dir = tokenizer or src
     tok = load_source_tokenizer(tok_dir, trust_remote_code, plan.notes)
     context_id = int(cfg.get("image_token_id", cfg.get("image_token_index", -1)))  # older configs: _index
     start, end, context = image_tokens(tok, context_id, str(tok_dir))
-    tok.chat_template = with_image_layout(tok.chat_template, start, end)
-    plan.notes.append(f"images are written {start}{IMAGE_TOKEN}{end}, {IMAGE_TOKEN} standing for the source's "
-                      f"{context} (id {context_id})")
+    tok.chat_template = client_chat_template(split_layout(tok.chat_template)[2])
+    wrap = f"between {start!r} and {end!r} (model.images.start / end)" if start or end else "with no start / end tokens"
+    plan.notes.append(f"images are written {wrap}, {IMAGE_TOKEN} standing for the source's {context} (id {context_id})")
     model, rcfg = build_imported(plan, tok, out, name or f"imported-{src.resolve().name}", trust_remote_code)
-    plan.notes.extend(preprocessing_notes(model, source_image_processor(src)))
+    try:
+        for key, value in {**tiling, "start": start or None, "end": end or None}.items():
+            set_value(rcfg, f"model.images.{key}", value, f"{proc_path or src}")
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    model.images = rcfg.model.images
+    plan.notes.extend(preprocessing_notes(model, proc))
     save_vlm(model, tok, rcfg, out)
     return model, tok, rcfg, plan
 
@@ -327,7 +379,8 @@ def internvl_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
 
 def image_processor(model, tiling: Tiling | None = None) -> GotOcr2ImageProcessorPil:
     """InternVL's image processor with vlmforge's preprocessing: one tile per image (resize to the
-    tower's size), or with `tiling` InternVL's dynamic tiles (crop_to_patches, thumbnail last)."""
+    tower's size), or with `tiling` InternVL's dynamic tiles (crop_to_patches, thumbnail last).
+    InternVLProcessor turns crop_to_patches on for every call, so one tile is max_patches 1."""
     spec = model.preprocess_spec()
     common = dict(image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"])
     if tiling is None:
@@ -336,8 +389,30 @@ def image_processor(model, tiling: Tiling | None = None) -> GotOcr2ImageProcesso
                                         max_patches=1, **common)
     if not tiling.thumbnail:
         raise ExportRefused("cannot export tiling without a thumbnail: InternVL's image processor always adds one")
+    if tiling.tile != spec["size"]:
+        raise ExportRefused(f"cannot export {tiling.tile} px tiles for a tower that runs at {spec['size']} px: "
+                            "InternVL's image processor cuts tiles of the tower's size")
     return GotOcr2ImageProcessorPil(size={"height": tiling.tile, "width": tiling.tile}, crop_to_patches=True,
                                     min_patches=tiling.min_tiles, max_patches=tiling.max_tiles, **common)
+
+
+def export_wrap(model, tokenizer) -> tuple[str, str, str | None]:
+    """(start, end, chat template without vlmforge's preludes): the text around each image's
+    placeholders the model reads, ``model.images.start`` / ``end`` (or, for a checkpoint imported
+    before those keys, the chat template's layout prelude). InternVLProcessor writes each as one
+    token of the tokenizer, so anything else is refused."""
+    t_start, t_end, base = split_layout(tokenizer.chat_template)
+    c_start, c_end = model.images.start or "", model.images.end or ""
+    if (t_start or t_end) and (c_start or c_end):
+        raise ExportRefused(f"cannot export images wrapped twice: the chat template writes {t_start}<image>{t_end} "
+                            f"and model.images.start / end wrap that in {c_start!r} / {c_end!r}; InternVLProcessor "
+                            "writes one wrap")
+    start, end = (c_start, c_end) if (c_start or c_end) else (t_start, t_end)
+    for key, text in (("start", start), ("end", end)):
+        if text and wrap_ids(tokenizer, text) != (tokenizer.convert_tokens_to_ids(text),):
+            raise ExportRefused(f"cannot export model.images.{key} {text!r}: it is not one token of the tokenizer, and "
+                                f"InternVLProcessor writes its {key}_image_token as one token")
+    return start, end, base
 
 
 def video_processor(model) -> dict[str, Any]:
@@ -368,11 +443,14 @@ def _export_tokenizer(tokenizer, out: Path, tokens: dict[str, str], template: st
 def export_internvl(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                     tiling: Tiling | None = None, trust_remote_code: bool = False) -> Path:
     """Write a folder that AutoModelForImageTextToText / AutoProcessor load offline as
-    InternVLForConditionalGeneration + InternVLProcessor (see the module docstring)."""
+    InternVLForConditionalGeneration + InternVLProcessor (see the module docstring). The processor
+    tiles as ``model.images`` says, unless `tiling` is given."""
     refusal = internvl_refusal(model)
     if refusal is not None:
         raise ExportRefused(refusal)
-    start, end, base = split_layout(tokenizer.chat_template)
+    start, end, base = export_wrap(model, tokenizer)
+    if tiling is None:
+        tiling = model.image_layout(tokenizer).tiling
     image_proc = image_processor(model, tiling)  # before anything is written: it may refuse
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
