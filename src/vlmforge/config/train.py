@@ -9,7 +9,7 @@ Each stage reads its data from one place: pretraining from ``train.data_path``, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from vlmforge.config.ranges import ranged
@@ -95,3 +95,14 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     report: bool = True  # write report.html + plots at the end
+
+    # --- live evaluation: scaling curves (benchmarks vs samples seen, as Open-Qwen2VL plots them) ---
+    # Every eval_every optimizer steps, before the first step and after the last, the eval_tasks run
+    # on the live model (every rank its share of the items); the scores go to metrics.jsonl as
+    # eval/<task>/<metric> and the report plots them against samples seen. 0 = off. The other eval
+    # settings (synth_dir, batch_size, mc_protocols, strict) come from the eval section.
+    eval_every: int = ranged(0, ge=0)
+    eval_points: int = ranged(0, ge=0)  # > 0 overrides eval_every: this many evaluations spread evenly over the run
+    eval_tasks: list[str] = field(default_factory=list)  # as `vlmforge eval --tasks` names them
+    eval_limit: Optional[int] = ranged(None, ge=1)  # questions per task; None = eval.limit
+    eval_max_new_tokens: Optional[int] = ranged(None, ge=1)  # None = eval.max_new_tokens

@@ -154,7 +154,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
                           "--out", str(out_dir / "sft_index"), *common, *sft_sets])
     log.run("sft", ["train", "--recipe", SFT_RECIPE, *common, *_sets(
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
-        train__run_dir=runs / "sft", train__epochs=s.sft_epochs), *sft_sets])
+        train__run_dir=runs / "sft", train__epochs=s.sft_epochs, eval__synth_dir=world), *sft_sets])
     log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *late_eval_args, "--out", str(evals / "sft")])
 
     # MPO on pairs the SFT model makes itself: its sampled replies to training-split questions

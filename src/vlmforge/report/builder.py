@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmforge.files import atomic_write_text, read_metrics
-from vlmforge.report.plots import training_plots
+from vlmforge.report.plots import eval_curves_plot, is_eval_row, training_plots
 
 REPORT = "report.html"
 PLOTS_DIR = "plots"
@@ -129,6 +129,16 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     return [{"metric": k, "value": v} for k, v in out.items() if v is not None]
 
 
+def eval_table(rows: Sequence[dict]) -> list[dict]:
+    """One row per live evaluation: step, samples seen and every eval/ score."""
+    out = []
+    for r in rows:
+        if is_eval_row(r):
+            scores = {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
+            out.append({"step": r.get("step"), "samples seen": r.get("samples_seen"), **scores})
+    return out
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 64em; padding: 0 1em; color: #222;
        line-height: 1.45; }
@@ -173,11 +183,19 @@ def build_report(
     images are embedded); returns the HTML path. ``intro`` is trusted markup under the title."""
     run = Path(run_dir)
     rows = read_metrics(run)
+    steps = [r for r in rows if not is_eval_row(r)]
     sections: list[Section] = []
-    if rows:
-        sections.append(Section("Summary", table=summarize(rows)))
-        for plot_title, path in training_plots(rows, run / PLOTS_DIR):
+    if steps:
+        sections.append(Section("Summary", table=summarize(steps)))
+        for plot_title, path in training_plots(steps, run / PLOTS_DIR):
             sections.append(Section(plot_title, images=[path]))
+    curves = eval_curves_plot(rows, run / PLOTS_DIR / "eval.png")
+    if curves is not None:
+        sections.append(Section(
+            "Benchmarks vs samples seen", images=[curves],
+            text="The train.eval_tasks scores of the live model (train.eval_every), against the training samples "
+                 "(conversations, captions or pairs) seen so far; the first point is the model training started from.",
+            table=eval_table(rows)))
     sections.extend(extra_sections)
     manifest = run / "manifest.json"
     cfg_link = '<a href="config.yaml">config.yaml</a>' if (run / "config.yaml").is_file() else ""

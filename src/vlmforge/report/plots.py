@@ -155,6 +155,55 @@ def training_plots(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[tup
     return made
 
 
+EVAL_PREFIX = "eval/"
+
+
+def is_eval_row(row: dict) -> bool:
+    """A live evaluation's metrics row (``train.eval_every``): scores, no training step."""
+    return any(k.startswith(EVAL_PREFIX) for k in row)
+
+
+def eval_scores(rows: Sequence[dict]) -> dict[str, dict[str, tuple[list, list]]]:
+    """``{task: {metric: (samples seen, scores)}}`` of the eval rows' ``eval/<task>/<metric>`` keys
+    (the task is everything before the last slash)."""
+    out: dict[str, dict[str, tuple[list, list]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if not k.startswith(EVAL_PREFIX) or not isinstance(v, (int, float)) or "samples_seen" not in r:
+                continue
+            task, _, metric = k[len(EVAL_PREFIX):].rpartition("/")
+            xs, ys = out.setdefault(task or metric, {}).setdefault(metric, ([], []))
+            xs.append(r["samples_seen"])
+            ys.append(v)
+    return out
+
+
+def eval_curves_plot(rows: Sequence[dict], out_path: str | os.PathLike) -> Path | None:
+    """Scaling curves: each task's scores against the training samples seen so far, one panel per
+    task, one line per metric; None without eval rows."""
+    tasks = eval_scores(rows)
+    if not tasks:
+        return None
+    cols = min(len(tasks), 2)
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.3), dpi=100, squeeze=False)
+    for ax, (task, metrics) in zip(axes.flat, tasks.items()):
+        values = [v for _, ys in metrics.values() for v in ys]
+        for (metric, (xs, ys)), color in zip(metrics.items(), COLORS * 4):
+            ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color=color, label=metric)
+        if values and 0 <= min(values) and max(values) <= 1:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("training samples seen")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    fig.suptitle("Benchmarks during training")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
 def losses_plot(runs: Sequence[tuple[str, Sequence[dict]]], out_path: str | os.PathLike) -> Path | None:
     """The loss of several training runs side by side, one panel each (their scales differ)."""
     runs = [(name, _series(rows, "loss")) for name, rows in runs]

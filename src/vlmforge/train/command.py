@@ -18,6 +18,12 @@ before training with mpo.reference=precompute). Running the same command again r
 checkpoints/latest and reproduces the per-step losses of an uninterrupted run (bit-identical on
 CPU); a rerun with other run settings is refused before anything is written, listing each changed
 key (train.resume=false starts over).
+
+train.eval_every=N (or train.eval_points=P: P evaluations spread over the run), with train.eval_tasks
+(e.g. [synth-mcq,synth-vqa] and eval.synth_dir), evaluates the live model before the first step,
+every N steps and after the last, on every rank's share of
+the items: metrics.jsonl gains eval/<task>/<metric> rows with samples_seen, the report a plot of
+each benchmark against samples seen.
 """
 
 from __future__ import annotations
@@ -49,6 +55,54 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def live_eval_tasks(cfg: Recipe) -> list | None:
+    """train.eval_tasks loaded (None when train.eval_every and train.eval_points are 0), before
+    anything is written, so a wrong task name or file stops the run at once."""
+    t, ev = cfg.train, cfg.eval
+    if int(t.eval_every) <= 0 and int(t.eval_points) <= 0:
+        return None
+    from vlmforge.errors import ConfigError
+    from vlmforge.eval.items import TaskError
+    from vlmforge.eval.specs import parse_task_specs
+    from vlmforge.eval.tasks import load_task
+
+    if not t.eval_tasks:
+        key = f"train.eval_points={t.eval_points}" if t.eval_points > 0 else f"train.eval_every={t.eval_every}"
+        raise ConfigError(f"{key} needs train.eval_tasks (task names as `vlmforge eval "
+                          "--tasks` takes them, e.g. [synth-mcq, synth-vqa] with eval.synth_dir)")
+    try:
+        return [load_task(s, limit=_eval_limit(cfg), strict=ev.strict, allow_absolute_paths=ev.allow_absolute_paths)
+                for s in parse_task_specs(list(t.eval_tasks), ev.synth_dir)]
+    except TaskError as e:
+        raise ConfigError(f"train.eval_tasks: {e}") from None
+
+
+def _eval_limit(cfg: Recipe) -> int | None:
+    return cfg.train.eval_limit if cfg.train.eval_limit is not None else cfg.eval.limit
+
+
+def eval_hook(cfg: Recipe, tasks: list, tokenizer):
+    """The loop's eval hook: ``tasks`` through the eval runner (greedy, 0-shot, eval.mc_protocols),
+    returning ``{"<task>/<metric>": score}`` for every numeric metric of every result."""
+    from vlmforge.errors import ConfigError
+    from vlmforge.eval.items import TaskError
+    from vlmforge.eval.runner import evaluate
+
+    t, ev = cfg.train, cfg.eval
+    max_new = t.eval_max_new_tokens if t.eval_max_new_tokens is not None else ev.max_new_tokens
+
+    def hook(model, step: int) -> dict[str, float]:
+        try:
+            results = evaluate(model, tokenizer, tasks, mc_protocols=list(ev.mc_protocols), limit=_eval_limit(cfg),
+                               batch_size=ev.batch_size, max_new_tokens=max_new, strict=ev.strict, progress=False)
+        except TaskError as e:
+            raise ConfigError(f"train.eval_tasks (at step {step}): {e}") from None
+        return {f"{name}/{metric}": float(v) for name, r in results.items() for metric, v in r["metrics"].items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    return hook
+
+
 def train_from_config(cfg: Recipe) -> TrainResult:
     """Run a training stage from a resolved recipe (the command's body)."""
     from pathlib import Path
@@ -63,6 +117,7 @@ def train_from_config(cfg: Recipe) -> TrainResult:
 
     info = vdist.init_distributed(str(cfg.train.device))
     validate(cfg, info.world_size)
+    tasks = live_eval_tasks(cfg)
     run_dir = Path(cfg.train.run_dir)
     # data, checkpoint and tokenizer belong together, and a resume continues the same run: both are
     # checked before anything is written (config.yaml included)
@@ -76,6 +131,7 @@ def train_from_config(cfg: Recipe) -> TrainResult:
     vdist.barrier()
     seed = run_seed(cfg)
     pieces = build_stage(cfg, info.rank, info.world_size)
+    hook = eval_hook(cfg, tasks, pieces.tokenizer) if tasks is not None else None
     _seed_everything(seed + 1 + info.rank)  # training-time randomness (V2PE deltas) differs per rank
 
     def on_end(path: Path) -> None:
@@ -104,6 +160,7 @@ def train_from_config(cfg: Recipe) -> TrainResult:
         export_fn=lambda model, out: export_final(model, pieces.tokenizer, cfg, out),
         on_end=on_end,
         objective=pieces.objective,
+        eval_hook=hook,
     )
     result = trainer.fit()
     if info.is_main:

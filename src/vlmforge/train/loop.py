@@ -15,17 +15,29 @@ stops there with :class:`NonFiniteStepError` (a UserError: one line, exit 2), no
 ``checkpoints/latest`` stays the last good checkpoint and ``final/`` is not written;
 ``train.skip_nonfinite_steps=true`` goes on instead and counts the step (``skipped_steps``). The
 decision is reduced over ranks, so every rank takes it.
+
+Live evaluation (``train.eval_every`` or ``train.eval_points`` > 0, and an ``eval_hook``): before
+the first step, every :func:`eval_interval` steps and after the last, ``eval_hook(model, step) ->
+{name: score}`` runs on every rank with the model in eval mode and no grad; the scores are logged as ``eval/<name>`` with
+``samples_seen`` (conversations, captions or pairs so far). The hook gets an unsharded model: an
+FSDP-sharded one cannot run a different number of forward passes per rank (the evaluation splits
+its items over ranks), nor generation, which calls submodules outside the root's hooks, so the full
+weights are gathered into a plain copy on each rank. The random states (python, numpy, torch) are
+restored afterwards, so the training run is the same with or without it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +50,9 @@ from vlmforge.train.mfu import StepFlops
 from vlmforge.train.objectives import Objective, build_objective, forward_fn
 from vlmforge.train.optim import build_optimizer, build_scheduler, current_lrs
 from vlmforge.train.parallel import place_model
+
+# (model, step) -> {name: score}, on every rank (see the module docstring)
+EvalHook = Callable[[nn.Module, int], dict[str, float]]
 
 # Testing hook: SIGKILL this process right after the given step (proves kill-and-resume).
 KILL_ENV = "VLMFORGE_KILL_AFTER_STEP"
@@ -61,6 +76,41 @@ def grad_accum_steps(tcfg: TrainConfig, world_size: int) -> int:
     return tcfg.global_batch_size // per_step
 
 
+def eval_interval(tcfg: TrainConfig, total_steps: int) -> int:
+    """Steps between live evaluations: train.eval_points > 0 spreads that many over the run
+    (ceil(total / points)), else train.eval_every; 0 = off."""
+    if tcfg.eval_points > 0:
+        return max(1, -(-int(total_steps) // int(tcfg.eval_points)))
+    return int(tcfg.eval_every)
+
+
+def samples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Training samples in a micro-batch: preference pairs, else the samples packed in each row
+    (``seq_ids`` numbers them from 0, -1 on padding), else one per row."""
+    if batch.get("pair_ids") is not None:
+        return int(batch["pair_ids"].numel())
+    seq = batch.get("seq_ids")
+    if seq is not None:
+        return int((seq.max(dim=1).values + 1).clamp(min=0).sum())
+    return int(batch["input_ids"].shape[0])
+
+
+def random_states() -> dict[str, Any]:
+    """Every random state the training loop may draw from (python, numpy, torch CPU and CUDA)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class Trainer:
     """Runs optimizer steps ``start .. total_steps`` over ``loader`` (an iterable of micro-batch
     dicts with ``state_dict()/load_state_dict()`` for exact resume; ``set_epoch(e)`` if it has one).
@@ -78,6 +128,7 @@ class Trainer:
         export_fn: Callable[[nn.Module, Path], None] | None = None,
         on_end: Callable[[Path], None] | None = None,
         objective: Objective | None = None,
+        eval_hook: EvalHook | None = None,
     ) -> None:
         self.tcfg = tcfg
         self.world = vdist.world_size()
@@ -90,6 +141,11 @@ class Trainer:
         self.on_end = on_end
         self.objective = objective if objective is not None else build_objective(tcfg)
         self.objective.setup(model, tcfg, device, self.world)  # before placing: a live reference copies the model
+        self.eval_every = eval_interval(tcfg, total_steps)
+        self.eval_hook = eval_hook if self.eval_every > 0 else None
+        # the unsharded model the hook runs on under FSDP (kept on the CPU between evaluations)
+        self._eval_copy = (copy.deepcopy(model).cpu() if self.eval_hook is not None and self.world > 1 and tcfg.fsdp
+                           else None)
         self.model, self.place = place_model(model, tcfg, device, self.world)
         self.step_flops = StepFlops(self.model, tcfg, self.place.device)
         if vdist.is_main() and tcfg.progress_bar:
@@ -101,7 +157,8 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
         self.epoch = 0
-        self.counters = {"tokens": 0, "real_tokens": 0, "supervised_tokens": 0, "rows": 0}
+        # samples: conversations (SFT), captions (pretraining) or pairs (MPO), the x of the eval curves
+        self.counters = {"tokens": 0, "real_tokens": 0, "supervised_tokens": 0, "rows": 0, "samples": 0}
         self.counters.update({k: 0 for k in self.objective.counters})
         if tcfg.skip_nonfinite_steps:
             self.counters["skipped_steps"] = 0  # steps whose update was skipped (non-finite loss / grad norm)
@@ -209,6 +266,7 @@ class Trainer:
         local["real_tokens"] = sum(int((b["seq_ids"] >= 0).sum()) if b.get("seq_ids") is not None
                                    else b["input_ids"].numel() for b in micro)
         local["rows"] = sum(b["input_ids"].shape[0] for b in micro)
+        local["samples"] = sum(samples_in(b) for b in micro)
         local["model_flops"] = float(self.step_flops.flops(micro)["total"])
         names = list(local)
         packed = torch.stack([torch.as_tensor(local[k], dtype=torch.float64, device=dev) for k in names])
@@ -243,7 +301,7 @@ class Trainer:
         # data wait: the slowest rank's wait bounds the step; report rank-0's (a cheap, honest proxy)
         self.step += 1
         tokens, real, sup, rows = (stats[k] for k in ("tokens", "real_tokens", "supervised_tokens", "rows"))
-        for k in ("tokens", "real_tokens", "supervised_tokens", "rows", *self.objective.counters):
+        for k in ("tokens", "real_tokens", "supervised_tokens", "rows", "samples", *self.objective.counters):
             self.counters[k] += int(stats[k])
         metrics = self.objective.end_step(dict(zip(keys, loss_sums.tolist())), stats, applied=not (bad_loss or bad_grad))
         row = {
@@ -280,6 +338,48 @@ class Trainer:
             print(f"step {self.step}: {what}; update skipped (train.skip_nonfinite_steps), "
                   f"{self.counters['skipped_steps']} skipped so far", flush=True)
 
+    # ------------------------------------------------------------ live evaluation
+
+    def _unsharded_model(self) -> nn.Module:
+        """The model the eval hook runs on: the live one, or under FSDP the plain copy loaded with
+        the full weights (collective: one all-gather per parameter, in the same order on every rank)."""
+        if self._eval_copy is None:
+            return self.model
+        mine = dict(self._eval_copy.named_parameters())
+        live = dict(self.model.named_parameters())
+        if mine.keys() != live.keys():
+            raise RuntimeError("the evaluation copy's parameters differ from the sharded model's")
+        dev = self.place.device
+        self._eval_copy.to(dev)
+        with torch.no_grad():
+            for name, p in live.items():
+                mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+            copies = dict(self._eval_copy.named_buffers())
+            for name, b in self.model.named_buffers():
+                if name in copies:
+                    copies[name].copy_(b)
+        return self._eval_copy
+
+    def evaluate(self, log: MetricsLogger) -> dict[str, Any]:
+        """Run the eval hook at the current step (every rank) and log its scores; returns the row."""
+        states = random_states()
+        t0 = time.perf_counter()
+        model = self._unsharded_model()
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = self.eval_hook(model, self.step)
+        finally:
+            restore_random_states(states)
+            if self._eval_copy is not None:
+                self._eval_copy.cpu()
+            self.model.train()
+        row = {"step": self.step, "samples_seen": int(self.counters["samples"]),
+               **{f"eval/{k}": float(v) for k, v in scores.items()},
+               "eval_seconds": time.perf_counter() - t0}
+        log.log_eval(row)
+        return row
+
     # ------------------------------------------------------------ the run
 
     def fit(self) -> TrainResult:
@@ -297,7 +397,10 @@ class Trainer:
         )
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
         every = int(self.tcfg.checkpoint_every)
+        eval_every = self.eval_every
         try:
+            if self.eval_hook is not None and start == 0:
+                self.evaluate(log)  # the curves' first point: the model training starts from
             while self.step < self.total_steps:
                 row = self.train_step()
                 result.losses[self.step] = row["loss"]
@@ -310,6 +413,9 @@ class Trainer:
                     log.log(row)
                 if "nonfinite" in row:
                     self._on_nonfinite(row)
+                # before the checkpoint: a run killed in between redoes this step's evaluation
+                if self.eval_hook is not None and (self.step % eval_every == 0 or self.step == self.total_steps):
+                    self.evaluate(log)
                 if every > 0 and self.step % every == 0 and self.step < self.total_steps:
                     self.save()
                 if self.step == kill_after:

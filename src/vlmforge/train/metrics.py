@@ -1,6 +1,7 @@
 """Per-step metrics: metrics.jsonl (one json object per optimizer step), TensorBoard events and a
 tqdm progress bar. Only rank 0 writes. On resume the jsonl is cut back to the resumed step so it
-holds exactly one line per step."""
+holds exactly one line per step, plus one line per live evaluation (``train.eval_every``): its
+step, ``samples_seen`` and ``eval/<task>/<metric>`` scores, and no ``loss``."""
 
 from __future__ import annotations
 
@@ -64,6 +65,26 @@ class MetricsLogger:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}",
                                   **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+
+    def log_eval(self, row: dict[str, Any]) -> None:
+        """A live evaluation's row: written and sent to TensorBoard (against samples seen too), one
+        line printed; the progress bar does not advance."""
+        if not self.enabled:
+            return
+        row = {"step": row["step"], "time": round(time.time(), 3), **{k: v for k, v in row.items() if k != "step"}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        scores = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if self._tb is not None:
+            for k, v in scores.items():
+                self._tb.add_scalar(k, v, row["step"])
+                self._tb.add_scalar(f"{k}/by_samples", v, row["samples_seen"])
+        text = ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in scores.items())
+        line = f"eval at step {row['step']} ({row['samples_seen']} samples seen, {row['eval_seconds']:.1f}s): {text}"
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self._file is not None:

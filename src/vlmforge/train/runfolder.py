@@ -39,6 +39,8 @@ HARMLESS_TRAIN_KEYS = frozenset({
     "device", "activation_checkpointing", "fsdp",  # the same update either way
     "loss_chunk_tokens", "fused_loss", "compile",  # the same loss by other kernels (tested equal)
     "skip_nonfinite_steps",  # a run stopped at a NaN step may be resumed with skipping on
+    # live evaluation reads the model, never changes the update (RNG states saved and restored)
+    "eval_every", "eval_points", "eval_tasks", "eval_limit", "eval_max_new_tokens",
 })
 HARMLESS_MODEL_KEYS = frozenset({"attn_backend", "trust_remote_code"})
 # data.* (pretraining loader) and sft.* (SFT loader) keys that do not change the batches.

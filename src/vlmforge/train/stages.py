@@ -401,7 +401,8 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
     objective = None
     verdicts = verdict_ids(tok) if cfg.train.stage == "prm" else None
     if cfg.train.stage in ("sft", "prm"):
-        loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world, verdicts=verdicts)
+        loader = build_sft_loader(cfg, tok, batch_size=micro, seed=seed, rank=rank, world_size=world, verdicts=verdicts,
+                                  balance_micro_steps=accum if cfg.train.balance_ranks else None)
         per_epoch = loader.batches_per_epoch(0)
         data = cfg.sft.index
         if verdicts is not None:
@@ -418,7 +419,8 @@ def build_stage(cfg: Recipe, rank: int, world: int) -> StagePieces:
                                  v2pe_delta=float(cfg.model.v2pe_delta), reference_batch_size=micro,
                                  progress=bool(cfg.train.progress_bar))
     else:
-        loader = build_pretrain_loader(cfg, tokenizer=tok, batch_size=micro, seed=seed, rank=rank, world_size=world)
+        loader = build_pretrain_loader(cfg, tokenizer=tok, batch_size=micro, seed=seed, rank=rank, world_size=world,
+                                       balance_micro_steps=accum if cfg.train.balance_ranks else None)
         per_epoch = len(loader)
         data = cfg.train.data_path
     total = _steps(cfg.train, per_epoch, accum)
