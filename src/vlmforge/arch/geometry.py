@@ -49,18 +49,21 @@ def wrap_ids(tokenizer, text: str | None) -> tuple[int, ...]:
     return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
 
 
-def layout_from(images: ImagesConfig, tokens_per_tile: int, tile: int, tokenizer=None) -> ImageLayout:
+def layout_from(images: ImagesConfig, tokens_per_tile: int, tile: int, tokenizer=None, wrap: bool = True) -> ImageLayout:
     """The :class:`ImageLayout` of an ``images`` section for a tower of ``tile`` pixels that gives
-    ``tokens_per_tile`` tokens per pass (what a loaded model and a recipe both build it from)."""
+    ``tokens_per_tile`` tokens per pass (what a loaded model and a recipe both build it from).
+    ``wrap=False``: without the start/end ids (for counting tiles where no tokenizer is at hand)."""
     tiling = Tiling(int(tile), int(images.min_tiles), int(images.max_tiles), bool(images.thumbnail),
                     bool(images.share_budget)) if images.tiles else None
+    if not wrap:
+        return ImageLayout(int(tokens_per_tile), tiling)
     return ImageLayout(int(tokens_per_tile), tiling, wrap_ids(tokenizer, images.start), wrap_ids(tokenizer, images.end))
 
 
-def image_layout(model_cfg: ModelConfig, tokenizer=None) -> ImageLayout:
+def image_layout(model_cfg: ModelConfig, tokenizer=None, wrap: bool = True) -> ImageLayout:
     """How a recipe's model turns each image into tower passes and placeholder ids; ``tokenizer``
     is needed only when ``model.images.start`` / ``end`` wrap the placeholders in text."""
-    return layout_from(model_cfg.images, visual_tokens_per_image(model_cfg), image_size(model_cfg), tokenizer)
+    return layout_from(model_cfg.images, visual_tokens_per_image(model_cfg), image_size(model_cfg), tokenizer, wrap)
 
 
 def preprocess_spec_for(model_type: str, size: int) -> dict:

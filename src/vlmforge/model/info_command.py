@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import types
 
 from vlmforge.config.recipe import Recipe
 from vlmforge.errors import UserError
@@ -66,9 +65,7 @@ def image_costs(cfg: Recipe, model, sizes: list[tuple[int, int]], tokenizer=None
     from vlmforge.arch.geometry import layout_from
 
     images = cfg.model.images
-    bare = types.SimpleNamespace(tiles=images.tiles, min_tiles=images.min_tiles, max_tiles=images.max_tiles,
-                                 thumbnail=images.thumbnail, start=None, end=None)  # the layout without its wrap
-    layout = layout_from(bare if tokenizer is None else images, model.tokens_per_image, model.image_size, tokenizer)
+    layout = layout_from(images, model.tokens_per_image, model.image_size, tokenizer, wrap=tokenizer is not None)
     wrap = layout.wrap_tokens if tokenizer is not None or not (images.start or images.end) else None
 
     def one(size, tiling) -> dict:

@@ -59,14 +59,11 @@ from vlmforge import dist
 from vlmforge.arch.geometry import (
     image_layout,
     image_preprocess_spec,
-    image_size,
-    layout_from,
     visual_tokens_per_image,
     wrap_ids,
 )
 from vlmforge.arch.tiles import ImageLayout
 from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
-from vlmforge.config.model import ImagesConfig
 from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.data.balance import balanced_plan
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
@@ -395,10 +392,7 @@ def recipe_layout(cfg: Recipe, tokenizer: Any = None) -> dict:
     images = cfg.model.images
     if tokenizer is not None or not (images.start or images.end):
         return image_layout(cfg.model, tokenizer).record(images.start, images.end)
-    # the wrap left out: its ids need the tokenizer
-    bare = ImagesConfig(tiles=bool(images.tiles), min_tiles=int(images.min_tiles), max_tiles=int(images.max_tiles),
-                        thumbnail=bool(images.thumbnail), share_budget=bool(images.share_budget))
-    bare = layout_from(bare, visual_tokens_per_image(cfg.model), image_size(cfg.model))
+    bare = image_layout(cfg.model, wrap=False)  # the wrap's ids need the tokenizer
     return {**bare.record(images.start, images.end), "start_ids": None, "end_ids": None}
 
 
