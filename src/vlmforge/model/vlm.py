@@ -179,14 +179,27 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.masked_scatter(where, feats.reshape(-1, feats.shape[-1]))
         return embeds
 
+    def draw_v2pe_deltas(self, input_ids: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+        """Training's random V2PE step, one per tower pass (positions index deltas per pass). With
+        tiles, one draw per image - its run of consecutive placeholders - repeated over its tiles, so
+        the grid and thumbnail of one image advance alike (InternVL: one step per <img> span)."""
+        is_img = input_ids == self.image_token_id
+        if not self.images.tiles:
+            return pos.draw_v2pe_deltas(int(is_img.sum()) // self.tokens_per_image, self.v2pe_max_denominator)
+        prev = torch.zeros_like(is_img)
+        prev[:, 1:] = is_img[:, :-1] & (seq_ids[:, 1:] == seq_ids[:, :-1])
+        run = torch.cumsum((is_img & ~prev).flatten().long(), 0)[is_img.flatten()]  # run number of each placeholder
+        tiles = torch.bincount(run)[1:] // self.tokens_per_image
+        per_image = pos.draw_v2pe_deltas(int(tiles.numel()), self.v2pe_max_denominator)
+        return per_image.repeat_interleave(tiles)
+
     def position_ids_for(self, input_ids, seq_ids, position_ids=None, v2pe_delta=None) -> torch.Tensor:
         if self.positions == "continue":
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if self.positions == "v2pe":
             if v2pe_delta is None:
                 if self.training:
-                    n = int((input_ids == self.image_token_id).sum()) // self.tokens_per_image
-                    v2pe_delta = pos.draw_v2pe_deltas(n, self.v2pe_max_denominator)
+                    v2pe_delta = self.draw_v2pe_deltas(input_ids, seq_ids)
                 else:
                     v2pe_delta = self.v2pe_delta
             return pos.v2pe_positions(input_ids, seq_ids, self.image_token_id, self.tokens_per_image, v2pe_delta)

@@ -143,9 +143,10 @@ class Trainer:
         self.objective.setup(model, tcfg, device, self.world)  # before placing: a live reference copies the model
         self.eval_every = eval_interval(tcfg, total_steps)
         self.eval_hook = eval_hook if self.eval_every > 0 else None
-        # the unsharded model the hook runs on under FSDP (kept on the CPU between evaluations)
-        self._eval_copy = (copy.deepcopy(model).cpu() if self.eval_hook is not None and self.world > 1 and tcfg.fsdp
-                           else None)
+        # the unsharded model the hook runs on under FSDP: its structure only (meta tensors) between
+        # evaluations, so no rank holds a second full model while it trains
+        self._eval_copy = (copy.deepcopy(model).to("meta") if self.eval_hook is not None and self.world > 1
+                           and tcfg.fsdp else None)
         self.model, self.place = place_model(model, tcfg, device, self.world)
         self.step_flops = StepFlops(self.model, tcfg, self.place.device)
         if vdist.is_main() and tcfg.progress_bar:
@@ -345,19 +346,22 @@ class Trainer:
         the full weights (collective: one all-gather per parameter, in the same order on every rank)."""
         if self._eval_copy is None:
             return self.model
+        self._eval_copy.to_empty(device=self.place.device)
+        self._eval_copy.llm.tie_weights()  # moving to meta unties shared weights (tied embeddings)
         mine = dict(self._eval_copy.named_parameters())
         live = dict(self.model.named_parameters())
         if mine.keys() != live.keys():
             raise RuntimeError("the evaluation copy's parameters differ from the sharded model's")
-        dev = self.place.device
-        self._eval_copy.to(dev)
         with torch.no_grad():
             for name, p in live.items():
                 mine[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
             copies = dict(self._eval_copy.named_buffers())
-            for name, b in self.model.named_buffers():
-                if name in copies:
-                    copies[name].copy_(b)
+            live_buffers = dict(self.model.named_buffers())
+            if copies.keys() - live_buffers.keys():  # to_empty left them uninitialised
+                raise RuntimeError(f"the evaluation copy has buffers the sharded model lacks: "
+                                   f"{sorted(copies.keys() - live_buffers.keys())}")
+            for name, b in copies.items():
+                b.copy_(live_buffers[name])
         return self._eval_copy
 
     def evaluate(self, log: MetricsLogger) -> dict[str, Any]:
@@ -372,7 +376,7 @@ class Trainer:
         finally:
             restore_random_states(states)
             if self._eval_copy is not None:
-                self._eval_copy.cpu()
+                self._eval_copy.to("meta")  # frees the gathered weights
             self.model.train()
         row = {"step": self.step, "samples_seen": int(self.counters["samples"]),
                **{f"eval/{k}": float(v) for k, v in scores.items()},

@@ -67,8 +67,8 @@ class MetricsLogger:
                                   **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
 
     def log_eval(self, row: dict[str, Any]) -> None:
-        """A live evaluation's row: written and sent to TensorBoard (against samples seen too), one
-        line printed; the progress bar does not advance."""
+        """A live evaluation's row: written and sent to TensorBoard (against the step), one line
+        printed; the progress bar does not advance."""
         if not self.enabled:
             return
         row = {"step": row["step"], "time": round(time.time(), 3), **{k: v for k, v in row.items() if k != "step"}}
@@ -77,8 +77,9 @@ class MetricsLogger:
         scores = {k: v for k, v in row.items() if k.startswith("eval/")}
         if self._tb is not None:
             for k, v in scores.items():
+                # against the step only: a resumed writer purges events from its start step on, in
+                # every tag, which would drop a samples-seen axis's earlier points (the report plots that)
                 self._tb.add_scalar(k, v, row["step"])
-                self._tb.add_scalar(f"{k}/by_samples", v, row["samples_seen"])
         text = ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in scores.items())
         line = f"eval at step {row['step']} ({row['samples_seen']} samples seen, {row['eval_seconds']:.1f}s): {text}"
         if self._bar is not None:

@@ -113,6 +113,14 @@ def validate(cfg: Recipe, world_size: int) -> None:
         raise ConfigError("train.stage=prm with sft.batching=pack needs model.attention=document: the critic is "
                           "scored one conversation per row, so it must not see other conversations in training "
                           f"(model.attention is {cfg.model.attention}; or use sft.batching=length_group)")
+    images = cfg.model.images
+    if t.stage == "mpo" and (images.tiles or images.start or images.end):
+        raise ConfigError("model.images: stage mpo trains preference pairs at one tile per image without a wrap (its "
+                          "loader expands each <image> to the tokens of one tile); set model.images.tiles=false and "
+                          "leave model.images.start/end unset")
+    if t.stage == "mpo" and t.balance_ranks:
+        raise ConfigError("train.balance_ranks: stage mpo deals pairs round-robin (its micro-batches share a prompt "
+                          "per pair); set train.balance_ranks=false")
     if t.stage == "mpo" and not t.init_from:
         raise ConfigError("train.init_from: MPO starts from an SFT checkpoint; set it to a run folder or checkpoint "
                           "folder (the initial model is also the reference)")
