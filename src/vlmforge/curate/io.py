@@ -15,11 +15,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import pyarrow.parquet as pq
 import torch.utils.data as tud
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
 from vlmforge.errors import UserError
 from vlmforge.files import atomic_write_bytes, write_json
+from vlmforge.imagedecode import MAX_PIXELS, decode_image
 
 TMP_MARK = ".tmp"
 
@@ -122,6 +124,27 @@ def write_parquet_atomic(table, path: str | os.PathLike, signature: Optional[dic
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+JPEG_MODES = ("L", "RGB", "CMYK")  # baseline JPEG modes whose RGB conversion is a plain convert()
+
+
+def decode_scaled(data: bytes | None, min_size: tuple[int, int] | None = None):
+    """:func:`vlmforge.imagedecode.decode_image`, except that a JPEG is decoded at the smallest DCT
+    scale (1, 1/2, 1/4, 1/8) that keeps both sides >= ``min_size`` (w, h) (PIL's ``Image.draft``):
+    other pixels than a full decode, so opt-in. Anything else, or anything that goes wrong (an
+    image over the pixel cap too), is left to ``decode_image`` (same errors, same messages)."""
+    if min_size is None or not data or data[:3] != b"\xff\xd8\xff":
+        return decode_image(data)
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.format != "JPEG" or im.mode not in JPEG_MODES or im.width * im.height > MAX_PIXELS:
+            return decode_image(data)  # over the cap: decode_image refuses it with its message
+        im.draft("RGB", (int(min_size[0]), int(min_size[1])))
+        im.load()
+    except Exception:  # PIL raises many types for bad data; decode_image turns them into ImageDecodeError
+        return decode_image(data)
+    return im.convert("RGB") if im.mode != "RGB" else im
 
 
 def read_parquet(path: str | os.PathLike):

@@ -7,6 +7,13 @@ shards; the main process runs the model and writes a shard's sidecar atomically 
 batch arrives, with the shard's size, mtime and sha256 in its metadata. On CPU the model's
 intra-op threads leave the readers their cores (``model_threads``). A restarted run skips
 shards whose sidecar exists and rescores a shard whose bytes changed since its sidecar was written.
+
+A worker hands a batch's ``pixel_values`` tensor to the main process through shared-memory buffers
+it reuses (:class:`vlmforge.data.pretrain.loader.PixelSlots`, the tensor's bytes as they are: the
+values are the ones a batch prepared in the main process has); a fresh segment per batch costs the
+main process a page fault per page. The buffer is free again once ``scorer.score`` returns, so a
+scorer must not keep the batch's tensors. A scorer with a ``decode_size`` (w, h) gets JPEGs decoded
+at a reduced scale (:func:`vlmforge.curate.io.decode_scaled`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from vlmforge.config.recipe import Recipe
 from vlmforge.curate.io import (
     as_iterable_dataset,
     check_same_inputs,
+    decode_scaled,
     my_items,
     progress,
     read_parquet,
@@ -39,10 +47,13 @@ from vlmforge.curate.io import (
     worker_items,
     write_parquet_atomic,
 )
+from vlmforge.data.pretrain.loader import PixelSlots
 from vlmforge.errors import UserError
 from vlmforge.files import write_manifest
-from vlmforge.imagedecode import ImageDecodeError, decode_image
+from vlmforge.imagedecode import ImageDecodeError
 from vlmforge.shards import iter_raw_samples
+
+PREFETCH = 2  # batches each reader worker prepares ahead (torch's default)
 
 
 class _ScoreBatches:
@@ -52,6 +63,7 @@ class _ScoreBatches:
         self.todo, self.scorer, self.batch_size = todo, scorer, batch_size
 
     def __iter__(self):
+        decode_size = getattr(self.scorer, "decode_size", None)
         for index, path in worker_items(self.todo):
             sig = shard_signature(path)  # before reading: a shard rewritten during scoring is rescored next run
             pos, keys, uids, images, captions, errors = [], [], [], [], [], []
@@ -59,7 +71,7 @@ class _ScoreBatches:
                 err, image = s.error, None
                 if err is None:
                     try:
-                        image = decode_image(s.image_bytes)
+                        image = decode_scaled(s.image_bytes, decode_size)
                     except ImageDecodeError as e:
                         err = f"image: {e}"
                 if err is not None:
@@ -79,6 +91,52 @@ class _ScoreBatches:
         batch = self.scorer.prepare(images, captions) if keys else None
         return {"index": index, "pos": pos, "keys": keys, "uids": uids, "batch": batch, "errors": errors,
                 "last": last, "signature": sig}
+
+
+class _ToMain:
+    """A reader worker's last step on an item: DataLoader's own conversion (numpy -> tensors, what
+    the main process gets without workers too), then the batch's tensors packed by :func:`send_batch`."""
+
+    def __init__(self, slots: PixelSlots):
+        self.slots = slots
+
+    def __call__(self, item: dict) -> dict:
+        item = tud.default_convert(item)
+        if item["batch"] is not None:
+            item["batch"] = send_batch(item["batch"], self.slots)
+        return item
+
+
+def send_batch(batch: dict, slots: PixelSlots) -> dict:
+    """In a reader worker: the batch's ``pixel_values`` bytes in one of the worker's shared buffers
+    (``pixel_slot``: which; ``pixel_dtype``: the tensor's dtype), its other tensors as numpy arrays
+    (``numpy_tensors``: which; pickled through the pipe: a shared segment per small tensor costs more
+    than its bytes), anything else as it is."""
+    out: dict = {"numpy_tensors": []}
+    for key, value in batch.items():
+        if key == "pixel_values" and isinstance(value, torch.Tensor) and value.numel():
+            value = value.contiguous()
+            raw = value.view(torch.uint8) if value.dtype != torch.uint8 else value
+            out[key], out["pixel_slot"] = slots.put(raw)
+            out["pixel_dtype"] = value.dtype
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.numpy()
+            out["numpy_tensors"].append(key)
+        else:
+            out[key] = value
+    return out
+
+
+def receive_batch(batch: dict) -> tuple[dict, int]:
+    """In the main process: what :func:`send_batch` sent as the scorer's batch (tensors back, the
+    pixels viewed as their dtype in the shared buffer), and the buffer to release after scoring."""
+    batch = dict(batch)
+    slot, dtype = int(batch.pop("pixel_slot", -1)), batch.pop("pixel_dtype", None)
+    tensors = set(batch.pop("numpy_tensors", ()))
+    out = {k: torch.from_numpy(v) if k in tensors else v for k, v in batch.items()}
+    if dtype is not None and dtype != torch.uint8:
+        out["pixel_values"] = out["pixel_values"].view(dtype)
+    return out, slot
 
 
 def _sidecar_table(rows: list[dict]):
@@ -123,7 +181,7 @@ def model_threads(device: torch.device, workers: int):
         torch.set_num_threads(before)
 
 
-def _score_items(loader, scorer, out: Path, stems: list[str], bar) -> int:
+def _score_items(loader, scorer, out: Path, stems: list[str], bar, slots: PixelSlots | None = None) -> int:
     """Score the prepared batches as they come; write each shard's sidecar at its last batch.
     Returns the samples scored."""
     pending: dict[int, list] = {}
@@ -134,7 +192,12 @@ def _score_items(loader, scorer, out: Path, stems: list[str], bar) -> int:
         for p, k, u, e in item["errors"]:
             rows.append({"_pos": p, "key": k, "uid": u, "score": None, "error": e})
         if item["batch"] is not None:
-            cols = scorer.score(item["batch"])
+            if slots is None:
+                cols = scorer.score(item["batch"])
+            else:
+                batch, slot = receive_batch(item["batch"])
+                cols = scorer.score(batch)
+                slots.release(slot, batch.get("pixel_values"))
             n_scored += len(item["keys"])
             for j, (p, k, u) in enumerate(zip(item["pos"], item["keys"], item["uids"])):
                 row = {"_pos": p, "key": k, "uid": u, "error": None}
@@ -175,13 +238,17 @@ def score_shards(shards: list[str], out_dir, scorer, batch_size: int = 64, num_w
     workers = min(num_workers, len(todo))
     if todo:
         ds = as_iterable_dataset(_ScoreBatches(todo, scorer, batch_size))
-        loader = tud.DataLoader(ds, batch_size=None, num_workers=workers)
+        if workers:
+            slots = PixelSlots(workers, PREFETCH + 2)
+            loader = tud.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=PREFETCH,
+                                    collate_fn=_ToMain(slots))
+        else:
+            slots, loader = None, tud.DataLoader(ds, batch_size=None)
         bar = progress(range(len(todo)), total=len(todo), desc=f"score ({scorer.info()['scorer']})")
         with model_threads(torch.device(getattr(scorer, "device", "cpu")), workers):
-            n_scored = _score_items(loader, scorer, out, stems, bar)
+            n_scored = _score_items(loader, scorer, out, stems, bar, slots)
         for _ in bar:
             pass
-    elapsed = time.time() - t0
     elapsed = time.time() - t0
     dist.barrier()
 

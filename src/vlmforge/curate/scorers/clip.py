@@ -6,6 +6,11 @@ filtering network written by ``curate train-filter``, which is one of those): lo
 
 Text is tokenised the way each family was trained: SigLIP pads to a fixed length and pools the
 last position (no attention mask); CLIP pads to the batch and pools the first EOS, with a mask.
+
+Pixels: the processor's steps done directly (:mod:`vlmforge.curate.scorers.clip_pixels`,
+bit-identical values, checked at load; ``pixels="processor"`` or a processor it does not reproduce:
+transformers' processor itself). ``draft=True`` (opt-in) also decodes JPEGs at a reduced DCT scale
+(:func:`vlmforge.curate.io.decode_scaled`): less decode and resize work, slightly other pixels.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from vlmforge.config.curate import ScoreConfig
+from vlmforge.curate.scorers.clip_pixels import processor_pixels
 from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
 
 # The weights' dtype during scoring, by the names curate.score.dtype takes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# auto: the processor's steps done directly when they reproduce it exactly; processor: always transformers'
+PIXEL_PATHS = ("auto", "processor")
 
 
 def features(out) -> torch.Tensor:
@@ -60,10 +68,13 @@ class ContrastiveScorer:
     def from_config(cls, name: str, score_cfg: ScoreConfig) -> ContrastiveScorer:
         return cls(score_cfg.model, device=score_cfg.device, dtype=score_cfg.dtype,
                    trust_remote_code=score_cfg.trust_remote_code, name=name,
-                   save_embeddings=score_cfg.save_embeddings)
+                   save_embeddings=score_cfg.save_embeddings, draft=bool(score_cfg.draft_decode))
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32",
-                 trust_remote_code: bool = False, name: str = "clip", save_embeddings: bool = False):
+                 trust_remote_code: bool = False, name: str = "clip", save_embeddings: bool = False,
+                 pixels: str = "auto", draft: bool = False):
+        if pixels not in PIXEL_PATHS:
+            raise UserError(f"pixels={pixels!r}: choose from {', '.join(PIXEL_PATHS)}")
         self.name = name
         self.save_embeddings = save_embeddings
         self.model_path = model_path
@@ -75,14 +86,27 @@ class ContrastiveScorer:
         self.siglip = is_siglip(self.model)
         self.max_len = int(self.model.config.text_config.max_position_embeddings)
         self.dtype = DTYPES[dtype]
+        self.pixels = processor_pixels(self.image_processor) if pixels == "auto" else None
+        if draft and self.pixels is None:
+            raise UserError(f"curate.score.draft_decode: {model_path}'s {type(self.image_processor).__name__} is not "
+                            "one whose steps vlmforge reproduces (or pixels='processor' was asked); score without it")
+        # what curate score's readers pass to decode_scaled: None = a full decode (also without a resize)
+        self.decode_size = self.pixels.draft_size() if draft else None
+        self.draft = self.decode_size is not None
 
     def info(self) -> dict:
-        return {"scorer": self.name, "model": self.model_path, "model_class": type(self.model).__name__,
+        info = {"scorer": self.name, "model": self.model_path, "model_class": type(self.model).__name__,
                 "score": "cosine(image_embedding, text_embedding)"}
+        if self.draft:  # other pixels than a full decode: a run folder must not mix the two
+            info["decode"] = f"jpeg draft >= {self.decode_size[0]}x{self.decode_size[1]}"
+        return info
 
     # workers: preprocessing only
     def prepare(self, images: list, captions: list[str]) -> dict:
-        pix = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.pixels is not None and all(getattr(im, "mode", None) == "RGB" for im in images):
+            pix = self.pixels.batch(images)
+        else:  # other modes: the processor's own RGB conversion
+            pix = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pix, **text_inputs(self.tokenizer, captions, self.siglip, self.max_len)}
 
     @torch.inference_mode()

@@ -39,7 +39,7 @@ from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 from vlmforge.config.curate import ScoreConfig
 from vlmforge.dist import resolve_device
 from vlmforge.errors import UserError
-from vlmforge.images import preprocess_batch, sample_tiles
+from vlmforge.images import preprocess_batch, tile_images
 from vlmforge.model import attention as attn
 from vlmforge.model import decoding
 from vlmforge.model.saving import load_vlm
@@ -333,7 +333,7 @@ class MLMJudgeScorer:
         n = len(captions)
         cols: dict[str, list] = {}
         layout = self.model.image_layout(self.tokenizer)
-        tiles = [sample_tiles([im], layout) for im in images]  # each image's tower inputs (itself, untiled)
+        tiles = [tile_images([im], layout) for im in images]  # each image's tower inputs (itself, untiled)
         ends = np.cumsum([len(t) for t in tiles]).tolist()
         pv = preprocess_batch([t for ts in tiles for t in ts], self.model.preprocess_spec()).to(self.device)
         for m in self.metrics:
