@@ -3,7 +3,7 @@
 Distribution (InternVL3-style SFT with dynamic resolution): per sample 0-4 images (20% text
 only), each of a random size (area log-uniform from 256^2 to 2048^2 pixels, aspect
 exp(N(0, 0.7)) in [1/8, 8], 2% panoramas or pages at 6-12:1) tiled by
-`vlmforge.arch.tiles.sample_tiles` (448-pixel tiles, at most 12 per sample, shared among its
+`vlmforge.arch.tiles.tile_counts` (448-pixel tiles, at most 12 per sample, shared among its
 images, thumbnail on), 256 tokens per tile; text tokens lognormal (median 250, sigma 1.0) in
 [8, 8192]. Samples are packed into sequences of at most 16384 tokens (`plan_packs`, windows of
 10,000 samples), the packs shuffled (the loader's seeded order) and cut into optimizer steps of
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from vlmforge.arch.tiles import Tiling, sample_tiles
+from vlmforge.arch.tiles import Tiling, tile_counts
 from vlmforge.data.balance import PLANS, balanced_plan, lockstep_imbalance, rank_imbalance
 from vlmforge.data.packer import plan_packs
 from vlmforge.data.pretrain.loader import PackedDataset, PackedLoader
@@ -55,7 +55,7 @@ def samples(n: int, rng: np.random.Generator, tiling: Tiling) -> tuple[np.ndarra
     """(vision tokens, total tokens) per sample."""
     n_images = rng.choice([0, 1, 2, 3, 4], size=n, p=[0.2, 0.65, 0.07, 0.04, 0.04])
     text = np.clip(np.round(rng.lognormal(np.log(250), 1.0, n)), 8, 8192).astype(np.int64)
-    vision = np.array([TOKENS_PER_TILE * sum(sample_tiles([image_size(rng) for _ in range(k)], tiling))
+    vision = np.array([TOKENS_PER_TILE * sum(tile_counts([image_size(rng) for _ in range(k)], tiling))
                        for k in n_images], np.int64)
     return vision, vision + text
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vlmforge.cli import main
-from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.imagedecode import MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, header_size
 from vlmforge.shards import ShardWriter
 
 
@@ -78,6 +78,36 @@ def test_lowered_cap_names_itself():
     assert decode_image(data, max_pixels=10_100).size == (100, 101)
 
 
+def test_header_size_reads_a_png_from_bytes_or_a_path(tmp_path):
+    data = _png(np.zeros((7, 30, 3), np.uint8))
+    (tmp_path / "a.png").write_bytes(data)
+    assert header_size(data) == header_size(tmp_path / "a.png") == header_size(str(tmp_path / "a.png")) == (30, 7)
+    assert header_size(data) == decode_image(data).size
+    with pytest.raises(FileNotFoundError):
+        header_size(tmp_path / "none.png")
+
+
+def test_header_size_of_what_is_not_an_image_is_a_decode_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"not an image at all")
+    for bad in (b"not an image at all", b"", tmp_path / "x.png"):
+        with pytest.raises(ImageDecodeError) as e:
+            header_size(bad)
+        assert not isinstance(e.value, ImageTooLargeError)
+
+
+def test_header_size_refuses_what_the_decode_refuses():
+    with pytest.raises(ImageTooLargeError, match=rf"10000x10000 .*cap of {MAX_PIXELS} pixels"):
+        header_size(_jpeg_claiming(10_000, 10_000))
+    assert header_size(_jpeg_claiming(10_000, 10_000), max_pixels=None) == (10_000, 10_000)
+    # 400M pixels: over twice PIL's Image.MAX_IMAGE_PIXELS, so PIL's open() raises DecompressionBombError
+    # (neither a ValueError nor an OSError): too large, as from decode_image
+    bomb = _jpeg_claiming(20_000, 20_000)
+    for read in (header_size, decode_image):
+        with pytest.raises(ImageTooLargeError, match="MAX_IMAGE_PIXELS") as e:
+            read(bomb, max_pixels=None)
+        assert e.value.reason == "image_too_large"
+
+
 def _shards(tmp_path: Path, images: list[bytes]) -> Path:
     folder = tmp_path / "raw"
     with ShardWriter(folder, samples_per_shard=100, timestamps=False) as w:
@@ -111,6 +141,19 @@ def test_pack_counts_the_huge_image_as_image_too_large(tmp_path, tiny_tokenizer_
     assert m["dropped"] == {"image_too_large": 1}
     ex = m["dropped_examples"]["image_too_large"][0]
     assert ex["shard"].endswith("00000.tar") and ex["key"] == "000000004"
+
+
+def test_tiled_pack_without_the_image_check_counts_a_huge_header_as_image_too_large(tmp_path, tiny_tokenizer_dir):
+    from vlmforge.config import load_recipe
+    from vlmforge.data.pretrain.plan import pack_shards
+
+    images = [_jpeg(seed=i) for i in range(4)] + [_jpeg_claiming(10_000, 10_000), b"not an image at all"]
+    raw = _shards(tmp_path, images)
+    cfg = load_recipe(None, ["model.projector.pool_size=4", "pack.max_len=160", "model.images.tiles=true",
+                             "model.images.max_tiles=4", "pack.check_images=false"])
+    m = pack_shards(cfg, [str(raw)], tmp_path / "packed", tiny_tokenizer_dir, progress=False)
+    assert m["dropped"] == {"image_too_large": 1, "undecodable_image": 1} and m["counts"]["samples_packed"] == 4
+    assert m["dropped_examples"]["image_too_large"][0]["key"] == "000000004"
 
 
 # -- a truncated tar against its _stats.json ---------------------------------------------------

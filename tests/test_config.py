@@ -87,6 +87,23 @@ def test_missing_required_value_is_reported(tmp_path):
     assert load_recipe(r, ["data=x"], schema=NeedsData).data == "x"
 
 
+def test_min_tiles_above_max_tiles_names_both_keys_and_the_source(tmp_path, capsys):
+    r = write(tmp_path / "r.yaml", "model:\n  images:\n    tiles: true\n    min_tiles: 6\n    max_tiles: 4\n")
+    both = r"model\.images\.min_tiles \(6\) must be <= model\.images\.max_tiles \(4\)"
+    with pytest.raises(ConfigError, match=rf"{r}: {both}"):
+        load_recipe(r)
+    six = write(tmp_path / "six.yaml", "model:\n  images:\n    min_tiles: 6\n")
+    assert load_recipe(six).model.images.max_tiles == 12
+    with pytest.raises(ConfigError, match=rf"^--set model.images.max_tiles=4: {both}$"):  # the step that broke it
+        load_recipe(six, ["model.images.max_tiles=4"])
+    with pytest.raises(ConfigError, match=both):  # tiles off too: the recipe is wrong either way
+        load_recipe(None, ["model.images.min_tiles=6", "model.images.max_tiles=4"])
+    assert load_recipe(None, ["model.images.min_tiles=4", "model.images.max_tiles=4"]).model.images.min_tiles == 4
+    assert main(["model-info", "--set", "model.images.min_tiles=13"]) == 2
+    err = capsys.readouterr().err
+    assert "model.images.min_tiles (13) must be <= model.images.max_tiles (12)" in err and len(err.splitlines()) == 1
+
+
 def test_base_chain_merges_in_order_and_detects_cycles(tmp_path):
     write(tmp_path / "a.yaml", "seed: 1\nsynth:\n  image_size: 32\n")
     b = write(tmp_path / "b.yaml", "base: a.yaml\nseed: 2\n")

@@ -4,6 +4,9 @@ in model.images.start / end) and feed the tiles as pixel_values; the fixed grid 
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +17,11 @@ from vlmforge.arch.tokens import IM_END
 from vlmforge.config import load_recipe
 from vlmforge.critic.score import StepRequest, step_scores
 from vlmforge.curate.scorers.mlm import MLMJudgeScorer, expected_scores, judge_messages
+from vlmforge.eval import evaluate
 from vlmforge.eval.items import ImageRef
 from vlmforge.eval.runner import model_prompt_length
+from vlmforge.eval.specs import TaskSpec
+from vlmforge.eval.tasks import load_task
 from vlmforge.images import dynamic_tiles, preprocess_batch
 from vlmforge.model.build import build_vlm
 from vlmforge.model.decoding import end_of_turn_ids, generate, generate_ids, left_padded, prompt_ids
@@ -197,6 +203,35 @@ def test_eval_prompt_length_counts_tiles(model, tok, tmp_path):
     assert length(ASK, refs[:1]) == len(prompt_ids(model, tok, ASK, [(128, 64)]))
     assert length(ASK, refs[1:]) - length(ASK, refs[:1]) == (5 - 3) * TOKENS_PER_TILE
     assert length(ASK, [ImageRef("path", str(tmp_path / "missing.png"))]) == 0  # generation reports it
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A tiny JPEG whose frame header (SOF0) claims width x height."""
+    buf = io.BytesIO()
+    noise(16, 12, 0).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_huge_image_in_a_tiled_eval_is_counted_as_image_too_large(model, tok, tmp_path):
+    """20000x20000 (over twice PIL's bomb limit: its open() raises DecompressionBombError) and
+    10000x10000 (over vlmforge's cap): the tiled prompt length cannot read their tiles; both items
+    are dropped and counted as image_too_large, the others scored."""
+    (tmp_path / "img").mkdir()
+    noise(128, 64, 1).save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "bomb.jpg").write_bytes(_jpeg_claiming(20_000, 20_000))
+    (tmp_path / "img" / "big.jpg").write_bytes(_jpeg_claiming(10_000, 10_000))
+    rows = [{"id": f"q{i}", "image": f"img/{name}", "question": "Colour?", "answers": ["red"] * 10}
+            for i, name in enumerate(["ok.png", "bomb.jpg", "big.jpg"])]
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    length = model_prompt_length(model, tok)
+    refs = [ImageRef("path", str(tmp_path / "img" / n)) for n in ("bomb.jpg", "big.jpg")]
+    assert [length(ASK, [r]) for r in refs] == [0, 0]
+    task = load_task(TaskSpec("vqa", "vqa", str(tmp_path / "vqa.jsonl")))
+    res = evaluate(model, tok, [task], strict=False, progress=False, max_new_tokens=2)["vqa"]
+    assert res["skipped"] == {"image_too_large": 2} and res["counts"]["n"] == 1
 
 
 def test_mlm_judge_feeds_each_image_its_tiles(model, tok):

@@ -2,7 +2,7 @@
 projector + Qwen2, the published key names, tokenizer with <img> / </img> / <IMG_CONTEXT>, InternVL3-hf's
 processor files) imports to a vlmforge checkpoint that tiles as transformers' processor does (model.images:
 tiles, <img> / </img> around each image); on one tile and on tiled images (grids of several tiles plus a
-thumbnail) vlmforge's own ids and pixels (prompt_ids, sample_tiles) are the processor's and its logits
+thumbnail) vlmforge's own ids and pixels (prompt_ids, tile_images) are the processor's and its logits
 equal transformers' to 1e-5. Exported back, the folder through transformers alone (its processor,
 AutoModelForImageTextToText, generate) gives the same ids, pixels, logits and greedy tokens as vlmforge.
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from vlmforge.arch.tiles import Tiling
 from vlmforge.cli import main
-from vlmforge.images import dynamic_tiles, preprocess_batch, sample_tiles
+from vlmforge.images import dynamic_tiles, preprocess_batch, tile_images
 from vlmforge.model.decoding import generate, prompt_ids
 from vlmforge.model.export import ExportRefused, export_llava
 from vlmforge.model.internvl_format import export_internvl, split_layout, with_image_layout
@@ -173,7 +173,7 @@ def swap_context(ids: list[int], theirs: int, ours: int) -> list[int]:
 
 def our_pixels(model, tok, images) -> torch.Tensor:
     """vlmforge's tower inputs for one prompt's images: its layout's tiles, preprocessed."""
-    return preprocess_batch(sample_tiles(list(images), model.image_layout(tok)), model.preprocess_spec())
+    return preprocess_batch(tile_images(list(images), model.image_layout(tok)), model.preprocess_spec())
 
 
 # Logits from vlmforge's own pixels against transformers' from its processor's: the pixels agree to
@@ -239,7 +239,7 @@ def test_import_matches_transformers_on_one_tile(imported, tied, monkeypatch):
 
 @pytest.mark.parametrize("size, n_tiles", TILED, ids=["3x1", "2x2", "1x3"])
 def test_import_matches_transformers_on_a_tiled_image(imported, monkeypatch, size, n_tiles):
-    """vlmforge's own tiling path on the imported model (prompt_ids with the image, sample_tiles) writes
+    """vlmforge's own tiling path on the imported model (prompt_ids with the image, tile_images) writes
     the processor's ids and pixels: one <img> ... </img> run of tiles x tokens, the grid's tiles then the
     thumbnail; the logits equal transformers' to 1e-5."""
     src, hf, ckpt = imported[True]

@@ -81,6 +81,22 @@ def test_model_info_image_sizes_under_internvl3_tiles(capsys, tiny_tokenizer_dir
     assert "--image-size '1024by768': expected WIDTHxHEIGHT" in capsys.readouterr().err
 
 
+def test_model_info_names_the_budget_rule_it_uses(capsys):
+    """share_budget=false: each of a sample's images gets all 12 tiles (1024x768 -> 4x3 + thumbnail
+    = 13, as alone), and the text does not claim the budget is shared."""
+    sizes = ["--image-size", "1024x768,448x448"]
+    assert main(["model-info", "--recipe", "internvl3/sft", *sizes]) == 0
+    assert "per image (shared over a sample's images)" in capsys.readouterr().out
+    own = ["--set", "model.images.share_budget=false"]
+    assert main(["model-info", "--recipe", "internvl3/sft", *sizes, *own]) == 0
+    out = capsys.readouterr().out
+    assert "shared over" not in out and "1..12 per image (each image of a sample, not shared)" in out
+    assert "together in one sample (at most 12 tiles each)" in out
+    assert main(["model-info", "--recipe", "internvl3/sft", *sizes, *own, "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["image_costs"]
+    assert c["share_budget"] is False and [r["tiles"] for r in c["sample"]["images"]] == [13, 1]
+
+
 def test_generate_command(ckpt, tmp_path, capsys):
     img = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (255, 0, 0)).save(img)

@@ -21,7 +21,7 @@ from vlmforge.data.pretrain.loader import PackedDataError, PackedDataset, Packed
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.data.pretrain.plan import pack_shards
 from vlmforge.imagedecode import decode_image
-from vlmforge.images import preprocess_batch, sample_tiles
+from vlmforge.images import preprocess_batch, tile_images
 from vlmforge.shards import ShardWriter
 from vlmforge.text.tokenization import load_tokenizer
 
@@ -112,7 +112,7 @@ def test_pack_lengths_count_each_images_tiles(tiled):
 def test_loader_placeholders_and_pixel_rows_follow_the_tiles(tiled, tiny_tokenizer_dir):
     folder, _, cfg = tiled
     tok = load_tokenizer(tiny_tokenizer_dir)
-    ds = PackedDataset(folder, visual_tokens=16, images=recipe_layout(cfg, tok))
+    ds = PackedDataset(folder, visual_tokens=16, expected_layout=recipe_layout(cfg, tok))
     assert ds.layout.tiling is not None and ds.layout.tiling.max_tiles == 4
     for i in range(len(ds)):
         meta, _, images = ds.readers[0].read_pack(i) if i < len(ds.readers[0]) else (None, None, None)
@@ -122,8 +122,8 @@ def test_loader_placeholders_and_pixel_rows_follow_the_tiles(tiled, tiny_tokeniz
         assert placeholders == [16 * t for t in tiles]
         if meta is not None:
             assert tiles == [s["tiles"] for s in meta["samples"] if s["kind"] == "image"]
-            # the pixel rows are sample_tiles' tiles, preprocessed, in order (thumbnail last)
-            want = preprocess_batch([t for b in images for t in sample_tiles([decode_image(b)], ds.layout)],
+            # the pixel rows are tile_images' tiles, preprocessed, in order (thumbnail last)
+            want = preprocess_batch([t for b in images for t in tile_images([decode_image(b)], ds.layout)],
                                     ds.image_spec)
             assert torch.equal(torch.cat([s["pixel_values"] for s in samples]), want)
     loader = PackedLoader(ds, batch_size=2, seed=0, rank=0, world_size=1, pad_to=ds.max_len)
@@ -155,7 +155,7 @@ def test_wrap_adds_its_tokens_and_no_loss_on_them(shards, tiny_tokenizer_dir, tm
         s = [x for x in meta["samples"] if x["kind"] == "image"]
         assert meta["length"] == sum(x["n_text"] + 1 + 16 * x["tiles"] + wrap for x in s)
         assert meta["image_tokens"] == 16 * meta["tiles"] + wrap * len(s)
-    ds = PackedDataset(str(tmp_path / "w"), visual_tokens=16, images=recipe_layout(cfg, tok))
+    ds = PackedDataset(str(tmp_path / "w"), visual_tokens=16, expected_layout=recipe_layout(cfg, tok))
     sample = ds[0][0]
     n = int(sample["pixel_values"].shape[0]) * 16
     head = [*start, *[ds.image_token_id] * n, *end]
@@ -163,7 +163,7 @@ def test_wrap_adds_its_tokens_and_no_loss_on_them(shards, tiny_tokenizer_dir, tm
     assert (sample["labels"][: len(head)] == -100).all() and (sample["labels"][len(head):] != -100).all()
     # without a tokenizer the wrap is compared by its text; the loader then checks the ids
     PackedLoader(str(tmp_path / "w"), cfg, tokenizer=tok, batch_size=1, seed=0, rank=0, world_size=1)
-    PackedDataset(str(tmp_path / "w"), images=recipe_layout(cfg))
+    PackedDataset(str(tmp_path / "w"), expected_layout=recipe_layout(cfg))
 
 
 def test_a_pack_of_another_layout_is_refused_naming_both(tiled, shards, tiny_tokenizer_dir, tmp_path):
@@ -172,16 +172,16 @@ def test_a_pack_of_another_layout_is_refused_naming_both(tiled, shards, tiny_tok
     with pytest.raises(PackedDataError, match=r"packed with image layout \[tiles 1\.\.4 of 64 px, thumbnail, 16 tokens "
                                               r"per tile\] but the recipe's model has \[one tile per image, 16 tokens "
                                               r"per tile\]"):
-        PackedDataset(folder, images=recipe_layout(fixed))
+        PackedDataset(folder, expected_layout=recipe_layout(fixed))
     other = load_recipe(None, TILED + ["model.images.max_tiles=6"])
     with pytest.raises(PackedDataError, match="tiles 1..6 of 64 px"):
         PackedLoader(folder, other, batch_size=1, seed=0, rank=0, world_size=1)
     _pack(shards, tiny_tokenizer_dir, tmp_path / "fixed", BASE)
     with pytest.raises(PackedDataError, match=r"\[one tile per image, 16 tokens per tile\] but the recipe's model has \[tiles"):
-        PackedDataset(str(tmp_path / "fixed"), images=recipe_layout(cfg))
+        PackedDataset(str(tmp_path / "fixed"), expected_layout=recipe_layout(cfg))
     wrapped = load_recipe(None, WRAPPED)
     with pytest.raises(PackedDataError, match="wrapped in '<img>' / '</img>'"):
-        PackedDataset(folder, images=recipe_layout(wrapped))
+        PackedDataset(folder, expected_layout=recipe_layout(wrapped))
 
 
 def test_fixed_grid_pack_is_the_format_of_before(shards, tiny_tokenizer_dir, tmp_path):
@@ -317,6 +317,33 @@ def test_balanced_loader_resumes_exactly(tiled_ds):
         PackedLoader(tiled_ds, batch_size=1, seed=7, rank=1, world_size=2).load_state_dict(state)
 
 
+class _CountSteps:
+    """Counts the steps a loader's StepPlanner plans (in this process)."""
+
+    def __init__(self, planner):
+        self.inner, self.calls = planner.plan, 0
+        planner.plan = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(tiled_ds, workers):
+    def make():
+        return PackedLoader(tiled_ds, batch_size=1, seed=7, rank=1, world_size=2, balance_micro_steps=2,
+                            num_workers=workers)
+
+    full = [b["input_ids"] for b in make()]
+    lo = make()
+    lo.load_state_dict({**lo.state_dict(), "batch": 2})  # resume at step 1 of the epoch
+    count = _CountSteps(lo.step_planner(0))
+    got = [b["input_ids"] for b in lo]
+    assert len(got) == len(full) - 2 and all(torch.equal(x, y) for x, y in zip(got, full[2:]))
+    assert count.calls == len(full) // 2 - 1  # steps 1.. once each (in the main process), step 0 never
+
+
 def test_balancing_off_is_todays_loader(tiled_ds):
     n = len(tiled_ds)
     off = PackedLoader(tiled_ds, batch_size=2, seed=5, rank=1, world_size=2)
@@ -329,4 +356,4 @@ def test_balancing_off_is_todays_loader(tiled_ds):
 
 def test_a_folder_is_read_with_its_own_layout_when_none_is_asked(tiled):
     ds = PackedDataset(tiled[0])
-    assert ds.tiled and ds.layout.tiling.max_tiles == 4 and ds.layout.tokens_per_tile == 16
+    assert ds.records_sizes and ds.layout.tiling.max_tiles == 4 and ds.layout.tokens_per_tile == 16

@@ -7,6 +7,7 @@ import pytest
 
 from vlmforge.data.balance import (
     PLANS,
+    StepPlanner,
     balance_step,
     balanced_plan,
     lockstep_imbalance,
@@ -193,6 +194,49 @@ def test_a_steps_plan_depends_only_on_that_step_so_resume_is_exact():
     outside = np.setdiff1d(np.arange(200), order[:g])
     other[outside] = rng.integers(0, 8000, outside.size)  # other packs' loads change
     np.testing.assert_array_equal(balanced_plan(other, llm, order[:g], 4, 8)[0], full[0])
+
+
+class Counting:
+    """A plan that records the loads of every step it is asked to plan."""
+
+    def __init__(self, plan=balance_step):
+        self.plan, self.calls = plan, []
+
+    def __call__(self, vision, llm, ranks, micro_steps, micro_batch):
+        self.calls.append((vision.tolist(), llm.tolist()))
+        return self.plan(vision, llm, ranks, micro_steps, micro_batch)
+
+
+@pytest.mark.parametrize("ranks,micro_steps,micro_batch", [(4, 2, 1), (2, 2, 2), (1, 8, 1)])
+def test_the_step_planner_plans_only_the_steps_asked_for_and_equals_balanced_plan(ranks, micro_steps, micro_batch):
+    rng = np.random.default_rng(6)
+    g, steps = ranks * micro_steps * micro_batch, 7
+    vision, llm = rng.integers(0, 8000, 100), rng.integers(4000, 16384, 100)
+    order = rng.permutation(100)[: g * steps]
+    full = balanced_plan(vision, llm, order, ranks, micro_steps, micro_batch)
+    count = Counting()
+    planner = StepPlanner(vision, llm, order, ranks, micro_steps, micro_batch, plan=count, cache=2)
+    assert planner.steps == steps and count.calls == []  # nothing planned up front
+    # a resume at step 5: steps 0..4 are never planned; each read step is planned once while cached
+    for s in (5, 5, 6, 6, 5):
+        np.testing.assert_array_equal(planner.slots(s), full[s])
+    assert len(count.calls) == 2
+    ids = order[5 * g:6 * g]
+    assert count.calls[0] == (vision[ids].astype(float).tolist(), llm[ids].astype(float).tolist())
+    # every micro-batch of every rank, in the loader's reading order, is balanced_plan's slot
+    for r in range(ranks):
+        for j in range(steps * micro_steps):
+            np.testing.assert_array_equal(planner.rank_batch(r, j), full[j // micro_steps, r, j % micro_steps])
+    # the LRU keeps 2 steps: step 0 was evicted by the later ones, so asking again plans it again
+    before = len(count.calls)
+    planner.slots(steps - 1)
+    assert len(count.calls) == before
+    planner.slots(0)
+    assert len(count.calls) == before + 1
+    with pytest.raises(IndexError, match="out of range"):
+        planner.slots(steps)
+    with pytest.raises(ValueError, match=f"whole steps of {g}"):
+        StepPlanner(vision, llm, order[:-1], ranks, micro_steps, micro_batch)
 
 
 def test_bad_input_is_refused():

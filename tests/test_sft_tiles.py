@@ -152,6 +152,47 @@ def test_bad_and_missing_headers_are_counted(world, tmp_path, tiny_tokenizer_dir
                     tokenizer=tiny_tokenizer_dir, progress=False, strict=True)
 
 
+def test_a_wrap_alone_reads_no_image_header(tmp_path, tok, tiny_tokenizer_dir):
+    """Without tiles every image costs TPT + wrap whatever its size: with check_images off the index
+    keeps records whose image is not an image (or not there), and their tokens need no header."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "broken.png").write_bytes(b"not an image at all")
+    rec = {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Yes."}]}
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({**rec, "image": f"img/{p}"}) + "\n" for p in ("broken.png", "none.png")))
+    cfg = recipe("model.images.tiles=false", "model.images.start=<img>", "model.images.end=</img>")
+    layout = image_layout(cfg.model, tok)
+    assert layout.dynamic and not layout.needs_sizes
+    m = build_index([src], tmp_path / "idx", layout=layout, image_root=tmp_path, tokenizer=tiny_tokenizer_dir,
+                    progress=False, check_images=False)
+    wrap = len(wrap_ids(tok, "<img>")) + len(wrap_ids(tok, "</img>"))
+    assert m["counts"]["records"] == 2 and m["dropped"] == {}
+    assert [int(v) for v in open_index(tmp_path / "idx").record_visual] == [TPT + wrap] * 2
+    ds = SFTDataset(tmp_path / "idx", tok, layout=layout, image_spec=image_preprocess_spec(cfg.model))
+    ids, labels, _ = ds.tokens(0)
+    assert ids.size == int(ds.index.mm_length[0]) and int((ids == ds.image_id).sum()) == TPT
+    with pytest.raises(SFTDataError, match="broken.png") as e:  # training decodes it, and counts it
+        ds[0]
+    assert e.value.reason == "bad_image"
+
+
+def test_sft_index_with_tiles_and_no_image_root_is_one_line_naming_the_flag(world, tmp_path, tiny_tokenizer_dir,
+                                                                             capsys):
+    from vlmforge.cli import main
+
+    args = ["sft-index", "--recipe", "tiny/sft", "--input", str(world / "data.jsonl"), "--out", str(tmp_path / "idx"),
+            "--tokenizer", tiny_tokenizer_dir, *[a for s in TILED for a in ("--set", s)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--image-root" in err and "sft.image_root" in err and "data.jsonl" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "idx").exists()
+    assert main([*args, "--set", f"sft.image_root={world}"]) == 0  # the recipe's root is as good
+    capsys.readouterr()
+    fixed = ["sft-index", "--recipe", "tiny/sft", "--input", str(world / "data.jsonl"), "--out", str(tmp_path / "f"),
+             "--tokenizer", tiny_tokenizer_dir, "--set", "model.projector.pool_size=2"]
+    assert main(fixed) == 0  # a fixed grid reads no image size: no root needed, as before
+
+
 def test_a_meta_sources_max_dynamic_patch_is_its_tile_budget(world, tmp_path, tok, tiny_tokenizer_dir):
     wide = {"image": "img/wide.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                        {"from": "gpt", "value": "Yes."}]}
@@ -425,6 +466,35 @@ def test_balanced_loader_resumes_exactly_and_workers_agree(world, tok):
         SFTLoader(ds, _cfg(batching="length_group"), batch_size=2, seed=4, rank=1, world_size=2).load_state_dict(state)
     workers = [b["input_ids"] for b in loader(num_workers=2)]
     assert len(workers) == len(full) and all(torch.equal(a, b) for a, b in zip(workers, full))
+
+
+class _CountSteps:
+    """Counts the steps a loader's StepPlanner plans (in this process)."""
+
+    def __init__(self, planner):
+        self.inner, self.calls = planner.plan, 0
+        planner.plan = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(world, tok, workers):
+    ds = _dataset(world, tok)
+
+    def loader():  # 24 rows: 3 steps of 2 ranks x 2 micro-steps x 2 rows
+        return SFTLoader(ds, _cfg(batching="length_group", num_workers=workers), batch_size=2, seed=4, rank=1,
+                         world_size=2, balance_micro_steps=2)
+
+    full = [b["input_ids"] for b in loader()]
+    lo = loader()
+    lo.load_state_dict({**lo.state_dict(), "batch": 2})  # resume at step 1 of 3
+    count = _CountSteps(lo.plan(0)[3])
+    got = [b["input_ids"] for b in lo]
+    assert len(full) == 6 and len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, full[2:]))
+    assert count.calls == 2  # steps 1 and 2 once each, in the main process (not once per worker); step 0 never
 
 
 def test_balancing_off_is_the_round_robin_split(world, tok):

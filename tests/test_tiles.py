@@ -6,7 +6,16 @@ import transformers
 from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from vlmforge.arch.tiles import Tiling, candidate_grids, grid_for, sample_tiles, tile_budget, tiles_per_image
+from vlmforge.arch.tiles import (
+    ImageLayout,
+    Tiling,
+    candidate_grids,
+    grid_for,
+    layout_mismatch,
+    tile_budget,
+    tile_counts,
+    tiles_per_image,
+)
 from vlmforge.errors import ConfigError
 from vlmforge.images import dynamic_tiles
 
@@ -83,11 +92,11 @@ def test_multi_image_budget_is_max_tiles_over_images():
     assert [tile_budget(12, n) for n in (1, 2, 3, 4, 5, 6, 7, 12, 13, 40)] == [12, 6, 4, 3, 2, 2, 1, 1, 1, 1]
     t = Tiling()
     assert t.for_images(2) == Tiling(448, 1, 6, True)
-    assert sample_tiles([(4000, 300), (4000, 300)]) == [7, 7]  # 6x1 + thumbnail each
-    assert sample_tiles([(4000, 300)]) == [13]
-    assert sample_tiles([(1000, 1000)] * 3) == [5, 5, 5]  # 4 each: 2x2 + thumbnail
-    assert sample_tiles([(1000, 1000)] * 12) == [1] * 12  # one tile each, no thumbnail
-    assert sample_tiles([]) == []
+    assert tile_counts([(4000, 300), (4000, 300)]) == [7, 7]  # 6x1 + thumbnail each
+    assert tile_counts([(4000, 300)]) == [13]
+    assert tile_counts([(1000, 1000)] * 3) == [5, 5, 5]  # 4 each: 2x2 + thumbnail
+    assert tile_counts([(1000, 1000)] * 12) == [1] * 12  # one tile each, no thumbnail
+    assert tile_counts([]) == []
     assert Tiling(min_tiles=4).for_images(6) == Tiling(448, 2, 2, True)  # min lowered to the budget
 
 
@@ -100,6 +109,49 @@ def test_bad_settings_are_refused():
         grid_for(0, 10)
     with pytest.raises(ValueError):
         tile_budget(12, 0)
+
+
+# ---- layouts --------------------------------------------------------------------------------
+
+def test_visual_tokens_are_placeholders_plus_the_wrap_per_image():
+    """4000x300 alone: 12x1 + thumbnail = 13 tiles; with a 1000x1000 the budget is 6 each: 6x1 +
+    thumbnail = 7 and 2x2 + thumbnail = 5. 10 tokens per tile, a 2 + 1 token wrap."""
+    tiled = ImageLayout(10, Tiling(), (7, 8), (9,))
+    assert tiled.visual_tokens([(4000, 300)]) == [13 * 10 + 3]
+    assert tiled.visual_tokens([(4000, 300), (1000, 1000)]) == [7 * 10 + 3, 5 * 10 + 3]
+    assert tiled.visual_tokens([]) == []
+    for sizes in ([(4000, 300)], [(4000, 300), (1000, 1000)], [(5, 5)] * 3):  # what expand writes
+        ids = [1] + [0, 2] * len(sizes)
+        assert len(tiled.expand(ids, 0, sizes)) == len(ids) - len(sizes) + sum(tiled.visual_tokens(sizes))
+    wrapped = ImageLayout(10, None, (7,), (9,))  # one tile per image, whatever its size
+    assert wrapped.visual_tokens([(4000, 300), (1, 1)]) == [12, 12]
+    assert ImageLayout(10).visual_tokens([(4000, 300)]) == [10]
+
+
+def test_only_tiling_needs_the_image_sizes():
+    assert ImageLayout(4, Tiling()).needs_sizes and ImageLayout(4, Tiling()).dynamic
+    wrap_only = ImageLayout(4, None, (7,), (9,))
+    assert wrap_only.dynamic and not wrap_only.needs_sizes
+    assert not ImageLayout(4).dynamic and not ImageLayout(4).needs_sizes
+
+
+def test_layout_mismatch_compares_tiling_then_the_wrap_by_ids_or_by_text():
+    tiled = ImageLayout(4, Tiling(64, 1, 4))
+    rec = tiled.record()
+    assert not layout_mismatch(rec, dict(rec))
+    assert layout_mismatch(ImageLayout(4, Tiling(64, 1, 6)).record(), rec)
+    assert layout_mismatch(ImageLayout(4).record(), rec) and layout_mismatch(ImageLayout(8, Tiling(64, 1, 4)).record(), rec)
+    old = {k: v for k, v in rec.items() if k != "share_budget"}  # a record written before share_budget: shared
+    assert not layout_mismatch(rec, old)
+    assert layout_mismatch(ImageLayout(4, Tiling(64, 1, 4, share=False)).record(), old)
+    wrapped = ImageLayout(4, Tiling(64, 1, 4), (7,), (9,)).record("<img>", "</img>")
+    assert layout_mismatch(wrapped, rec) and layout_mismatch(rec, wrapped)
+    assert not layout_mismatch(ImageLayout(4, Tiling(64, 1, 4), (7,), (9,)).record(), wrapped)  # ids agree, no text
+    assert layout_mismatch(ImageLayout(4, Tiling(64, 1, 4), (7,), (8,)).record("<img>", "</img>"), wrapped)
+    # no tokenizer on the wanting side (ids None): the wrap's text decides
+    by_text = {**wrapped, "start_ids": None, "end_ids": None}
+    assert not layout_mismatch(by_text, wrapped)
+    assert layout_mismatch({**by_text, "end": "</image>"}, wrapped) and layout_mismatch(by_text, rec)
 
 
 # ---- pixels -------------------------------------------------------------------------------

@@ -3,15 +3,20 @@
 Shards, pretraining and SFT data, curation, evaluation and generation all decode with
 :func:`decode_image`, so every stage sees the same pixels from the same bytes; what does not
 decode raises :class:`ImageDecodeError` (over the pixel cap: :class:`ImageTooLargeError`), which
-long jobs catch, skip and count.
+long jobs catch, skip and count. :func:`header_size` reads an image's size from its header alone,
+with the same errors and the same cap, for the stages that count tiles before decoding.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
+
+# Pixel cap of every decode (and of header_size): an image over it is skipped and counted as image_too_large.
+MAX_PIXELS = 50_000_000
 
 
 class ImageDecodeError(ValueError):
@@ -19,7 +24,7 @@ class ImageDecodeError(ValueError):
 
 
 class ImageTooLargeError(ImageDecodeError):
-    """An image over the pixel cap (``decode_image(max_pixels=...)`` or PIL's decompression-bomb
+    """An image over the pixel cap (:data:`MAX_PIXELS` by default, or PIL's decompression-bomb
     limit); counted as ``image_too_large``, not as undecodable. The message names the cap."""
 
     reason = "image_too_large"
@@ -41,7 +46,41 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L")
 
 
-def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
+def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
+    return ImageTooLargeError(f"image too large: {width}x{height} = {width * height} pixels, "
+                              f"over the cap of {max_pixels} pixels")
+
+
+def _bomb(e: Exception) -> ImageTooLargeError:
+    return ImageTooLargeError(f"image too large: {e} (PIL's cap Image.MAX_IMAGE_PIXELS)")
+
+
+def header_size(image: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file (a path) or of encoded bytes, from its header: no pixels
+    decoded, and the size :func:`decode_image` gives (it applies no EXIF rotation). Raises
+    ``ImageTooLargeError`` over the pixel cap (as the decode would), ``ImageDecodeError`` for what
+    is not an image; a path that does not exist raises ``FileNotFoundError``."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if not image:
+            raise ImageDecodeError("empty image bytes")
+        src = io.BytesIO(image)
+    else:
+        src = os.fspath(image)
+    try:
+        with Image.open(src) as im:
+            w, h = (int(v) for v in im.size)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as e:  # not a ValueError/OSError: PIL's own cap, hit in open()
+        raise _bomb(e) from e
+    except Exception as e:  # PIL raises many types for what is not an image
+        raise ImageDecodeError(f"cannot read the image header: {e}") from e
+    if max_pixels is not None and w * h > max_pixels:
+        raise _too_large(w, h, max_pixels)
+    return w, h
+
+
+def decode_image(data: bytes | None, max_pixels: int | None = MAX_PIXELS):
     """Bytes -> fully loaded RGB ``PIL.Image`` (8 bits per channel). Grayscale/CMYK/palette are
     converted; 16-bit and float images are scaled to 8 bits (``_to_8bit``), not clipped; alpha is
     composited on white (dropping it would expose arbitrary colours under transparent pixels).
@@ -52,15 +91,12 @@ def decode_image(data: bytes | None, max_pixels: int | None = 50_000_000):
     try:
         im = Image.open(io.BytesIO(data))
         if max_pixels is not None and im.width * im.height > max_pixels:
-            raise ImageTooLargeError(
-                f"image too large: {im.width}x{im.height} = {im.width * im.height} pixels, "
-                f"over the cap of {max_pixels} pixels"
-            )
+            raise _too_large(im.width, im.height, max_pixels)
         im.load()  # truncated files fail here, not at open()
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:  # PIL's own cap (Image.MAX_IMAGE_PIXELS), hit in open()
-        raise ImageTooLargeError(f"image too large: {e} (PIL's cap Image.MAX_IMAGE_PIXELS)") from e
+        raise _bomb(e) from e
     except Exception as e:  # PIL raises many types for bad data
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     if im.mode.startswith("I") or im.mode == "F":

@@ -80,7 +80,7 @@ def dynamic_tiles(image: Image.Image, tile: int = DEFAULT_TILE, min_tiles: int =
     return tiles
 
 
-def sample_tiles(images: list[Image.Image], layout: ImageLayout) -> list[Image.Image]:
+def tile_images(images: list[Image.Image], layout: ImageLayout) -> list[Image.Image]:
     """The tower inputs of one sample's images, in order: each image itself without tiling, else its
     dynamic tiles (thumbnail last) under the sample's shared budget (``Tiling.for_images``). Their
     count per image is ``layout.tiles([im.size for im in images])``, what the placeholders expect."""

@@ -109,7 +109,7 @@ def tiles_per_image(width: int, height: int, tile: int = DEFAULT_TILE, min_tiles
     return n + 1 if thumbnail and n > 1 else n
 
 
-def sample_tiles(sizes: list[tuple[int, int]], tiling: Tiling = Tiling()) -> list[int]:
+def tile_counts(sizes: list[tuple[int, int]], tiling: Tiling = Tiling()) -> list[int]:
     """Tiles per image of one sample whose images have these (width, height) sizes (budget shared)."""
     if not sizes:
         return []
@@ -145,7 +145,7 @@ class ImageLayout:
         """Tower passes per image for a sample whose images have these (width, height) sizes."""
         if self.tiling is None:
             return [1] * len(sizes)
-        return sample_tiles(list(sizes), self.tiling)
+        return tile_counts(list(sizes), self.tiling)
 
     def image_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Placeholder ids per image (tiles x tokens_per_tile), without the wrap."""
@@ -155,9 +155,10 @@ class ImageLayout:
     def wrap_tokens(self) -> int:
         return len(self.start_ids) + len(self.end_ids)
 
-    def added_tokens(self, sizes: list[tuple[int, int]]) -> int:
-        """Tokens the sample gains when each one-token `<image>` marker is expanded."""
-        return sum(n + self.wrap_tokens - 1 for n in self.image_tokens(sizes))
+    def visual_tokens(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Tokens per image in the expanded ids: its placeholders and its wrap (what an index or a
+        pack counts as the sample's visual tokens)."""
+        return [n + self.wrap_tokens for n in self.image_tokens(sizes)]
 
     def expand(self, ids, image_id: int, sizes: list[tuple[int, int]], labels=None, ignore: int = -100):
         """Replace the k-th `<image>` id of ``ids`` with image k's wrap + placeholders; ``labels``
@@ -203,8 +204,14 @@ class ImageLayout:
 
     @property
     def dynamic(self) -> bool:
-        """Whether placeholders per image depend on more than the tokens per tile (tiles or a wrap)."""
+        """Whether an image's tokens are more than ``tokens_per_tile`` placeholders (tiles or a wrap)."""
         return self.tiling is not None or self.wrap_tokens > 0
+
+    @property
+    def needs_sizes(self) -> bool:
+        """Whether counting an image's tokens needs its (width, height): only tiling does (a wrap alone
+        costs the same for every image)."""
+        return self.tiling is not None
 
     def describe(self, start: str | None = None, end: str | None = None) -> str:
         """One line naming this layout, for messages (``start`` / ``end``: the wrap's text, else its ids)."""
@@ -216,3 +223,16 @@ class ImageLayout:
         else:
             wrap = f", wrap ids {list(self.start_ids)}/{list(self.end_ids)}" if self.wrap_tokens else ""
         return f"{tiles}, {self.tokens_per_tile} tokens per tile{wrap}"
+
+
+def layout_mismatch(want: dict, have: dict) -> bool:
+    """Whether the layout record ``want`` (a recipe's, :meth:`ImageLayout.record`) differs from
+    ``have`` (the one an index or a pack was built with): tokens per tile and tiling, then the wrap,
+    by its ids, or by its text where ``want`` has no ids (a record built without a tokenizer holds
+    ``start_ids`` / ``end_ids`` None)."""
+    a, b = ImageLayout.from_record(want), ImageLayout.from_record(have)
+    if (a.tokens_per_tile, a.tiling) != (b.tokens_per_tile, b.tiling):
+        return True
+    if want.get("start_ids") is None or want.get("end_ids") is None:
+        return (want.get("start") or None, want.get("end") or None) != (have.get("start") or None, have.get("end") or None)
+    return (a.start_ids, a.end_ids) != (b.start_ids, b.end_ids)

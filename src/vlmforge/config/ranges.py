@@ -8,7 +8,8 @@
 OmegaConf checks types and ``Literal`` choices but not ranges. :func:`check_ranges` walks a
 structured config against its dataclasses' field metadata; the loader calls it after every merge
 step, so the error names the file or ``--set`` that brought the bad value in. A ranged value must
-also be finite (NaN and infinity fail every range).
+also be finite (NaN and infinity fail every range). A few pairs of fields are ordered
+(:data:`ORDERED`, e.g. ``model.images.min_tiles <= model.images.max_tiles``), checked likewise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vlmforge.errors import ConfigError
 
 RANGE_KEY = "vlmforge.range"
+# (lower, upper): pairs of fields where the first must not exceed the second
+ORDERED = (("model.images.min_tiles", "model.images.max_tiles"),)
 
 
 def _num(x: float) -> str:
@@ -117,7 +120,23 @@ def range_violations(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, A
                 yield k, v, rng
 
 
+def order_violations(cfg: DictConfig) -> Iterator[tuple[str, Any, str, Any]]:
+    """(lower key, its value, upper key, its value) for every :data:`ORDERED` pair the wrong way round;
+    pairs not in ``cfg`` (another schema) or not numbers yet are left out."""
+    for lo, hi in ORDERED:
+        try:
+            a = OmegaConf.select(cfg, lo, default=None, throw_on_missing=False)
+            b = OmegaConf.select(cfg, hi, default=None, throw_on_missing=False)
+        except OmegaConfBaseException:
+            continue
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) and a > b:
+            yield lo, a, hi, b
+
+
 def check_ranges(cfg: DictConfig, source: str) -> None:
-    """Raise ConfigError ``<source>: <key> must be <range>, got <value>`` for the first value out of range."""
+    """Raise ConfigError ``<source>: <key> must be <range>, got <value>`` for the first value out of range
+    (or ``<source>: <key> (v) must be <= <key> (w)`` for an :data:`ORDERED` pair the wrong way round)."""
     for key, value, rng in range_violations(cfg):
         raise ConfigError(f"{source}: {key} must be {rng.describe(isinstance(value, float))}, got {value!r}")
+    for lo, a, hi, b in order_violations(cfg):
+        raise ConfigError(f"{source}: {lo} ({a}) must be <= {hi} ({b})")

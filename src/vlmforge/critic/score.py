@@ -20,7 +20,7 @@ from vlmforge.critic.steps import critic_messages
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.sft.samples import conversation_sample
 from vlmforge.data.sft.verdicts import end_of_turn_ids, verdict_ids
-from vlmforge.images import preprocess_batch, sample_tiles
+from vlmforge.images import preprocess_batch, tile_images
 
 AGGREGATES = ("mean", "min", "last", "product")
 __all__ = ["AGGREGATES", "StepRequest", "aggregate", "step_scores", "verdict_ids"]  # verdict_ids: (id of '+', id of '-'), UserError if not single tokens
@@ -61,7 +61,7 @@ def _sample(model, tokenizer, request: StepRequest, verdicts: tuple[int, int], e
     if n_img != len(request.images):
         raise ValueError(f"the question holds image markers: {n_img} in the conversation for {len(request.images)} image(s)")
     ids, labels = layout.expand(ids, model.image_token_id, [im.size for im in request.images], labels)
-    tiles = sample_tiles(list(request.images), layout)
+    tiles = tile_images(list(request.images), layout)
     pixels = preprocess_batch(tiles, spec) if tiles else None
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 

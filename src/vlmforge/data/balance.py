@@ -24,8 +24,12 @@ Every plan is a pure function of the step's packs (their loads, in the loader's 
 by position): no randomness, no state. So resume is exact (a step's plan is recomputed from the
 step alone), and the set of packs a step trains does not depend on the number of ranks: the
 union over ranks of a step's slots is the step's packs, the same ``G`` packs whether ``G`` is
-split over 1 rank x G micro-steps or 64 ranks x G/64 (:func:`balanced_plan` cuts an epoch's order
-into steps and plans each).
+split over 1 rank x G micro-steps or 64 ranks x G/64.
+
+An epoch's order is cut into steps of ``G`` and each is planned alone. :class:`StepPlanner` (what
+the loaders use) plans a step when it is first asked for and keeps the last few, so a rank plans
+only the steps it reads, when it reads them (resuming mid-epoch plans nothing before the resume
+point); :func:`balanced_plan` is the same plan for every step at once (tests, benchmarks).
 
 Two measures (1.0 is perfect): :func:`rank_imbalance`, max over ranks / mean over ranks of a
 resource's per-rank total in the step (what a step costs when ranks meet once per step, DDP with
@@ -36,11 +40,12 @@ all-gathers make them).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["round_robin", "sorted_by_vision", "balance_step", "balanced_plan", "rank_imbalance",
+__all__ = ["round_robin", "sorted_by_vision", "balance_step", "StepPlanner", "balanced_plan", "rank_imbalance",
            "lockstep_imbalance", "PLANS"]
 
 Plan = Callable[..., np.ndarray]
@@ -157,21 +162,62 @@ def _swap_down(x: np.ndarray, slots: np.ndarray, load: np.ndarray) -> None:
 PLANS: dict[str, Plan] = {"round_robin": round_robin, "sorted": sorted_by_vision, "balanced": balance_step}
 
 
+class StepPlanner:
+    """An epoch's balanced deal, one step at a time.
+
+    ``order`` (pack ids in the loader's order) is cut into :attr:`steps` steps of ``ranks x
+    micro_steps x micro_batch`` packs; :meth:`slots` ``(s)`` is step ``s``'s pack ids
+    ``[ranks, micro_steps, micro_batch]`` under ``plan``, computed when first asked for (from that
+    step's packs alone) and kept in an LRU cache of ``cache`` steps. ``vision`` / ``llm`` are
+    indexed by pack id."""
+
+    def __init__(self, vision, llm, order, ranks: int, micro_steps: int, micro_batch: int = 1,
+                 plan: Plan = balance_step, cache: int = 4):
+        self.vision = np.asarray(vision, dtype=np.float64)
+        self.llm = np.asarray(llm, dtype=np.float64)
+        self.order = np.asarray(order, dtype=np.int64)
+        self.ranks, self.micro_steps, self.micro_batch = int(ranks), int(micro_steps), int(micro_batch)
+        self.per_step = self.ranks * self.micro_steps * self.micro_batch
+        if self.order.ndim != 1 or self.order.size % self.per_step:
+            raise ValueError(f"the order must be whole steps of {self.per_step} packs, got {self.order.size} packs")
+        if cache < 1:
+            raise ValueError(f"cache must be >= 1 step, got {cache}")
+        self.steps = self.order.size // self.per_step
+        self.plan, self.cache = plan, int(cache)
+        self._cached: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def slots(self, step: int) -> np.ndarray:
+        """Pack ids ``[ranks, micro_steps, micro_batch]`` of ``step`` (read-only)."""
+        step = int(step)
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} out of range ({self.steps} steps)")
+        got = self._cached.get(step)
+        if got is not None:
+            self._cached.move_to_end(step)
+            return got
+        ids = self.order[step * self.per_step:(step + 1) * self.per_step]
+        got = ids[self.plan(self.vision[ids], self.llm[ids], self.ranks, self.micro_steps, self.micro_batch)]
+        got.flags.writeable = False  # shared with the cache
+        self._cached[step] = got
+        if len(self._cached) > self.cache:
+            self._cached.popitem(last=False)
+        return got
+
+    def rank_batch(self, rank: int, j: int) -> np.ndarray:
+        """Rank ``rank``'s ``j``-th micro-batch of the epoch: step ``j // micro_steps``, that
+        micro-step's ``micro_batch`` pack ids."""
+        step, micro = divmod(int(j), self.micro_steps)
+        return self.slots(step)[rank, micro]
+
+
 def balanced_plan(vision, llm, order, ranks: int, micro_steps: int, micro_batch: int = 1,
                   plan: Plan = balance_step) -> np.ndarray:
-    """An epoch's plan: ``order`` (pack ids in the loader's order) cut into steps of
-    ``ranks x micro_steps x micro_batch`` packs, each planned alone. Returns pack ids
+    """An epoch's plan at once: :meth:`StepPlanner.slots` of every step, stacked. Returns pack ids
     ``[steps, ranks, micro_steps, micro_batch]``; ``vision`` / ``llm`` are indexed by pack id."""
-    v = np.asarray(vision, dtype=np.float64)
-    l_ = np.asarray(llm, dtype=np.float64)
-    order = np.asarray(order, dtype=np.int64)
-    g = ranks * micro_steps * micro_batch
-    if order.ndim != 1 or order.size % g:
-        raise ValueError(f"the order must be whole steps of {g} packs, got {order.size} packs")
-    out = np.empty((order.size // g, ranks, micro_steps, micro_batch), np.int64)
-    for s in range(order.size // g):
-        ids = order[s * g:(s + 1) * g]
-        out[s] = ids[plan(v[ids], l_[ids], ranks, micro_steps, micro_batch)]
+    planner = StepPlanner(vision, llm, order, ranks, micro_steps, micro_batch, plan=plan, cache=1)
+    out = np.empty((planner.steps, ranks, micro_steps, micro_batch), np.int64)
+    for s in range(planner.steps):
+        out[s] = planner.slots(s)
     return out
 
 

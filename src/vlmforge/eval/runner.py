@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -35,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
@@ -49,7 +47,7 @@ from vlmforge.eval.kind import Scored, count_unresolved
 from vlmforge.eval.specs import parse_task_specs
 from vlmforge.eval.tasks import Task, load_task
 from vlmforge.files import atomic_write_text, write_json, write_manifest
-from vlmforge.imagedecode import ImageTooLargeError
+from vlmforge.imagedecode import ImageTooLargeError, header_size
 from vlmforge.model.decoding import generate, prompt_ids
 from vlmforge.model.likelihood import continuation_logprobs
 
@@ -87,9 +85,9 @@ def _load_images(refs, item_id: str) -> list:
 
 
 def ref_size(ref) -> tuple[int, int]:
-    """(width, height) of an image reference from its header (no pixels decoded)."""
-    with Image.open(ref.value if ref.kind == "path" else io.BytesIO(ref.read_bytes())) as im:
-        return im.size
+    """(width, height) of an image reference from its header (no pixels decoded); ImageDecodeError
+    (ImageTooLargeError over the pixel cap) or OSError as :func:`vlmforge.imagedecode.header_size`."""
+    return header_size(ref.value if ref.kind == "path" else ref.read_bytes())
 
 
 def model_prompt_length(model, tokenizer) -> Callable[[list[dict], list], int]:
@@ -100,8 +98,8 @@ def model_prompt_length(model, tokenizer) -> Callable[[list[dict], list], int]:
     def length(messages: list[dict], refs: list) -> int:
         try:
             return len(prompt_ids(model, tokenizer, messages, [ref_size(r) for r in refs] if tiles else len(refs)))
-        except (ValueError, OSError):  # a marker/image mismatch or an unreadable image: generation reports it
-            return 0
+        except (ValueError, OSError):  # a marker/image mismatch, an unreadable or too large image
+            return 0  # (ImageDecodeError is a ValueError): loading the item drops and counts it
     return length
 
 

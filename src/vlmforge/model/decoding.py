@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vlmforge.arch.tokens import IM_END
-from vlmforge.images import preprocess_batch, sample_tiles
+from vlmforge.images import preprocess_batch, tile_images
 from vlmforge.model import attention as attn
 from vlmforge.model.positions import restart_positions, v2pe_positions
 from vlmforge.text.chat import encode_conversation
@@ -54,7 +54,7 @@ def prompt_pixels(model, tokenizer, images: list[list]) -> torch.Tensor | None:
     """pixel_values for a batch of prompts: each prompt's tower inputs (its images, or their tiles
     under the model's layout) in order, prompt after prompt; None without images."""
     layout = model.image_layout(tokenizer)
-    flat = [t for ims in images for t in sample_tiles(list(ims), layout)]
+    flat = [t for ims in images for t in tile_images(list(ims), layout)]
     return preprocess_batch(flat, model.preprocess_spec()) if flat else None
 
 

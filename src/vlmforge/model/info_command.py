@@ -68,25 +68,30 @@ def image_costs(cfg: Recipe, model, sizes: list[tuple[int, int]], tokenizer=None
     layout = layout_from(images, model.tokens_per_image, model.image_size, tokenizer, wrap=tokenizer is not None)
     wrap = layout.wrap_tokens if tokenizer is not None or not (images.start or images.end) else None
 
-    def one(size, tiling) -> dict:
-        grid = tiling.grid(*size) if tiling is not None else (1, 1)
-        tiles = tiling.tiles(*size) if tiling is not None else 1
-        visual = tiles * layout.tokens_per_tile
-        return {"size": list(size), "grid": list(grid), "tiles": tiles,
-                "thumbnail": tiles > grid[0] * grid[1], "visual_tokens": visual,
-                "tokens": None if wrap is None else visual + wrap}
+    def sample(group: list[tuple[int, int]]) -> list[dict]:
+        """Each image of a sample whose images have these sizes (the budget shared unless share_budget is off)."""
+        each = layout.tiling.for_images(len(group)) if layout.tiling is not None else None
+        rows = []
+        for size, tiles, visual, tokens in zip(group, layout.tiles(group), layout.image_tokens(group),
+                                               layout.visual_tokens(group)):
+            grid = each.grid(*size) if each is not None else (1, 1)
+            rows.append({"size": list(size), "grid": list(grid), "tiles": tiles,
+                         "thumbnail": tiles > grid[0] * grid[1], "visual_tokens": visual,
+                         "tokens": None if wrap is None else tokens})
+        return rows
 
     t = layout.tiling
     out = {
         "tiles": bool(images.tiles), "tile": model.image_size if images.tiles else None,
         "min_tiles": images.min_tiles if images.tiles else None, "max_tiles": images.max_tiles if images.tiles else None,
-        "thumbnail": bool(images.thumbnail) if images.tiles else None, "tokens_per_tile": layout.tokens_per_tile,
+        "thumbnail": bool(images.thumbnail) if images.tiles else None,
+        "share_budget": bool(images.share_budget) if images.tiles else None, "tokens_per_tile": layout.tokens_per_tile,
         "start": images.start, "end": images.end, "wrap_tokens": wrap,
-        "images": [one(s, t) for s in sizes],
+        "images": [sample([s])[0] for s in sizes],
     }
     if len(sizes) > 1:
         each = t.for_images(len(sizes)) if t is not None else None
-        together = [one(s, each) for s in sizes]
+        together = sample(sizes)
         out["sample"] = {"budget_per_image": each.max_tiles if each is not None else None, "images": together,
                          "tiles": sum(r["tiles"] for r in together),
                          "visual_tokens": sum(r["visual_tokens"] for r in together),
@@ -176,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_image_costs(c: dict) -> None:
     if c["tiles"]:
+        shared = "shared over a sample's images" if c.get("share_budget", True) else "each image of a sample, not shared"
         print(f"images: tiles of {c['tile']} px, {c['min_tiles']}..{c['max_tiles']} per image "
-              f"(shared over a sample's images), thumbnail {'on' if c['thumbnail'] else 'off'}, "
+              f"({shared}), thumbnail {'on' if c['thumbnail'] else 'off'}, "
               f"{c['tokens_per_tile']} visual tokens per tile")
     else:
         print(f"images: not tiled (each image resized to one tile), {c['tokens_per_tile']} visual tokens per image")

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from vlmforge.arch.tokens import IM_END
-from vlmforge.images import preprocess_batch, sample_tiles
+from vlmforge.images import preprocess_batch, tile_images
 from vlmforge.model.decoding import prompt_ids
 
 
@@ -51,7 +51,7 @@ def continuation_logprobs(
     rows, spans, row_images = [], [], []
     for i, (messages, ims, cands) in enumerate(zip(prompts, images, candidates)):
         head = prompt_ids(model, tokenizer, messages, ims, i)
-        tiles = sample_tiles(list(ims), layout)
+        tiles = tile_images(list(ims), layout)
         for c in cands:
             tail = tokenizer(c, add_special_tokens=False)["input_ids"] + [end]
             rows.append(head + tail)
@@ -91,7 +91,7 @@ def answer_logprobs(
             raise ValueError(f"prompt {i}: the answer {answer!r} has no tokens")
         rows.append(head + tail)
         spans.append((len(head), len(head) + len(tail)))
-        row_images.extend(sample_tiles(list(ims), layout))
+        row_images.extend(tile_images(list(ims), layout))
     return _span_logprobs(model, tokenizer, rows, spans, row_images)
 
 

@@ -21,14 +21,16 @@ does not depend on ``num_workers``. ``state_dict()`` = {epoch, batch consumed}; 
 
 Rank balancing (``balance_micro_steps=m``): the same seeded epoch order is cut into optimizer
 steps of ``world_size x m x batch_size`` packs, and each step is dealt to (rank, micro-step, slot)
-by :func:`vlmforge.data.balance.balanced_plan` on every pack's (image tokens, tokens), read from the
-shard indexes; rank r yields its slots in micro-step order. A step's plan depends on that step's
-packs alone, so resume stays exact, and a step trains the same packs whatever the split into
-ranks x micro-steps. The epoch is then whole steps (``remainder`` as above, per step).
+by :class:`vlmforge.data.balance.StepPlanner` on every pack's (image tokens, tokens), read from the
+shard indexes; rank r yields its slots in micro-step order. The main process plans a step when
+its first batch is asked for (the DataLoader's batch sampler, so workers plan nothing), never the
+whole epoch up front. A step's plan depends on that step's packs alone, so resume stays exact, and
+a step trains the same packs whatever the split into ranks x micro-steps. The epoch is then whole
+steps (``remainder`` as above, per step).
 
 Image layouts (a folder packed with ``model.images.tiles`` or a wrap, format 2): each image
 sample records its image's size and tiles; the loader cuts the tiles with
-:func:`vlmforge.images.sample_tiles` (the sample's pixel rows, thumbnail last) and writes the
+:func:`vlmforge.images.tile_images` (the sample's pixel rows, thumbnail last) and writes the
 image's wrap and ``tiles x tokens_per_tile`` placeholders with the folder's
 :class:`~vlmforge.arch.tiles.ImageLayout`, which must be the recipe's.
 
@@ -62,15 +64,15 @@ from vlmforge.arch.geometry import (
     visual_tokens_per_image,
     wrap_ids,
 )
-from vlmforge.arch.tiles import ImageLayout
+from vlmforge.arch.tiles import ImageLayout, layout_mismatch
 from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 from vlmforge.config.recipe import Recipe, run_seed
-from vlmforge.data.balance import balanced_plan
+from vlmforge.data.balance import StepPlanner
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.imagedecode import ImageDecodeError, decode_image
-from vlmforge.images import preprocess_into, sample_tiles
+from vlmforge.images import preprocess_into, tile_images
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +255,10 @@ class PackedDataset:
         image_spec: dict | None = None,
         supervise_sep: bool = True,
         strict: bool = False,
-        images: dict | None = None,
+        expected_layout: dict | None = None,
     ):
-        """``images``: the recipe's layout record (:func:`recipe_layout`); a folder packed with
-        another layout is refused, naming both. None: the folder's own layout, unchecked."""
+        """``expected_layout``: the recipe's layout record (:func:`recipe_layout`); a folder packed
+        with another layout is refused, naming both. None: the folder's own layout, unchecked."""
         self.folder = Path(folder)
         manifest_path = self.folder / "manifest.json"
         if not manifest_path.is_file():
@@ -274,13 +276,13 @@ class PackedDataset:
         # a folder without a layout record is a fixed-grid pack: one tile per image, no wrap
         self.layout_record = geo.get("images") or {"tiles": False, "tokens_per_tile": self.visual_tokens,
                                                    "start": None, "end": None, "start_ids": [], "end_ids": []}
-        if images is not None and not _same_layout(images, self.layout_record):
+        if expected_layout is not None and layout_mismatch(expected_layout, self.layout_record):
             raise PackedDataError(
                 f"{folder} was packed with image layout [{_describe(self.layout_record)}] but the recipe's model "
-                f"has [{_describe(images)}]: re-run `vlmforge pack` with this model section"
+                f"has [{_describe(expected_layout)}]: re-run `vlmforge pack` with this model section"
             )
         self.layout = ImageLayout.from_record(self.layout_record)
-        self.tiled = "images" in geo  # per-sample sizes and tiles recorded (format 2)
+        self.records_sizes = "images" in geo  # per-sample sizes and tiles recorded (format 2)
         self.image_token_id, self.sep_id, self.pad_id = int(geo["image_token_id"]), int(geo["sep_id"]), int(geo["pad_id"])
         self.image_spec = dict(image_spec or geo["image_preprocess"])
         self.supervise_sep = supervise_sep
@@ -331,7 +333,7 @@ class PackedDataset:
             where = f"{self.readers[r].tar_path} pack {j} sample {s['key']!r}"
             try:
                 image = decode_image(data)
-                tiles = self._tiles(image, s, where) if self.tiled else [image]
+                tiles = self._tiles(image, s, where) if self.records_sizes else [image]
             except ImageDecodeError as e:
                 if self.strict:
                     raise PackedDataError(f"{where}: {e}") from e
@@ -350,7 +352,7 @@ class PackedDataset:
                                            add_sep=bool(s["sep"])))
             else:
                 block = self.layout.expand([self.image_token_id], self.image_token_id,
-                                           [tuple(s["size"])]) if self.tiled else None
+                                           [tuple(s["size"])]) if self.records_sizes else None
                 samples.append(caption_sample(ids, image_token_id=self.image_token_id,
                                               num_visual_tokens=self.visual_tokens, sep_id=self.sep_id,
                                               supervise_sep=self.supervise_sep, pixel_values=pixels[k : k + n],
@@ -366,7 +368,7 @@ class PackedDataset:
         from the recorded size, so a decode of another size (or another tile count) is damage."""
         if tuple(image.size) != tuple(s["size"]):
             raise ImageDecodeError(f"image is {image.width}x{image.height} but was packed as {s['size'][0]}x{s['size'][1]}")
-        tiles = sample_tiles([image], self.layout)
+        tiles = tile_images([image], self.layout)
         if len(tiles) != int(s["tiles"]):
             raise PackedDataError(f"{where}: {len(tiles)} tiles but {s['tiles']} were packed: damaged pack")
         return tiles
@@ -374,16 +376,6 @@ class PackedDataset:
 
 def _describe(record: dict) -> str:
     return ImageLayout.from_record(record).describe(record.get("start"), record.get("end"))
-
-
-def _same_layout(want: dict, packed: dict) -> bool:
-    """Whether a recipe's layout record is the one a folder was packed with (token ids compared
-    only where both sides know them: a record built without a tokenizer has none)."""
-    keys = ("tiles", "tokens_per_tile", "tile", "min_tiles", "max_tiles", "thumbnail", "share_budget", "start", "end")
-    if any(want.get(k) != packed.get(k) for k in keys):
-        return False
-    return want.get("start_ids") is None or (list(want["start_ids"]) == list(packed.get("start_ids") or [])
-                                             and list(want["end_ids"]) == list(packed.get("end_ids") or []))
 
 
 def recipe_layout(cfg: Recipe, tokenizer: Any = None) -> dict:
@@ -418,6 +410,20 @@ class _Collate:
     def __call__(self, packs):
         batch = collate_packs(packs, self.pad_id, pad_to=self.pad_to, positions=self.positions)
         return batch if self.slots is None else send_from_worker(batch, self.slots)
+
+
+class _Batches:
+    """The batch sampler of one pass: ``items`` (a batch's pack ids each, or keys that ``make`` turns
+    into them when the DataLoader asks for the batch)."""
+
+    def __init__(self, items, make=None):
+        self.items, self.make = items, make
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items) if self.make is None else map(self.make, self.items)
 
 
 class PackedLoader:
@@ -485,7 +491,7 @@ class PackedLoader:
         self.epoch, self.batch = 0, 0  # batch = batches of this epoch already handed out
         self.balance_micro_steps = None if balance_micro_steps is None else int(balance_micro_steps)
         self.loads = dataset.pack_loads() if self.balance_micro_steps else None
-        self._plan_cache: tuple[int, np.ndarray] | None = None  # (epoch, its balanced plan for this rank)
+        self._planner: tuple[int, StepPlanner] | None = None  # (epoch, the steps of that epoch, planned lazily)
 
     # -- plan ---------------------------------------------------------------------------
     def batches_per_epoch(self) -> int:
@@ -498,21 +504,35 @@ class PackedLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch()
 
-    def epoch_plan(self, epoch: int) -> np.ndarray:
-        """[batches, batch_size] pack indices this rank reads in ``epoch``."""
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's pack ids over all ranks, ``batches_per_epoch() x batch_size x world_size`` of them."""
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        nb = self.batches_per_epoch()
-        order = np.resize(order, nb * self.batch_size * self.world_size)  # wrap: repeats from the start
+        return np.resize(order, self.batches_per_epoch() * self.batch_size * self.world_size)  # wrap: repeats
+
+    def step_planner(self, epoch: int) -> StepPlanner:
+        """The balanced steps of ``epoch`` (balancing on), each planned when first read."""
+        if self._planner is None or self._planner[0] != epoch:
+            vision, llm = self.loads
+            planner = StepPlanner(vision, llm, self._order(epoch), self.world_size, self.balance_micro_steps,
+                                  self.batch_size)
+            self._planner = (int(epoch), planner)
+        return self._planner[1]
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """[batches, batch_size] pack indices this rank reads in ``epoch``. Balanced, this plans every
+        step of the epoch (for inspection; iterating plans only the steps it reads)."""
         if self.balance_micro_steps is None:
-            return order.reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
-        vision, llm = self.loads
-        steps = balanced_plan(vision, llm, order, self.world_size, self.balance_micro_steps, self.batch_size)
-        mine = steps[:, self.rank].reshape(nb, self.batch_size)  # [steps, micro-steps, b] in micro-step order
-        self._plan_cache = (int(epoch), mine)
-        return mine
+            nb = self.batches_per_epoch()
+            return self._order(epoch).reshape(nb, self.world_size, self.batch_size)[:, self.rank, :]
+        planner = self.step_planner(epoch)
+        return np.stack([planner.rank_batch(self.rank, j) for j in range(self.batches_per_epoch())])
+
+    def _batches(self, epoch: int, start: int) -> _Batches:
+        if self.balance_micro_steps is None:
+            return _Batches(self.epoch_plan(epoch)[start:].tolist())
+        planner = self.step_planner(epoch)
+        return _Batches(range(start, self.batches_per_epoch()), lambda j: planner.rank_batch(self.rank, j).tolist())
 
     # -- iterate ------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -522,13 +542,13 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch (empty if it is used up); afterwards the next epoch is current."""
-        plan = self.epoch_plan(self.epoch)[self.batch :]
+        batches = self._batches(self.epoch, self.batch)
         workers = self.num_workers > 0
         slots = PixelSlots(self.num_workers, PREFETCH + 2) if workers else None
         c = self.collate
         dl = tud.DataLoader(
             _WorkerPacks(self.dataset) if workers else self.dataset,
-            batch_sampler=[[int(i) for i in b] for b in plan],
+            batch_sampler=batches,
             collate_fn=_Collate(c.pad_id, c.pad_to, c.positions, slots),
             num_workers=self.num_workers,
             prefetch_factor=PREFETCH if workers else None,
@@ -583,7 +603,7 @@ def dataset_from_recipe(cfg: Recipe, data_path: str | None = None, tokenizer: An
     d = cfg.data
     return PackedDataset(path, visual_tokens=visual_tokens_per_image(cfg.model),
                          image_spec=image_preprocess_spec(cfg.model), supervise_sep=d.supervise_sep, strict=d.strict,
-                         images=recipe_layout(cfg, tokenizer))
+                         expected_layout=recipe_layout(cfg, tokenizer))
 
 
 def build_pretrain_loader(cfg: Recipe, data_path: str | None = None, *, tokenizer: Any = None,

@@ -16,7 +16,6 @@ same tiles. Without one, the stage is the fixed-grid stage it always was, byte f
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from vlmforge.arch.geometry import image_layout, image_preprocess_spec, visual_tokens_per_image
@@ -43,7 +41,7 @@ from vlmforge.data.pretrain.packed_shards import (
 from vlmforge.data.pretrain.text_corpus import iter_text_chunks, resolve_corpus
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.files import note_example, prepare_out_dir, write_manifest
-from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image, header_size
 from vlmforge.shards import iter_raw_samples, list_shards, shard_shortfall
 from vlmforge.text.tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -78,15 +76,15 @@ def _check_images(samples: list) -> list[tuple[tuple[str, str] | None, tuple[int
     return [_check_image(s.image_bytes) for s in samples]
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """An image's (width, height) from its header, without decoding (``pack.check_images=false``);
-    None if the header does not parse. decode_image applies no EXIF rotation, so this is the size
-    the loader's decode gives."""
+def _check_header(data: bytes) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """:func:`_check_image` from the image's header alone (``pack.check_images=false``): the size
+    the loader's decode gives, the same pixel cap."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:  # PIL raises many types for bad headers
-        return None
+        return None, header_size(data)
+    except ImageTooLargeError as e:
+        return ("image_too_large", str(e)), None
+    except ImageDecodeError as e:
+        return ("undecodable_image", str(e)), None
 
 
 class _Stats:
@@ -154,10 +152,7 @@ class _PackStage:
                     img_err[id(s)], img_size[id(s)] = err, size
         elif self.layout is not None:  # no full decode asked for: the header gives the size
             for s in checkable:
-                size = _header_size(s.image_bytes)
-                img_size[id(s)] = size
-                if size is None:
-                    img_err[id(s)] = ("undecodable_image", "cannot read the image header")
+                img_err[id(s)], img_size[id(s)] = _check_header(s.image_bytes)
         ok, sizes = [], []
         for s in raw:
             if s.error:
@@ -182,8 +177,7 @@ class _PackStage:
                 continue
             n_vis, tiles = self.n_vis, None
             if self.layout is not None:
-                tiles = self.layout.tiles([size])[0]
-                n_vis = tiles * self.layout.tokens_per_tile + self.layout.wrap_tokens
+                tiles, n_vis = self.layout.tiles([size])[0], self.layout.visual_tokens([size])[0]
                 if n_vis + 2 > max_len:  # no caption cut can make room: the image alone is too long
                     self.bad(s, "image_too_long", f"{size[0]}x{size[1]} image: {tiles} tiles = {n_vis} tokens, "
                                                   f"no room for a caption in max_len {max_len}")

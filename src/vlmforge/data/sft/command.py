@@ -24,10 +24,11 @@ rows read, kept and dropped by reason and its share of the index's samples and t
 
 Visual tokens per image come from the recipe's model (--recipe/--set) or --visual-tokens.
 With InternVL's dynamic tiles (--set model.images.tiles=true, model.images.max_tiles=N) or a
-wrap around each image (model.images.start="<img>", model.images.end="</img>"), every image's
-size is read from its file header (no decode) and its tiles and placeholders are counted with
-the recipe's layout (a meta source's max_dynamic_patch is its tile budget); the index stores
-each record's visual tokens and must be trained with the same layout:
+wrap around each image (model.images.start="<img>", model.images.end="</img>"), each image's
+tiles and placeholders are counted with the recipe's layout (tiles: from its size, read from its
+file header, no decode; a meta source's max_dynamic_patch is its tile budget); the index stores
+each record's visual tokens and must be trained with the same layout. Tiles need the image files,
+so records outside a meta file need --image-root (or sft.image_root):
 
   vlmforge sft-index --recipe internvl3/sft --input meta.json --out runs/sft_index --tokenizer runs/tok
 Lengths: `exact` tokenizes every record with the chat template (what packing needs);
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmforge.arch.geometry import image_layout
     from vlmforge.clitools import image_root_arg, input_files, recipe_from_args
     from vlmforge.config import save_resolved
-    from vlmforge.data.sft.build import build_index
+    from vlmforge.data.sft.build import build_index, expand_sources
     from vlmforge.errors import UserError
     from vlmforge.files import prepare_out_dir
     from vlmforge.text.tokenization import load_tokenizer
@@ -92,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--visual-tokens must be >= 1, got {args.visual_tokens}")
         layout = dataclasses.replace(layout, tokens_per_tile=int(args.visual_tokens))
     visual_tokens = layout.tokens_per_tile
+    allow_absolute = args.allow_absolute_paths or sft.allow_absolute_paths
+    if layout.needs_sizes and image_root is None and not allow_absolute:
+        plain = [s.path for s in expand_sources(sources, None) if s.meta_file is None]
+        if plain:  # every image record would be dropped as missing_image
+            raise UserError(f"--image-root: model.images.tiles reads every image's size, but {plain[0]} has no image "
+                            f"root: pass --image-root DIR (or set sft.image_root), the folder its image paths are "
+                            f"relative to")
     prepare_out_dir(args.out, overwrite=args.overwrite)
     try:
         manifest = build_index(
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             lengths=lengths,
             check_images=sft.check_images and not args.no_check_images,
             strict=args.strict or sft.strict,
-            allow_absolute_paths=args.allow_absolute_paths or sft.allow_absolute_paths,
+            allow_absolute_paths=allow_absolute,
             workers=args.workers or sft.index_workers,
             config=cfg,
         )

@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from vlmforge.arch.tiles import ImageLayout
+from vlmforge.arch.tiles import ImageLayout, layout_mismatch
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.files import stamp_problem
 
@@ -160,7 +160,7 @@ class SFTIndex:
     def layout_problem(self, layout: ImageLayout) -> str | None:
         """Why this index cannot be read with ``layout`` (None: it can). A dynamic index holds lengths
         for its build's layout only; a fixed-grid one recomputes them for any fixed grid."""
-        if layout == self.layout or not (self.dynamic or layout.dynamic):
+        if not (self.dynamic or layout.dynamic) or not layout_mismatch(layout.record(), self.layout.record()):
             return None
         return (f"SFT index {self.dir} was built for images as {self.layout.describe()}, but the recipe's "
                 f"model has {layout.describe()}: rebuild it with `vlmforge sft-index` and this recipe")

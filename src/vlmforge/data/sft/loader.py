@@ -13,13 +13,14 @@ Ranks take global batches round-robin (``g % world_size == rank``; the epoch is 
 of ``world_size`` batches so ranks never wait on each other). With ``balance_micro_steps`` (rank
 balancing, for dynamic tiles) the plan's rows are instead cut into optimizer steps of
 ``world_size x micro_steps x batch_size`` rows, and each step's rows are dealt to (rank,
-micro-step, slot) by :func:`vlmforge.data.balance.balanced_plan` on each row's vision tokens (its
+micro-step, slot) by :class:`vlmforge.data.balance.StepPlanner` on each row's vision tokens (its
 records' ``visual_tokens``) and LLM tokens (their ``mm_length``); rank r yields its slots in
-micro-step order, and the epoch's last incomplete step is left out. A step's rows do not depend
-on the number of ranks, and its plan is a pure function of the step, so resume stays exact.
-DataLoader workers take the rank's
-batches round-robin too, and torch returns worker results in order, so the batch order does not
-depend on ``num_workers``. A bad sample (:mod:`.samples`) is skipped and counted by reason
+micro-step order, and the epoch's last incomplete step is left out. A step is planned when its
+first batch is asked for, never the whole epoch up front. A step's rows do not depend on the
+number of ranks, and its plan is a pure function of the step, so resume stays exact.
+The main process picks each batch's rows (so a step is planned once, not once per worker) and
+hands them to the DataLoader workers, which build the batches; torch returns them in order, so the
+batch order does not depend on ``num_workers``. A bad sample (:mod:`.samples`) is skipped and counted by reason
 (``loader.skipped``); in strict mode it raises.
 
 Sources that ask for it (:meth:`SFTDataset.augments`) get random JPEG quality on their images,
@@ -41,7 +42,7 @@ from vlmforge import dist
 from vlmforge.arch.geometry import image_layout, image_preprocess_spec
 from vlmforge.config.recipe import Recipe
 from vlmforge.config.sft import SFTDataConfig
-from vlmforge.data.balance import balanced_plan
+from vlmforge.data.balance import StepPlanner
 from vlmforge.data.collate import collate_packs
 from vlmforge.data.packer import plan_packs
 from vlmforge.data.pretrain.loader import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
@@ -109,24 +110,35 @@ def epoch_plan(
 # ----------------------------------------------------------------------------- loader
 
 
-class _Worker(tud.IterableDataset):
-    """The rank's batches j = start + worker id + k * workers of the epoch plan (runs in DataLoader
-    workers, or in this process)."""
+class _Batches(tud.Dataset):
+    """Key ``(j, rows)`` -> the rank's batch ``j`` of the epoch plan, made of those plan rows (in
+    DataLoader workers, or in this process)."""
 
-    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int, slots: PixelSlots | None = None,
-                 epoch: int = 0):
-        self.loader, self.plan, self.start, self.n_local = loader, plan, start, n_local
+    def __init__(self, loader: SFTLoader, plan, slots: PixelSlots | None = None, epoch: int = 0):
+        self.loader, self.plan = loader, plan[:3]  # the rows are chosen by the main process
         self.slots = slots  # set in workers: uint8 pixels through reused shared buffers
         self.epoch = epoch
 
+    def __getitem__(self, key: tuple[int, list[int]]) -> dict:
+        j, rows = key
+        item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None, epoch=self.epoch, rows=rows)
+        if self.slots is not None and item["batch"] is not None:
+            item["batch"] = send_from_worker(item["batch"], self.slots)
+        return item
+
+
+class _Keys:
+    """The DataLoader's sampler: ``(j, rows of batch j)`` for j in ``start..n_local``, picked as it asks."""
+
+    def __init__(self, loader: SFTLoader, plan, start: int, n_local: int):
+        self.loader, self.plan, self.start, self.n_local = loader, plan, start, n_local
+
+    def __len__(self) -> int:
+        return max(0, self.n_local - self.start)
+
     def __iter__(self):
-        info = tud.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for j in range(self.start + wid, self.n_local, nw):
-            item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None, epoch=self.epoch)
-            if self.slots is not None and item["batch"] is not None:
-                item["batch"] = send_from_worker(item["batch"], self.slots)
-            yield item
+        for j in range(self.start, self.n_local):
+            yield j, self.loader.batch_rows(self.plan, j)
 
 
 def _as_is(item):
@@ -183,11 +195,11 @@ class SFTLoader:
     # -- plan ---------------------------------------------------------------------------
     def plan(self, epoch: int):
         """The epoch's plan ``(records, row_starts, batch_starts)`` (:func:`epoch_plan`); with
-        balancing a fourth item holds the rows' loads and the steps planned so far."""
+        balancing a fourth item is the :class:`StepPlanner` of its rows (steps planned as read)."""
         if self._plan_key != (epoch,):
             self._plan = epoch_plan(self._lengths, self.cfg, self.seed, epoch, batch_size=self.batch_size)
             if self.balance is not None:
-                self._plan = (*self._plan, self._row_loads(self._plan))
+                self._plan = (*self._plan, self._step_planner(self._plan))
             self._plan_key = (epoch,)
         return self._plan
 
@@ -196,28 +208,28 @@ class SFTLoader:
         """Rows of one optimizer step over all ranks (balancing on)."""
         return self.world * int(self.balance or 1) * self.batch_size
 
-    def _row_loads(self, plan) -> dict:
-        """Vision and LLM tokens of every row of the plan (sums over its records), and a cache of
-        the steps' slots (each step is planned when first needed: a pure function of its rows)."""
-        records, row_starts, _ = plan[:3]
+    def _step_planner(self, plan) -> StepPlanner:
+        """The balanced steps of the plan's rows (whole steps of them, in plan order), on each row's
+        vision and LLM tokens (sums over its records)."""
+        records, row_starts, batch_starts = plan[:3]
 
         def per_row(values) -> np.ndarray:
             c = np.concatenate([[0], np.cumsum(np.asarray(values, np.int64)[records])])
             return c[row_starts[1:]] - c[row_starts[:-1]]
 
-        return {"vision": per_row(self.ds.visual_lengths()), "llm": per_row(self._lengths), "steps": {}}
+        g = self.rows_per_step
+        order = np.arange(int(batch_starts[-1]) // g * g)
+        return StepPlanner(per_row(self.ds.visual_lengths()), per_row(self._lengths), order, self.world,
+                           self.balance, self.batch_size)
 
-    def _balanced_rows(self, plan, j: int) -> np.ndarray:
-        """Rows of rank-local batch ``j``: step ``j // micro_steps``, that micro-step's slots on this rank."""
-        step, micro = divmod(int(j), self.balance)
-        loads = plan[3]
-        slots = loads["steps"].get(step)
-        if slots is None:
-            g = self.rows_per_step
-            rows = np.arange(step * g, (step + 1) * g)
-            slots = loads["steps"][step] = balanced_plan(loads["vision"], loads["llm"], rows, self.world,
-                                                         self.balance, self.batch_size)[0]
-        return slots[self.rank, micro]
+    def batch_rows(self, plan, j: int) -> list[int]:
+        """The plan rows of rank-local batch ``j``: global batch ``j * world + rank``, or balanced, the
+        slots of this rank in micro-step ``j % micro_steps`` of step ``j // micro_steps``."""
+        if self.balance is not None:
+            return plan[3].rank_batch(self.rank, j).tolist()
+        batch_starts = plan[2]
+        g = j * self.world + self.rank
+        return list(range(int(batch_starts[g]), int(batch_starts[g + 1])))
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         plan = self.plan(epoch)
@@ -259,17 +271,14 @@ class SFTLoader:
             return None
         return {"input_ids": ids, "labels": labels, "images": images}
 
-    def build_batch(self, plan, j: int, as_uint8: bool = False, epoch: int | None = None) -> dict:
-        """Rank-local batch ``j`` of the plan (global batch ``j * world + rank``); ``as_uint8``:
-        its pixel values resized but not normalised (``receive_from_worker`` finishes them).
-        ``epoch``: the plan's epoch (default the current one), which the JPEG qualities depend on."""
-        records, row_starts, batch_starts = plan[:3]
+    def build_batch(self, plan, j: int, as_uint8: bool = False, epoch: int | None = None,
+                    rows: list[int] | None = None) -> dict:
+        """Rank-local batch ``j`` of the plan (its plan ``rows``, default :meth:`batch_rows`);
+        ``as_uint8``: its pixel values resized but not normalised (``receive_from_worker`` finishes
+        them). ``epoch``: the plan's epoch (default the current one), which the JPEG qualities depend on."""
+        records, row_starts = plan[:2]
         epoch = self.epoch if epoch is None else int(epoch)
-        if self.balance is not None:
-            plan_rows = self._balanced_rows(plan, j).tolist()
-        else:
-            g = j * self.world + self.rank
-            plan_rows = range(int(batch_starts[g]), int(batch_starts[g + 1]))
+        plan_rows = self.batch_rows(plan, j) if rows is None else rows
         skipped: dict[str, int] = {}
         rows: list[list[dict]] = []
         for r in plan_rows:
@@ -301,12 +310,15 @@ class SFTLoader:
 
     # -- iteration ----------------------------------------------------------------------
     def _epoch_items(self, plan, start: int, n_local: int) -> Iterator[dict]:
+        keys = _Keys(self, plan, start, n_local)
         if self.num_workers <= 0:
-            yield from _Worker(self, plan, start, n_local, epoch=self.epoch)
+            batches = _Batches(self, plan, epoch=self.epoch)
+            yield from (batches[key] for key in keys)
             return
         slots = PixelSlots(self.num_workers, PREFETCH + 2)
         dl = tud.DataLoader(
-            _Worker(self, plan, start, n_local, slots, epoch=self.epoch),
+            _Batches(self, plan, slots, epoch=self.epoch),
+            sampler=keys,
             batch_size=None,
             num_workers=self.num_workers,
             collate_fn=_as_is,

@@ -2,8 +2,8 @@
 
 The records are cut into jobs (a range of one file's records each); :func:`parse_range` parses
 one job: JSON, the LLaVA checks, image files present, token lengths, and under a dynamic image
-layout (tiles or a wrap) each image's (width, height) from its file header (no decode) and the
-record's visual tokens. Jobs and results are plain numbers, strings and arrays, so they cross
+layout (tiles or a wrap) the record's visual tokens, with tiles from each image's (width, height)
+read from its file header (no decode). Jobs and results are plain numbers, strings and arrays, so they cross
 process boundaries cheaply.
 """
 
@@ -17,34 +17,29 @@ from itertools import chain, islice
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from vlmforge.arch.tiles import ImageLayout
 from vlmforge.data.sft.lengths import LengthModel
 from vlmforge.data.sft.records import SFTDataError, llava_to_messages
 from vlmforge.files import PathOutsideRootError, resolve_inside
+from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, header_size
 from vlmforge.text.chat import conversation_lengths
 
 EXACT_BATCH = 512  # records per tokenizer batch call for exact lengths
-# decode_image's default pixel cap: an image over it is skipped in training, so it is counted here
-MAX_PIXELS = 50_000_000
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from an image file's header, without decoding its pixels; SFTDataError with
-    reason missing_image, bad_image or image_too_large, as training's decode would give."""
+    """(width, height) from an image file's header, without decoding its pixels
+    (:func:`vlmforge.imagedecode.header_size`); SFTDataError with reason missing_image, bad_image or
+    image_too_large, as training's decode would give."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
+        return header_size(path)
     except FileNotFoundError:
         raise SFTDataError(f"image file not found: {path}", "missing_image") from None
-    except Image.DecompressionBombError as e:
-        raise SFTDataError(f"{path}: image too large: {e}", "image_too_large") from None
-    except Exception as e:  # PIL raises many types for what is not an image
+    except ImageTooLargeError as e:
+        raise SFTDataError(f"{path}: {e}", "image_too_large") from None
+    except ImageDecodeError as e:
         raise SFTDataError(f"image does not decode: {path}: {e}", "bad_image") from None
-    if w * h > MAX_PIXELS:
-        raise SFTDataError(f"{path}: image too large: {w}x{h} pixels, over the cap of {MAX_PIXELS}", "image_too_large")
-    return int(w), int(h)
 
 
 def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check_images: bool,
@@ -53,8 +48,8 @@ def make_jobs(spans: list[tuple], lm: LengthModel, image_root: str | None, check
     """One job per ``records_per_job`` records of a file; ``spans``: (file id, path, offsets, nbytes, lines).
 
     ``strict``: a job stops at its first bad record (the build then stops too). ``layout``: a
-    dynamic :class:`~vlmforge.arch.tiles.ImageLayout` (this file's tile budget applied): the jobs read
-    every image's header and count the records' visual tokens."""
+    dynamic :class:`~vlmforge.arch.tiles.ImageLayout` (this file's tile budget applied): the jobs count
+    the records' visual tokens (under tiling from every image's header)."""
     jobs = []
     for fid, path, offs, nb, ln in spans:
         for a in range(0, offs.size, records_per_job):
@@ -181,13 +176,16 @@ def parse_range(job: dict) -> dict:
             bad.append((i, "too_many_images", f"{len(images)} images"))
             continue
         if layout is not None and images:
-            sizes = [_cached_size(p, size_cache) for p in resolved]
-            err = next((s for s in sizes if isinstance(s, SFTDataError)), None)
-            if err is not None:
-                bad.append((i, err.reason, str(err)))
-                continue
-            tiles = layout.tiles(sizes)  # image_tokens(sizes) is tiles x tokens_per_tile, counted once here
-            visual[i] = min(layout.tokens_per_tile * sum(tiles) + layout.wrap_tokens * len(sizes), 2**32 - 1)
+            if layout.needs_sizes:
+                sizes = [_cached_size(p, size_cache) for p in resolved]
+                err = next((s for s in sizes if isinstance(s, SFTDataError)), None)
+                if err is not None:
+                    bad.append((i, err.reason, str(err)))
+                    continue
+            else:  # a wrap alone: every image costs the same, whatever its size (no header read)
+                sizes = [(1, 1)] * len(images)
+            tiles = layout.tiles(sizes)
+            visual[i] = min(sum(layout.visual_tokens(sizes)), 2**32 - 1)
             image_tiles.extend(tiles)
             image_of.extend([i] * len(tiles))
         if lm.mode == "exact":

@@ -6,7 +6,7 @@ each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and 
 (:class:`vlmforge.arch.tiles.ImageLayout` with tiles or a start/end wrap) the k-th ``<image>``
 becomes image k's wrap and ``tiles x tokens_per_tile`` placeholders (its decoded size picks the
 grid; label -100 on all of them), and ``pixel_values`` holds every tile in order, thumbnail last
-(:func:`vlmforge.images.sample_tiles`). With ``verdicts`` (stage ``prm``, see
+(:func:`vlmforge.images.tile_images`). With ``verdicts`` (stage ``prm``, see
 :mod:`.verdicts`) only the verdict token of each assistant turn is supervised, and a turn that is
 not one ``+`` / ``-`` token is a bad sample (``bad_verdict``). A bad sample raises
 :class:`SFTDataError` with its ``reason``; the loader skips and counts it.
@@ -36,7 +36,7 @@ from vlmforge.data.sft.records import SFTDataError
 from vlmforge.data.sft.verdicts import VerdictError, end_of_turn_ids, verdict_mask
 from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
-from vlmforge.images import preprocess, preprocess_batch, sample_tiles
+from vlmforge.images import preprocess, preprocess_batch, tile_images
 from vlmforge.text.chat import encode_conversation
 from vlmforge.text.tokenization import image_token_id
 
@@ -79,7 +79,7 @@ def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visua
     labels = np.where(mask & ~is_img, ids, IGNORE_INDEX)
     if layout is not None and layout.dynamic:
         if sizes is None:
-            if layout.tiling is not None and n_img:
+            if layout.needs_sizes and n_img:
                 raise ValueError("a tiled layout needs the images' sizes")
             sizes = [(1, 1)] * n_img
         if n_img and n_img == len(sizes):
@@ -162,10 +162,10 @@ class SFTDataset:
 
     def tokens(self, i: int, sizes: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(input_ids with images expanded, labels, image paths) of record ``i``; no image I/O on a
-        fixed grid. A dynamic layout needs the images' (width, height): ``sizes``, else read from
-        the files' headers."""
+        fixed grid. A tiled layout needs the images' (width, height): ``sizes``, else read from the
+        files' headers."""
         msgs, images = self.index.messages(i)
-        if self.dynamic and images and sizes is None:
+        if self.layout.needs_sizes and images and sizes is None:
             try:
                 sizes = [image_size(str(p)) for p in self._paths(i, images)]
             except (PathOutsideRootError, SFTDataError) as e:
@@ -212,7 +212,7 @@ class SFTDataset:
         ``augment``: (seed, epoch) of a training batch; the tiles of a source that asks for it are
         re-encoded at their drawn JPEG quality (:mod:`.augment`). None (the default): never."""
         msgs, images = self.index.messages(i)
-        if not self.dynamic:  # the text's checks (too long, markers) before any image I/O, as always
+        if not self.layout.needs_sizes:  # the text's checks (too long, markers) before any image I/O, as always
             ids, labels = self._encode(i, msgs, images, None)
         if images and self.image_spec is None:
             raise ValueError("this SFT data has images: pass image_spec (vlmforge.arch.geometry.image_preprocess_spec)")
@@ -220,9 +220,9 @@ class SFTDataset:
             decoded = [read_image(str(p)) for p in self._paths(i, images)]
         except (PathOutsideRootError, SFTDataError) as e:
             raise SFTDataError(f"{self.index.where(i)}: {e}", e.reason) from None
-        if self.dynamic:  # the decoded sizes pick each image's grid
+        if self.layout.needs_sizes:  # the decoded sizes pick each image's grid
             ids, labels = self._encode(i, msgs, images, [im.size for im in decoded])
-        tiles = sample_tiles(decoded, self._layouts[int(self.index.file_id[i])])
+        tiles = tile_images(decoded, self._layouts[int(self.index.file_id[i])])
         if augment is not None and tiles and self.augments(i):
             tiles = reencode_jpeg(tiles, augment[0], augment[1], int(i))
         return ids, labels, tiles
