@@ -94,3 +94,23 @@ def make_world(out: Path, n: int = 48, per_shard: int = 16, seed: int = 0, n_mis
                 records.append(rec)
     (out / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"dir": out, "faults": faults, "n": len(samples)}
+
+
+def tiny_contrastive(arch: str, tok_dir: str, out: Path) -> Path:
+    """A tiny random CLIP / SigLIP (the filter network's architecture, 32 px) saved with its
+    tokenizer and image processor, as `curate score` loads a model folder."""
+    import torch
+
+    from vlmforge.config.curate import TrainFilterConfig
+    from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
+    from vlmforge.text.tokenization import load_tokenizer
+
+    tf = TrainFilterConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                           embed_dim=16, max_text_len=16)
+    tok = load_tokenizer(tok_dir)
+    add_eos_postprocessor(tok)
+    torch.manual_seed(0)
+    build_model(tf, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    build_image_processor(arch, 32).save_pretrained(out)
+    return out

@@ -191,3 +191,15 @@ def synthetic_loader(cfg, model, rank=0, world=1, limit=None):
         rank, world, t.micro_batch_size, t.global_batch_size, seed=7,
         image_token_id=model.image_token_id, vocab=model.llm.get_input_embeddings().num_embeddings, limit=limit,
     )
+
+
+class CountSteps:
+    """Counts the steps a loader's StepPlanner plans (in this process): wraps its ``plan``."""
+
+    def __init__(self, planner):
+        self.inner, self.calls = planner.plan, 0
+        planner.plan = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures_curate import draw, jpeg, make_world
+from fixtures_curate import draw, jpeg, make_world, tiny_contrastive
 from PIL import Image
 
 from vlmforge.arch.geometry import build_image_processor
@@ -48,22 +48,6 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer_dir):
     return tiny_contrastive("clip", tiny_tokenizer_dir, tmp_path_factory.mktemp("clip"))
-
-
-def tiny_contrastive(arch: str, tok_dir: str, out: Path) -> Path:
-    from vlmforge.config.curate import TrainFilterConfig
-    from vlmforge.curate.train_filter import add_eos_postprocessor, build_model
-    from vlmforge.text.tokenization import load_tokenizer
-
-    tf = TrainFilterConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                           embed_dim=16, max_text_len=16)
-    tok = load_tokenizer(tok_dir)
-    add_eos_postprocessor(tok)
-    torch.manual_seed(0)
-    build_model(tf, tok).save_pretrained(out)
-    tok.save_pretrained(out)
-    build_image_processor(arch, 32).save_pretrained(out)
-    return out
 
 
 def sample_images() -> list[Image.Image]:

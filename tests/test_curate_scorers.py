@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures_curate import make_world
+from fixtures_curate import make_world, tiny_contrastive
 from fixtures_model import tiny_checkpoint
 
 from vlmforge.cli import main
@@ -21,23 +20,6 @@ from vlmforge.shards import iter_raw_samples, list_shards
 def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("scorers") / "world", n=24, per_shard=10, n_mismatch=2,
                       n_exact=1, n_near=1, n_corrupt=1)
-
-
-def tiny_contrastive(arch: str, tok_dir: str, out: Path) -> Path:
-    from vlmforge.config.curate import TrainFilterConfig
-    from vlmforge.curate.train_filter import add_eos_postprocessor, build_image_processor, build_model
-    from vlmforge.text.tokenization import load_tokenizer
-
-    tf = TrainFilterConfig(arch=arch, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                           embed_dim=16, max_text_len=16)
-    tok = load_tokenizer(tok_dir)
-    add_eos_postprocessor(tok)
-    torch.manual_seed(0)
-    model = build_model(tf, tok)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    build_image_processor(arch, 32).save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("arch", ["clip", "siglip"])

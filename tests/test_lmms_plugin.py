@@ -136,7 +136,8 @@ def test_answer_logprobs_match_full_forward(tiny_ckpt):
     pv = preprocess_batch([im], model.preprocess_spec())
     for answer, eot in (("red", False), ("a blue square", True)):
         tail = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.convert_tokens_to_ids("<|im_end|>")] if eot else [])
-        logits = model(torch.tensor([head + tail]), pixel_values=pv)[0].float()
+        with torch.no_grad():
+            logits = model(torch.tensor([head + tail]), pixel_values=pv)[0].float()
         logp = torch.log_softmax(logits, -1)
         want = sum(float(logp[len(head) - 1 + t, x]) for t, x in enumerate(tail))
         logits[:, model.image_token_id] = float("-inf")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_model import tiny_model
 from fixtures_tokenizer import shape_sentences
-from fixtures_train import one_torch_thread
+from fixtures_train import CountSteps, one_torch_thread
 from PIL import Image
 
 from vlmforge.cli import main
@@ -317,18 +317,6 @@ def test_balanced_loader_resumes_exactly(tiled_ds):
         PackedLoader(tiled_ds, batch_size=1, seed=7, rank=1, world_size=2).load_state_dict(state)
 
 
-class _CountSteps:
-    """Counts the steps a loader's StepPlanner plans (in this process)."""
-
-    def __init__(self, planner):
-        self.inner, self.calls = planner.plan, 0
-        planner.plan = self
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.inner(*args)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(tiled_ds, workers):
     def make():
@@ -338,7 +326,7 @@ def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(tiled
     full = [b["input_ids"] for b in make()]
     lo = make()
     lo.load_state_dict({**lo.state_dict(), "batch": 2})  # resume at step 1 of the epoch
-    count = _CountSteps(lo.step_planner(0))
+    count = CountSteps(lo.step_planner(0))
     got = [b["input_ids"] for b in lo]
     assert len(got) == len(full) - 2 and all(torch.equal(x, y) for x, y in zip(got, full[2:]))
     assert count.calls == len(full) // 2 - 1  # steps 1.. once each (in the main process), step 0 never

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_train import one_torch_thread
+from fixtures_train import CountSteps, one_torch_thread
 from PIL import Image
 
 from vlmforge.arch.geometry import image_layout, image_preprocess_spec, wrap_ids
@@ -468,18 +468,6 @@ def test_balanced_loader_resumes_exactly_and_workers_agree(world, tok):
     assert len(workers) == len(full) and all(torch.equal(a, b) for a, b in zip(workers, full))
 
 
-class _CountSteps:
-    """Counts the steps a loader's StepPlanner plans (in this process)."""
-
-    def __init__(self, planner):
-        self.inner, self.calls = planner.plan, 0
-        planner.plan = self
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.inner(*args)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(world, tok, workers):
     ds = _dataset(world, tok)
@@ -491,7 +479,7 @@ def test_a_resumed_balanced_loader_plans_only_the_steps_it_reads_once_each(world
     full = [b["input_ids"] for b in loader()]
     lo = loader()
     lo.load_state_dict({**lo.state_dict(), "batch": 2})  # resume at step 1 of 3
-    count = _CountSteps(lo.plan(0)[3])
+    count = CountSteps(lo.plan(0)[3])
     got = [b["input_ids"] for b in lo]
     assert len(full) == 6 and len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, full[2:]))
     assert count.calls == 2  # steps 1 and 2 once each, in the main process (not once per worker); step 0 never

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -55,6 +56,14 @@ def _bomb(e: Exception) -> ImageTooLargeError:
     return ImageTooLargeError(f"image too large: {e} (PIL's cap Image.MAX_IMAGE_PIXELS)")
 
 
+def open_image(src):
+    """``Image.open`` without PIL's decompression-bomb warning: our own cap (or PIL's error at twice
+    its limit) turns such an image into one counted ImageTooLargeError, not a warning per image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(src)
+
+
 def header_size(image: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of an image file (a path) or of encoded bytes, from its header: no pixels
     decoded, and the size :func:`decode_image` gives (it applies no EXIF rotation). Raises
@@ -67,7 +76,7 @@ def header_size(image: str | os.PathLike | bytes, max_pixels: int | None = MAX_P
     else:
         src = os.fspath(image)
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             w, h = (int(v) for v in im.size)
     except FileNotFoundError:
         raise
@@ -89,7 +98,7 @@ def decode_image(data: bytes | None, max_pixels: int | None = MAX_PIXELS):
     if not data:
         raise ImageDecodeError("empty image bytes")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_image(io.BytesIO(data))
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise _too_large(im.width, im.height, max_pixels)
         im.load()  # truncated files fail here, not at open()

@@ -34,10 +34,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
-from PIL import Image
 
 from vlmforge.errors import UserError
 from vlmforge.files import atomic_write_bytes, write_json
+from vlmforge.imagedecode import open_image
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count default
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -99,7 +99,7 @@ def sha256_hex(data: bytes) -> str:
 def _probe_size(image_bytes: bytes) -> tuple[int | None, int | None]:
     """Width/height from the image header only (works on truncated JPEGs); None if unreadable."""
     try:
-        with Image.open(io.BytesIO(image_bytes)) as im:
+        with open_image(io.BytesIO(image_bytes)) as im:
             return int(im.width), int(im.height)
     except Exception:  # any unreadable header just means "size unknown"
         return None, None

@@ -15,13 +15,12 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import pyarrow.parquet as pq
 import torch.utils.data as tud
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
 from vlmforge.errors import UserError
 from vlmforge.files import atomic_write_bytes, write_json
-from vlmforge.imagedecode import MAX_PIXELS, decode_image
+from vlmforge.imagedecode import MAX_PIXELS, decode_image, open_image
 
 TMP_MARK = ".tmp"
 
@@ -137,7 +136,7 @@ def decode_scaled(data: bytes | None, min_size: tuple[int, int] | None = None):
     if min_size is None or not data or data[:3] != b"\xff\xd8\xff":
         return decode_image(data)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_image(io.BytesIO(data))
         if im.format != "JPEG" or im.mode not in JPEG_MODES or im.width * im.height > MAX_PIXELS:
             return decode_image(data)  # over the cap: decode_image refuses it with its message
         im.draft("RGB", (int(min_size[0]), int(min_size[1])))

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmforge import dist
@@ -48,6 +47,7 @@ from vlmforge.eval.prompts import user_turn
 from vlmforge.eval.specs import TaskSpec
 from vlmforge.eval.tasks import limit_questions
 from vlmforge.files import atomic_write_bytes, atomic_write_text, note_example, write_json, write_manifest
+from vlmforge.imagedecode import open_image
 from vlmforge.preference.pairs import (
     QuestionStats,
     correctness_pairs,
@@ -177,7 +177,7 @@ def item_image_paths(item: EvalItem, images_dir: Path) -> list[str]:
             out.append(os.path.realpath(ref.value))
             continue
         data = ref.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data)) as im:
             ext = (im.format or "img").lower()
         path = images_dir / f"{hashlib.sha1(data).hexdigest()}.{ext}"
         if not path.exists():

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
@@ -31,6 +30,7 @@ from vlmforge.config.recipe import Recipe
 from vlmforge.config.vision import VisionPretrainConfig
 from vlmforge.errors import UserError
 from vlmforge.files import PathOutsideRootError, numbered_lines, resolve_inside, write_json, write_manifest
+from vlmforge.imagedecode import open_image
 from vlmforge.images import preprocess_batch
 from vlmforge.model.tower import patch_features
 from vlmforge.train.finite import require_finite
@@ -84,7 +84,7 @@ def read_objects(path: str | Path, grid: int) -> tuple[list, list[list[dict]], d
             raise UserError(f"{where}: expected {{image, objects: [...]}} ({e})") from e
         counts["rows"] += 1
         try:
-            with Image.open(image_path) as im:
+            with open_image(image_path) as im:
                 images.append(im.convert("RGB"))
         except OSError:
             counts["unreadable_image"] += 1
