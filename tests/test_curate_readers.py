@@ -106,7 +106,7 @@ def scores(out: Path) -> list[dict]:
 
 
 def test_scores_with_workers_equal_scores_without(tmp_path, world, model_dir, monkeypatch):
-    from vlmforge.data.pretrain.loader import PixelSlots
+    from vlmforge.data.pixels import PixelSlots
 
     released = []
     real_release = PixelSlots.release
@@ -187,7 +187,7 @@ def test_draft_is_opt_in_close_and_recorded(tmp_path, world, model_dir):
 
 def test_batch_handover_keeps_every_value_and_type():
     from vlmforge.curate.score import receive_batch, send_batch
-    from vlmforge.data.pretrain.loader import PixelSlots
+    from vlmforge.data.pixels import PixelSlots
 
     pix = torch.randn(2, 3, 4, 4)
     batch = {"pixel_values": pix, "input_ids": torch.arange(6).view(2, 3), "weights": np.ones(2), "captions": ["a", "b"]}

@@ -15,8 +15,9 @@ from PIL import Image
 
 from vlmforge.arch.geometry import preprocess_spec_for
 from vlmforge.config import load_recipe
+from vlmforge.data.pixels import PixelSlots, normalise_pixels, pixels_of
 from vlmforge.data.pretrain import loader as pretrain_loader
-from vlmforge.data.pretrain.loader import PixelSlots, build_pretrain_loader, normalise_pixels, pixels_of
+from vlmforge.data.pretrain.loader import build_pretrain_loader
 from vlmforge.data.pretrain.plan import pack_shards
 from vlmforge.data.sft.build import build_index
 from vlmforge.data.sft.loader import build_sft_loader

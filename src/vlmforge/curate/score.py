@@ -9,7 +9,7 @@ intra-op threads leave the readers their cores (``model_threads``). A restarted 
 shards whose sidecar exists and rescores a shard whose bytes changed since its sidecar was written.
 
 A worker hands a batch's ``pixel_values`` tensor to the main process through shared-memory buffers
-it reuses (:class:`vlmforge.data.pretrain.loader.PixelSlots`, the tensor's bytes as they are: the
+it reuses (:class:`vlmforge.data.pixels.PixelSlots`, the tensor's bytes as they are: the
 values are the ones a batch prepared in the main process has); a fresh segment per batch costs the
 main process a page fault per page. The buffer is free again once ``scorer.score`` returns, so a
 scorer must not keep the batch's tensors. A scorer with a ``decode_size`` (w, h) gets JPEGs decoded
@@ -47,7 +47,7 @@ from vlmforge.curate.io import (
     worker_items,
     write_parquet_atomic,
 )
-from vlmforge.data.pretrain.loader import PixelSlots
+from vlmforge.data.pixels import PixelSlots
 from vlmforge.errors import UserError
 from vlmforge.files import write_manifest
 from vlmforge.imagedecode import ImageDecodeError

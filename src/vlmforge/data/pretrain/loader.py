@@ -34,14 +34,8 @@ sample records its image's size and tiles; the loader cuts the tiles with
 image's wrap and ``tiles x tokens_per_tile`` placeholders with the folder's
 :class:`~vlmforge.arch.tiles.ImageLayout`, which must be the recipe's.
 
-A pack's images are preprocessed into one buffer that the collated batch uses as it is
-(:func:`pixels_of`). Worker processes hand their batches over through shared memory, whose pages
-cost far more to fill than the process's own (no transparent huge pages for shared memory), so a
-float32 batch of large images is dear to hand over next to its decoding. So workers send the
-resized images as uint8, a quarter of the bytes, through buffers they reuse (:class:`PixelSlots`),
-and the main process rescales and normalises them (:func:`receive_from_worker`, the arithmetic of
-:func:`vlmforge.images.preprocess_into`, so the values are bit-identical to a batch built in one
-process).
+A pack's images are preprocessed into one buffer that the collated batch uses as it is; worker
+processes hand batches over as uint8 through reused shared buffers (:mod:`vlmforge.data.pixels`).
 """
 
 from __future__ import annotations
@@ -55,7 +49,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.utils.data as tud
-from PIL import Image
 
 from vlmforge import dist
 from vlmforge.arch.geometry import (
@@ -69,15 +62,15 @@ from vlmforge.arch.tokens import IM_END, IMAGE_TOKEN
 from vlmforge.config.recipe import Recipe, run_seed
 from vlmforge.data.balance import StepPlanner
 from vlmforge.data.collate import IGNORE_INDEX, collate_packs
+from vlmforge.data.pixels import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
 from vlmforge.data.pretrain.packed_shards import PackedShardReader, list_packed_shards
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.imagedecode import ImageDecodeError, decode_image
-from vlmforge.images import preprocess_into, tile_images
+from vlmforge.images import tile_images
 
 log = logging.getLogger(__name__)
 
 REMAINDER = ("wrap", "drop")
-PREFETCH = 2  # batches each DataLoader worker prepares ahead (torch's default)
 
 
 class PackedDataError(UserError, ValueError):
@@ -125,122 +118,6 @@ def text_sample(
     if add_sep and not supervise_sep:
         labels[-1] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
-
-
-# ----------------------------------------------------------------------------- pixels
-
-
-def resize_uint8_into(image, spec: dict, out: np.ndarray) -> None:
-    """The first steps of :func:`vlmforge.images.preprocess_into` (RGB, bicubic resize, channels
-    first) into a uint8 [3, size, size] array; :func:`normalise_pixels` does the rest."""
-    size = int(spec["size"])
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    np.copyto(out, np.asarray(image).transpose(2, 0, 1))
-
-
-def normalise_pixels(pixels: torch.Tensor, spec: dict) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float32 rescaled and normalised, with the operations and operand
-    dtypes of :func:`vlmforge.images.preprocess_into` (bit-identical values); one image at a time,
-    so the second and third pass find it in cache."""
-    mean = np.asarray(spec["mean"], np.float32)
-    std = np.asarray(spec["std"], np.float32)
-    scale = (np.float32(spec.get("rescale", 1 / 255)) / std)[:, None, None]
-    offset = (-mean / std)[:, None, None]
-    src = pixels.numpy()
-    out = np.empty(src.shape, dtype=np.float32)
-    for k in range(src.shape[0]):
-        np.copyto(out[k], src[k], casting="unsafe")
-        out[k] *= scale
-        out[k] += offset
-    return torch.from_numpy(out)
-
-
-def pixels_of(images: Sequence, spec: dict, as_uint8: bool = False) -> torch.Tensor:
-    """Decoded images -> one [N, 3, size, size] buffer: preprocessed float32
-    (:func:`vlmforge.images.preprocess_into`), or (``as_uint8``) resized uint8 images for
-    :func:`normalise_pixels`."""
-    size = int(spec["size"])
-    out = np.empty((len(images), 3, size, size), dtype=np.uint8 if as_uint8 else np.float32)
-    fill = resize_uint8_into if as_uint8 else preprocess_into
-    for k, im in enumerate(images):
-        fill(im, spec, out[k])
-    return torch.from_numpy(out)
-
-
-class PixelSlots:
-    """Shared-memory buffers that DataLoader workers reuse to hand uint8 pixels to the main process.
-
-    A fresh shared-memory segment per batch pays a page fault on each of its pages (no huge pages
-    for shared memory), so each worker cycles through ``per_worker`` buffers of its own. A buffer is
-    busy from the worker's copy until the main process has normalised the batch
-    (:func:`receive_from_worker`, before it asks for the next one); a worker that finds its buffers busy
-    sends the batch in a fresh segment instead, so nothing waits and nothing is overwritten early.
-    With DataLoader's in-order delivery a worker holds at most ``prefetch_factor`` batches the main
-    process has not taken, so ``prefetch_factor + 2`` buffers are never all busy."""
-
-    def __init__(self, workers: int, per_worker: int):
-        self.per_worker = int(per_worker)
-        self.busy = torch.zeros(int(workers) * self.per_worker, dtype=torch.int32).share_memory_()
-        self.buffers: dict[int, torch.Tensor] = {}  # a worker's own buffers (none in the main process)
-        self.next = 0
-        self.held: dict[int, torch.Tensor] = {}  # main process: the last tensor of each buffer, mapped once
-
-    def put(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """In a worker: ``pixels`` copied into a free buffer of this worker, and the buffer's number
-        (-1 and ``pixels`` itself when all are busy, or outside a worker)."""
-        info = tud.get_worker_info()
-        if info is None:
-            return pixels, -1
-        for step in range(self.per_worker):
-            k = (self.next + step) % self.per_worker
-            slot = info.id * self.per_worker + k
-            if int(self.busy[slot]) == 0:
-                break
-        else:
-            return pixels, -1
-        self.next = (k + 1) % self.per_worker
-        n = pixels.numel()
-        buf = self.buffers.get(slot)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[slot] = torch.empty(n + n // 4, dtype=torch.uint8).share_memory_()
-        self.busy[slot] = 1
-        out = buf[:n].view(pixels.shape)
-        out.copy_(pixels)
-        return out, slot
-
-    def release(self, slot: int, pixels: torch.Tensor) -> None:
-        """In the main process, once ``pixels`` (from buffer ``slot``) is no longer read."""
-        if slot >= 0:
-            self.held[slot] = pixels  # keeps the mapping: the next batch in this buffer maps nothing new
-            self.busy[slot] = 0
-
-
-def send_from_worker(batch: dict, slots: PixelSlots) -> dict:
-    """In a worker, a collated batch as it crosses to the main process: the uint8 pixels in one of
-    the worker's shared buffers, the other tensors as numpy arrays (pickled through the pipe: a
-    shared-memory segment per small tensor costs more than its bytes)."""
-    out = {}
-    for key, value in batch.items():
-        if key == "pixel_values":
-            out[key], out["pixel_slot"] = slots.put(value)
-        else:
-            out[key] = value.numpy() if isinstance(value, torch.Tensor) else value
-    return out
-
-
-def receive_from_worker(batch: dict, spec: dict, slots: PixelSlots) -> dict:
-    """In the main process, the training batch from what :func:`send_from_worker` sent: tensors
-    back, the uint8 pixels rescaled and normalised (in a new buffer) and the worker's buffer freed."""
-    slot = batch.pop("pixel_slot", -1)
-    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-    pv = out.get("pixel_values")
-    if pv is not None and pv.dtype == torch.uint8:
-        out["pixel_values"] = normalise_pixels(pv, spec)
-    slots.release(int(slot), pv)
-    return out
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -28,7 +28,7 @@ drawn from (seed, epoch, record), so the batches stay a pure function of the pla
 
 A batch's images are preprocessed into one buffer that the collated batch uses as it is. Workers
 send them resized as uint8 and the main process normalises them, for the reason and with the
-arithmetic of the packed loader (:func:`vlmforge.data.pretrain.loader.receive_from_worker`).
+arithmetic of the packed loader (:func:`vlmforge.data.pixels.receive_from_worker`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from vlmforge.config.sft import SFTDataConfig
 from vlmforge.data.balance import StepPlanner
 from vlmforge.data.collate import collate_packs
 from vlmforge.data.packer import plan_packs
-from vlmforge.data.pretrain.loader import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
+from vlmforge.data.pixels import PREFETCH, PixelSlots, pixels_of, receive_from_worker, send_from_worker
 from vlmforge.data.sft.records import SFTDataError
 from vlmforge.data.sft.samples import SFTDataset
 
