@@ -226,3 +226,20 @@ def test_demo_report_without_inputs_leaves_sections_out_with_a_note(tmp_path):
 def test_moving_mean_is_centred():
     assert moving_mean([1, 2, 3, 4, 5], 3).tolist() == [1.5, 2.0, 3.0, 4.0, 4.5]
     assert moving_mean([2.0], 5).tolist() == [2.0]
+
+
+def test_live_eval_table_and_curves_show_scores_not_counts(tmp_path):
+    from vlmforge.report.builder import eval_table
+    from vlmforge.report.plots import eval_curves_plot
+
+    rows = [{"step": 1, "loss": 2.0},
+            {"step": 0, "samples_seen": 0, "eval/pope/f1": 0.0, "eval/pope/tp": 0, "eval/pope/f1/random": 0.0,
+             "eval/mcq/n_questions": 48, "eval/mcq/accuracy": 0.25},
+            {"step": 4, "samples_seen": 40, "eval/pope/f1": 0.5, "eval/pope/tp": 12, "eval/pope/f1/random": 0.6,
+             "eval/mcq/n_questions": 48, "eval/mcq/accuracy": 0.5}]
+    table = eval_table(rows)
+    assert table == [{"score": "pope f1", "0 seen": 0.0, "40 seen": 0.5},
+                     {"score": "mcq accuracy", "0 seen": 0.25, "40 seen": 0.5}]
+    assert eval_curves_plot(rows, tmp_path / "eval.png").is_file()
+    only_counts = [{"step": 0, "samples_seen": 0, "eval/mcq/n_questions": 48, "eval/pope/tp": 3}]
+    assert eval_curves_plot(only_counts, tmp_path / "none.png") is None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmforge.files import atomic_write_text, read_metrics
-from vlmforge.report.plots import eval_curves_plot, is_eval_row, training_plots
+from vlmforge.report.plots import eval_curves_plot, is_eval_row, is_score, training_plots
 
 REPORT = "report.html"
 PLOTS_DIR = "plots"
@@ -130,14 +130,18 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 
 
 def eval_table(rows: Sequence[dict]) -> list[dict]:
-    """One row per live evaluation: step, samples seen and every eval/ score."""
-    out = []
-    for r in rows:
-        if is_eval_row(r):
-            scores = {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
-            out.append({"step": r.get("step"), "samples seen": r.get("samples_seen"), **scores})
-    return out
-
+    """The live evaluations as a table: one row per overall score of a task, one column per
+    evaluation (its samples seen); per-category breakdowns and counts are in the plot and in
+    metrics.jsonl."""
+    evals = [r for r in rows if is_eval_row(r)]
+    table: dict[str, dict] = {}
+    for r in evals:
+        column = f"{r.get('samples_seen')} seen"
+        for k, v in r.items():
+            task, _, metric = k[len("eval/"):].partition("/") if k.startswith("eval/") else ("", "", "")
+            if metric and "/" not in metric and is_score(metric, [v]):
+                table.setdefault(f"{task} {metric}", {"score": f"{task} {metric}"})[column] = round(float(v), 3)
+    return list(table.values())
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 64em; padding: 0 1em; color: #222;

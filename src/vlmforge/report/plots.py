@@ -178,21 +178,29 @@ def eval_scores(rows: Sequence[dict]) -> dict[str, dict[str, tuple[list, list]]]
     return out
 
 
+COUNT_METRICS = {"tp", "fp", "tn", "fn"}
+
+
+def is_score(metric: str, ys: Sequence[float]) -> bool:
+    """A metric worth a scaling curve: a share in [0, 1], not a count (n_questions, tp, ...)."""
+    return not metric.startswith("n_") and metric not in COUNT_METRICS and all(0 <= v <= 1 for v in ys)
+
+
 def eval_curves_plot(rows: Sequence[dict], out_path: str | os.PathLike) -> Path | None:
     """Scaling curves: each task's scores against the training samples seen so far, one panel per
-    task, one line per metric; None without eval rows."""
-    tasks = eval_scores(rows)
+    task, one line per score (counts are left to the report's table); None without eval rows."""
+    tasks = {task: {m: xy for m, xy in metrics.items() if is_score(m, xy[1])}
+             for task, metrics in eval_scores(rows).items()}
+    tasks = {task: metrics for task, metrics in tasks.items() if metrics}
     if not tasks:
         return None
     cols = min(len(tasks), 2)
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.3), dpi=100, squeeze=False)
     for ax, (task, metrics) in zip(axes.flat, tasks.items()):
-        values = [v for _, ys in metrics.values() for v in ys]
         for (metric, (xs, ys)), color in zip(metrics.items(), COLORS * 4):
             ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, color=color, label=metric)
-        if values and 0 <= min(values) and max(values) <= 1:
-            ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("training samples seen")
         ax.grid(alpha=0.3)
