@@ -21,6 +21,7 @@ from vlmforge.demo.scaling import best_of_n_section, critic_section
 from vlmforge.files import atomic_write_text, read_metrics, write_json
 from vlmforge.report.builder import Section, build_report, table_html
 from vlmforge.report.plots import (
+    eval_curves_plot,
     format_seconds,
     grouped_hbar_plot,
     losses_plot,
@@ -172,6 +173,20 @@ def _mpo_section(out_dir: Path, plots: Path) -> Section:
     return Section(title, text=text, images=[plot],
                    html='<p><a href="runs/mpo/report.html">the MPO run\'s report</a> (loss terms, throughput)</p>'
                    if (out_dir / "runs" / "mpo" / "report.html").is_file() else "")
+
+
+def _sft_curves_section(out_dir: Path, plots: Path) -> Section:
+    """The SFT run's live evaluations (train.eval_points): each benchmark against SFT samples seen."""
+    title = "Benchmarks during SFT"
+    plot = eval_curves_plot(read_metrics(out_dir / "runs" / "sft"), plots / "sft_eval.png")
+    if plot is None:
+        return missing(title, "runs/sft/metrics.jsonl has no live evaluations (train.eval_points=0)")
+    text = ("The SFT run scored its live model on the first questions of each benchmark (train.eval_points; "
+            "greedy, 0-shot) before its first step, at every sixth of the run and after its last: the scores "
+            "against the conversations seen so far, Open-Qwen2VL's scaling curves at the demo's size.")
+    return Section(title, text=text, images=[plot],
+                   html='<p><a href="runs/sft/report.html">the SFT run\'s report</a> (the scores as a table)</p>'
+                   if (out_dir / "runs" / "sft" / "report.html").is_file() else "")
 
 
 # ---------------------------------------------------------------- curation
@@ -327,6 +342,7 @@ def write_demo_report(out_dir: Path, stage_rows: list[dict], size: str, curated:
     sections = [
         _trained_section(out_dir),
         _benchmarks_section(rows, plots),
+        _sft_curves_section(out_dir, plots),
         gallery_section(out_dir),
         _mpo_section(out_dir, plots),
         best_of_n_section(out_dir, Path(best_of_n) if best_of_n is not None else None, plots),
