@@ -117,7 +117,9 @@ def _fake_demo(root):
         save_resolved(load_recipe(recipe), root / "runs" / stage)
         rows = [{"step": s, "loss": 3.0 / s, "rewards/margin": 0.01 * s, "rewards/accuracy": 0.5 + 0.004 * s}
                 for s in range(1, 61)]
-        _jsonl(root / "runs" / stage / "metrics.jsonl", rows if stage == "mpo" else [{"step": s, "loss": 3.0 / s} for s in range(1, 61)])
+        live = [{"step": s, "samples_seen": 10 * s, "eval/synth-vqa/vqa_accuracy": s / 60} for s in (0, 30, 60)]
+        _jsonl(root / "runs" / stage / "metrics.jsonl", rows if stage == "mpo" else
+               [{"step": s, "loss": 3.0 / s} for s in range(1, 61)] + (live if stage == "sft" else []))
     _write(root / "curate" / "filtered" / "manifest.json", {"ground_truth": {
         "mismatched": 12, "mismatched_removed": 10, "mismatch_recall": 10 / 12, "clean": 80, "clean_kept": 78,
         "clean_kept_frac": 78 / 80, "precision": 10 / 13, "precision_any_fault": 11 / 13,
@@ -132,7 +134,7 @@ def _fake_demo(root):
     return root
 
 
-SECTIONS = ("What was trained", "Benchmarks (held-out images) vs chance", "Held-out questions", "MPO: reward margin",
+SECTIONS = ("What was trained", "Benchmarks (held-out images) vs chance", "Benchmarks during SFT", "Held-out questions", "MPO: reward margin",
             "Best-of-N: accuracy vs N", "Critic: steps it flags", "Curation: what was kept and dropped", "Packing", "Training loss", "Timeline",
             "Stages (each is a command")
 
@@ -143,12 +145,12 @@ def test_demo_report_has_every_section_and_opens_offline(tmp_path):
     for title in SECTIONS:
         assert f">{title}" in page, title
     assert "Not shown" not in page
-    for png in ("scores.png", "mpo_rewards.png", "best_of_n.png", "losses.png", "timeline.png"):
+    for png in ("scores.png", "sft_eval.png", "mpo_rewards.png", "best_of_n.png", "losses.png", "timeline.png"):
         assert (demo / "plots" / png).stat().st_size > 1000, png
     # offline: every image is embedded; links are anchors or files of the demo folder
     srcs = re.findall(r'src="([^"]*)"', page)
-    # 5 plots and the images of the 9 questions, less the one outside its folder
-    assert len(srcs) == 5 + 8 and all(s.startswith("data:image/") for s in srcs)
+    # 6 plots and the images of the 9 questions, less the one outside its folder
+    assert len(srcs) == 6 + 8 and all(s.startswith("data:image/") for s in srcs)
     assert not re.search(r'(src|href)="(https?:|file:|//)', page)
     for href in re.findall(r'href="([^"#][^"]*)"', page):
         assert (demo / href).is_file(), href
@@ -212,7 +214,8 @@ def test_demo_report_without_inputs_leaves_sections_out_with_a_note(tmp_path):
     demo = tmp_path / "demo"
     demo.mkdir()
     page = write_demo_report(demo, [], size="tiny", curated=False).read_text()
-    for title in ("What was trained", "Held-out questions", "MPO: reward margin", "Best-of-N", "Curation", "Timeline"):
+    for title in ("What was trained", "Benchmarks during SFT", "Held-out questions", "MPO: reward margin", "Best-of-N",
+                  "Curation", "Timeline"):
         assert re.search(rf">{re.escape(title)}[^<]*</h2>\s*<p class=\"note\">Not shown: ", page), title
     # only some phases evaluated, no MPO run, curation without ground truth: still a report
     demo2 = _fake_demo(tmp_path / "demo2")
