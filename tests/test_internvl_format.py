@@ -199,7 +199,8 @@ def test_import_takes_the_processors_tiling_and_wrap(imported):
     assert model.images.tiles and split_layout(tok.chat_template)[:2] == ("", "")
     layout = model.image_layout(tok)
     assert tok.convert_ids_to_tokens([*layout.start_ids, *layout.end_ids]) == ["<img>", "</img>"]
-    assert layout.tiles([(96, 32), (32, 32)]) == [4, 1]  # two images share the 12 tiles: 6 each
+    assert not images.share_budget  # each image of a prompt gets the whole budget, as the processor gives it
+    assert layout.tiles([(96, 32), (32, 32)]) == [4, 1]
     notes = json.loads((ckpt / "manifest.json").read_text())["notes"]
     assert any("tiled as InternVLProcessor tiles them: 1-12 tiles" in n for n in notes)
     assert any("crop_to_patches false" in n for n in notes)
@@ -261,6 +262,31 @@ def test_import_matches_transformers_on_a_tiled_image(imported, monkeypatch, siz
         got = model(torch.tensor([ours]), pv)
     assert (same[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
     assert (got[..., : ref.shape[-1]] - ref).abs().max().item() <= END_TO_END
+
+
+def test_imported_model_tiles_a_two_image_prompt_as_the_processor(imported, monkeypatch):
+    """Two images in one prompt: the processor gives each the whole budget (12 tiles), and so does the
+    imported model (share_budget false): same ids, same pixels, same logits; with InternVL's shared
+    training budget the 12:1 image would get fewer tiles."""
+    src, hf, ckpt = imported[True]
+    model, tok, cfg = load_vlm(ckpt)
+    proc = processor_of(src, monkeypatch)
+    images = [square_image(384, 32, seed=1), square_image(64, 64, seed=2)]
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    msgs = [{"role": "user", "content": "<image>\n<image>\n" + QUESTION}]
+    text = proc.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    inputs = proc(images=images, text=[text], return_tensors="pt")
+    ours = prompt_ids(model, tok, msgs, images)
+    assert ours == swap_context(inputs["input_ids"][0].tolist(), hf.config.image_token_id, model.image_token_id)
+    pv = our_pixels(model, tok, images)
+    assert pv.shape == inputs["pixel_values"].shape and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        same = model(torch.tensor([ours]), inputs["pixel_values"])
+    assert (same[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
+    shared, tok2, _ = load_vlm(ckpt, overrides=["model.images.share_budget=true"])
+    sizes = [im.size for im in images]
+    assert model.image_layout(tok).tiles(sizes) == [13, 5] and shared.image_layout(tok2).tiles(sizes) == [7, 5]
 
 
 def test_imported_model_preprocesses_as_the_source(imported, monkeypatch):
