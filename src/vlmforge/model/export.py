@@ -124,20 +124,26 @@ def image_processor(model):
     return SiglipImageProcessorPil(size={"height": s, "width": s}, image_mean=spec["mean"], image_std=spec["std"], rescale_factor=spec["rescale"])
 
 
+def load_converted(hf_model, state: dict, tied: bool, label: str, dtype: torch.dtype | None = None) -> None:
+    """Load a converted state dict into a transformers model built without init: every weight must
+    land (a tied head may be absent), then the ties are restored and the model cast to ``dtype``."""
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{label} weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        hf_model.tie_weights()
+    if dtype is not None:
+        hf_model.to(dtype)
+
+
 def export_llava(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write a folder that `AutoModelForImageTextToText` / `AutoProcessor` load offline."""
     check_exportable(model)
     config = llava_config(model, tokenizer)
     with no_init_weights():
         llava = LlavaForConditionalGeneration(config)
-    missing, unexpected = llava.load_state_dict(llava_state_dict(model), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"LLaVA weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
-        llava.tie_weights()
-    if dtype is not None:
-        llava.to(dtype)
+    load_converted(llava, llava_state_dict(model), bool(config.tie_word_embeddings), "LLaVA", dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     llava.generation_config = generation_config(model, tokenizer)

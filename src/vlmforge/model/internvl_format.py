@@ -54,7 +54,7 @@ from vlmforge.arch.tokens import IMAGE_TOKEN
 from vlmforge.config.loader import set_value
 from vlmforge.errors import ConfigError, UserError
 from vlmforge.model.decoding import end_of_turn_ids
-from vlmforge.model.export import ExportRefused, generation_config
+from vlmforge.model.export import ExportRefused, generation_config, load_converted
 from vlmforge.model.llava_import import build_imported, load_source_tokenizer
 from vlmforge.model.llava_layouts import ImportPlan, take
 from vlmforge.model.saving import save_vlm
@@ -471,14 +471,7 @@ def export_internvl(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.d
     state = internvl_state_dict(model, vocab)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"InternVL weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
-        hf.tie_weights()
-    if dtype is not None:
-        hf.to(dtype)
+    load_converted(hf, state, bool(config.tie_word_embeddings), "InternVL", dtype)
     gen = generation_config(model, tokenizer)
     gen.suppress_tokens = list(gen.suppress_tokens) + added
     hf.generation_config = gen
