@@ -176,6 +176,16 @@ def our_pixels(model, tok, images) -> torch.Tensor:
     return preprocess_batch(tile_images(list(images), model.image_layout(tok)), model.preprocess_spec())
 
 
+def logits_three_ways(model, hf, inputs, ours: list[int], pv=None):
+    """(transformers' logits on its processor's inputs, ours on the same pixels, ours on our pixels
+    ``pv`` or None): what the import and export checks compare."""
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        same = model(torch.tensor([ours]), inputs["pixel_values"])
+        got = model(torch.tensor([ours]), pv) if pv is not None else None
+    return ref, same, got
+
+
 # Logits from vlmforge's own pixels against transformers' from its processor's: the pixels agree to
 # float rounding (1e-6), which the tower and LM amplify; the models agree to 1e-5 on the same pixels.
 END_TO_END = 1e-4
@@ -226,10 +236,7 @@ def test_import_matches_transformers_on_one_tile(imported, tied, monkeypatch):
     assert tok.convert_ids_to_tokens([ours[start - 1], ours[start + TOKENS]]) == ["<img>", "</img>"]
     pv = our_pixels(model, tok, [image])
     assert (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        same = model(torch.tensor([ours]), inputs["pixel_values"])
-        got = model(torch.tensor([ours]), pv)
+    ref, same, got = logits_three_ways(model, hf, inputs, ours, pv)
     vocab = ref.shape[-1]
     assert got.shape[-1] >= vocab
     assert (same[..., :vocab] - ref).abs().max().item() <= 1e-5
@@ -256,10 +263,7 @@ def test_import_matches_transformers_on_a_tiled_image(imported, monkeypatch, siz
     assert ours.count(model.image_token_id) == TOKENS * n_tiles
     pv = our_pixels(model, tok, [image])
     assert pv.shape[0] == n_tiles and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        same = model(torch.tensor([ours]), inputs["pixel_values"])
-        got = model(torch.tensor([ours]), pv)
+    ref, same, got = logits_three_ways(model, hf, inputs, ours, pv)
     assert (same[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
     assert (got[..., : ref.shape[-1]] - ref).abs().max().item() <= END_TO_END
 
@@ -280,9 +284,7 @@ def test_imported_model_tiles_a_two_image_prompt_as_the_processor(imported, monk
     assert ours == swap_context(inputs["input_ids"][0].tolist(), hf.config.image_token_id, model.image_token_id)
     pv = our_pixels(model, tok, images)
     assert pv.shape == inputs["pixel_values"].shape and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        same = model(torch.tensor([ours]), inputs["pixel_values"])
+    ref, same, _ = logits_three_ways(model, hf, inputs, ours)
     assert (same[..., : ref.shape[-1]] - ref).abs().max().item() <= 1e-5
     shared, tok2, _ = load_vlm(ckpt, overrides=["model.images.share_budget=true"])
     sizes = [im.size for im in images]
@@ -379,10 +381,7 @@ def check_export(model, tok, folder, monkeypatch, image, n_tiles: int = 1, max_n
     assert ours.count(model.image_token_id) == model.tokens_per_image * n_tiles
     pv = our_pixels(model, tok, [image])
     assert pv.shape[0] == n_tiles and (pv - inputs["pixel_values"]).abs().max().item() <= 1e-5
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        same = model(torch.tensor([ours]), inputs["pixel_values"])
-        got = model(torch.tensor([ours]), pv)
+    ref, same, got = logits_three_ways(model, hf, inputs, ours, pv)
     vocab = got.shape[-1]  # the export may add <video> (one row more, never generated)
     assert ref.shape[-1] >= vocab and (same - ref[..., :vocab]).abs().max().item() <= 1e-5
     assert (got - ref[..., :vocab]).abs().max().item() <= END_TO_END
