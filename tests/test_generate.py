@@ -83,3 +83,31 @@ def test_continuation_logprobs_match_one_row_at_a_time(tok):
     both = continuation_logprobs(model, tok, PROMPTS[:1], IMAGES[:1], [["red"]])[0][0]
     lower, upper = continuation_logprobs(model, tok, PROMPTS[:1], IMAGES[:1], [["red", "Red"]], any_first_case=False)[0]
     assert both == pytest.approx(float(torch.logsumexp(torch.tensor([lower, upper]), 0)), abs=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repeated_prompts_share_one_prefill_and_sample_as_if_alone(tok, use_cache):
+    """Samples of one prompt (same ids, same image objects) are prefilled once; each row still
+    draws from its own seed, exactly as when every copy is its own prompt (copied images: no sharing)."""
+    from vlmforge.model import decoding
+
+    model = tiny_model(tok, "model.projector.pool_size=2", spread=0.3)
+    prompts = [PROMPTS[k] for k in (0, 1, 0, 2, 0, 1)]
+    images = [IMAGES[k] for k in (0, 1, 0, 2, 0, 1)]
+    copies = [[im.copy() for im in ims] for ims in images]
+    seeds = [11, 12, 13, 14, 15, 16]
+    prefilled = []
+    real_embed = model.embed
+
+    def counting_embed(ids, *args, **kwargs):
+        prefilled.append(ids.shape[0])
+        return real_embed(ids, *args, **kwargs)
+
+    model.embed = counting_embed
+    shared = decoding.generate(model, tok, prompts, images, max_new_tokens=10, temperature=1.0, seed=seeds,
+                               use_cache=use_cache, return_ids=True)
+    alone = decoding.generate(model, tok, prompts, copies, max_new_tokens=10, temperature=1.0, seed=seeds,
+                              use_cache=use_cache, return_ids=True)
+    assert prefilled == [3, 6]  # three distinct prompts, then six (copies are never shared)
+    assert shared == alone
+    assert shared[0] != shared[2]  # one prompt, two seeds: two samples

@@ -120,16 +120,19 @@ def critic_scorer(model, tokenizer, batch_size: int = 8) -> StepScorer:
 
 def candidate_texts(greedy: Sequence[str], prompts: list[list[dict]], images: list[list], item_ids: Sequence[str],
                     bon: BestOfN, sample_fn: SampleFn, run_seed: int = 0) -> list[list[str]]:
-    """Per prompt its N candidate replies: ``greedy[i]`` first, then N-1 samples (one ``sample_fn`` call
-    per candidate index, over the whole batch, each prompt with its own seed)."""
+    """Per prompt its N candidate replies: ``greedy[i]`` first, then N-1 samples, each with its own
+    seed. All N-1 samples of the batch go to ``sample_fn`` in one call (candidate index outer,
+    prompt inner), so a prompt's samples share one prefill (``decoding.generate``)."""
     out = [[g] for g in greedy]
-    for j in range(1, bon.n):
-        seeds = [candidate_seed(bon.seed, run_seed, item_id, j) for item_id in item_ids]
-        replies = sample_fn(prompts, images, seeds)
-        if len(replies) != len(prompts):
-            raise RuntimeError(f"sampling returned {len(replies)} replies for {len(prompts)} prompts")
-        for texts, reply in zip(out, replies):
-            texts.append(reply)
+    if bon.n <= 1 or not prompts:
+        return out
+    picks = range(1, bon.n)
+    seeds = [candidate_seed(bon.seed, run_seed, item_id, j) for j in picks for item_id in item_ids]
+    replies = sample_fn([p for _ in picks for p in prompts], [ims for _ in picks for ims in images], seeds)
+    if len(replies) != len(seeds):
+        raise RuntimeError(f"sampling returned {len(replies)} replies for {len(seeds)} prompts")
+    for k, reply in enumerate(replies):
+        out[k % len(prompts)].append(reply)
     return out
 
 

@@ -78,6 +78,23 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, valid
 
 
+def distinct_rows(rows: list[list[int]], images: list[list]) -> tuple[list[int], torch.Tensor | None]:
+    """The first index of each distinct prompt (same ids and the same image objects), and each row's
+    distinct prompt (None when every prompt is distinct). Samples of one prompt (Best-of-N,
+    preference replies, Monte Carlo rollouts) then share one prefill."""
+    slot: dict[tuple, int] = {}
+    firsts, expand = [], []
+    for i, (r, ims) in enumerate(zip(rows, images)):
+        key = (tuple(r), tuple(id(im) for im in ims))
+        if key not in slot:
+            slot[key] = len(firsts)
+            firsts.append(i)
+        expand.append(slot[key])
+    if len(firsts) == len(rows):
+        return firsts, None
+    return firsts, torch.tensor(expand, dtype=torch.long)
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_argument(forward_owner: type) -> str:
     params = inspect.signature(forward_owner.forward).parameters  # deprecate_kwarg keeps the signature
@@ -129,13 +146,16 @@ def generate_ids(
     use_cache: bool = True,
     seed: int | Sequence[int] | None = None,
     v2pe_delta: float | None = None,
+    expand: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Left-padded prompts [B, P] (key_valid False on padding) -> new token ids per row (stop token excluded).
 
     Sampling (temperature > 0): ``seed`` seeds each row's own generator (an int: every row alike;
-    a sequence: one seed per row; None: torch's global generator)."""
+    a sequence: one seed per row; None: torch's global generator).
+    ``expand`` (optional, [R] indices into the B prompts): decode R rows, row r continuing prompt
+    ``expand[r]``; each distinct prompt is prefilled once and its cache shared by its rows."""
     model.use_sdpa()  # cached decoding uses explicit 4D masks
-    b = input_ids.shape[0]
+    b = input_ids.shape[0] if expand is None else int(expand.numel())
     dev = input_ids.device
     gens = row_generators(seed, b, dev) if temperature > 0 else None
     seq_ids = torch.where(key_valid, 0, -1)
@@ -153,6 +173,11 @@ def generate_ids(
     mask = attn.additive_mask(seq_ids, "causal", embeds.dtype)
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **cache_kwargs(lm, cache))
     logits = head(out.last_hidden_state[:, -1])
+    if expand is not None:  # the prefill ran once per distinct prompt: give every row its prompt's state
+        expand = expand.to(dev)
+        if cache is not None:
+            cache.reorder_cache(expand)
+        logits, pos, input_ids, key_valid, embeds = (t[expand] for t in (logits, pos, input_ids, key_valid, embeds))
     new = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     ids_all, embeds_all, valid_all = input_ids, embeds, key_valid
@@ -215,8 +240,9 @@ def generate(
     if reply_prefixes is not None:
         rows = [r + (tokenizer.encode(p, add_special_tokens=False) if p else []) for r, p in zip(rows, reply_prefixes)]
     pad = int(tokenizer.pad_token_id)
-    ids, valid = left_padded(rows, pad)
-    pv = prompt_pixels(model, tokenizer, images)
+    firsts, expand = distinct_rows(rows, images)
+    ids, valid = left_padded([rows[i] for i in firsts], pad)
+    pv = prompt_pixels(model, tokenizer, [images[i] for i in firsts])
     if pv is not None:
         pv = pv.to(dev)
     was_training = model.training
@@ -225,6 +251,7 @@ def generate(
         new = generate_ids(
             model, ids.to(dev), valid.to(dev), pv, set(end_of_turn_ids(tokenizer)), pad,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, use_cache=use_cache, seed=seed,
+            expand=expand,
         )
     finally:
         model.train(was_training)
