@@ -3,12 +3,14 @@
 What it trains: a small VLM from scratch on images of coloured shapes on a 3x3 grid. A vision
 tower is pretrained on the world's labelled objects and frozen; a filter network learns to spot
 mismatched captions and curates the caption crawl; a 4-layer Qwen2 LM with a projector is
-pretrained on the packed captions, fine-tuned on instructions (SFT), then trained with MPO on
-right-vs-wrong pairs of its own sampled replies to training questions.
+pretrained on the packed captions, fine-tuned on instructions (SFT, with live evaluations), then
+trained with MPO on right-vs-wrong pairs of its own sampled replies to training questions; a
+process reward model (PRM) learns Monte Carlo step labels of its own worked solutions and picks
+the best of 8 sampled solutions to held-out reasoning problems.
 
 synth -> tokenizer -> vision-pretrain -> curate (train filter, score, filter, dedup) -> pack ->
-pretrain -> SFT -> preference build -> MPO, with eval on held-out images before training and
-after every stage, then the report.
+pretrain -> SFT -> preference build -> MPO -> prm-data -> PRM -> Best-of-8, with eval on held-out
+images before training and after every stage, then the report.
 
 What the numbers mean (scores.txt and report.html in --out, each next to its chance level):
   MCQ, likelihood    the option text the model finds most likely is the right one (chance 0.25)
@@ -16,13 +18,16 @@ What the numbers mean (scores.txt and report.html in --out, each next to its cha
                      1/256); "accuracy" counts the first rotation only (chance 0.25)
   VQA accuracy       one-word answers vs 10 references, VQAv2's min(matches / 3, 1) (chance ~0)
   POPE F1            "Is there a <object>?" yes/no; F1 of "yes" (always answering yes: 0.67)
+  reasoning          synth-math: count shapes, then add / subtract, "The answer is N." (chance ~0)
+  Best-of-N          accuracy when the PRM (or the last-step ORM, or a majority vote) picks one of
+                     N sampled solutions; "pass" = any of the N is right (the ceiling)
   MPO reward margin  how much more than SFT the model prefers the right reply (> 0: MPO learned)
 The report also shows a dozen held-out questions answered after SFT and after MPO, what curation
-kept and dropped per injected fault, the loss curves, and each stage's time and exact command
-(rerun any stage by pasting it).
+kept and dropped per injected fault, the loss curves, the benchmarks during SFT, and each stage's
+time and exact command (rerun any stage by pasting it).
 
 Examples:
-  vlmforge demo                          # default size: about 11 minutes on a 2-core CPU
+  vlmforge demo                          # default size: about 15 minutes on a 2-core CPU
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
   vlmforge demo --pretrain-set train.epochs=4 --sft-set train.epochs=8   # change any stage's config
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run synth -> curate -> pack -> pretrain -> SFT -> MPO -> eval -> report on the built-in world"
+HELP = "run synth -> curate -> pack -> pretrain -> SFT -> MPO -> PRM -> Best-of-N -> report on the built-in world"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

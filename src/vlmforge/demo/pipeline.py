@@ -32,6 +32,10 @@ PRM_SOLUTIONS = 4
 PRM_ROLLOUTS = 4
 MATH_TOKENS = 64
 SFT_RECIPE = "demo/sft"
+# Generation (eval, preference replies, rollouts, Best-of-N) runs one token at a time through a
+# 128-wide LM: its ops are too small to split over threads, and a second thread only waits for
+# the first (far worse when anything else uses a core), so those stages run on one thread.
+GENERATION_THREADS = 1
 EVAL_TASKS = "synth"
 
 
@@ -42,11 +46,18 @@ class StageLog:
     rows: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
-    def run(self, title: str, argv: list[str]) -> None:
+    def run(self, title: str, argv: list[str], threads: int | None = None) -> None:
+        """Run one stage; ``threads``: torch's CPU threads for it (None: as set for the demo)."""
         n = len(self.rows) + 1
         print(f"\n=== [{n}] {title}: vlmforge {shlex.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        code = main(argv)
+        before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            code = main(argv)
+        finally:
+            torch.set_num_threads(before)
         seconds = time.perf_counter() - t0
         self.rows.append({"stage": title, "seconds": round(seconds, 1), "command": "vlmforge " + shlex.join(argv)})
         if code != 0:
@@ -97,6 +108,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    gen_threads = min(GENERATION_THREADS, torch.get_num_threads())
     world, tok = out_dir / "world", out_dir / "tokenizer"
     runs, evals = out_dir / "runs", out_dir / "eval"
     log = StageLog()
@@ -141,13 +153,13 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     # after SFT the model can reason in steps: the phases from then on also ask synth-math, whose
     # worked solutions need more new tokens (short answers stop at <|im_end|> long before)
     late_eval_args = ["--tasks", f"{EVAL_TASKS},synth-math", "--max-new-tokens", str(MATH_TOKENS), *shared]
-    log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")])
+    log.run("eval before training", ["eval", "--ckpt", str(runs / "init"), *eval_args, "--out", str(evals / "init")], threads=gen_threads)
 
     log.run("pretrain", ["train", "--recipe", PRETRAIN_RECIPE, *common, *_sets(
         train__data_path=out_dir / "packed", train__init_from=runs / "init",
         train__run_dir=runs / "pretrain", train__epochs=s.pretrain_epochs), *pretrain_sets])
     log.run("eval after pretraining", ["eval", "--ckpt", str(runs / "pretrain" / "final"), *eval_args,
-                                       "--out", str(evals / "pretrain")])
+                                       "--out", str(evals / "pretrain")], threads=gen_threads)
 
     log.run("sft index", ["sft-index", "--recipe", SFT_RECIPE, "--input", str(world / "sft" / "llava.json"),
                           "--image-root", str(world / "sft"), "--tokenizer", str(tok),
@@ -155,7 +167,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("sft", ["train", "--recipe", SFT_RECIPE, *common, *_sets(
         sft__index=out_dir / "sft_index", sft__image_root=world / "sft", train__init_from=runs / "pretrain",
         train__run_dir=runs / "sft", train__epochs=s.sft_epochs, eval__synth_dir=world), *sft_sets])
-    log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *late_eval_args, "--out", str(evals / "sft")])
+    log.run("eval after SFT", ["eval", "--ckpt", str(runs / "sft" / "final"), *late_eval_args, "--out", str(evals / "sft")], threads=gen_threads)
 
     # MPO on pairs the SFT model makes itself: its sampled replies to training-split questions
     # (never the benchmarks) judged right or wrong by the eval scorers, plus dropout next-token
@@ -164,12 +176,12 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("preference build", [
         "preference", "build", "--ckpt", str(runs / "sft" / "final"), "--out", str(prefs / "pairs"),
         "--questions", *(f"{kind}:{questions / (kind + '.jsonl')}" for kind in ("mcq", "vqa", "pope")),
-        "--long-answers", str(questions / "long_answers.jsonl"), "--seed", str(seed), "--quiet"])
+        "--long-answers", str(questions / "long_answers.jsonl"), "--seed", str(seed), "--quiet"], threads=gen_threads)
     log.run("preference index", ["preference", "index", "--recipe", s.mpo_recipe, "--input", str(prefs / "pairs" / "meta.json"),
                                  "--tokenizer", str(tok), "--out", str(prefs / "index"), *common, *mpo_sets])
     log.run("mpo", ["train", "--recipe", s.mpo_recipe, *common, *_sets(
         preference__index=prefs / "index", train__init_from=runs / "sft", train__run_dir=runs / "mpo"), *mpo_sets])
-    log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *late_eval_args, "--out", str(evals / "mpo")])
+    log.run("eval after MPO", ["eval", "--ckpt", str(runs / "mpo" / "final"), *late_eval_args, "--out", str(evals / "mpo")], threads=gen_threads)
 
     # Test-time scaling (VisualPRM): the final policy solves training-split reasoning problems,
     # Monte Carlo continuations from every step label it '+' or '-', a process reward model learns
@@ -178,7 +190,7 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
     log.run("prm data", ["prm-data", "--policy", str(runs / "mpo" / "final"),
                          "--questions", f"math:{questions / 'math.jsonl'}", "--image-root", str(questions),
                          "--out", str(prm / "data"), "--solutions", str(PRM_SOLUTIONS), "--rollouts", str(PRM_ROLLOUTS),
-                         "--max-new-tokens", str(MATH_TOKENS), "--seed", str(seed), "--quiet"])
+                         "--max-new-tokens", str(MATH_TOKENS), "--seed", str(seed), "--quiet"], threads=gen_threads)
     log.run("prm index", ["sft-index", "--recipe", s.prm_recipe, "--input", str(prm / "data" / "prm.json"),
                           "--image-root", str(questions), "--tokenizer", str(tok), "--out", str(prm / "index"),
                           *common, *prm_sets])
@@ -191,11 +203,11 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         bon += ["--limit", str(s.eval_limit)]
     log.run(f"eval best-of-{BEST_OF_N}", ["eval", "--ckpt", str(runs / "mpo" / "final"), *bon, "--best-of-n", str(BEST_OF_N),
                                          "--critic", str(runs / "prm" / "final"), "--select", "prm",
-                                         "--out", str(evals / "best_of_n")])
+                                         "--out", str(evals / "best_of_n")], threads=gen_threads)
     # where the critic fails: its verdicts on held-out solutions whose first wrong step is known
     log.run("prm score: known wrong steps", ["prm-score", "--critic", str(runs / "prm" / "final"),
                                              "--input", str(world / "eval" / "math_steps.jsonl"),
-                                             "--out", str(evals / "prm_steps" / "scores.jsonl"), *every_sets])
+                                             "--out", str(evals / "prm_steps" / "scores.jsonl"), *every_sets], threads=gen_threads)
 
     report = write_demo_report(out_dir, log.rows, size=size, curated=curate)
     total = time.perf_counter() - log.started
