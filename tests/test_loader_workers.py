@@ -15,7 +15,8 @@ from PIL import Image
 
 from vlmforge.arch.geometry import preprocess_spec_for
 from vlmforge.config import load_recipe
-from vlmforge.data.pixels import PixelSlots, normalise_pixels, pixels_of
+from vlmforge.data.collate import collate_packs
+from vlmforge.data.pixels import PixelSlots, normalise_pixels, pixels_of, receive_from_worker, send_from_worker
 from vlmforge.data.pretrain import loader as pretrain_loader
 from vlmforge.data.pretrain.loader import build_pretrain_loader
 from vlmforge.data.pretrain.plan import pack_shards
@@ -136,3 +137,28 @@ def test_pixel_slots_reuse_their_buffers_and_fall_back_when_busy(monkeypatch):
     slots.release(sb, b)
     d, sd = slots.put(big)
     assert sd == sb and d.shape == big.shape  # grown to fit
+
+
+def test_pixels_are_written_in_a_slot_and_each_buffer_crosses_once(monkeypatch):
+    """A worker writes a batch's uint8 pixels straight into a free buffer (sent without a copy); a
+    buffer crosses to the main process with its first batch only, later batches in it name it and
+    their shape, and the main process gets the same normalised pixels either way."""
+    slots = PixelSlots(workers=1, per_worker=2)
+    monkeypatch.setattr(pretrain_loader.tud, "get_worker_info", lambda: type("Info", (), {"id": 0})())
+    spec = preprocess_spec_for("siglip_vision_model", 24)
+    crossed = []
+    for k, n in enumerate([3, 3, 3, 5, 3]):
+        images = [_image(i) for i in range(k, k + n)]
+        pixels = pixels_of(images, spec, as_uint8=True, slots=slots)
+        assert pixels.is_shared() and slots.reserved[0] is pixels
+        batch = collate_packs([[{"input_ids": np.arange(4), "pixel_values": pixels[:2]}],
+                               [{"input_ids": np.arange(3), "pixel_values": pixels[2:]}]], pad_id=0)
+        assert batch["pixel_values"] is pixels  # the collated batch hands the slot's tensor over as it is
+        sent = send_from_worker(batch, slots)
+        assert slots.reserved is None and sent["pixel_slot"] == k % 2
+        crossed.append(sent["pixel_values"] is not None)
+        got = receive_from_worker(sent, spec, slots)
+        assert list(got) == list(batch) and torch.equal(got["pixel_values"], pixels_of(images, spec))
+        assert torch.equal(got["input_ids"], batch["input_ids"])
+    # the 5-image batch outgrows buffer 1: the grown buffer crosses again
+    assert crossed == [True, True, False, True, False]

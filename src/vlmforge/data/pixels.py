@@ -13,6 +13,7 @@ process). The packed and SFT loaders and `curate score` use it.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -53,16 +54,19 @@ def normalise_pixels(pixels: torch.Tensor, spec: dict) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def pixels_of(images: Sequence, spec: dict, as_uint8: bool = False) -> torch.Tensor:
+def pixels_of(images: Sequence, spec: dict, as_uint8: bool = False, slots: PixelSlots | None = None) -> torch.Tensor:
     """Decoded images -> one [N, 3, size, size] buffer: preprocessed float32
     (:func:`vlmforge.images.preprocess_into`), or (``as_uint8``) resized uint8 images for
-    :func:`normalise_pixels`."""
+    :func:`normalise_pixels`, then written straight into a free buffer of ``slots`` when a worker
+    has one."""
     size = int(spec["size"])
-    out = np.empty((len(images), 3, size, size), dtype=np.uint8 if as_uint8 else np.float32)
+    shape = (len(images), 3, size, size)
+    pixels = slots.reserve(shape) if as_uint8 and slots is not None else None
+    out = pixels.numpy() if pixels is not None else np.empty(shape, dtype=np.uint8 if as_uint8 else np.float32)
     fill = resize_uint8_into if as_uint8 else preprocess_into
     for k, im in enumerate(images):
         fill(im, spec, out[k])
-    return torch.from_numpy(out)
+    return pixels if pixels is not None else torch.from_numpy(out)
 
 
 class PixelSlots:
@@ -74,7 +78,11 @@ class PixelSlots:
     (:func:`receive_from_worker`, before it asks for the next one); a worker that finds its buffers busy
     sends the batch in a fresh segment instead, so nothing waits and nothing is overwritten early.
     With DataLoader's in-order delivery a worker holds at most ``prefetch_factor`` batches the main
-    process has not taken, so ``prefetch_factor + 2`` buffers are never all busy."""
+    process has not taken, so ``prefetch_factor + 2`` buffers are never all busy.
+
+    Each buffer crosses to the main process once (:func:`send_from_worker`); later batches in it
+    send only its number and their shape (:func:`receive_from_worker` views the buffer it mapped),
+    since passing a segment's file descriptor again costs a socket round trip per batch."""
 
     def __init__(self, workers: int, per_worker: int):
         self.per_worker = int(per_worker)
@@ -82,27 +90,68 @@ class PixelSlots:
         self.buffers: dict[int, torch.Tensor] = {}  # a worker's own buffers (none in the main process)
         self.next = 0
         self.held: dict[int, torch.Tensor] = {}  # main process: the last tensor of each buffer, mapped once
+        self.sent: dict[int, torch.Tensor] = {}  # a worker's buffers as last sent whole to the main process
+        self.mapped: dict[int, torch.Tensor] = {}  # main process: each buffer as received, flat
+        self.reserved: tuple[torch.Tensor, int] | None = None  # a worker's pixels written in place, not yet sent
+        self._flags_of: tuple[int, np.ndarray] | None = None  # (pid, busy as numpy) of the process that made it
 
-    def put(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """In a worker: ``pixels`` copied into a free buffer of this worker, and the buffer's number
-        (-1 and ``pixels`` itself when all are busy, or outside a worker)."""
+    def _flags(self) -> np.ndarray:
+        """``busy`` as a numpy view, one per process: a tensor's scalar indexing costs microseconds."""
+        if self._flags_of is None or self._flags_of[0] != os.getpid():
+            self._flags_of = (os.getpid(), self.busy.numpy())
+        return self._flags_of[1]
+
+    def _take(self, nbytes: int) -> tuple[torch.Tensor, int] | None:
+        """In a worker: a free buffer of at least ``nbytes`` (grown if need be), now busy, and its
+        number; None when all are busy, or outside a worker."""
         info = tud.get_worker_info()
         if info is None:
-            return pixels, -1
+            return None
+        busy = self._flags()
         for step in range(self.per_worker):
             k = (self.next + step) % self.per_worker
             slot = info.id * self.per_worker + k
-            if int(self.busy[slot]) == 0:
+            if busy[slot] == 0:
                 break
         else:
-            return pixels, -1
+            return None
         self.next = (k + 1) % self.per_worker
-        n = pixels.numel()
         buf = self.buffers.get(slot)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[slot] = torch.empty(n + n // 4, dtype=torch.uint8).share_memory_()
-        self.busy[slot] = 1
-        out = buf[:n].view(pixels.shape)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.buffers[slot] = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8).share_memory_()
+        busy[slot] = 1
+        return buf, slot
+
+    def reserve(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """In a worker: a uint8 tensor of ``shape`` in a free buffer, to write a batch's pixels into
+        directly (:meth:`put` then sends it without a copy); None when all are busy, or outside a
+        worker. A reservation that :meth:`put` did not take is freed by the next one."""
+        if self.reserved is not None:
+            self._flags()[self.reserved[1]] = 0
+            self.reserved = None
+        taken = self._take(int(np.prod(shape)))
+        if taken is None:
+            return None
+        buf, slot = taken
+        # a tensor of its own on the buffer's storage (not a view of it): the collator then hands
+        # over this very tensor as the batch's pixels, as it does a buffer of the batch's own
+        pixels = torch.empty(0, dtype=torch.uint8).set_(buf.untyped_storage(), 0, tuple(shape))
+        self.reserved = (pixels, slot)
+        return pixels
+
+    def put(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """In a worker: ``pixels`` copied into a free buffer of this worker (or left where they are,
+        if :meth:`reserve` gave them), and the buffer's number (-1 and ``pixels`` itself when all
+        are busy, or outside a worker)."""
+        if self.reserved is not None and self.reserved[0] is pixels:
+            slot = self.reserved[1]
+            self.reserved = None
+            return pixels, slot
+        taken = self._take(pixels.numel())
+        if taken is None:
+            return pixels, -1
+        buf, slot = taken
+        out = buf[: pixels.numel()].view(pixels.shape)
         out.copy_(pixels)
         return out, slot
 
@@ -110,7 +159,7 @@ class PixelSlots:
         """In the main process, once ``pixels`` (from buffer ``slot``) is no longer read."""
         if slot >= 0:
             self.held[slot] = pixels  # keeps the mapping: the next batch in this buffer maps nothing new
-            self.busy[slot] = 0
+            self._flags()[slot] = 0
 
 
 def send_from_worker(batch: dict, slots: PixelSlots) -> dict:
@@ -120,7 +169,13 @@ def send_from_worker(batch: dict, slots: PixelSlots) -> dict:
     out = {}
     for key, value in batch.items():
         if key == "pixel_values":
-            out[key], out["pixel_slot"] = slots.put(value)
+            out[key], slot = slots.put(value)
+            out["pixel_slot"] = slot
+            if slot >= 0 and slots.sent.get(slot) is slots.buffers[slot]:  # the main process has it mapped
+                out["pixel_shape"] = tuple(out[key].shape)
+                out[key] = None
+            elif slot >= 0:
+                slots.sent[slot] = slots.buffers[slot]
         else:
             out[key] = value.numpy() if isinstance(value, torch.Tensor) else value
     return out
@@ -129,10 +184,15 @@ def send_from_worker(batch: dict, slots: PixelSlots) -> dict:
 def receive_from_worker(batch: dict, spec: dict, slots: PixelSlots) -> dict:
     """In the main process, the training batch from what :func:`send_from_worker` sent: tensors
     back, the uint8 pixels rescaled and normalised (in a new buffer) and the worker's buffer freed."""
-    slot = batch.pop("pixel_slot", -1)
+    slot = int(batch.pop("pixel_slot", -1))
+    shape = batch.pop("pixel_shape", None)
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if shape is not None:  # in the worker's buffer that came with an earlier batch
+        out["pixel_values"] = slots.mapped[slot][: int(np.prod(shape))].view(shape)
+    elif slot >= 0 and out.get("pixel_values") is not None:
+        slots.mapped[slot] = torch.empty(0, dtype=torch.uint8).set_(out["pixel_values"].untyped_storage())
     pv = out.get("pixel_values")
     if pv is not None and pv.dtype == torch.uint8:
         out["pixel_values"] = normalise_pixels(pv, spec)
-    slots.release(int(slot), pv)
+    slots.release(slot, pv)
     return out
