@@ -121,7 +121,8 @@ class _Batches(tud.Dataset):
 
     def __getitem__(self, key: tuple[int, list[int]]) -> dict:
         j, rows = key
-        item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None, epoch=self.epoch, rows=rows)
+        item = self.loader.build_batch(self.plan, j, as_uint8=self.slots is not None, epoch=self.epoch, rows=rows,
+                                       slots=self.slots)
         if self.slots is not None and item["batch"] is not None:
             item["batch"] = send_from_worker(item["batch"], self.slots)
         return item
@@ -272,10 +273,11 @@ class SFTLoader:
         return {"input_ids": ids, "labels": labels, "images": images}
 
     def build_batch(self, plan, j: int, as_uint8: bool = False, epoch: int | None = None,
-                    rows: list[int] | None = None) -> dict:
+                    rows: list[int] | None = None, slots: PixelSlots | None = None) -> dict:
         """Rank-local batch ``j`` of the plan (its plan ``rows``, default :meth:`batch_rows`);
         ``as_uint8``: its pixel values resized but not normalised (``receive_from_worker`` finishes
-        them). ``epoch``: the plan's epoch (default the current one), which the JPEG qualities depend on."""
+        them), in a free buffer of the worker's ``slots`` if there is one. ``epoch``: the plan's
+        epoch (default the current one), which the JPEG qualities depend on."""
         records, row_starts = plan[:2]
         epoch = self.epoch if epoch is None else int(epoch)
         plan_rows = self.batch_rows(plan, j) if rows is None else rows
@@ -298,7 +300,7 @@ class SFTLoader:
                 rows.append(row)
         # every image of the batch into one buffer, in the collator's order; samples hold views of it
         images = [im for row in rows for s in row for im in s["images"]]
-        pixels = pixels_of(images, self.ds.image_spec, as_uint8) if images else None
+        pixels = pixels_of(images, self.ds.image_spec, as_uint8, slots) if images else None
         at = 0
         for row in rows:
             for s in row:

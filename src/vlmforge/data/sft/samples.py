@@ -1,8 +1,10 @@
 """SFT samples: record ``i`` of an SFT index -> ``{"input_ids", "labels", "pixel_values"}``.
 
-The chat template is applied with the loss only on assistant turns (reply + end-of-turn token),
-each ``<image>`` becomes ``visual_tokens`` image-token ids with label -100, and the first token is
--100 (nothing learns to predict across a sample boundary). Under a dynamic image layout
+The chat template is applied with the loss only on assistant turns (reply + end-of-turn token;
+rendered once per conversation shape, :class:`vlmforge.text.chat_shapes.ConversationEncoder`, with
+the template's own ids and mask), each ``<image>`` becomes ``visual_tokens`` image-token ids with
+label -100, and the first token is -100 (nothing learns to predict across a sample boundary).
+Under a dynamic image layout
 (:class:`vlmforge.arch.tiles.ImageLayout` with tiles or a start/end wrap) the k-th ``<image>``
 becomes image k's wrap and ``tiles x tokens_per_tile`` placeholders (its decoded size picks the
 grid; label -100 on all of them), and ``pixel_values`` holds every tile in order, thumbnail last
@@ -38,6 +40,7 @@ from vlmforge.files import PathOutsideRootError, resolve_inside
 from vlmforge.imagedecode import ImageDecodeError, ImageTooLargeError, decode_image
 from vlmforge.images import preprocess, preprocess_batch, tile_images
 from vlmforge.text.chat import encode_conversation
+from vlmforge.text.chat_shapes import ConversationEncoder
 from vlmforge.text.tokenization import image_token_id
 
 
@@ -60,7 +63,8 @@ def read_image(path: str):
 def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visual_tokens: int | None = None,
                         verdicts: tuple[int, int] | None = None, end_ids: set[int] | None = None,
                         layout: ImageLayout | None = None,
-                        sizes: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                        sizes: list[tuple[int, int]] | None = None,
+                        encoder: ConversationEncoder | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(input_ids with every ``<image>`` expanded to ``visual_tokens`` ids, labels, images marked) of
     one conversation: labels are the ids on assistant replies (with ``verdicts``: on each turn's
     verdict token only; VerdictError naming the turn when a reply is not one verdict), -100 elsewhere
@@ -68,8 +72,10 @@ def conversation_sample(tokenizer, messages: list[dict], *, image_id: int, visua
 
     ``layout`` (instead of ``visual_tokens``): image k becomes ``layout.expand``'s wrap and
     placeholders for ``sizes[k]`` (its (width, height); needed with tiles). When the markers and
-    ``sizes`` disagree in number nothing is expanded (the caller compares the count returned)."""
-    ids, mask = encode_conversation(tokenizer, messages)
+    ``sizes`` disagree in number nothing is expanded (the caller compares the count returned).
+    ``encoder``: a :class:`~vlmforge.text.chat_shapes.ConversationEncoder` of ``tokenizer`` (the
+    same ids and mask as the chat template, for less work per conversation)."""
+    ids, mask = encoder(messages) if encoder is not None else encode_conversation(tokenizer, messages)
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(mask, dtype=bool)
     if verdicts is not None:
@@ -145,6 +151,8 @@ class SFTDataset:
         # a meta source's max_dynamic_patch is its tile budget (as at index time)
         self._layouts = [layout.with_max_tiles(s.get("max_dynamic_patch")) for s in info]
         self.image_id = image_token_id(tokenizer)
+        # every conversation through the chat template's pieces, rendered once per shape
+        self.chat = ConversationEncoder(tokenizer)
         # stage prm: (id of '+', id of '-'); only those tokens are supervised
         self.verdicts = tuple(verdicts) if verdicts is not None else None
         self._end_ids = end_of_turn_ids(tokenizer) if verdicts is not None else None
@@ -177,7 +185,7 @@ class SFTDataset:
         try:
             ids, labels, n_img = conversation_sample(self.tok, msgs, image_id=self.image_id,
                                                      layout=self._layouts[int(self.index.file_id[i])], sizes=sizes,
-                                                     verdicts=self.verdicts, end_ids=self._end_ids)
+                                                     verdicts=self.verdicts, end_ids=self._end_ids, encoder=self.chat)
         except VerdictError as e:  # a reply that is not one verdict token (stage prm)
             raise SFTDataError(f"{self.index.where(i)}: {e}", "bad_verdict") from None
         if n_img != len(images):
