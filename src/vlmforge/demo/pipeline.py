@@ -108,6 +108,13 @@ def run_demo(out: str, size: str = "default", seed: int = 0, curate: bool = True
         shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if not threads and torch.get_num_threads() > 1 and busy >= 1.0:
+        # torch's threads wait for each other at every op: with a core taken by another job, small
+        # ops get many times slower, not just half as fast
+        print(f"note: the load average is {busy:.1f} on {os.cpu_count()} cores; other jobs are using the CPU, "
+              f"so with {torch.get_num_threads()} threads per op this run may be several times slower "
+              f"(--threads N sets fewer)", flush=True)
     gen_threads = min(GENERATION_THREADS, torch.get_num_threads())
     world, tok = out_dir / "world", out_dir / "tokenizer"
     runs, evals = out_dir / "runs", out_dir / "eval"

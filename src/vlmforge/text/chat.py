@@ -3,7 +3,7 @@
 Our chat template wraps each assistant reply and its closing ``<|im_end|>`` in
 ``{% generation %}`` markers, so ``apply_chat_template(..., return_assistant_tokens_mask=True)``
 works. Real templates usually lack those markers; :func:`encode_conversation` then finds the
-assistant spans by rendering the conversation prefix by prefix (see ``_assistant_char_spans``).
+assistant spans by rendering the conversation prefix by prefix (see ``assistant_char_spans``).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _render(tok, messages, template, add_generation_prompt: bool) -> str:
     )
 
 
-def _assistant_char_spans(tok, messages, template) -> tuple[str, list[tuple[int, int]]] | None:
+def assistant_char_spans(tok, messages, template) -> tuple[str, list[tuple[int, int]]] | None:
     """Render prefix by prefix: the text an assistant turn adds after the generation prompt is its
     reply (+ end-of-turn token); trailing whitespace is not supervised. None if the template is not
     prefix-consistent (e.g. it rewrites earlier turns), so the caller can fall back."""
@@ -181,7 +181,7 @@ def encode_conversation(
             add_generation_prompt=add_generation_prompt,
         )
         return list(out["input_ids"]), [int(x) for x in out["assistant_masks"]]
-    got = _assistant_char_spans(tok, msgs, template)
+    got = assistant_char_spans(tok, msgs, template)
     if got is None:
         log.warning("chat template is not prefix-consistent; using vlmforge's Qwen-shaped template for SFT")
         return encode_conversation(tok, msgs, add_generation_prompt=add_generation_prompt, chat_template=CHAT_TEMPLATE)

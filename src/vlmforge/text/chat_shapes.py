@@ -21,14 +21,18 @@ or pad) takes the reference path as well.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from itertools import chain
 from typing import Sequence
 
+import jinja2
 import numpy as np
+from jinja2 import nodes
+from transformers.utils.chat_template_utils import render_jinja_template
 
-from vlmforge.text.chat import CHAT_TEMPLATE, _assistant_char_spans, encode_conversation, has_generation_markers
+from vlmforge.text.chat import CHAT_TEMPLATE, assistant_char_spans, encode_conversation, has_generation_markers
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,6 @@ _ALIASING_FILTERS = {"dictsort", "items"}
 
 
 def _is_content(node) -> bool:
-    from jinja2 import nodes
-
     if isinstance(node, nodes.Getattr):
         return node.attr == "content"
     if isinstance(node, nodes.Getitem):
@@ -62,9 +64,6 @@ def content_is_verbatim(template: str) -> bool:
     if "strftime_now" in template:
         return False
     try:
-        import jinja2
-        from jinja2 import nodes
-
         tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(_GENERATION_TAGS.sub("", template))
     except Exception:  # a template jinja cannot parse here: leave it to the reference
         return False
@@ -169,8 +168,6 @@ class PieceEncoder:
     @classmethod
     def for_backend(cls, backend) -> PieceEncoder | None:
         try:
-            import json
-
             spec = json.loads(backend.to_str())
             pre, post = _nodes(spec.get("pre_tokenizer")), _nodes(spec.get("post_processor"))
             added = backend.get_added_tokens_decoder().values()
@@ -383,8 +380,7 @@ class ConversationEncoder:
     def _render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
         """The reference's text of ``messages`` and the character spans its mask supervises."""
         if not self.generation:
-            return _assistant_char_spans(self.tok, messages, self.template)
-        from transformers.utils.chat_template_utils import render_jinja_template
+            return assistant_char_spans(self.tok, messages, self.template)
 
         texts, indices = render_jinja_template(conversations=[messages], chat_template=self.template,
                                                return_assistant_tokens_mask=True, add_generation_prompt=False,
