@@ -52,3 +52,16 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     train_tokenizer(shape_sentences(), out, vocab_size=512, min_frequency=2)
     return str(out)
+
+
+# Qwen2.5-Instruct's template minus tool calling: no generation markers (like the real one).
+QWEN_LIKE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)

@@ -14,6 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from fixtures_tokenizer import QWEN_LIKE_TEMPLATE
 
 from vlmforge.arch.geometry import image_layout
 from vlmforge.config import load_recipe
@@ -38,17 +39,6 @@ WORLD = ["synth.num_captions=10", "synth.samples_per_shard=10", "synth.num_sft=6
          "synth.num_vision=2", "synth.num_train_mcq=4", "synth.num_train_vqa=2", "synth.num_train_pope_images=1",
          "synth.num_long_answers=1", "synth.num_multi=4", "synth.image_size=32", "synth.sft_multi_turn_frac=0.5",
          "synth.sft_multi_image_frac=0.3", "synth.sft_text_only_frac=0.2"]
-# Qwen2.5-Instruct's template minus tool calling: no generation markers (like the real one).
-QWEN_LIKE_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 # a reply tested for being empty, as Qwen2.5's tool-call branch does
 EMPTY_AWARE_TEMPLATE = QWEN_LIKE_TEMPLATE.replace(
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_tokenizer import shape_sentences
+from fixtures_tokenizer import QWEN_LIKE_TEMPLATE, shape_sentences
 
 from vlmforge.arch.tokens import EOS, IM_END, IM_START, IMAGE_TOKEN
 from vlmforge.text.chat import CHAT_TEMPLATE, conversation_lengths, encode_conversation, has_generation_markers
@@ -20,17 +20,6 @@ CONV = [
     {"role": "assistant", "content": "There are 3 shapes."},
 ]
 
-# Qwen2.5-Instruct's template minus tool calling: no generation markers (like the real one).
-QWEN_LIKE_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 @pytest.fixture(scope="module")

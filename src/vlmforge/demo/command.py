@@ -27,7 +27,7 @@ kept and dropped per injected fault, the loss curves, the benchmarks during SFT,
 time and exact command (rerun any stage by pasting it).
 
 Examples:
-  vlmforge demo                          # default size: about 15 minutes on a 2-core CPU
+  vlmforge demo                          # default size: about 20 minutes on a 2-core CPU
   vlmforge demo --size tiny --out /tmp/d # seconds-scale smoke run (what CI runs)
   vlmforge demo --size large             # more data and steps, higher scores
   vlmforge demo --pretrain-set train.epochs=4 --sft-set train.epochs=8   # change any stage's config
